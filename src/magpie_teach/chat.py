@@ -1,0 +1,139 @@
+"""THE chat-template decision, shared by compatibility scoring and SFT training.
+
+A conversation is rendered with the tokenizer's own chat template; a tokenizer without one (a base
+model such as GPT-2 or a pre-trained Llama) gets :data:`DEFAULT_CHAT_TEMPLATE`, ChatML with the
+assistant turn wrapped in ``{% generation %}`` so that TRL's ``assistant_only_loss`` works and so
+that scoring and training mark exactly the same tokens.
+
+Response tokens, i.e. the tokens SFT trains on and the compatibility loss averages over:
+
+* the template marks the assistant turn with ``{% generation %}``: exactly the marked tokens (the
+  content and the end-of-turn token);
+* otherwise: every token rendered after the generation prompt (the prompt rendered with
+  ``add_generation_prompt=True`` must be a prefix of the full conversation; a token counts as a
+  response token when its first character lies at or after the end of that prefix).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from magpie_teach.errors import ConfigError, DataError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if bos_token %}{{ bos_token }}{% endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif -%}"
+)
+"""ChatML with generation markers, for tokenizers that ship no chat template."""
+
+_GENERATION_RE = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def resolve_chat_template(tokenizer: Any) -> str:
+    """Returns the chat template used for ``tokenizer`` in scoring and training alike."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one is used
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else DEFAULT_CHAT_TEMPLATE
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether a chat template marks the assistant turn with ``{% generation %}``."""
+    return bool(_GENERATION_RE.search(template))
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Sets the resolved chat template on ``tokenizer`` (in place) and a pad token if it has none."""
+    tokenizer.chat_template = resolve_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_messages(instruction: str, response: str | None = None, system: str | None = None) -> list[dict[str, str]]:
+    """The conversation for one (instruction, response) pair, in the `messages` format TRL reads."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": instruction})
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+@dataclass
+class TokenizedExample:
+    """One rendered conversation. ``loss_mask[t]`` is True where token t is a response token."""
+
+    input_ids: np.ndarray  # int64 [T]
+    loss_mask: np.ndarray  # bool [T]
+    n_response_tokens: int  # before truncation
+    truncated: bool
+
+
+def tokenize_conversation(
+    tokenizer: Any, instruction: str, response: str, max_length: int | None = None, system: str | None = None
+) -> TokenizedExample:
+    """Renders and tokenizes one conversation, marking the response tokens (see the module docstring).
+
+    Sequences longer than ``max_length`` are cut at the right, as SFT truncation does; the cut is
+    reported through ``truncated`` and never hidden.
+    """
+    template = resolve_chat_template(tokenizer)
+    messages = build_messages(instruction, response, system)
+    if has_generation_markers(template):
+        enc = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        mask = np.asarray(enc["assistant_masks"], dtype=bool)
+    else:
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        if not full.startswith(prompt):
+            raise ConfigError(
+                "The chat template does not render the generation prompt as a prefix of the conversation, so the "
+                "response tokens cannot be located; use a template with {% generation %} markers."
+            )
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
+        mask = starts >= len(prompt)
+    if len(ids) and mask[0]:
+        mask[0] = False  # the first token has no context to be predicted from
+    n_response = int(mask.sum())
+    if n_response == 0:
+        raise DataError(f"The response renders to no tokens (instruction {instruction[:60]!r}).")
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedExample(ids, mask, n_response, bool(truncated))
+
+
+def context_token_id(tokenizer: Any) -> int:
+    """The token that stands before unconditioned text: BOS, else EOS (GPT-2's `<|endoftext|>`)."""
+    token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token_id is None:
+        raise ConfigError(f"Tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token.")
+    return int(token_id)
+
+
+def unconditioned(token_ids: np.ndarray, start_id: int, max_length: int | None = None) -> TokenizedExample:
+    """``token_ids`` with only ``start_id`` as context, every one of them scored (for L(y) and L(x))."""
+    ids = np.concatenate([[start_id], np.asarray(token_ids, dtype=np.int64)])
+    mask = np.ones(len(ids), dtype=bool)
+    mask[0] = False
+    n = len(ids) - 1
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    return TokenizedExample(ids, mask, n, bool(truncated))

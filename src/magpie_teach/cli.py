@@ -1,0 +1,166 @@
+"""The `magpie-teach` command line. Each subcommand builds one config dataclass and calls one library function."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from magpie_teach import __version__
+from magpie_teach.errors import MagpieTeachError
+
+DESCRIPTION = """\
+Which teacher model should write the responses for my base model?
+
+magpie-teach scores each candidate teacher's responses with a reward model and with each base model's
+compatibility loss, and ranks the teachers by the Compatibility-Adjusted Reward,
+CAR = reward / (1 + beta * compat_loss) (Xu et al., NAACL 2025), beside the paper's baselines.
+"""
+
+RANK_EPILOG = """\
+outputs:
+  OUTPUT/ranking.csv        one row per teacher x base model: n, car, reward, compat_loss, length,
+                            ppl_self, ifd_self, ic_ifd_self (and *_ref), n_truncated, rank_<metric> (1 = best)
+  OUTPUT/scores.parquet     per-example scores (reward, compat_loss, logprob_norm, ifd_self, ...)
+  OUTPUT/correlations.csv   with --performance: Spearman rho of each metric vs AP per base model, and the mean
+  OUTPUT/dropped.csv        with --drop-invalid: every dropped row and its reason
+  OUTPUT/summary.json, OUTPUT/rank_config.yaml
+example:
+  magpie-teach rank --data responses.jsonl --base-model Qwen/Qwen2.5-3B --reward-model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --output runs/rank
+"""
+
+
+def _sample_path() -> str:
+    return str(resources.files("magpie_teach") / "resources" / "sample_responses.jsonl")
+
+
+def _print_ranking(ranking, correlations=None) -> None:  # noqa: ANN001 - pandas stays a lazy import
+    import pandas as pd
+
+    columns = [c for c in ("teacher", "n", "car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "n_truncated") if c in ranking.columns]
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        for base, group in ranking.groupby("base_model", sort=False):
+            print(f"\nbase model: {base}  (ranked by CAR, beta={group['car_beta'].iloc[0]:g})")
+            print(group.sort_values("rank_car")[columns].to_string(index=False))
+        if correlations is not None:
+            print("\nSpearman rho of each metric with AP (higher is better):")
+            print(correlations.to_string())
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    from magpie_teach.config import build_config
+    from magpie_teach.scoring.rank import RankConfig, rank
+
+    config = build_config(RankConfig, _values(args, RankConfig), args.config)
+    result = rank(config)
+    _print_ranking(result.ranking, result.correlations)
+    dropped = {k: v for k, v in result.counts.items() if k not in ("rows_in", "rows_kept")}
+    print(f"\nrows in: {result.counts['rows_in']}, kept: {result.counts['rows_kept']}" + (f", {dropped}" if dropped else ""))
+    print(f"wrote {result.output_dir}/ranking.csv and scores.parquet")
+    return 0
+
+
+def run_paradox(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from magpie_teach.data import write_atomic
+    from magpie_teach.scoring.paradox import paradox_report
+
+    pairs = paradox_report(args.performance, args.families, args.performance_column or ["AE2_LC_WR", "ArenaHard_WR"])
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
+        for base, group in pairs.groupby("base_model", sort=False):
+            print(f"\nbase model: {base}: {len(group)} pair(s) where the larger teacher is the worse teacher")
+            print(group.drop(columns=["base_model"]).to_string(index=False))
+    print(f"\n{len(pairs)} paradox pair(s) over {pairs['base_model'].nunique()} base model(s)")
+    if args.output:
+        write_atomic(args.output, lambda tmp: pairs.to_csv(tmp, index=False))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from magpie_teach.tiny import build_tiny_suite
+
+    suite = build_tiny_suite(args.output, seed=args.seed)
+    for name, path in vars(suite).items():
+        print(f"{name:12s} {path}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Tiny models built on the fly + the shipped sample -> `rank`. Grows into the full loop (issue 7)."""
+    from magpie_teach.scoring.rank import RankConfig, rank
+    from magpie_teach.tiny import build_tiny_suite
+
+    out = Path(args.output)
+    print(f"building tiny models under {out / 'models'} (seeded, offline)")
+    suite = build_tiny_suite(out / "models")
+    config = RankConfig(
+        data=_sample_path(),
+        output_dir=str(out / "rank"),
+        base_models=[suite.base_small, suite.base_medium],
+        reward_model=suite.reward,
+        reference_model=suite.reference,
+    )
+    result = rank(config)
+    _print_ranking(result.ranking)
+    print(f"\nwrote {result.output_dir}/ranking.csv and scores.parquet (random tiny models: the numbers show the plumbing, not teacher quality)")
+    return 0
+
+
+def _values(args: argparse.Namespace, cls: type) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from magpie_teach.config import add_dataclass_arguments
+    from magpie_teach.scoring.rank import RankConfig
+
+    parser = argparse.ArgumentParser(prog="magpie-teach", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"magpie-teach {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("rank", help="rank teachers per base model by CAR and the paper's baselines", description="Rank teachers per base model by CAR, with reward, compatibility loss, length, perplexity and IFD beside it.", epilog=RANK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(p, RankConfig)
+    p.set_defaults(func=run_rank)
+
+    p = sub.add_parser("paradox", help="within-family pairs where the larger teacher is the worse teacher", description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.")
+    p.add_argument("--performance", required=True, help="CSV with teacher (or generator), base_model, benchmark columns, and family/size columns (or --families)")
+    p.add_argument("--families", help="CSV with teacher, family, size (overrides the performance file's)")
+    p.add_argument("--performance-column", action="append", metavar="COLUMN", help="benchmark column averaged into AP; repeat (default: AE2_LC_WR and ArenaHard_WR)")
+    p.add_argument("--output", help="also write the pairs to this CSV")
+    p.set_defaults(func=run_paradox)
+
+    p = sub.add_parser("tiny", help="build the tiny offline models used by tests and the demo", description="Build tiny, randomly initialised models (tokenizer, Llama LMs, GPT-2 reference, reward model) offline and deterministically.")
+    p.add_argument("--output", required=True, help="folder to save the models in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
+    p.set_defaults(func=run_tiny)
+
+    p = sub.add_parser("demo", help="run `rank` on the shipped sample with tiny models, offline", description="Build tiny models and rank the shipped sample's three teachers for two base models, offline, on CPU.")
+    p.add_argument("--output", default="outputs/demo", help="output folder (default: outputs/demo)")
+    p.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MagpieTeachError as err:
+        print(f"magpie-teach {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

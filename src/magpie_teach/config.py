@@ -1,0 +1,101 @@
+"""One config system: stdlib dataclasses, loaded from YAML and overridden by command-line flags.
+
+Each field has a type, a default and ``metadata={"help": ...}``; ``metadata["flag"]`` renames its
+flag (``base_models`` -> ``--base-model``, given once per value). An unknown YAML key is an error
+naming its path with a did-you-mean. Secrets never live in configs: they come from the environment.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from magpie_teach.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether it is a list) of an annotation such as ``list[str] | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one flag per field of ``cls``. Defaults are left out (``None``) so that YAML values can show through."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, is_list = _base_type(hints[f.name])
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            help_text += " (required)"
+        elif default not in (None, [], False):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind if kind in (int, float) else str
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+            if is_list:
+                kwargs["action"] = "append"
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag_name(f), **kwargs)
+
+
+def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def build_config(cls: type[C], cli_values: dict[str, Any], config_file: str | None = None) -> C:
+    """YAML file values, overridden by the flags that were given, into a ``cls`` instance."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{config_file}: could not be read: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of keys to values at the top level.")
+        _check_keys(cls, loaded, config_file)
+        values.update(loaded)
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    missing = [flag_name(f) for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(str(err)) from err
+
+
+def dump_config(config: Any, path: str | Path) -> None:
+    """Writes the resolved config as YAML next to a command's output (atomically)."""
+    import yaml
+
+    from magpie_teach.data import write_atomic
+
+    text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

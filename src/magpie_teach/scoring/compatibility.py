@@ -1,0 +1,298 @@
+"""Compatibility loss: how well a base model already predicts a teacher's responses.
+
+For an instruction x and a response y, the compatibility loss under base model B is the mean
+per-token negative log-likelihood of the response tokens given the instruction,
+
+    l(x, y) = -(1/|y|) * sum_t log p_B(y_t | x, y_<t),
+
+with the conversation rendered exactly as SFT will render it (:mod:`magpie_teach.chat`); the
+instruction tokens are context only. The unconditioned loss L(y) scores the same response tokens
+with only BOS as context (for IFD), and L(x) the instruction's tokens likewise (for IC-IFD).
+
+The engine sorts each window of examples by length, packs them into token-budgeted right-padded
+batches, runs the model's backbone once per batch and applies the output layer only at the
+positions that predict a response token, in chunks, in fp32. Right padding under a causal mask
+leaves every real position unchanged, so results do not depend on batch size or order.
+"""
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.chat import TokenizedExample, context_token_id, tokenize_conversation, unconditioned
+from magpie_teach.data import write_atomic
+from magpie_teach.scoring.batching import plan_batches, windows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 8192
+DEFAULT_WINDOW = 2048
+DEFAULT_MAX_LENGTH = 4096
+
+
+class TokenNLLScorer:
+    """Sums the negative log-likelihood of the marked tokens of many sequences under a causal LM.
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM`` in eval mode.
+        pad_token_id: id written into padding positions (never attended to, never scored).
+        batch_tokens: padded tokens per forward pass.
+        max_batch_size: optional cap on sequences per forward pass.
+        logits_chunk: positions whose logits are materialised at once (bounds memory at large vocabularies).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        pad_token_id: int = 0,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_batch_size: int | None = None,
+        logits_chunk: int = 1024,
+    ):
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.pad_token_id = pad_token_id
+        self.batch_tokens = batch_tokens
+        self.max_batch_size = max_batch_size
+        self.logits_chunk = logits_chunk
+        self.padded_tokens = 0
+        self.real_tokens = 0
+        self.scored_tokens = 0
+        self._fast = self._fast_path_matches()
+        if not self._fast:
+            logger.warning(
+                "%s: the backbone + output layer path does not reproduce the model's logits; "
+                "falling back to full logits (slower).",
+                type(model).__name__,
+            )
+
+    def _head_logits(self, hidden: Any) -> Any:
+        logits = self.model.get_output_embeddings()(hidden).float()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = self.torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def _fast_path_matches(self) -> bool:
+        """Checks once that backbone + output layer gives the model's own logits (softcapping, scaling...)."""
+        torch = self.torch
+        if self.model.get_output_embeddings() is None:
+            return False
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        ids = torch.arange(7, device=self.device).unsqueeze(0) * 13 % vocab
+        with torch.inference_mode():
+            reference = self.model(input_ids=ids).logits.float()
+            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+            ours = self._head_logits(hidden)
+        tolerance = 1e-3 if reference.dtype == torch.float32 and hidden.dtype == torch.float32 else 5e-2
+        return bool(torch.allclose(ours, reference, atol=tolerance, rtol=tolerance))
+
+    def _batch(self, examples: Sequence[TokenizedExample]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        width = max(len(e.input_ids) for e in examples)
+        ids = np.full((len(examples), width), self.pad_token_id, dtype=np.int64)
+        attention = np.zeros((len(examples), width), dtype=np.int64)
+        labels = np.zeros((len(examples), width), dtype=bool)
+        for row, example in enumerate(examples):
+            n = len(example.input_ids)
+            ids[row, :n] = example.input_ids
+            attention[row, :n] = 1
+            labels[row, :n] = example.loss_mask
+        self.padded_tokens += ids.size
+        self.real_tokens += int(attention.sum())
+        input_ids = torch.from_numpy(ids).to(self.device)
+        attention_mask = torch.from_numpy(attention).to(self.device)
+        target_mask = torch.from_numpy(labels[:, 1:]).to(self.device)  # token t is predicted at position t-1
+        targets = input_ids[:, 1:][target_mask]
+        rows = torch.arange(len(examples), device=self.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+        if self._fast:
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = hidden[:, :-1][target_mask]
+            logits_at = self._head_logits
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][target_mask]
+            logits_at = lambda h: h.float()  # noqa: E731
+        nll = torch.empty(len(targets), dtype=torch.float32, device=self.device)
+        for start in range(0, len(targets), self.logits_chunk):
+            stop = start + self.logits_chunk
+            nll[start:stop] = torch.nn.functional.cross_entropy(
+                logits_at(hidden[start:stop]), targets[start:stop], reduction="none"
+            )
+        sums = torch.zeros(len(examples), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, rows, nll.double())
+        counts = torch.from_numpy(labels[:, 1:].sum(axis=1))
+        self.scored_tokens += int(counts.sum())
+        return sums.cpu().numpy(), counts.numpy()
+
+    def score(self, examples: Sequence[TokenizedExample]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (sum of NLL, number of scored tokens) per example, in the order given."""
+        sums = np.zeros(len(examples), dtype=np.float64)
+        counts = np.zeros(len(examples), dtype=np.int64)
+        batches = plan_batches([len(e.input_ids) for e in examples], self.batch_tokens, self.max_batch_size)
+        with self.torch.inference_mode():
+            for batch in batches:
+                batch_sums, batch_counts = self._batch([examples[i] for i in batch])
+                sums[batch], counts[batch] = batch_sums, batch_counts
+        return sums, counts
+
+
+def _window_key(examples: Sequence[TokenizedExample], tag: str) -> str:
+    digest = hashlib.sha1(tag.encode())
+    for example in examples:
+        digest.update(example.input_ids.tobytes())
+        digest.update(example.loss_mask.tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _run_windows(
+    items: Iterable[Any],
+    n_items: int,
+    make_examples: Callable[[list[Any]], dict[str, list[TokenizedExample]]],
+    scorer: TokenNLLScorer,
+    *,
+    window: int,
+    cache_dir: str | os.PathLike | None,
+    desc: str,
+    show_progress: bool | None,
+) -> pd.DataFrame:
+    """Tokenizes and scores ``items`` one window at a time, resuming from finished windows in ``cache_dir``."""
+    from tqdm.auto import tqdm
+
+    frames = []
+    progress = tqdm(total=n_items, desc=desc, unit="ex", disable=None if show_progress is None else not show_progress)
+    for index, chunk in enumerate(windows(items, window)):
+        named = make_examples(chunk)
+        path = None
+        if cache_dir is not None:
+            key = _window_key([e for examples in named.values() for e in examples], desc)
+            path = Path(cache_dir) / f"window-{index:05d}-{key}.parquet"
+            if path.exists():
+                frames.append(pd.read_parquet(path))
+                progress.update(len(chunk))
+                continue
+        columns: dict[str, Any] = {}
+        for name, examples in named.items():
+            sums, counts = scorer.score(examples)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                columns[f"{name}_loss"] = sums / counts
+            columns[f"{name}_n_tokens"] = counts
+            columns[f"{name}_n_tokens_full"] = np.array([e.n_response_tokens for e in examples], dtype=np.int64)
+            columns[f"{name}_truncated"] = np.array([e.truncated for e in examples], dtype=bool)
+        frame = pd.DataFrame(columns)
+        if path is not None:
+            write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+        frames.append(frame)
+        progress.update(len(chunk))
+        progress.set_postfix(tok_per_s=f"{scorer.real_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+    progress.close()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def score_compatibility(
+    model: Any,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    unconditioned_loss: bool = True,
+    window: int = DEFAULT_WINDOW,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool | None = None,
+    desc: str = "compatibility",
+) -> pd.DataFrame:
+    """Scores each (instruction, response) pair under a causal LM.
+
+    Args:
+        model: the base model (``AutoModelForCausalLM``), eval mode.
+        tokenizer: its tokenizer, prepared with :func:`magpie_teach.chat.prepare_tokenizer`.
+        instructions, responses: aligned sequences of text.
+        max_length: conversations longer than this are cut at the right (counted in ``truncated``).
+        batch_tokens: padded tokens per forward pass.
+        unconditioned_loss: also compute L(y), the response's loss with only BOS as context.
+        window: examples tokenized and sorted at a time (memory stays flat in the data size).
+        cache_dir: where finished windows are kept, so an interrupted run resumes.
+        show_progress: ``None`` shows a progress bar only on a terminal.
+
+    Returns:
+        One row per pair: ``compat_loss`` (l(x, y)), ``n_tokens`` (response tokens scored),
+        ``n_tokens_full`` (before truncation), ``truncated``, and with ``unconditioned_loss``
+        ``uncond_loss`` (L(y), on the same response tokens).
+    """
+    if len(instructions) != len(responses):
+        raise ValueError(f"{len(instructions)} instructions but {len(responses)} responses.")
+    scorer = TokenNLLScorer(model, _pad_id(tokenizer), batch_tokens=batch_tokens)
+    start_id = context_token_id(tokenizer)
+
+    def make_examples(chunk: list[tuple[str, str]]) -> dict[str, list[TokenizedExample]]:
+        cond = [tokenize_conversation(tokenizer, x, y, max_length) for x, y in chunk]
+        named = {"cond": cond}
+        if unconditioned_loss:
+            named["uncond"] = [unconditioned(e.input_ids[e.loss_mask], start_id, max_length) for e in cond]
+        return named
+
+    raw = _run_windows(
+        zip(instructions, responses),
+        len(instructions),
+        make_examples,
+        scorer,
+        window=window,
+        cache_dir=cache_dir,
+        desc=desc,
+        show_progress=show_progress,
+    )
+    out = pd.DataFrame(
+        {
+            "compat_loss": raw["cond_loss"],
+            "n_tokens": raw["cond_n_tokens"],
+            "n_tokens_full": raw["cond_n_tokens_full"],
+            "truncated": raw["cond_truncated"],
+        }
+    )
+    if unconditioned_loss:
+        out["uncond_loss"] = raw["uncond_loss"]
+    out.attrs["padding_fraction"] = 1 - scorer.real_tokens / max(scorer.padded_tokens, 1)
+    return out
+
+
+def score_text_loss(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    window: int = DEFAULT_WINDOW,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool | None = None,
+    desc: str = "text loss",
+) -> pd.DataFrame:
+    """Mean NLL of each text's tokens with only BOS as context (L(x) for IC-IFD): ``loss``, ``n_tokens``, ``truncated``."""
+    scorer = TokenNLLScorer(model, _pad_id(tokenizer), batch_tokens=batch_tokens)
+    start_id = context_token_id(tokenizer)
+
+    def make_examples(chunk: list[str]) -> dict[str, list[TokenizedExample]]:
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in chunk]
+        return {"text": [unconditioned(np.asarray(i, dtype=np.int64), start_id, max_length) for i in ids]}
+
+    raw = _run_windows(
+        texts, len(texts), make_examples, scorer, window=window, cache_dir=cache_dir, desc=desc, show_progress=show_progress
+    )
+    return pd.DataFrame({"loss": raw["text_loss"], "n_tokens": raw["text_n_tokens"], "truncated": raw["text_truncated"]})
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return int(token_id)
+    return 0

@@ -1,0 +1,201 @@
+"""Teacher-quality metrics, per example and per (teacher, base model), and their rank correlation with performance."""
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BETA = 3.0
+DEFAULT_PERFORMANCE_COLUMNS = ("AE2_LC_WR", "ArenaHard_WR")
+"""The paper's Average Performance: mean of AlpacaEval 2 length-controlled win rate and Arena-Hard win rate."""
+
+# metric -> True when a higher value means a better teacher (the orientation used for ranks and rho).
+METRIC_DIRECTIONS = {
+    "car": True,
+    "reward": True,
+    "compat_loss": False,
+    "length": True,  # longer responses score better on AlpacaEval 2 / Arena-Hard (the paper's length baseline)
+    "ppl_self": False,
+    "ifd_self": True,  # Li et al. (IFD): a higher IFD marks a more informative response
+    "ic_ifd_self": True,
+    "ppl_ref": False,
+    "ifd_ref": True,
+    "ic_ifd_ref": True,
+}
+
+
+def car(reward: float | np.ndarray, compat_loss: float | np.ndarray, beta: float = DEFAULT_BETA) -> float | np.ndarray:
+    """Compatibility-Adjusted Reward: CAR = r / (1 + beta * L), higher is better.
+
+    ``r`` is the teacher's mean reward and ``L`` the base model's mean compatibility loss on the
+    teacher's responses. Only meaningful for positive rewards: see :func:`resolve_reward_shift`.
+    """
+    return reward / (1.0 + beta * compat_loss)
+
+
+def perplexity(loss: float | np.ndarray) -> float | np.ndarray:
+    """PPL = exp(L), with L a mean per-token negative log-likelihood."""
+    return np.exp(loss)
+
+
+def ifd(cond_loss: float | np.ndarray, uncond_loss: float | np.ndarray) -> float | np.ndarray:
+    """Instruction-Following Difficulty: IFD = L(y | x) / L(y)."""
+    return np.asarray(cond_loss) / np.asarray(uncond_loss)
+
+
+def ic_ifd(
+    cond_loss: float | np.ndarray, instruction_loss: float | np.ndarray, uncond_loss: float | np.ndarray
+) -> float | np.ndarray:
+    """Instruction-Conditioned IFD: IC-IFD = L(y | x) / (L(x) * L(y))."""
+    return np.asarray(cond_loss) / (np.asarray(instruction_loss) * np.asarray(uncond_loss))
+
+
+def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float | None) -> float:
+    """Decides the affine shift c in r' = r + c applied to rewards before CAR.
+
+    CAR only orders teachers sensibly when every teacher's mean reward is positive: a negative
+    reward divided by a larger denominator moves *closer to zero*, i.e. looks better. So:
+
+    * ``None`` / ``"none"``: no shift; when any mean reward is <= 0 a warning names the teachers
+      (and the ranking records ``car_reward_shift = 0``) - CAR is then not trustworthy;
+    * ``"auto"``: c = -min + (max - min), putting the lowest teacher mean at the spread of the
+      means (1 when all means are equal), so all are positive and their order is unchanged;
+    * a number: that c.
+    """
+    if reward_shift in (None, "none"):
+        bad = teacher_rewards[teacher_rewards <= 0]
+        if len(bad):
+            message = (
+                f"CAR assumes positive rewards, but mean reward <= 0 for {', '.join(map(str, bad.index))} "
+                f"(min {teacher_rewards.min():.4g}); CAR then prefers incompatible teachers. "
+                "Use --reward-shift auto (or a number) to shift rewards affinely before CAR."
+            )
+            logger.warning(message)
+            warnings.warn(message, stacklevel=3)
+        return 0.0
+    if reward_shift == "auto":
+        low, high = float(teacher_rewards.min()), float(teacher_rewards.max())
+        if low > 0:
+            return 0.0
+        spread = high - low
+        return -low + (spread if spread > 0 else 1.0)
+    try:
+        return float(reward_shift)
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward_shift={reward_shift!r}: expected 'none', 'auto' or a number.") from None
+
+
+def aggregate(scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None) -> pd.DataFrame:
+    """Per (teacher, base_model) metrics from per-example scores, with a rank per metric (1 = best).
+
+    ``reward`` is the mean per-example reward, ``compat_loss`` the mean per-example compatibility
+    loss, ``car`` = :func:`car` of those two, ``length`` the mean response length in base-model
+    tokens, ``ppl_*`` = exp of the mean loss, ``ifd_*``/``ic_ifd_*`` means of the per-example values.
+    """
+    grouped = scores.groupby(["teacher", "base_model"], sort=False)
+    table = grouped.agg(
+        n=("compat_loss", "size"),
+        reward=("reward", "mean"),
+        compat_loss=("compat_loss", "mean"),
+        length=("n_tokens_full", "mean"),
+        n_truncated=("truncated", "sum"),
+    ).reset_index()
+    for suffix in ("self", "ref"):
+        if f"ifd_{suffix}" in scores.columns:
+            extra = grouped.agg(
+                loss=(f"loss_{suffix}" if suffix == "ref" else "compat_loss", "mean"),
+                ifd=(f"ifd_{suffix}", "mean"),
+                ic_ifd=(f"ic_ifd_{suffix}", "mean"),
+            ).reset_index(drop=True)
+            table[f"ppl_{suffix}"] = perplexity(extra["loss"].to_numpy())
+            table[f"ifd_{suffix}"] = extra["ifd"].to_numpy()
+            table[f"ic_ifd_{suffix}"] = extra["ic_ifd"].to_numpy()
+    teacher_rewards = table.groupby("teacher")["reward"].first()
+    shift = resolve_reward_shift(teacher_rewards, reward_shift)
+    table["car"] = car(table["reward"] + shift, table["compat_loss"], beta)
+    table["car_beta"] = beta
+    table["car_reward_shift"] = shift
+    for metric, higher in METRIC_DIRECTIONS.items():
+        if metric in table.columns:
+            table[f"rank_{metric}"] = (
+                table.groupby("base_model")[metric].rank(ascending=not higher, method="min").astype("Int64")
+            )
+    first = ["teacher", "base_model", "n", "car", "reward", "compat_loss", "length"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def load_performance(path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COLUMNS) -> pd.DataFrame:
+    """Reads a performance table (teacher, base_model and benchmark columns; ``#`` lines are comments)
+    and adds ``ap``, the mean of ``columns``. A ``generator`` column is accepted for ``teacher``."""
+    from magpie_teach.errors import DataError
+
+    try:
+        frame = pd.read_csv(path, comment="#")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: could not be read as CSV: {err}") from err
+    if "teacher" not in frame.columns and "generator" in frame.columns:
+        frame = frame.rename(columns={"generator": "teacher"})
+    missing = [c for c in ("teacher", "base_model", *columns) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}.")
+    values = frame[list(columns)].apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        row, column = next((r, c) for c in columns for r in frame.index if pd.isna(values.loc[r, c]))
+        raise DataError(f"{path}: row {row + 1}, column {column!r}: not a number ({frame.loc[row, column]!r}).")
+    frame["ap"] = values.mean(axis=1)
+    duplicated = frame.duplicated(["teacher", "base_model"], keep=False)
+    if duplicated.any():
+        first = frame[duplicated].iloc[0]
+        raise DataError(f"{path}: (teacher, base_model) = ({first['teacher']!r}, {first['base_model']!r}) appears twice.")
+    return frame
+
+
+def _short(name: str) -> str:
+    return str(name).rstrip("/").split("/")[-1]
+
+
+def correlations(ranking: pd.DataFrame, performance: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Spearman rho between each metric (oriented so that higher is better) and AP, per base model, plus the mean.
+
+    Teachers and base models match by exact name, else by their last path component (so a local
+    folder ``models/Qwen2-1.5B`` matches ``Qwen2-1.5B`` in the performance table).
+
+    Returns:
+        The paper's Table 4 layout: one row per metric, one column per base model, and ``mean``.
+    """
+    from scipy.stats import spearmanr
+
+    metrics = [m for m in (metrics or METRIC_DIRECTIONS) if m in ranking.columns]
+    perf = performance.assign(_t=performance["teacher"].map(_short), _b=performance["base_model"].map(_short))
+    result: dict[str, dict[str, float]] = {}
+    for base, group in ranking.groupby("base_model", sort=False):
+        merged = group.assign(_t=group["teacher"].map(_short), _b=_short(base)).merge(
+            perf[["_t", "_b", "ap"]], on=["_t", "_b"], how="inner"
+        )
+        if len(merged) < 3:
+            raise ConfigError(
+                f"base model {base!r}: only {len(merged)} teacher(s) have performance numbers; at least 3 are needed "
+                f"(teachers: {sorted(group['teacher'])}; performance base models: {sorted(perf['_b'].unique())})."
+            )
+        unmatched = sorted(set(group["teacher"].map(_short)) - set(merged["_t"]))
+        if unmatched:
+            logger.warning("base model %s: no performance numbers for %s", base, unmatched)
+        column = {}
+        for metric in metrics:
+            sign = 1.0 if METRIC_DIRECTIONS[metric] else -1.0
+            rho = spearmanr(sign * merged[metric].astype(float), merged["ap"]).statistic
+            column[metric] = float(rho) if not math.isnan(rho) else float("nan")
+        column["n_teachers"] = float(len(merged))
+        result[str(base)] = column
+    table = pd.DataFrame(result)
+    table["mean"] = table.mean(axis=1)
+    table.loc["n_teachers", "mean"] = float("nan")
+    table.index.name = "metric"
+    return table

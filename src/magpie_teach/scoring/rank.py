@@ -1,0 +1,224 @@
+"""`magpie-teach rank`: rank teachers per base model by CAR, with every baseline of the paper beside it."""
+
+import gc
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RankConfig:
+    data: str = field(metadata={"help": "Responses: a jsonl/parquet/csv file, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format)."})
+    output_dir: str = field(metadata={"help": "Where ranking.csv, scores.parquet and correlations.csv are written.", "flag": "--output"})
+    base_models: list[str] = field(default_factory=list, metadata={"help": "Base model (Hub id or folder); repeat the flag for several.", "flag": "--base-model"})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model (AutoModelForSequenceClassification with one output)."})
+    reward_column: str | None = field(default=None, metadata={"help": "Use this precomputed reward column instead of a reward model (e.g. ArmoRM-Llama3-8B-v0.1)."})
+    reference_model: str | None = field(default=None, metadata={"help": "Reference LM for perplexity/IFD baselines (GPT-2 in the paper)."})
+    beta: float = field(default=3.0, metadata={"help": "CAR = reward / (1 + beta * compat_loss)."})
+    reward_shift: str = field(default="none", metadata={"help": "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."})
+    sample: int | None = field(default=None, metadata={"help": "Score only N instructions, the same ones for every teacher."})
+    seed: int = field(default=42, metadata={"help": "Seed of --sample."})
+    performance: str | None = field(default=None, metadata={"help": "CSV of teacher, base_model and benchmark columns: writes correlations.csv."})
+    performance_columns: list[str] = field(default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"], metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"})
+    revision: str | None = field(default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub data set."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
+    teachers: list[str] = field(default_factory=list, metadata={"help": "Only these teachers; repeat the flag (default: all).", "flag": "--teacher"})
+    drop_invalid: bool = field(default=False, metadata={"help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."})
+    max_length: int = field(default=4096, metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."})
+    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": ["float32", "bfloat16", "float16", "auto"]})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto."})
+    cache: bool = field(default=True, metadata={"help": "Keep finished work under OUTPUT/.cache so a rerun resumes."})
+
+    def __post_init__(self) -> None:
+        if not self.base_models:
+            raise ConfigError("give at least one --base-model")
+        if (self.reward_model is None) == (self.reward_column is None):
+            raise ConfigError("give exactly one of --reward-model and --reward-column")
+        if self.beta < 0:
+            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
+        if self.max_length < 2:
+            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class RankResult:
+    ranking: pd.DataFrame
+    scores: pd.DataFrame
+    correlations: pd.DataFrame | None
+    dropped: pd.DataFrame
+    counts: dict[str, int]
+    output_dir: Path
+
+
+def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> Path | None:
+    if not config.cache:
+        return None
+    stamp = [model, config.dtype, str(config.max_length), fingerprint]
+    path = Path(model)
+    if path.is_dir():  # a rebuilt local model must not reuse old scores
+        stamp += [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors"))]
+    key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in model.rstrip("/").split("/")[-1])
+    return Path(config.output_dir) / ".cache" / stage / f"{name}-{key}"
+
+
+def _free(*objects: Any) -> None:
+    del objects
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
+    """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
+
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, "causal-lm", config.dtype, config.device)
+    short = model_name.rstrip("/").split("/")[-1]
+    scores = score_compatibility(
+        model,
+        tokenizer,
+        rows["instruction"].tolist(),
+        rows["response"].tolist(),
+        max_length=config.max_length,
+        batch_tokens=config.batch_tokens,
+        cache_dir=_cache_dir(config, "compat", model_name, fingerprint),
+        desc=f"compat {short}",
+    )
+    instructions = rows.drop_duplicates("id")[["id", "instruction"]]
+    text = score_text_loss(
+        model,
+        tokenizer,
+        instructions["instruction"].tolist(),
+        max_length=config.max_length,
+        batch_tokens=config.batch_tokens,
+        cache_dir=_cache_dir(config, "instruction", model_name, fingerprint),
+        desc=f"L(x) {short}",
+    )
+    scores["instr_loss"] = rows["id"].map(dict(zip(instructions["id"], text["loss"]))).to_numpy()
+    logger.info("%s: padding was %.1f%% of computed tokens", model_name, 100 * scores.attrs["padding_fraction"])
+    _free(model)
+    return scores
+
+
+def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> np.ndarray:
+    if config.reward_column is not None:
+        return rows[config.reward_column].to_numpy(dtype=np.float64)
+    from magpie_teach.data import write_atomic
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.reward import score_reward
+
+    cache = _cache_dir(config, "reward", config.reward_model, fingerprint)
+    if cache is not None and (cache / "rewards.npy").exists():
+        return np.load(cache / "rewards.npy")
+    tokenizer = load_tokenizer(config.reward_model)
+    model = load_model(config.reward_model, "reward", config.dtype, config.device)
+    rewards, _ = score_reward(
+        model,
+        tokenizer,
+        rows["instruction"].tolist(),
+        rows["response"].tolist(),
+        max_length=config.max_length,
+        batch_tokens=config.batch_tokens,
+    )
+    _free(model)
+    if cache is not None:
+        write_atomic(cache / "rewards.npy", lambda tmp: np.save(open(tmp, "wb"), rewards))
+    return rewards
+
+
+def rank(config: RankConfig) -> RankResult:
+    """Scores every teacher's responses under every base model and ranks the teachers.
+
+    Writes ``ranking.csv`` (one row per teacher x base model), ``scores.parquet`` (per example),
+    ``correlations.csv`` (with a performance file), ``dropped.csv`` (rows dropped by
+    ``drop_invalid``, with their reason), ``summary.json`` and the resolved ``rank_config.yaml``.
+    """
+    from magpie_teach.config import dump_config
+    from magpie_teach.data import load_responses, sample_instructions, write_atomic
+    from magpie_teach.scoring.metrics import aggregate, correlations, ic_ifd, ifd, load_performance
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
+    loaded = load_responses(
+        config.data,
+        revision=config.revision,
+        split=config.split,
+        reward_column=config.reward_column,
+        drop_invalid=config.drop_invalid,
+        teachers=config.teachers or None,
+    )
+    rows = loaded.rows
+    counts = dict(loaded.counts)
+    if config.sample is not None:
+        rows = sample_instructions(rows, config.sample, config.seed)
+        counts["rows_sampled"] = len(rows)
+    fingerprint = hashlib.sha1(
+        (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
+    ).hexdigest()[:16]
+    keep = ["id", "teacher", "instruction", "response"]
+    base_rows = rows[keep].copy()
+    base_rows["reward"] = _rewards(config, rows, fingerprint)
+
+    reference = None
+    if config.reference_model:
+        ref = _lm_scores(config, config.reference_model, rows, fingerprint)
+        reference = pd.DataFrame(
+            {
+                "loss_ref": ref["compat_loss"],
+                "ppl_ref": np.exp(ref["compat_loss"]),
+                "ifd_ref": ifd(ref["compat_loss"], ref["uncond_loss"]),
+                "ic_ifd_ref": ic_ifd(ref["compat_loss"], ref["instr_loss"], ref["uncond_loss"]),
+            }
+        )
+    frames = []
+    for base in config.base_models:
+        lm = _lm_scores(config, base, rows, fingerprint)
+        frame = base_rows.assign(base_model=base)
+        frame["compat_loss"] = lm["compat_loss"].to_numpy()
+        frame["n_tokens"] = lm["n_tokens"].to_numpy()
+        frame["n_tokens_full"] = lm["n_tokens_full"].to_numpy()
+        frame["truncated"] = lm["truncated"].to_numpy()
+        frame["uncond_loss"] = lm["uncond_loss"].to_numpy()
+        frame["instr_loss"] = lm["instr_loss"].to_numpy()
+        frame["logprob_norm"] = -frame["compat_loss"]
+        frame["ppl_self"] = np.exp(frame["compat_loss"])
+        frame["ifd_self"] = ifd(frame["compat_loss"], frame["uncond_loss"])
+        frame["ic_ifd_self"] = ic_ifd(frame["compat_loss"], frame["instr_loss"], frame["uncond_loss"])
+        if reference is not None:
+            frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
+        frames.append(frame)
+        counts[f"truncated[{base}]"] = int(frame["truncated"].sum())
+    scores = pd.concat(frames, ignore_index=True)
+    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    corr = correlations(ranking, performance) if performance is not None else None
+
+    write_atomic(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
+    write_atomic(out / "ranking.csv", lambda tmp: ranking.to_csv(tmp, index=False))
+    if corr is not None:
+        write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
+    if len(loaded.dropped):
+        write_atomic(out / "dropped.csv", lambda tmp: loaded.dropped.drop(columns=["_row"], errors="ignore").to_csv(tmp, index=False))
+    summary = {"source": config.data, "revision": config.revision, "fingerprint": loaded.fingerprint, "counts": counts}
+    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    dump_config(config, out / "rank_config.yaml")
+    return RankResult(ranking, scores, corr, loaded.dropped, counts, out)

@@ -1,0 +1,75 @@
+"""Reward: a sequence-classification reward model's score of each (instruction, response) pair.
+
+The conversation is rendered with the reward model's own chat template (the project default when
+it has none), right-padded in length-sorted batches; the model pools at the last non-padding
+token, so a row's score does not depend on the rows batched with it.
+"""
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from magpie_teach.chat import build_messages, resolve_chat_template
+from magpie_teach.errors import ConfigError
+from magpie_teach.scoring.batching import plan_batches, windows
+from magpie_teach.scoring.compatibility import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH, DEFAULT_WINDOW
+
+logger = logging.getLogger(__name__)
+
+
+def score_reward(
+    model: Any,
+    tokenizer: Any,
+    instructions: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    window: int = DEFAULT_WINDOW,
+    show_progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores each pair with an ``AutoModelForSequenceClassification`` reward model with one output.
+
+    Returns:
+        (rewards, truncated): float64 scores and a flag per pair for conversations cut at ``max_length``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if model.config.num_labels != 1:
+        raise ConfigError(f"The reward model has {model.config.num_labels} outputs; one is needed.")
+    if model.config.pad_token_id is None:  # pooling finds the last non-pad token; it needs a pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    pad_id = model.config.pad_token_id
+    template = resolve_chat_template(tokenizer)
+    device = next(model.parameters()).device
+    rewards = np.zeros(len(instructions), dtype=np.float64)
+    truncated = np.zeros(len(instructions), dtype=bool)
+    progress = tqdm(total=len(instructions), desc="reward", unit="ex", disable=None if show_progress is None else not show_progress)
+    offset = 0
+    for chunk in windows(zip(instructions, responses), window):
+        texts = [
+            tokenizer.apply_chat_template(build_messages(x, y), chat_template=template, tokenize=False) for x, y in chunk
+        ]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        for i, seq in enumerate(ids):
+            if len(seq) > max_length:
+                ids[i], truncated[offset + i] = seq[:max_length], True
+        for batch in plan_batches([len(s) for s in ids], batch_tokens):
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                attention[row, : len(ids[i])] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            rewards[[offset + i for i in batch]] = logits[:, 0].float().cpu().numpy()
+        offset += len(chunk)
+        progress.update(len(chunk))
+    progress.close()
+    if truncated.any():
+        logger.warning("reward: %d of %d conversations were cut at max_length=%d", truncated.sum(), len(truncated), max_length)
+    return rewards, truncated
