@@ -38,7 +38,11 @@ def _sample_path() -> str:
 def _print_ranking(ranking, correlations=None) -> None:  # noqa: ANN001 - pandas stays a lazy import
     import pandas as pd
 
-    columns = [c for c in ("teacher", "n", "car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "n_truncated") if c in ranking.columns]
+    columns = [
+        c
+        for c in ("teacher", "n", "car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "n_truncated")
+        if c in ranking.columns
+    ]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         for base, group in ranking.groupby("base_model", sort=False):
             print(f"\nbase model: {base}  (ranked by CAR, beta={group['car_beta'].iloc[0]:g})")
@@ -56,7 +60,10 @@ def run_rank(args: argparse.Namespace) -> int:
     result = rank(config)
     _print_ranking(result.ranking, result.correlations)
     dropped = {k: v for k, v in result.counts.items() if k not in ("rows_in", "rows_kept")}
-    print(f"\nrows in: {result.counts['rows_in']}, kept: {result.counts['rows_kept']}" + (f", {dropped}" if dropped else ""))
+    print(
+        f"\nrows in: {result.counts['rows_in']}, kept: {result.counts['rows_kept']}"
+        + (f", {dropped}" if dropped else "")
+    )
     print(f"wrote {result.output_dir}/ranking.csv and scores.parquet")
     return 0
 
@@ -105,7 +112,9 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     result = rank(config)
     _print_ranking(result.ranking)
-    print(f"\nwrote {result.output_dir}/ranking.csv and scores.parquet (random tiny models: the numbers show the plumbing, not teacher quality)")
+    print(
+        f"\nwrote {result.output_dir}/ranking.csv and scores.parquet (random tiny models: the numbers show the plumbing, not teacher quality)"
+    )
     return 0
 
 
@@ -119,29 +128,58 @@ def build_parser() -> argparse.ArgumentParser:
     from magpie_teach.config import add_dataclass_arguments
     from magpie_teach.scoring.rank import RankConfig
 
-    parser = argparse.ArgumentParser(prog="magpie-teach", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="magpie-teach", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"magpie-teach {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("rank", help="rank teachers per base model by CAR and the paper's baselines", description="Rank teachers per base model by CAR, with reward, compatibility loss, length, perplexity and IFD beside it.", epilog=RANK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "rank",
+        help="rank teachers per base model by CAR and the paper's baselines",
+        description="Rank teachers per base model by CAR, with reward, compatibility loss, length, perplexity and IFD beside it.",
+        epilog=RANK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file with the options below (flags override it)")
     add_dataclass_arguments(p, RankConfig)
     p.set_defaults(func=run_rank)
 
-    p = sub.add_parser("paradox", help="within-family pairs where the larger teacher is the worse teacher", description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.")
-    p.add_argument("--performance", required=True, help="CSV with teacher (or generator), base_model, benchmark columns, and family/size columns (or --families)")
+    p = sub.add_parser(
+        "paradox",
+        help="within-family pairs where the larger teacher is the worse teacher",
+        description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.",
+    )
+    p.add_argument(
+        "--performance",
+        required=True,
+        help="CSV with teacher (or generator), base_model, benchmark columns, and family/size columns (or --families)",
+    )
     p.add_argument("--families", help="CSV with teacher, family, size (overrides the performance file's)")
-    p.add_argument("--performance-column", action="append", metavar="COLUMN", help="benchmark column averaged into AP; repeat (default: AE2_LC_WR and ArenaHard_WR)")
+    p.add_argument(
+        "--performance-column",
+        action="append",
+        metavar="COLUMN",
+        help="benchmark column averaged into AP; repeat (default: AE2_LC_WR and ArenaHard_WR)",
+    )
     p.add_argument("--output", help="also write the pairs to this CSV")
     p.set_defaults(func=run_paradox)
 
-    p = sub.add_parser("tiny", help="build the tiny offline models used by tests and the demo", description="Build tiny, randomly initialised models (tokenizer, Llama LMs, GPT-2 reference, reward model) offline and deterministically.")
+    p = sub.add_parser(
+        "tiny",
+        help="build the tiny offline models used by tests and the demo",
+        description="Build tiny, randomly initialised models (tokenizer, Llama LMs, GPT-2 reference, reward model) offline and deterministically.",
+    )
     p.add_argument("--output", required=True, help="folder to save the models in")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.set_defaults(func=run_tiny)
 
-    p = sub.add_parser("demo", help="run `rank` on the shipped sample with tiny models, offline", description="Build tiny models and rank the shipped sample's three teachers for two base models, offline, on CPU.")
+    p = sub.add_parser(
+        "demo",
+        help="run `rank` on the shipped sample with tiny models, offline",
+        description="Build tiny models and rank the shipped sample's three teachers for two base models, offline, on CPU.",
+    )
     p.add_argument("--output", default="outputs/demo", help="output folder (default: outputs/demo)")
     p.set_defaults(func=run_demo)
     return parser
@@ -153,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

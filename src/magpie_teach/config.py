@@ -44,13 +44,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text += " (required)"
         elif default not in (None, [], False):
-            help_text += f" (default: {default})"
+            shown = ", ".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = kind if kind in (int, float) else str
-            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+            kwargs["metavar"] = f.metadata.get("metavar", flag_name(f).lstrip("-").replace("-", "_").upper())
             if is_list:
                 kwargs["action"] = "append"
             if "choices" in f.metadata:
@@ -82,7 +83,11 @@ def build_config(cls: type[C], cli_values: dict[str, Any], config_file: str | No
         _check_keys(cls, loaded, config_file)
         values.update(loaded)
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    missing = [flag_name(f) for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        flag_name(f)
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
     try:

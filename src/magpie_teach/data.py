@@ -184,7 +184,11 @@ def validate_long(
 
     reasons = pd.Series(None, index=frame.index, dtype=object)
     checks = [
-        ("empty_instruction", "instruction", ~frame["instruction"].map(lambda v: isinstance(v, str) and bool(v.strip()))),
+        (
+            "empty_instruction",
+            "instruction",
+            ~frame["instruction"].map(lambda v: isinstance(v, str) and bool(v.strip())),
+        ),
         ("empty_response", "response", ~frame["response"].map(lambda v: isinstance(v, str) and bool(v.strip()))),
     ]
     if reward_column is not None:
@@ -216,7 +220,9 @@ def validate_long(
         )
     bad_ids = set(frame.loc[reasons.notna(), "id"]) | set(incomplete_ids)
     sibling = frame["id"].isin(bad_ids) & reasons.isna()
-    reasons[sibling] = np.where(frame.loc[sibling, "id"].isin(incomplete_ids), "incomplete_instruction", "sibling_dropped")
+    reasons[sibling] = np.where(
+        frame.loc[sibling, "id"].isin(incomplete_ids), "incomplete_instruction", "sibling_dropped"
+    )
     dropped = frame[reasons.notna()].assign(reason=reasons[reasons.notna()])
     kept = frame[reasons.isna()]
     if kept.empty:

@@ -42,7 +42,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
 
 
 def load_model(
-    name_or_path: str, kind: str = "causal-lm", dtype: str = "float32", device: str = "auto", revision: str | None = None
+    name_or_path: str,
+    kind: str = "causal-lm",
+    dtype: str = "float32",
+    device: str = "auto",
+    revision: str | None = None,
 ) -> Any:
     """Loads an ``AutoModelForCausalLM`` (``kind="causal-lm"``) or ``AutoModelForSequenceClassification``
     (``kind="reward"``) in eval mode on ``device``."""

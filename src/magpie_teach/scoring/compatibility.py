@@ -189,7 +189,7 @@ def _run_windows(
             columns[f"{name}_truncated"] = np.array([e.truncated for e in examples], dtype=bool)
         frame = pd.DataFrame(columns)
         if path is not None:
-            write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+            write_atomic(path, frame.to_parquet)
         frames.append(frame)
         progress.update(len(chunk))
         progress.set_postfix(tok_per_s=f"{scorer.real_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
@@ -286,9 +286,18 @@ def score_text_loss(
         return {"text": [unconditioned(np.asarray(i, dtype=np.int64), start_id, max_length) for i in ids]}
 
     raw = _run_windows(
-        texts, len(texts), make_examples, scorer, window=window, cache_dir=cache_dir, desc=desc, show_progress=show_progress
+        texts,
+        len(texts),
+        make_examples,
+        scorer,
+        window=window,
+        cache_dir=cache_dir,
+        desc=desc,
+        show_progress=show_progress,
     )
-    return pd.DataFrame({"loss": raw["text_loss"], "n_tokens": raw["text_n_tokens"], "truncated": raw["text_truncated"]})
+    return pd.DataFrame(
+        {"loss": raw["text_loss"], "n_tokens": raw["text_n_tokens"], "truncated": raw["text_truncated"]}
+    )
 
 
 def _pad_id(tokenizer: Any) -> int:

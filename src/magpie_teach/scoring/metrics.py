@@ -1,7 +1,6 @@
 """Teacher-quality metrics, per example and per (teacher, base model), and their rank correlation with performance."""
 
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -92,7 +91,9 @@ def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float |
         raise ConfigError(f"reward_shift={reward_shift!r}: expected 'none', 'auto' or a number.") from None
 
 
-def aggregate(scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None) -> pd.DataFrame:
+def aggregate(
+    scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None
+) -> pd.DataFrame:
     """Per (teacher, base_model) metrics from per-example scores, with a rank per metric (1 = best).
 
     ``reward`` is the mean per-example reward, ``compat_loss`` the mean per-example compatibility
@@ -153,7 +154,9 @@ def load_performance(path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COL
     duplicated = frame.duplicated(["teacher", "base_model"], keep=False)
     if duplicated.any():
         first = frame[duplicated].iloc[0]
-        raise DataError(f"{path}: (teacher, base_model) = ({first['teacher']!r}, {first['base_model']!r}) appears twice.")
+        raise DataError(
+            f"{path}: (teacher, base_model) = ({first['teacher']!r}, {first['base_model']!r}) appears twice."
+        )
     return frame
 
 
@@ -161,7 +164,9 @@ def _short(name: str) -> str:
     return str(name).rstrip("/").split("/")[-1]
 
 
-def correlations(ranking: pd.DataFrame, performance: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+def correlations(
+    ranking: pd.DataFrame, performance: pd.DataFrame, metrics: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Spearman rho between each metric (oriented so that higher is better) and AP, per base model, plus the mean.
 
     Teachers and base models match by exact name, else by their last path component (so a local
@@ -190,8 +195,11 @@ def correlations(ranking: pd.DataFrame, performance: pd.DataFrame, metrics: Sequ
         column = {}
         for metric in metrics:
             sign = 1.0 if METRIC_DIRECTIONS[metric] else -1.0
-            rho = spearmanr(sign * merged[metric].astype(float), merged["ap"]).statistic
-            column[metric] = float(rho) if not math.isnan(rho) else float("nan")
+            values = sign * merged[metric].astype(float)
+            if values.nunique() < 2 or merged["ap"].nunique() < 2:  # rho is undefined for a constant input
+                column[metric] = float("nan")
+                continue
+            column[metric] = float(spearmanr(values, merged["ap"]).statistic)
         column["n_teachers"] = float(len(merged))
         result[str(base)] = column
     table = pd.DataFrame(result)

@@ -66,7 +66,17 @@ def find_paradox_pairs(
                             "gap": small["ap"] - large["ap"],
                         }
                     )
-    columns = ["base_model", "family", "smaller", "smaller_size", "larger", "larger_size", "ap_smaller", "ap_larger", "gap"]
+    columns = [
+        "base_model",
+        "family",
+        "smaller",
+        "smaller_size",
+        "larger",
+        "larger_size",
+        "ap_smaller",
+        "ap_larger",
+        "gap",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -18,25 +18,69 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RankConfig:
-    data: str = field(metadata={"help": "Responses: a jsonl/parquet/csv file, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format)."})
-    output_dir: str = field(metadata={"help": "Where ranking.csv, scores.parquet and correlations.csv are written.", "flag": "--output"})
-    base_models: list[str] = field(default_factory=list, metadata={"help": "Base model (Hub id or folder); repeat the flag for several.", "flag": "--base-model"})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model (AutoModelForSequenceClassification with one output)."})
-    reward_column: str | None = field(default=None, metadata={"help": "Use this precomputed reward column instead of a reward model (e.g. ArmoRM-Llama3-8B-v0.1)."})
-    reference_model: str | None = field(default=None, metadata={"help": "Reference LM for perplexity/IFD baselines (GPT-2 in the paper)."})
+    data: str = field(
+        metadata={
+            "help": "Responses: a jsonl/parquet/csv file, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format)."
+        }
+    )
+    output_dir: str = field(
+        metadata={"help": "Where ranking.csv, scores.parquet and correlations.csv are written.", "flag": "--output"}
+    )
+    base_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Base model (Hub id or folder); repeat the flag for several.", "flag": "--base-model"},
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward model (AutoModelForSequenceClassification with one output)."}
+    )
+    reward_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use this precomputed reward column instead of a reward model (e.g. ArmoRM-Llama3-8B-v0.1)."
+        },
+    )
+    reference_model: str | None = field(
+        default=None, metadata={"help": "Reference LM for perplexity/IFD baselines (GPT-2 in the paper)."}
+    )
     beta: float = field(default=3.0, metadata={"help": "CAR = reward / (1 + beta * compat_loss)."})
-    reward_shift: str = field(default="none", metadata={"help": "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."})
-    sample: int | None = field(default=None, metadata={"help": "Score only N instructions, the same ones for every teacher."})
+    reward_shift: str = field(
+        default="none",
+        metadata={
+            "help": "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."
+        },
+    )
+    sample: int | None = field(
+        default=None, metadata={"help": "Score only N instructions, the same ones for every teacher."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of --sample."})
-    performance: str | None = field(default=None, metadata={"help": "CSV of teacher, base_model and benchmark columns: writes correlations.csv."})
-    performance_columns: list[str] = field(default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"], metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"})
-    revision: str | None = field(default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub data set."})
+    performance: str | None = field(
+        default=None, metadata={"help": "CSV of teacher, base_model and benchmark columns: writes correlations.csv."}
+    )
+    performance_columns: list[str] = field(
+        default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"],
+        metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub data set."}
+    )
     split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
-    teachers: list[str] = field(default_factory=list, metadata={"help": "Only these teachers; repeat the flag (default: all).", "flag": "--teacher"})
-    drop_invalid: bool = field(default=False, metadata={"help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."})
-    max_length: int = field(default=4096, metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."})
+    teachers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Only these teachers; repeat the flag (default: all).", "flag": "--teacher"},
+    )
+    drop_invalid: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."
+        },
+    )
+    max_length: int = field(
+        default=4096, metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."}
+    )
     batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": ["float32", "bfloat16", "float16", "auto"]})
+    dtype: str = field(
+        default="float32", metadata={"help": "Model dtype.", "choices": ["float32", "bfloat16", "float16", "auto"]}
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto."})
     cache: bool = field(default=True, metadata={"help": "Keep finished work under OUTPUT/.cache so a rerun resumes."})
 
@@ -217,7 +261,10 @@ def rank(config: RankConfig) -> RankResult:
     if corr is not None:
         write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
     if len(loaded.dropped):
-        write_atomic(out / "dropped.csv", lambda tmp: loaded.dropped.drop(columns=["_row"], errors="ignore").to_csv(tmp, index=False))
+        write_atomic(
+            out / "dropped.csv",
+            lambda tmp: loaded.dropped.drop(columns=["_row"], errors="ignore").to_csv(tmp, index=False),
+        )
     summary = {"source": config.data, "revision": config.revision, "fingerprint": loaded.fingerprint, "counts": counts}
     write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     dump_config(config, out / "rank_config.yaml")

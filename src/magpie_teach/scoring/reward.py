@@ -47,11 +47,14 @@ def score_reward(
     device = next(model.parameters()).device
     rewards = np.zeros(len(instructions), dtype=np.float64)
     truncated = np.zeros(len(instructions), dtype=bool)
-    progress = tqdm(total=len(instructions), desc="reward", unit="ex", disable=None if show_progress is None else not show_progress)
+    progress = tqdm(
+        total=len(instructions), desc="reward", unit="ex", disable=None if show_progress is None else not show_progress
+    )
     offset = 0
     for chunk in windows(zip(instructions, responses), window):
         texts = [
-            tokenizer.apply_chat_template(build_messages(x, y), chat_template=template, tokenize=False) for x, y in chunk
+            tokenizer.apply_chat_template(build_messages(x, y), chat_template=template, tokenize=False)
+            for x, y in chunk
         ]
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         for i, seq in enumerate(ids):
@@ -71,5 +74,7 @@ def score_reward(
         progress.update(len(chunk))
     progress.close()
     if truncated.any():
-        logger.warning("reward: %d of %d conversations were cut at max_length=%d", truncated.sum(), len(truncated), max_length)
+        logger.warning(
+            "reward: %d of %d conversations were cut at max_length=%d", truncated.sum(), len(truncated), max_length
+        )
     return rewards, truncated

@@ -1,0 +1,47 @@
+# magpie-teach developer targets. `make test` is the command README.md and .ci/run use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,pipelines,train
+PYTEST_ARGS ?=
+
+.PHONY: install style quality test test-fast test-gpu bench demo lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+style: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# All tests but the GPU ones, which are deselected (not skipped).
+test: install
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_compatibility.py
+
+demo: install
+	$(VENV)/bin/magpie-teach demo --output outputs/demo
+
+lock: install
+	{ echo '# Exact versions CI and `make install` test with (pip install -c constraints.txt). Regenerate with `make lock`.'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^magpie' | sed 's/+cpu//'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

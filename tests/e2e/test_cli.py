@@ -1,0 +1,236 @@
+"""Whole commands, run as a user runs them."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from magpie_teach.cli import build_parser, main
+
+SUBCOMMANDS = ["rank", "paradox", "tiny", "demo"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "magpie_teach.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: magpie-teach" in text
+    if command == "rank":
+        for flag in (
+            "--data",
+            "--base-model",
+            "--reward-model",
+            "--reward-column",
+            "--reference-model",
+            "--beta",
+            "--sample",
+            "--seed",
+            "--performance",
+            "--output",
+            "(default: 3.0)",
+        ):
+            assert flag in text
+
+
+def test_import_and_help_load_no_heavy_modules():
+    code = (
+        "import sys, magpie_teach, magpie_teach.cli as c\n"
+        "try:\n    c.main(['rank', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'vllm', 'argilla', 'distilabel', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def performance_file(tmp_path_factory, tiny_suite):
+    path = tmp_path_factory.mktemp("perf") / "perf.csv"
+    rows = []
+    for base, values in (("tiny-llama-s", [10.0, 5.0, 7.0]), ("tiny-llama-m", [4.0, 9.0, 6.0])):
+        for teacher, value in zip(("tiny-teacher-terse", "tiny-teacher-thorough", "tiny-teacher-lists"), values):
+            rows.append({"teacher": teacher, "base_model": base, "AE2_LC_WR": value, "ArenaHard_WR": value / 2})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank_run(tmp_path_factory, tiny_suite, sample_path, performance_file):
+    out = tmp_path_factory.mktemp("rank")
+    args = [
+        "rank",
+        "--data",
+        sample_path,
+        "--base-model",
+        tiny_suite.base_small,
+        "--base-model",
+        tiny_suite.base_medium,
+        "--reward-model",
+        tiny_suite.reward,
+        "--reference-model",
+        tiny_suite.reference,
+        "--performance",
+        str(performance_file),
+        "--output",
+        str(out),
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return out, args, result
+
+
+def test_rank_writes_the_contracted_outputs(rank_run, tiny_suite):
+    out, _, result = rank_run
+    ranking = pd.read_csv(out / "ranking.csv")
+    for column in (
+        "teacher",
+        "base_model",
+        "n",
+        "reward",
+        "compat_loss",
+        "car",
+        "length",
+        "ppl_self",
+        "ifd_self",
+        "ppl_ref",
+        "ifd_ref",
+        "ic_ifd_self",
+        "rank_car",
+        "rank_reward",
+        "rank_compat_loss",
+        "n_truncated",
+    ):
+        assert column in ranking.columns, column
+    assert len(ranking) == 6 and set(ranking["base_model"]) == {tiny_suite.base_small, tiny_suite.base_medium}
+    assert (ranking["n"] == 24).all()
+    np.testing.assert_allclose(ranking["car"], ranking["reward"] / (1 + 3 * ranking["compat_loss"]))
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 72 * 2
+    for column in ("id", "teacher", "base_model", "reward", "compat_loss", "logprob_norm", "n_tokens", "truncated"):
+        assert column in scores.columns
+    # the ranking is the mean of the per-example scores
+    means = scores.groupby(["teacher", "base_model"])["compat_loss"].mean()
+    for row in ranking.itertuples():
+        assert row.compat_loss == pytest.approx(means[(row.teacher, row.base_model)])
+    corr = pd.read_csv(out / "correlations.csv", index_col="metric")
+    assert list(corr.columns) == [tiny_suite.base_small, tiny_suite.base_medium, "mean"]
+    assert corr.loc["car", "mean"] == pytest.approx(corr.loc["car"].iloc[:2].mean())
+    assert "ranked by CAR" in result.stdout and "Spearman" in result.stdout
+    assert (out / "rank_config.yaml").exists() and (out / "summary.json").exists()
+
+
+def test_rank_scores_match_the_engine_called_directly(rank_run, tiny_suite, sample_rows):
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.compatibility import score_compatibility
+
+    out, _, _ = rank_run
+    scores = pd.read_parquet(out / "scores.parquet")
+    mine = scores[scores.base_model == tiny_suite.base_small].set_index(["id", "teacher"])
+    direct = score_compatibility(
+        load_model(tiny_suite.base_small, device="cpu"),
+        load_tokenizer(tiny_suite.base_small),
+        sample_rows["instruction"].tolist(),
+        sample_rows["response"].tolist(),
+        show_progress=False,
+    )
+    for (_, row), loss in zip(sample_rows.iterrows(), direct["compat_loss"]):
+        assert mine.loc[(row["id"], row["teacher"]), "compat_loss"] == pytest.approx(loss, abs=1e-6)
+
+
+def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):
+    out, args, _ = rank_run
+    before = pd.read_csv(out / "ranking.csv")
+    assert list((out / ".cache" / "compat").glob("*/window-*.parquet"))
+    assert list((out / ".cache" / "reward").glob("*/rewards.npy"))
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), before)
+
+
+def test_rank_with_reward_column_and_sample(tmp_path, tiny_suite):
+    zoo = pd.DataFrame(
+        {"uuid": [f"u{i}" for i in range(10)], "instruction": [f"Question number {i}?" for i in range(10)]}
+    )
+    for t, teacher in enumerate(("small-it", "large-it", "mid-it")):
+        zoo[teacher] = [
+            {"content": f"Answer {i} from {teacher}. " * (t + 1), "ArmoRM-Llama3-8B-v0.1": 0.1 + 0.01 * i + t}
+            for i in range(10)
+        ]
+    zoo.to_parquet(tmp_path / "zoo.parquet")
+    code = main(
+        [
+            "rank",
+            "--data",
+            str(tmp_path / "zoo.parquet"),
+            "--base-model",
+            tiny_suite.base_small,
+            "--reward-column",
+            "ArmoRM-Llama3-8B-v0.1",
+            "--sample",
+            "4",
+            "--seed",
+            "1",
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 0
+    scores = pd.read_parquet(tmp_path / "o" / "scores.parquet")
+    ids = scores.groupby("teacher")["id"].apply(lambda s: tuple(sorted(s)))
+    assert ids.nunique() == 1 and len(ids.iloc[0]) == 4
+    ranking = pd.read_csv(tmp_path / "o" / "ranking.csv")
+    assert ranking.set_index("teacher")["rank_reward"].to_dict() == {"mid-it": 1, "large-it": 2, "small-it": 3}
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_suite):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "teacher": "t", "response": ""}\n')
+    result = run_cli(
+        "rank",
+        "--data",
+        str(bad),
+        "--base-model",
+        tiny_suite.base_small,
+        "--reward-column",
+        "r",
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no reward column 'r'" in result.stderr
+    result = run_cli(
+        "rank", "--data", str(bad), "--base-model", tiny_suite.base_small, "--output", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "exactly one of --reward-model and --reward-column" in result.stderr
+
+
+def test_yaml_config_with_a_misspelt_key(tmp_path, sample_path):
+    config = tmp_path / "rank.yaml"
+    config.write_text(f"data: {sample_path}\nbase_models: [x]\nreward_colum: r\n")
+    result = run_cli("rank", "--config", str(config), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "unknown key 'reward_colum'; did you mean 'reward_column'?" in result.stderr
+
+
+def test_paradox_command(tmp_path):
+    from tests.test_paradox import table6
+
+    out = tmp_path / "pairs.csv"
+    result = run_cli("paradox", "--performance", table6(), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Qwen2-7B-Instruct" in result.stdout and "paradox pair(s) over 5 base model(s)" in result.stdout
+    assert len(pd.read_csv(out)) > 10
+
+
+def test_parser_builds():
+    assert build_parser().prog == "magpie-teach"

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from magpie_teach.chat import (
+    DEFAULT_CHAT_TEMPLATE,
+    has_generation_markers,
+    resolve_chat_template,
+    tokenize_conversation,
+    unconditioned,
+)
+from magpie_teach.modeling import load_tokenizer
+
+PLAIN_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_generation_markers_mark_content_and_end_of_turn(tiny_suite):
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    assert has_generation_markers(resolve_chat_template(tokenizer))
+    example = tokenize_conversation(tokenizer, "Why is the sky blue?", "Rayleigh scattering.")
+    marked = tokenizer.decode(example.input_ids[example.loss_mask])
+    assert marked == "Rayleigh scattering.<|im_end|>"
+    prompt = tokenizer.decode(example.input_ids[~example.loss_mask])
+    assert prompt.startswith("<|endoftext|><|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n")
+    assert example.n_response_tokens == int(example.loss_mask.sum())
+    assert not example.truncated
+
+
+def test_tokenizer_without_template_gets_the_documented_default(tiny_suite):
+    tokenizer = load_tokenizer(tiny_suite.reference)  # saved with chat_template=None
+    assert resolve_chat_template(tokenizer) == DEFAULT_CHAT_TEMPLATE
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_template_without_markers_scores_everything_after_the_generation_prompt(tiny_suite):
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    tokenizer.chat_template = PLAIN_CHATML
+    example = tokenize_conversation(tokenizer, "Name a prime.", "Seven.")
+    # independent reference: everything rendered after the generation prompt
+    assert tokenizer.decode(example.input_ids[example.loss_mask]) == "Seven.<|im_end|>\n"
+
+
+def test_truncation_is_reported(tiny_suite):
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    full = tokenize_conversation(tokenizer, "Explain recursion.", "A function that calls itself " * 20)
+    cut = tokenize_conversation(tokenizer, "Explain recursion.", "A function that calls itself " * 20, max_length=30)
+    assert cut.truncated and not full.truncated
+    assert len(cut.input_ids) == 30
+    assert cut.n_response_tokens == full.n_response_tokens
+    assert cut.loss_mask.sum() < full.loss_mask.sum()
+    np.testing.assert_array_equal(cut.input_ids, full.input_ids[:30])
+
+
+def test_unconditioned_scores_every_token_after_the_start_token():
+    example = unconditioned(np.array([5, 6, 7]), start_id=1)
+    assert example.input_ids.tolist() == [1, 5, 6, 7]
+    assert example.loss_mask.tolist() == [False, True, True, True]
+
+
+def test_template_that_does_not_prefix_the_prompt_is_an_error(tiny_suite):
+    from magpie_teach.errors import ConfigError
+
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    )
+    with pytest.raises(ConfigError, match="prefix"):
+        tokenize_conversation(tokenizer, "a", "b")
