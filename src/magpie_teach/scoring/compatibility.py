@@ -10,9 +10,14 @@ instruction tokens are context only. The unconditioned loss L(y) scores the same
 with only BOS as context (for IFD), and L(x) the instruction's tokens likewise (for IC-IFD).
 
 The engine sorts each window of examples by length, packs them into token-budgeted right-padded
-batches, runs the model's backbone once per batch and applies the output layer only at the
-positions that predict a response token, in chunks, in fp32. Right padding under a causal mask
-leaves every real position unchanged, so results do not depend on batch size or order.
+batches (at most 5% padding each), runs the model's backbone once per batch and applies the output
+layer only at the positions that predict a response token, in chunks, in fp32.
+
+Masking: padding sits only at the right, so under the causal mask no real position can attend to
+a padding position, and position ids count from 0 as for the unpadded sequence. Real positions
+therefore compute exactly what they would alone; padding positions are never scored. No padding
+mask is passed to the model, which keeps its fused causal attention kernel (a padding mask makes
+SDPA fall back to a materialised mask on CPU). Results do not depend on batch size or order.
 """
 
 import hashlib
@@ -100,26 +105,23 @@ class TokenNLLScorer:
         torch = self.torch
         width = max(len(e.input_ids) for e in examples)
         ids = np.full((len(examples), width), self.pad_token_id, dtype=np.int64)
-        attention = np.zeros((len(examples), width), dtype=np.int64)
         labels = np.zeros((len(examples), width), dtype=bool)
         for row, example in enumerate(examples):
             n = len(example.input_ids)
             ids[row, :n] = example.input_ids
-            attention[row, :n] = 1
             labels[row, :n] = example.loss_mask
         self.padded_tokens += ids.size
-        self.real_tokens += int(attention.sum())
+        self.real_tokens += sum(len(e.input_ids) for e in examples)
         input_ids = torch.from_numpy(ids).to(self.device)
-        attention_mask = torch.from_numpy(attention).to(self.device)
         target_mask = torch.from_numpy(labels[:, 1:]).to(self.device)  # token t is predicted at position t-1
         targets = input_ids[:, 1:][target_mask]
         rows = torch.arange(len(examples), device=self.device).unsqueeze(1).expand_as(target_mask)[target_mask]
         if self._fast:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # causal: see the module docstring
             hidden = hidden[:, :-1][target_mask]
             logits_at = self._head_logits
         else:
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][target_mask]
+            hidden = self.model(input_ids=input_ids).logits[:, :-1][target_mask]
             logits_at = lambda h: h.float()  # noqa: E731
         nll = torch.empty(len(targets), dtype=torch.float32, device=self.device)
         for start in range(0, len(targets), self.logits_chunk):

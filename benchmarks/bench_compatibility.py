@@ -1,0 +1,224 @@
+"""Benchmark of compatibility scoring (not a test): the engine against a naive per-example loop, in one run.
+
+Prints tokens/s of both, their ratio, achieved FLOP/s against this machine's dense matmul FLOP/s
+measured in the same run, the padding share, and peak memory on 2K vs 20K examples.
+
+    python benchmarks/bench_compatibility.py [--examples 160] [--device cpu]
+
+Model: a randomly initialised Llama, by default of 42M parameters (hidden 512, 8 layers, vocabulary 16,384),
+responses of 20 to 1,000 tokens (log-uniform), built offline. FLOPs are counted as 2 x parameters x
+tokens (the nominal figure) and as the matmul work actually done (the engine applies the output
+layer only at response positions, the naive loop everywhere).
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def matmul_flops(device: str, n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_texts(tokenizer, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Instructions and responses of real words, response lengths log-uniform in [20, 1000] tokens."""
+    from magpie_teach.tiny import shipped_texts
+
+    words = " ".join(shipped_texts()).split()
+    rng = np.random.default_rng(seed)
+    instructions, responses = [], []
+    for _ in range(n):
+        target = int(math.exp(rng.uniform(math.log(20), math.log(1000))))
+        start = int(rng.integers(0, len(words)))
+        chunk = []
+        while len(chunk) < target:  # about 1 token per word with the tiny tokenizer; trimmed below
+            chunk += words[start : start + target]
+            start = 0
+        ids = tokenizer(" ".join(chunk), add_special_tokens=False)["input_ids"][:target]
+        responses.append(tokenizer.decode(ids))
+        begin = int(rng.integers(0, len(words) - 30))
+        instructions.append(" ".join(words[begin : begin + int(rng.integers(5, 30))]) + "?")
+    return instructions, responses
+
+
+def build_model(tokenizer, hidden: int, layers: int, vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64, intermediate_size=int(hidden * 2.6875), max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def naive_loop(model, examples, device: str) -> float:
+    """Batch 1, full logits at every position, then the loss over the response tokens."""
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for example in examples:
+            ids = torch.from_numpy(example.input_ids).to(device)[None]
+            mask = torch.from_numpy(example.loss_mask[1:]).to(device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits[mask], ids[0, 1:][mask])
+            nll.item()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would count the parent's peak before exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(n: int) -> None:
+    """Runs in a subprocess: score n examples with a small model, print peak RSS (MB) after load and at the end."""
+    from magpie_teach.chat import prepare_tokenizer
+    from magpie_teach.scoring.compatibility import score_compatibility
+    from magpie_teach.tiny import build_tiny_causal_lm, build_tiny_tokenizer
+
+    tokenizer = prepare_tokenizer(build_tiny_tokenizer())
+    model = build_tiny_causal_lm(tokenizer, "xs").eval()
+    instructions, responses = make_texts(tokenizer, n, seed=1)
+    loaded = peak_rss_mb()
+    score_compatibility(model, tokenizer, instructions, responses, show_progress=False)
+    peak = peak_rss_mb()
+    print(json.dumps({"after_inputs_mb": loaded, "peak_mb": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=160)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="default: 8192 on CPU, 65536 on GPU")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=16384, help="e.g. 151936 (Qwen2) to see the output layer's share")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+
+    from magpie_teach.chat import prepare_tokenizer, tokenize_conversation
+    from magpie_teach.scoring.compatibility import score_compatibility
+    from magpie_teach.tiny import build_tiny_tokenizer
+
+    device = args.device
+    batch_tokens = args.batch_tokens or (65536 if device.startswith("cuda") else 8192)
+    tokenizer = prepare_tokenizer(build_tiny_tokenizer())
+    model = build_model(tokenizer, args.hidden, args.layers, args.vocab).to(device, getattr(torch, args.dtype))
+    params = model.num_parameters()
+    head = model.get_output_embeddings().weight.numel()
+    embed = model.get_input_embeddings().weight.numel()
+    body = params - head - embed
+    instructions, responses = make_texts(tokenizer, args.examples, seed=0)
+    examples = [tokenize_conversation(tokenizer, x, y) for x, y in zip(instructions, responses)]
+    tokens = sum(len(e.input_ids) for e in examples)
+    scored = sum(int(e.loss_mask.sum()) for e in examples)
+    lengths = [e.n_response_tokens for e in examples]
+    print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, model {params / 1e6:.1f}M parameters "
+          f"({body / 1e6:.1f}M in the blocks, output layer {head / 1e6:.1f}M)")  # fmt: skip
+    print(
+        f"{len(examples)} examples, {tokens} tokens ({scored} response tokens, {min(lengths)}-{max(lengths)} per response)"
+    )
+
+    peak = matmul_flops(device)
+    print(f"dense matmul (1024x1024 fp32): {peak / 1e9:.1f} GFLOP/s")
+
+    ids = torch.randint(0, 512, (1, 256), device=device)
+    with torch.inference_mode():
+        model(input_ids=ids)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            model(input_ids=ids).logits.sum().item()
+        forward = (time.perf_counter() - start) / 5
+    print(f"plain forward, batch 1, length 256: {2 * params * 256 / forward / peak:.0%} of matmul")
+
+    # warm-up of both paths on a few examples
+    naive_loop(model, examples[:3], device)
+    score_compatibility(
+        model, tokenizer, instructions[:3], responses[:3], unconditioned_loss=False, show_progress=False
+    )
+
+    naive_s = naive_loop(model, examples, device)
+    sync(device)
+    start = time.perf_counter()
+    out = score_compatibility(
+        model,
+        tokenizer,
+        instructions,
+        responses,
+        unconditioned_loss=False,
+        batch_tokens=batch_tokens,
+        show_progress=False,
+    )
+    sync(device)
+    engine_s = time.perf_counter() - start
+    padding = out.attrs["padding_fraction"]
+
+    nominal = 2 * params * tokens
+    engine_work = 2 * body * tokens / (1 - padding) + 2 * head * scored
+    naive_work = 2 * (body + head) * tokens
+    print()
+    print(
+        f"{'':28s}{'tokens/s':>10s}{'nominal FLOP/s':>16s}{'of matmul':>11s}{'actual FLOP/s':>15s}{'of matmul':>11s}"
+    )
+    for name, seconds, work in (
+        ("naive loop (batch 1)", naive_s, naive_work),
+        ("engine (end to end)", engine_s, engine_work),
+    ):
+        print(f"{name:28s}{tokens / seconds:10.0f}{nominal / seconds / 1e9:13.1f} G {nominal / seconds / peak:10.0%}"
+              f"{work / seconds / 1e9:12.1f} G {work / seconds / peak:10.0%}")  # fmt: skip
+    print(f"engine / naive speed: {naive_s / engine_s:.2f}x; padding {padding:.1%} of computed tokens; "
+          f"logits at {scored / tokens:.0%} of positions")  # fmt: skip
+
+    if not args.skip_memory:
+        print()
+        results = {}
+        for n in (2000, 20000):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True, check=True
+            )
+            results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"memory, {n:6d} examples (tiny xs model): peak RSS {results[n]['peak_mb']:.0f} MB "
+                  f"(inputs and model loaded: {results[n]['after_inputs_mb']:.0f} MB)")  # fmt: skip
+        print(f"peak memory 20K / 2K: {results[20000]['peak_mb'] / results[2000]['peak_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tempfile.tempdir = tempfile.gettempdir()
+    main()
