@@ -86,6 +86,46 @@ def run_paradox(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_select(args: argparse.Namespace) -> int:
+    from magpie_teach.config import build_config
+    from magpie_teach.selection.select import SelectConfig, select
+
+    result = select(build_config(SelectConfig, _values(args, SelectConfig), args.config))
+    summary = result.summary
+    print(f"selected {summary['rows_out']} rows ({summary['strategy']}) for base model {summary['base_model']}")
+    for teacher, count in summary["rows_per_teacher"].items():
+        print(f"  {teacher}: {count}")
+    if summary["dropped_by_reason"]:
+        print(f"dropped by filters: {summary['dropped_by_reason']}")
+    print(f"wrote {result.output_dir} (load with datasets.load_dataset({str(result.output_dir)!r}))")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from magpie_teach.training.sft import parse_recipe, train
+
+    result = train(*parse_recipe(args.recipe, args.overrides))
+    seconds = max(result.train_runtime, 1e-9)
+    print(f"trained on {result.train_tokens} tokens in {seconds:.1f}s ({result.train_tokens / seconds:.0f} tokens/s)")
+    print(f"saved {result.output_dir} (data revision {result.dataset_revision})")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from magpie_teach.config import build_config
+    from magpie_teach.training.validate import ValidateConfig, validate
+
+    result = validate(build_config(ValidateConfig, _values(args, ValidateConfig), args.config))
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
+        print(result.students.drop(columns=["student"], errors="ignore").to_string(index=False))
+        print("\nSpearman rho of each metric with the students' scores:")
+        print(result.correlations.to_string())
+    print(f"wrote {result.output_dir}/correlations.csv")
+    return 0
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     from magpie_teach.tiny import build_tiny_suite
 
@@ -165,6 +205,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="also write the pairs to this CSV")
     p.set_defaults(func=run_paradox)
+
+    from magpie_teach.selection.select import SelectConfig
+    from magpie_teach.training.validate import ValidateConfig
+
+    p = sub.add_parser(
+        "select",
+        help="build an SFT data set (messages) from scores",
+        description="Build an SFT data set with a `messages` column from `rank` scores: a whole teacher (best by CAR or any metric), or per instruction best-of-N by reward, GRAPE, or a reward-compatibility mix. Filters drop (and count) failed, truncated, low-reward or long responses.",
+    )
+    p.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(p, SelectConfig)
+    p.set_defaults(func=run_select)
+
+    p = sub.add_parser(
+        "train",
+        help="SFT with TRL from a recipe",
+        description="Fine-tune with TRL's SFTTrainer from a YAML recipe (keys of DataArguments, TRL's SFTConfig and ModelConfig); `--key value` flags after the recipe override it. Runs unchanged under `accelerate launch -m magpie_teach.cli train ...`; resumes from the last checkpoint in output_dir.",
+        epilog="example:\n  magpie-teach train recipes/Qwen2.5-3B/sft/config_magpie.yaml --dataset_name runs/sft-data --output_dir runs/student",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny/sft/config_cpu.yaml")
+    p.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="--key value pairs overriding the recipe (e.g. --max_steps 20 --output_dir runs/x)",
+    )
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser(
+        "validate",
+        help="check CAR against real fine-tunes on your setup",
+        description="Fine-tune one student per teacher with a small budget, score the students on held-out instructions (reward model by default, or imported benchmark results), and report Spearman rho of each metric's ranking against the students' ranking.",
+    )
+    p.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(p, ValidateConfig)
+    p.set_defaults(func=run_validate)
 
     p = sub.add_parser(
         "tiny",

@@ -1,0 +1,215 @@
+"""`magpie-teach select`: build an SFT data set (a `messages` column, TRL's conversational format) from scores.
+
+Strategies (one row per instruction in the output):
+
+* ``teacher``: every response of one teacher: ``--teacher NAME``, or the best teacher for the base
+  model by ``--metric`` (default ``car``) as ``rank`` computes it;
+* ``best-of-n``: per instruction, the response with the highest reward (the paper's rejection sampling);
+* ``grape``: per instruction, the highest length-normalised log-probability under the student
+  (``logprob_norm`` = -compat_loss; Zhang et al., "The Best Instruction-Tuning Data are Those That Fit");
+* ``mix``: per instruction, the highest (1 - a) * r_norm + a * logprob_norm, where r_norm is the
+  reward min-max normalised over the candidate responses (a = ``--alpha``, 0.4 by default; PerSyn).
+
+Filters, applied first, each counted and kept with its reason: failed responses (a ``status``
+column other than ``ok``), truncated responses (``--keep-truncated`` keeps them), ``--min-reward``,
+``--max-tokens`` (response tokens under the base model).
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("teacher", "best-of-n", "grape", "mix")
+DATA_FILE = "data/train-00000-of-00001.parquet"
+
+
+@dataclass
+class SelectConfig:
+    scores: str = field(metadata={"help": "A `rank` output folder or its scores.parquet."})
+    output_dir: str = field(
+        metadata={
+            "help": "Where the SFT data set is written (loadable with datasets.load_dataset).",
+            "flag": "--output",
+        }
+    )
+    strategy: str = field(
+        default="teacher", metadata={"help": "teacher, best-of-n, grape or mix.", "choices": list(STRATEGIES)}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "Base model whose scores are used (needed when the scores hold several)."}
+    )
+    teacher: str | None = field(
+        default=None, metadata={"help": "With --strategy teacher: this teacher instead of the best by --metric."}
+    )
+    metric: str = field(
+        default="car", metadata={"help": "With --strategy teacher: the metric that picks the best teacher."}
+    )
+    alpha: float = field(default=0.4, metadata={"help": "With --strategy mix: weight of the student log-likelihood."})
+    beta: float = field(default=3.0, metadata={"help": "CAR's beta, when --metric car picks the teacher."})
+    reward_shift: str = field(default="none", metadata={"help": "CAR's reward shift: none, auto or a number."})
+    keep_truncated: bool = field(default=False, metadata={"help": "Keep responses cut at the scoring max length."})
+    min_reward: float | None = field(default=None, metadata={"help": "Drop responses with a lower reward."})
+    max_tokens: int | None = field(
+        default=None, metadata={"help": "Drop responses longer than this many base-model tokens."}
+    )
+    exclude_ids: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Instruction ids to leave out (e.g. held out for evaluation); repeat.",
+            "flag": "--exclude-id",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class SelectResult:
+    dataset: pd.DataFrame
+    dropped: pd.DataFrame
+    summary: dict
+    output_dir: Path
+
+
+def load_scores(path: str, base_model: str | None) -> pd.DataFrame:
+    """Per-example scores of one base model from a `rank` output folder or a scores parquet."""
+    file = Path(path) / "scores.parquet" if Path(path).is_dir() else Path(path)
+    if not file.exists():
+        raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
+    scores = pd.read_parquet(file)
+    missing = [
+        c
+        for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
+        if c not in scores.columns
+    ]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing}.")
+    bases = list(dict.fromkeys(scores["base_model"]))
+    if base_model is None:
+        if len(bases) > 1:
+            raise ConfigError(f"{file} holds scores for several base models; choose one with --base-model: {bases}")
+        base_model = bases[0]
+    if base_model not in bases:
+        short = [b for b in bases if b.rstrip("/").split("/")[-1] == base_model.rstrip("/").split("/")[-1]]
+        if len(short) != 1:
+            raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
+        base_model = short[0]
+    return scores[scores["base_model"] == base_model].reset_index(drop=True)
+
+
+def _filter(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    reasons = pd.Series(None, index=scores.index, dtype=object)
+    checks = []
+    if "status" in scores.columns:
+        checks.append(("failed", scores["status"].fillna("failed") != "ok"))
+    if not config.keep_truncated and "truncated" in scores.columns:
+        checks.append(("truncated", scores["truncated"].astype(bool)))
+    if config.min_reward is not None:
+        checks.append(("reward_below_min", scores["reward"] < config.min_reward))
+    if config.max_tokens is not None and "n_tokens_full" in scores.columns:
+        checks.append(("too_long", scores["n_tokens_full"] > config.max_tokens))
+    if config.exclude_ids:
+        checks.append(("excluded_id", scores["id"].isin(config.exclude_ids)))
+    for reason, mask in checks:
+        reasons[mask & reasons.isna()] = reason
+    dropped = scores[reasons.notna()].assign(reason=reasons[reasons.notna()])
+    return scores[reasons.isna()], dropped
+
+
+def _best_teacher(scores: pd.DataFrame, config: SelectConfig) -> tuple[str, float]:
+    from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, aggregate
+
+    if config.metric not in METRIC_DIRECTIONS:
+        raise ConfigError(f"--metric {config.metric!r} is not one of {', '.join(METRIC_DIRECTIONS)}")
+    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    if config.metric not in ranking.columns:
+        raise ConfigError(f"--metric {config.metric!r} is not in these scores (columns: {list(ranking.columns)})")
+    best = ranking.sort_values(f"rank_{config.metric}").iloc[0]
+    return str(best["teacher"]), float(best[config.metric])
+
+
+def select_responses(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Applies the filters then the strategy to one base model's scores; returns (selected, dropped)."""
+    kept, dropped = _filter(scores, config)
+    if kept.empty:
+        raise DataError(f"every response was filtered out ({dropped['reason'].value_counts().to_dict()})")
+    if config.strategy == "teacher":
+        if config.teacher is not None:
+            if config.teacher not in set(scores["teacher"]):
+                raise ConfigError(
+                    f"--teacher {config.teacher!r} is not in the scores: {sorted(scores['teacher'].unique())}"
+                )
+            teacher, metric, value = config.teacher, "teacher", np.nan
+        else:
+            teacher, value = _best_teacher(scores, config)
+            metric = config.metric
+        chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
+    else:
+        if config.strategy == "best-of-n":
+            metric, score = "reward", kept["reward"]
+        elif config.strategy == "grape":
+            metric, score = "logprob_norm", -kept["compat_loss"]
+        else:
+            low, high = kept["reward"].min(), kept["reward"].max()
+            normalised = (kept["reward"] - low) / (high - low) if high > low else kept["reward"] * 0.0
+            metric, score = (
+                f"mix(alpha={config.alpha:g})",
+                (1 - config.alpha) * normalised + config.alpha * -kept["compat_loss"],
+            )
+        ranked = kept.assign(selection_metric=metric, selection_score=score.to_numpy())
+        # highest score per instruction; ties go to the teacher name that sorts first, so reruns agree
+        ranked = ranked.sort_values(["id", "selection_score", "teacher"], ascending=[True, False, True])
+        chosen = ranked.drop_duplicates("id", keep="first")
+    chosen = chosen.sort_values("id").reset_index(drop=True)
+    return chosen, dropped
+
+
+def select(config: SelectConfig) -> SelectResult:
+    """Selects responses and writes ``OUTPUT/data/train-00000-of-00001.parquet`` with a ``messages``
+    column, provenance columns (teacher, selection_metric, selection_score, reward, compat_loss), a
+    README.md whose front matter declares the data files, ``selection_summary.json``, the rows dropped
+    by filters (``dropped.parquet``) and the resolved ``select_config.yaml``."""
+    from magpie_teach.chat import build_messages
+    from magpie_teach.config import dump_config
+    from magpie_teach.data import write_atomic
+
+    scores = load_scores(config.scores, config.base_model)
+    chosen, dropped = select_responses(scores, config)
+    keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
+    dataset = chosen[keep].copy()
+    dataset.insert(0, "messages", [build_messages(x, y) for x, y in zip(chosen["instruction"], chosen["response"])])
+    summary = {
+        "strategy": config.strategy,
+        "base_model": str(scores["base_model"].iloc[0]),
+        "instructions_in": int(scores["id"].nunique()),
+        "responses_in": len(scores),
+        "rows_out": len(dataset),
+        "rows_per_teacher": {str(k): int(v) for k, v in dataset["teacher"].value_counts().sort_index().items()},
+        "dropped_by_reason": {str(k): int(v) for k, v in dropped["reason"].value_counts().items()},
+    }
+    out = Path(config.output_dir)
+    write_atomic(out / DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
+    readme = (
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        "tags:\n- magpie-teach\n- synthetic\n---\n\n"
+        f"SFT data selected by magpie-teach (`{config.strategy}`) for base model `{summary['base_model']}`.\n"
+    )
+    write_atomic(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
+    write_atomic(out / "selection_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if len(dropped):
+        columns = ["id", "teacher", "reason", "reward", "compat_loss"]
+        write_atomic(out / "dropped.parquet", lambda tmp: dropped[columns].to_parquet(tmp, index=False))
+    dump_config(config, out / "select_config.yaml")
+    return SelectResult(dataset, dropped, summary, out)

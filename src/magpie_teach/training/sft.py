@@ -1,0 +1,189 @@
+"""`magpie-teach train RECIPE [--key value ...]`: SFT with TRL's ``SFTTrainer`` from a YAML recipe.
+
+A recipe is a flat YAML file of ``DataArguments``, TRL's ``SFTConfig`` and ``ModelConfig`` keys (as
+in TRL's and alignment-handbook's recipes); flags override it. An unknown key, a data set without a
+``messages`` column, or ``assistant_only_loss`` with a chat template that has no ``{% generation %}``
+markers each stop before training with an error naming the problem.
+
+The chat template is decided by :func:`magpie_teach.chat.prepare_tokenizer`, the same function the
+compatibility loss uses, so training computes its loss on exactly the tokens that were scored:
+
+* ``assistant_only_loss: true`` (the template must have ``{% generation %}``): ``messages``, loss on
+  the marked tokens, exactly those the compatibility loss averages over;
+* ``assistant_only_loss: false``: the conversations become TRL's prompt-completion format, loss on
+  the tokens after the generation prompt, exactly those scored for a template without markers.
+  Either way the loss never covers the instruction.
+
+Runs unchanged under ``accelerate launch`` (DDP, DeepSpeed ZeRO-3 via ``recipes/accelerate_configs``).
+A run resumes from the last checkpoint in ``output_dir`` when there is one.
+"""
+
+import difflib
+import hashlib
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from magpie_teach.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="",
+        metadata={"help": "SFT data: a local folder (e.g. `magpie-teach select` output) or a Hub data set id."},
+    )
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Revision of a Hub data set (branch, tag or commit)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    train_tokens: int
+    train_runtime: float
+    metrics: dict = field(default_factory=dict)
+    dataset_revision: str | None = None
+
+
+def _argument_classes() -> tuple[type, ...]:
+    from trl import ModelConfig, SFTConfig
+
+    return (DataArguments, SFTConfig, ModelConfig)
+
+
+def _unknown(keys: list[str], where: str) -> ConfigError:
+    known = [f.name for cls in _argument_classes() for f in fields(cls)]
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"{where}: unknown key(s) {', '.join(parts)}")
+
+
+def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, Any, Any]:
+    """(DataArguments, SFTConfig, ModelConfig) from a recipe file and ``--key value`` overrides."""
+    import yaml
+    from trl import TrlParser
+
+    try:
+        values = yaml.safe_load(Path(recipe).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{recipe}: could not be read: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{recipe}: expected a mapping of keys to values.")
+    known = {f.name for cls in _argument_classes() for f in fields(cls)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise _unknown(unknown, recipe)
+    parser = TrlParser(_argument_classes())
+    parser.set_defaults_with_config(**values)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides or []), return_remaining_strings=True)
+    if remaining:
+        raise _unknown(
+            [r.lstrip("-").split("=")[0] for r in remaining if r.startswith("--")] or remaining, "command line"
+        )
+    data_args, training_args, model_args = parsed
+    if not data_args.dataset_name:
+        raise ConfigError(f"{recipe}: no dataset_name; set it in the recipe or with --dataset_name")
+    if not model_args.model_name_or_path:
+        raise ConfigError(f"{recipe}: no model_name_or_path; set it in the recipe or with --model_name_or_path")
+    return data_args, training_args, model_args
+
+
+def load_sft_dataset(data_args: DataArguments) -> tuple[Any, str | None]:
+    """The training split and a revision that pins it: the Hub commit id, or a content hash for a local folder."""
+    import datasets
+
+    path = Path(data_args.dataset_name)
+    if path.exists():
+        if data_args.dataset_revision:  # datasets ignores a revision for local folders: refuse rather than mislead
+            raise ConfigError(f"{path}: dataset_revision is for Hub data sets; a local folder has no revisions.")
+        files = sorted(p for p in path.rglob("*.parquet") if ".cache" not in p.parts)
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in files)).hexdigest()[:12] if files else None
+        dataset = datasets.load_dataset(str(path), split=data_args.dataset_split)
+        revision = f"sha1:{digest}" if digest else None
+    else:
+        from huggingface_hub import HfApi
+
+        revision = HfApi().dataset_info(data_args.dataset_name, revision=data_args.dataset_revision).sha
+        dataset = datasets.load_dataset(data_args.dataset_name, revision=revision, split=data_args.dataset_split)
+    if "messages" not in dataset.column_names:
+        raise DataError(
+            f"{data_args.dataset_name}: no 'messages' column (columns: {dataset.column_names}); build one with `magpie-teach select`."
+        )
+    return dataset, revision
+
+
+def _to_prompt_completion(dataset: Any) -> Any:
+    def split(example: dict) -> dict:
+        messages = example["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return {"prompt": messages[:last], "completion": messages[last : last + 1]}
+
+    return dataset.map(split, remove_columns=dataset.column_names)
+
+
+def _write_model_card(trainer: Any, output_dir: Path, data_args: DataArguments, revision: str | None) -> None:
+    if not trainer.is_world_process_zero():
+        return
+    trainer.create_model_card(
+        model_name=output_dir.name, dataset_name=data_args.dataset_name, tags=["magpie-teach", "sft"]
+    )
+    card = output_dir / "README.md"
+    text = card.read_text() if card.exists() else ""
+    text += (
+        "\n## Training data (magpie-teach)\n\n"
+        f"- data set: `{data_args.dataset_name}`\n- revision: `{revision or 'unknown'}`\n- split: `{data_args.dataset_split}`\n"
+    )
+    card.write_text(text)
+
+
+def train(data_args: DataArguments, training_args: Any, model_args: Any) -> TrainResult:
+    """Runs SFT. Returns where the model was saved and the number of training tokens seen."""
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    from magpie_teach.chat import has_generation_markers
+    from magpie_teach.modeling import load_tokenizer
+
+    dataset, revision = load_sft_dataset(data_args)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    markers = has_generation_markers(tokenizer.chat_template)
+    if training_args.assistant_only_loss and not markers:
+        raise ConfigError(
+            f"{model_args.model_name_or_path}: assistant_only_loss needs a chat template with {{% generation %}} markers, "
+            "and this one has none; set assistant_only_loss: false to train on the tokens after the generation "
+            "prompt (what the compatibility loss scores for this template)."
+        )
+    if not training_args.assistant_only_loss:
+        dataset = _to_prompt_completion(dataset)
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "dtype": model_args.dtype,
+        "attn_implementation": model_args.attn_implementation,
+        **(training_args.model_init_kwargs or {}),
+    }
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and output_dir.is_dir():
+        resume = get_last_checkpoint(str(output_dir))
+        if resume:
+            logger.warning("Resuming from %s", resume)
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path, args=training_args, train_dataset=dataset, processing_class=tokenizer
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output_dir))
+    _write_model_card(trainer, output_dir, data_args, revision)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return TrainResult(
+        output_dir, tokens, float(result.metrics.get("train_runtime", 0.0)), dict(result.metrics), revision
+    )

@@ -1,0 +1,186 @@
+"""`magpie-teach validate`: does CAR rank teachers the way fine-tuning does, on your own setup?
+
+For one base model and its scored teachers: hold out some instructions, fine-tune one student per
+teacher on that teacher's responses to the rest (a small budget, from a recipe), let every student
+answer the same held-out instructions, score the answers (by default the reward model's mean
+score of the students' generations), and report Spearman rho between each metric's teacher
+ranking and the students' ranking, exactly as ``rank --performance`` does.
+
+With ``--performance FILE`` (imported benchmark results, e.g. AlpacaEval 2 / Arena-Hard per
+teacher and base model) the fine-tuning loop is skipped and those numbers are the students' scores.
+
+Every stage keeps its output under ``OUTPUT``, so a rerun resumes: finished students are not
+trained again, finished generations not regenerated.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidateConfig:
+    scores: str = field(metadata={"help": "A `rank` output folder or its scores.parquet."})
+    output_dir: str = field(
+        metadata={"help": "Where students, generations and correlations are written.", "flag": "--output"}
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "The base model to fine-tune (needed when the scores hold several)."}
+    )
+    recipe: str = field(
+        default="recipes/tiny/sft/config_cpu.yaml",
+        metadata={"help": "SFT recipe for each student (its model and data are set here)."},
+    )
+    recipe_overrides: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Recipe override as key=value (e.g. max_steps=20); repeat.", "flag": "--set"},
+    )
+    teachers: list[str] = field(
+        default_factory=list, metadata={"help": "Teachers to validate; repeat (default: all).", "flag": "--teacher"}
+    )
+    eval_size: int = field(
+        default=8, metadata={"help": "Instructions held out from training and answered by every student."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out draw."})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward model that scores the students' answers."}
+    )
+    performance: str | None = field(
+        default=None,
+        metadata={
+            "help": "Imported benchmark results instead of fine-tuning (teacher, base_model, benchmark columns)."
+        },
+    )
+    performance_columns: list[str] = field(
+        default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"],
+        metadata={"help": "Columns averaged into AP; repeat.", "flag": "--performance-column"},
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the students' answers (greedy)."})
+    beta: float = field(default=3.0, metadata={"help": "CAR's beta."})
+    reward_shift: str = field(default="none", metadata={"help": "CAR's reward shift: none, auto or a number."})
+    device: str = field(default="auto", metadata={"help": "Device for generation and reward scoring."})
+
+    def __post_init__(self) -> None:
+        if self.performance is None and self.reward_model is None:
+            raise ConfigError(
+                "give --reward-model (to score the students' answers) or --performance (imported results)"
+            )
+        if self.eval_size < 1:
+            raise ConfigError(f"--eval-size must be >= 1, got {self.eval_size}")
+
+
+@dataclass
+class ValidateResult:
+    students: pd.DataFrame
+    correlations: pd.DataFrame
+    output_dir: Path
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+
+
+def generate_answers(model_path: str, instructions: list[str], max_new_tokens: int, device: str) -> list[str]:
+    """Greedy answers of a (fine-tuned) model, rendered with its chat template."""
+    import torch
+
+    from magpie_teach.chat import build_messages
+    from magpie_teach.modeling import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, "causal-lm", device=device)
+    answers = []
+    for instruction in instructions:
+        ids = tokenizer.apply_chat_template(
+            build_messages(instruction), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = {k: v.to(model.device) for k, v in ids.items()}
+        with torch.inference_mode():
+            out = model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: list[str], out: Path) -> Path:
+    from magpie_teach.selection.select import SelectConfig, select
+    from magpie_teach.training.sft import parse_recipe, train
+
+    student = out / "students" / _slug(teacher)
+    if (student / "config.json").exists() and (student / "model.safetensors").exists():
+        return student
+    data = out / "data" / _slug(teacher)
+    select(
+        SelectConfig(scores=config.scores, output_dir=str(data), base_model=base, teacher=teacher, exclude_ids=heldout)
+    )
+    overrides = []
+    for item in config.recipe_overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        overrides += [f"--{key}", value]
+    overrides += ["--model_name_or_path", base, "--dataset_name", str(data), "--output_dir", str(student)]
+    train(*parse_recipe(config.recipe, overrides))
+    return student
+
+
+def validate(config: ValidateConfig) -> ValidateResult:
+    """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
+    from magpie_teach.data import write_atomic
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
+    from magpie_teach.scoring.reward import score_reward
+    from magpie_teach.selection.select import load_scores
+
+    out = Path(config.output_dir)
+    scores = load_scores(config.scores, config.base_model)
+    base = str(scores["base_model"].iloc[0])
+    teachers = config.teachers or sorted(scores["teacher"].unique())
+    unknown = sorted(set(teachers) - set(scores["teacher"]))
+    if unknown:
+        raise ConfigError(f"teacher(s) {unknown} are not in {config.scores}")
+    if len(teachers) < 3:
+        raise ConfigError(f"a rank correlation needs at least 3 teachers, got {teachers}")
+    scores = scores[scores["teacher"].isin(teachers)]
+    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+
+    if config.performance:
+        performance = load_performance(config.performance, config.performance_columns)
+        students = performance[["teacher", "base_model", "ap"]]
+    else:
+        ids = np.array(sorted(scores["id"].unique()))
+        if config.eval_size >= len(ids):
+            raise ConfigError(f"--eval-size {config.eval_size} leaves no training data ({len(ids)} instructions)")
+        heldout = sorted(np.random.default_rng(config.seed).choice(ids, size=config.eval_size, replace=False).tolist())
+        prompts = scores.drop_duplicates("id").set_index("id").loc[heldout, "instruction"].tolist()
+        rows = []
+        for teacher in teachers:
+            student = _train_student(config, teacher, base, heldout, out)
+            path = out / "generations" / f"{_slug(teacher)}.parquet"
+            if path.exists():
+                answers = pd.read_parquet(path)["response"].tolist()
+            else:
+                answers = generate_answers(str(student), prompts, config.max_new_tokens, config.device)
+                frame = pd.DataFrame({"id": heldout, "instruction": prompts, "teacher": teacher, "response": answers})
+                write_atomic(path, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
+            rows.append({"teacher": teacher, "base_model": base, "student": str(student), "answers": answers})
+        tokenizer = load_tokenizer(config.reward_model)
+        model = load_model(config.reward_model, "reward", device=config.device)
+        for row in rows:
+            answers = [a if a.strip() else "(empty)" for a in row.pop("answers")]
+            rewards, _ = score_reward(model, tokenizer, prompts, answers, show_progress=False)
+            row["ap"] = float(np.mean(rewards))
+        students = pd.DataFrame(rows)
+    corr = correlations(ranking, students)
+    write_atomic(out / "students.csv", lambda tmp: students.to_csv(tmp, index=False))
+    write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
+    write_atomic(out / "ranking.csv", lambda tmp: ranking.to_csv(tmp, index=False))
+    return ValidateResult(students, corr, out)
