@@ -9,7 +9,7 @@ import pytest
 
 from magpie_teach.cli import build_parser, main
 
-SUBCOMMANDS = ["rank", "paradox", "tiny", "demo"]
+SUBCOMMANDS = ["rank", "paradox", "select", "train", "validate", "tiny", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -145,6 +145,19 @@ def test_rank_scores_match_the_engine_called_directly(rank_run, tiny_suite, samp
     )
     for (_, row), loss in zip(sample_rows.iterrows(), direct["compat_loss"]):
         assert mine.loc[(row["id"], row["teacher"]), "compat_loss"] == pytest.approx(loss, abs=1e-6)
+
+
+def test_select_command_on_rank_output(rank_run, tmp_path):
+    out, _, _ = rank_run
+    result = run_cli("select", "--scores", str(out), "--base-model", "tiny-llama-s", "--strategy", "best-of-n",
+                     "--output", str(tmp_path / "sft"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "selected 24 rows (best-of-n)" in result.stdout
+    data = pd.read_parquet(tmp_path / "sft" / "data" / "train-00000-of-00001.parquet")
+    scores = pd.read_parquet(out / "scores.parquet")
+    scores = scores[scores.base_model.str.endswith("tiny-llama-s")]
+    best = scores.loc[scores.groupby("id")["reward"].idxmax()].set_index("id")["teacher"]
+    assert data.set_index("id")["teacher"].to_dict() == best.to_dict()
 
 
 def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):

@@ -66,10 +66,31 @@ def _unknown(keys: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key(s) {', '.join(parts)}")
 
 
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe file: the path as given, else one shipped with the package (``tiny/sft/config_cpu.yaml``,
+    also written ``recipes/tiny/sft/config_cpu.yaml``), so recipes work from an installed wheel too."""
+    from importlib import resources
+
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = Path(str(resources.files("magpie_teach") / "recipes"))
+    relative = path.parts[1:] if path.parts and path.parts[0] == "recipes" else path.parts
+    candidate = shipped.joinpath(*relative)
+    if relative and candidate.is_file():
+        return candidate
+    available = sorted(
+        str(p.relative_to(shipped)) for p in shipped.rglob("*.yaml") if "accelerate_configs" not in p.parts
+    )
+    raise ConfigError(f"{recipe}: no such recipe file; shipped recipes: {', '.join(available)}")
+
+
 def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(DataArguments, SFTConfig, ModelConfig) from a recipe file and ``--key value`` overrides."""
     import yaml
     from trl import TrlParser
+
+    recipe = str(resolve_recipe(recipe))
 
     try:
         values = yaml.safe_load(Path(recipe).read_text()) or {}
@@ -82,8 +103,14 @@ def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, 
     if unknown:
         raise _unknown(unknown, recipe)
     parser = TrlParser(_argument_classes())
+    parser.allow_abbrev = False  # `--max_step` must be an error, not `--max_steps`
     parser.set_defaults_with_config(**values)
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=list(overrides or []), return_remaining_strings=True)
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=list(overrides or []), return_remaining_strings=True
+        )
+    except ValueError as err:  # raised by SFTConfig's own checks (e.g. bf16 on a machine without support)
+        raise ConfigError(f"{recipe}: {err}") from err
     if remaining:
         raise _unknown(
             [r.lstrip("-").split("=")[0] for r in remaining if r.startswith("--")] or remaining, "command line"
@@ -182,6 +209,7 @@ def train(data_args: DataArguments, training_args: Any, model_args: Any) -> Trai
     trainer.save_model(str(output_dir))
     _write_model_card(trainer, output_dir, data_args, revision)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
+    trainer.accelerator.wait_for_everyone()  # rank 0 writes the card; no rank may tear the group down before
     if hasattr(trainer, "end"):
         trainer.end()
     return TrainResult(

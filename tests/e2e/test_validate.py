@@ -1,0 +1,66 @@
+"""`magpie-teach validate` end to end on tiny models: select, train, generate, score, correlate."""
+
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from magpie_teach.scoring.rank import RankConfig, rank
+from magpie_teach.training.validate import ValidateConfig, validate
+from tests.test_train import RECIPE
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory, tiny_suite, sample_path):
+    out = tmp_path_factory.mktemp("rank")
+    rank(
+        RankConfig(
+            data=sample_path, output_dir=str(out), base_models=[tiny_suite.base_small], reward_model=tiny_suite.reward
+        )
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, ranked):
+    config = ValidateConfig(
+        scores=str(ranked), output_dir=str(tmp_path), recipe=RECIPE, recipe_overrides=["max_steps=2", "save_steps=2"],
+        eval_size=4, reward_model=tiny_suite.reward, max_new_tokens=8, device="cpu",
+    )  # fmt: skip
+    result = validate(config)
+    students = pd.read_csv(tmp_path / "students.csv")
+    assert sorted(students["teacher"]) == ["tiny-teacher-lists", "tiny-teacher-terse", "tiny-teacher-thorough"]
+    for teacher in students["teacher"]:
+        assert (tmp_path / "students" / teacher / "model.safetensors").exists()
+        generations = pd.read_parquet(tmp_path / "generations" / f"{teacher}.parquet")
+        assert len(generations) == 4
+    # held-out instructions were not trained on
+    heldout = set(pd.read_parquet(tmp_path / "generations" / "tiny-teacher-terse.parquet")["id"])
+    trained = set(
+        pd.read_parquet(tmp_path / "data" / "tiny-teacher-terse" / "data" / "train-00000-of-00001.parquet")["id"]
+    )
+    assert heldout and not heldout & trained and len(trained) == 20
+    # rho computed here from the files, independently of the library
+    ranking = pd.read_csv(tmp_path / "ranking.csv").set_index("teacher").sort_index()
+    ap = students.set_index("teacher").sort_index()["ap"]
+    assert result.correlations.loc["car", tiny_suite.base_small] == pytest.approx(
+        spearmanr(ranking["car"], ap).statistic
+    )
+    # a rerun reuses the students and their generations
+    stamp = (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns
+    validate(config)
+    assert (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_validate_with_imported_benchmark_results(tmp_path, tiny_suite, ranked):
+    perf = tmp_path / "perf.csv"
+    pd.DataFrame(
+        {"teacher": ["tiny-teacher-terse", "tiny-teacher-thorough", "tiny-teacher-lists"], "base_model": "tiny-llama-s",
+         "AE2_LC_WR": [3.0, 1.0, 2.0], "ArenaHard_WR": [1.0, 2.0, 0.5]}
+    ).to_csv(perf, index=False)  # fmt: skip
+    result = validate(ValidateConfig(scores=str(ranked), output_dir=str(tmp_path / "v"), performance=str(perf)))
+    assert not (tmp_path / "v" / "students").exists()
+    ranking = pd.read_csv(tmp_path / "v" / "ranking.csv").set_index("teacher").sort_index()
+    ap = pd.Series({"tiny-teacher-terse": 2.0, "tiny-teacher-thorough": 1.5, "tiny-teacher-lists": 1.25}).sort_index()
+    assert result.correlations.loc["reward", tiny_suite.base_small] == pytest.approx(
+        spearmanr(ranking["reward"], ap).statistic
+    )

@@ -1,0 +1,88 @@
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+
+from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.selection.select import SelectConfig, select
+
+
+@pytest.fixture()
+def scores_file(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        for teacher in ("alpha", "beta", "gamma"):
+            rows.append(
+                {"id": f"q{i}", "instruction": f"Question {i}?", "response": f"{teacher} says {i}", "teacher": teacher,
+                 "base_model": "models/base", "reward": float(rng.normal(1.0, 0.5)), "compat_loss": float(rng.uniform(1, 3)),
+                 "n_tokens_full": int(rng.integers(5, 50)), "truncated": False, "status": "ok"}
+            )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.loc[0, "truncated"] = True
+    frame.loc[4, "status"] = "failed"
+    path = tmp_path / "scores.parquet"
+    frame.to_parquet(path)
+    return path, frame
+
+
+def _run(tmp_path, path, **kwargs):
+    return select(SelectConfig(scores=str(path), output_dir=str(tmp_path / "out"), **kwargs))
+
+
+def _valid(frame):
+    return frame[(~frame.truncated) & (frame.status == "ok")]
+
+
+def test_best_of_n_and_grape_and_mix_pick_the_argmax_per_instruction(tmp_path, scores_file):
+    path, frame = scores_file
+    valid = _valid(frame)
+    expected = {
+        "best-of-n": valid.loc[valid.groupby("id")["reward"].idxmax()],
+        "grape": valid.loc[valid.groupby("id")["compat_loss"].idxmin()],
+    }
+    r = (valid["reward"] - valid["reward"].min()) / (valid["reward"].max() - valid["reward"].min())
+    mix = 0.6 * r + 0.4 * -valid["compat_loss"]
+    expected["mix"] = valid.loc[mix.groupby(valid["id"]).idxmax()]
+    for strategy, chosen in expected.items():
+        result = _run(tmp_path / strategy, path, strategy=strategy)
+        got = result.dataset.set_index("id")["teacher"].to_dict()
+        assert got == chosen.set_index("id")["teacher"].to_dict(), strategy
+        assert result.summary["dropped_by_reason"] == {"truncated": 1, "failed": 1}
+
+
+def test_whole_teacher_by_car_matches_a_hand_computed_car(tmp_path, scores_file):
+    path, frame = scores_file
+    means = frame.groupby("teacher")[["reward", "compat_loss"]].mean()
+    best = (means["reward"] / (1 + 3 * means["compat_loss"])).idxmax()
+    result = _run(tmp_path, path)
+    assert set(result.dataset["teacher"]) == {best}
+    assert result.summary["rows_per_teacher"] == {best: len(_valid(frame)[_valid(frame).teacher == best])}
+    assert (result.dataset["selection_metric"] == "car").all()
+
+
+def test_output_is_a_conversational_data_set_with_provenance(tmp_path, scores_file):
+    path, _ = scores_file
+    result = _run(tmp_path, path, strategy="best-of-n", min_reward=0.5, max_tokens=40)
+    loaded = datasets.load_dataset(str(result.output_dir), split="train")
+    assert loaded.num_rows == len(result.dataset)
+    row = loaded[0]
+    assert row["messages"][0]["role"] == "user" and row["messages"][1]["role"] == "assistant"
+    for column in ("teacher", "selection_metric", "selection_score", "reward", "compat_loss"):
+        assert column in loaded.column_names
+    assert all(r >= 0.5 for r in loaded["reward"])
+    dropped = pd.read_parquet(result.output_dir / "dropped.parquet")
+    assert set(dropped["reason"]) <= {"truncated", "failed", "reward_below_min", "too_long"}
+    assert len(dropped) + len(_run(tmp_path / "all", path, strategy="best-of-n", keep_truncated=True).dropped) > 0
+
+
+def test_bad_choices_are_named(tmp_path, scores_file):
+    path, _ = scores_file
+    with pytest.raises(ConfigError, match="--teacher 'delta' is not in the scores"):
+        _run(tmp_path, path, teacher="delta")
+    with pytest.raises(ConfigError, match="no scores for base model 'other'"):
+        _run(tmp_path, path, base_model="other")
+    with pytest.raises(DataError, match="every response was filtered out"):
+        _run(tmp_path, path, min_reward=100.0)
+    with pytest.raises(DataError, match="no scores.parquet"):
+        _run(tmp_path, tmp_path / "missing")

@@ -1,0 +1,168 @@
+"""Real TRL SFT steps on tiny models; bad recipes and data stop before training."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.selection.select import SelectConfig, select
+from magpie_teach.training.sft import parse_recipe, train
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft" / "config_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory, sample_rows):
+    scores = sample_rows.assign(base_model="tiny", reward=1.0, compat_loss=2.0, n_tokens_full=10, truncated=False)
+    folder = tmp_path_factory.mktemp("sft")
+    scores.to_parquet(folder / "scores.parquet")
+    return str(
+        select(
+            SelectConfig(scores=str(folder), output_dir=str(folder / "data"), teacher="tiny-teacher-terse")
+        ).output_dir
+    )
+
+
+def _args(tiny_suite, data, out, *extra):
+    return parse_recipe(
+        RECIPE,
+        ["--model_name_or_path", tiny_suite.base_small, "--dataset_name", data, "--output_dir", str(out), *extra],
+    )
+
+
+def test_trains_saves_and_names_the_data_in_the_model_card(tiny_suite, sft_data, tmp_path):
+    result = train(*_args(tiny_suite, sft_data, tmp_path / "student"))
+    assert result.train_tokens > 0
+    assert (tmp_path / "student" / "model.safetensors").exists()
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert sft_data in card and result.dataset_revision in card and result.dataset_revision.startswith("sha1:")
+    state = json.loads((tmp_path / "student" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # loads like any Hub model
+
+
+def test_resumes_from_the_last_checkpoint(tiny_suite, sft_data, tmp_path, caplog):
+    train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "3"))
+    assert (tmp_path / "s" / "checkpoint-3").exists()
+    with caplog.at_level("WARNING", logger="magpie_teach.training.sft"):
+        train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "6"))
+    assert any("Resuming from" in r.message and "checkpoint-3" in r.message for r in caplog.records)
+    state = json.loads((tmp_path / "s" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_trl_trains_on_exactly_the_tokens_the_compatibility_loss_scores(tiny_suite, sft_data, tmp_path):
+    from trl import SFTTrainer
+
+    from magpie_teach.chat import tokenize_conversation
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.training.sft import load_sft_dataset
+
+    data_args, training_args, _ = _args(tiny_suite, sft_data, tmp_path / "x")
+    dataset, _ = load_sft_dataset(data_args)
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    trainer = SFTTrainer(
+        model=tiny_suite.base_small, args=training_args, train_dataset=dataset, processing_class=tokenizer
+    )
+    for i in range(5):
+        processed = trainer.train_dataset[i]
+        trained = (
+            [t != -100 for t in processed["labels"]]
+            if "labels" in processed
+            else [bool(m) for m in processed["assistant_masks"]]
+        )
+        messages = dataset[i]["messages"]
+        ours = tokenize_conversation(tokenizer, messages[0]["content"], messages[1]["content"])
+        assert processed["input_ids"] == ours.input_ids.tolist()
+        assert trained == ours.loss_mask.tolist()
+
+
+def test_unknown_recipe_key_is_named_with_a_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "learning_rat: 0.1\n")
+    with pytest.raises(
+        ConfigError, match=r"r.yaml: unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"
+    ):
+        parse_recipe(str(recipe))
+    with pytest.raises(ConfigError, match=r"command line: unknown key\(s\) 'max_step'"):
+        parse_recipe(RECIPE, ["--dataset_name", "x", "--model_name_or_path", "y", "--max_step", "3"])
+
+
+def test_data_without_messages_is_refused(tiny_suite, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["hello"]}).to_parquet(str(tmp_path / "d" / "train.parquet"))
+    with pytest.raises(DataError, match="no 'messages' column"):
+        train(*_args(tiny_suite, str(tmp_path / "d"), tmp_path / "o"))
+
+
+def test_assistant_only_loss_needs_generation_markers(tiny_suite, sft_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "plain"
+    subprocess.run(["cp", "-r", tiny_suite.base_small, str(model_dir)], check=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    tokenizer.save_pretrained(model_dir)
+    args = parse_recipe(
+        RECIPE,
+        ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir", str(tmp_path / "o")],
+    )
+    with pytest.raises(ConfigError, match="no.*generation.*markers|has none"):
+        train(*args)
+    # without assistant_only_loss the conversations train as prompt-completion: loss after the generation prompt
+    args = parse_recipe(RECIPE, ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir",
+                                 str(tmp_path / "o2"), "--assistant_only_loss", "false", "--max_steps", "2"])  # fmt: skip
+    assert train(*args).train_tokens > 0
+
+
+@pytest.mark.slow
+def test_runs_under_accelerate_launch_with_two_processes(tiny_suite, sft_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29591", "-m", "magpie_teach.cli",
+         "train", RECIPE, "--model_name_or_path", tiny_suite.base_small, "--dataset_name", sft_data, "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained on") == 2  # both ranks finished
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    # 24 rows, 2 processes x batch 4 = 8 rows a step: 3 steps an epoch, so 6 steps are 2 epochs
+    assert state["epoch"] == pytest.approx(2.0)
+    assert (out / "model.safetensors").exists()
+    assert len(pd.read_parquet(Path(sft_data) / "data" / "train-00000-of-00001.parquet")) == 24
+
+
+@pytest.mark.parametrize("name", ["Qwen2-1.5B", "Gemma-2-2B", "Qwen2.5-3B", "Llama-3.2-3B", "Llama-3.1-Minitron-4B"])
+def test_paper_recipes_parse_with_the_papers_settings(name):
+    data_args, training_args, model_args = parse_recipe(
+        f"recipes/{name}/sft/config_magpie.yaml",
+        ["--dataset_name", "org/data", "--bf16", "false"],  # no bf16 on CI's CPU
+    )
+    assert training_args.learning_rate == 2e-5 and training_args.num_train_epochs == 2
+    assert training_args.warmup_steps == 100 and training_args.max_length == 4096
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 4 == 32
+    assert training_args.lr_scheduler_type.value == "cosine"
+    assert model_args.model_name_or_path.split("/")[-1].lower().startswith(name.split("-")[0].lower()[:4])
+
+
+def test_recipe_value_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="config_cpu.yaml: .*logging_steps"):
+        parse_recipe(RECIPE, ["--dataset_name", "d", "--model_name_or_path", "m", "--logging_steps", "0"])
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    from magpie_teach.training.sft import resolve_recipe
+
+    assert resolve_recipe("tiny/sft/config_cpu.yaml").is_file()
+    with pytest.raises(ConfigError, match="shipped recipes: .*tiny/sft/config_cpu.yaml"):
+        resolve_recipe("recipes/nope.yaml")
