@@ -68,25 +68,30 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> Any:
     return tokenizer
 
 
-def build_tiny_causal_lm(tokenizer: Any, size: str = "s", seed: int = 0, max_positions: int = 4096) -> Any:
-    """A randomly initialised ``LlamaForCausalLM`` of one of :data:`LLAMA_SIZES`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config(tokenizer: Any, size: str, **extra: Any) -> Any:
+    from transformers import LlamaConfig
 
     hidden, layers, heads, mlp = LLAMA_SIZES[size]
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
         intermediate_size=mlp,
-        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **extra,
     )
+
+
+def build_tiny_causal_lm(tokenizer: Any, size: str = "s", seed: int = 0, max_positions: int = 4096) -> Any:
+    """A randomly initialised ``LlamaForCausalLM`` of one of :data:`LLAMA_SIZES`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = _llama_config(tokenizer, size, max_position_embeddings=max_positions, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -112,22 +117,9 @@ def build_tiny_gpt2(tokenizer: Any, seed: int = 0) -> Any:
 def build_tiny_reward_model(tokenizer: Any, seed: int = 0) -> Any:
     """A randomly initialised ``LlamaForSequenceClassification`` with one output (a reward model)."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    hidden, layers, heads, mlp = LLAMA_SIZES["xs"]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        intermediate_size=mlp,
-        max_position_embeddings=4096,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = _llama_config(tokenizer, "xs", max_position_embeddings=4096, num_labels=1)
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config)
 

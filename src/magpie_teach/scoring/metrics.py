@@ -160,7 +160,8 @@ def load_performance(path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COL
     return frame
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
+    """The last path component of a model or teacher name: ``models/Qwen2-1.5B`` -> ``Qwen2-1.5B``."""
     return str(name).rstrip("/").split("/")[-1]
 
 
@@ -178,10 +179,10 @@ def correlations(
     from scipy.stats import spearmanr
 
     metrics = [m for m in (metrics or METRIC_DIRECTIONS) if m in ranking.columns]
-    perf = performance.assign(_t=performance["teacher"].map(_short), _b=performance["base_model"].map(_short))
+    perf = performance.assign(_t=performance["teacher"].map(short_name), _b=performance["base_model"].map(short_name))
     result: dict[str, dict[str, float]] = {}
     for base, group in ranking.groupby("base_model", sort=False):
-        merged = group.assign(_t=group["teacher"].map(_short), _b=_short(base)).merge(
+        merged = group.assign(_t=group["teacher"].map(short_name), _b=short_name(base)).merge(
             perf[["_t", "_b", "ap"]], on=["_t", "_b"], how="inner"
         )
         if len(merged) < 3:
@@ -189,7 +190,7 @@ def correlations(
                 f"base model {base!r}: only {len(merged)} teacher(s) have performance numbers; at least 3 are needed "
                 f"(teachers: {sorted(group['teacher'])}; performance base models: {sorted(perf['_b'].unique())})."
             )
-        unmatched = sorted(set(group["teacher"].map(_short)) - set(merged["_t"]))
+        unmatched = sorted(set(group["teacher"].map(short_name)) - set(merged["_t"]))
         if unmatched:
             logger.warning("base model %s: no performance numbers for %s", base, unmatched)
         column = {}

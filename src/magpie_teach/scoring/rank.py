@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.scoring.metrics import short_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> 
     if path.is_dir():  # a rebuilt local model must not reuse old scores
         stamp += [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors"))]
     key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
-    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in model.rstrip("/").split("/")[-1])
+    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in short_name(model))
     return Path(config.output_dir) / ".cache" / stage / f"{name}-{key}"
 
 
@@ -136,7 +137,7 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerpr
 
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name, "causal-lm", config.dtype, config.device)
-    short = model_name.rstrip("/").split("/")[-1]
+    short = short_name(model_name)
     scores = score_compatibility(
         model,
         tokenizer,

@@ -102,7 +102,9 @@ def load_scores(path: str, base_model: str | None) -> pd.DataFrame:
             raise ConfigError(f"{file} holds scores for several base models; choose one with --base-model: {bases}")
         base_model = bases[0]
     if base_model not in bases:
-        short = [b for b in bases if b.rstrip("/").split("/")[-1] == base_model.rstrip("/").split("/")[-1]]
+        from magpie_teach.scoring.metrics import short_name
+
+        short = [b for b in bases if short_name(b) == short_name(base_model)]
         if len(short) != 1:
             raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
         base_model = short[0]
