@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,pipelines,train
+EXTRAS ?= dev,pipelines,train,argilla
 PYTEST_ARGS ?=
 
-.PHONY: install style quality test test-fast test-gpu bench demo lock clean
+.PHONY: install argilla-server style quality test test-fast test-gpu bench demo lock clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+# The real Argilla server for the review tests: its own venv (its pins clash with the client stack) and Redis.
+ARGILLA_VENV := .argilla-server-venv
+argilla-server: $(ARGILLA_VENV)/.installed
+
+$(ARGILLA_VENV)/.installed:
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	$(PYTHON) -m venv $(ARGILLA_VENV)
+	$(ARGILLA_VENV)/bin/python -m pip install -q "argilla-server==2.8.0" "click<8.2" "huggingface_hub<1"
 	touch $@
 
 style: install
@@ -24,10 +34,10 @@ quality: install
 	$(VENV)/bin/ruff format --check .
 
 # All tests but the GPU ones, which are deselected (not skipped).
-test: install
+test: install argilla-server
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install argilla-server
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 test-gpu: install
@@ -45,4 +55,4 @@ lock: install
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^magpie' | sed 's/+cpu//'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ARGILLA_VENV) outputs .pytest_cache .ruff_cache

@@ -33,3 +33,27 @@ def sample_rows(sample_path):
     import pandas as pd
 
     return pd.read_json(sample_path, lines=True)
+
+
+@pytest.fixture(scope="session")
+def argilla_server(tmp_path_factory):
+    """A real Argilla 2.8 server with a real Redis and the in-memory search engine, stopped by PID."""
+    from tests.argilla_memory.server import start_argilla_server
+
+    server = start_argilla_server(tmp_path_factory.mktemp("argilla"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ranked_sample(tmp_path_factory, tiny_suite, sample_path):
+    """`rank` output of the shipped sample under the small tiny base model, with the tiny reward model."""
+    from magpie_teach.scoring.rank import RankConfig, rank
+
+    out = tmp_path_factory.mktemp("ranked")
+    rank(
+        RankConfig(
+            data=sample_path, output_dir=str(out), base_models=[tiny_suite.base_small], reward_model=tiny_suite.reward
+        )
+    )
+    return out

@@ -126,6 +126,38 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_review_push(args: argparse.Namespace) -> int:
+    from magpie_teach.config import build_config
+    from magpie_teach.review.argilla_io import ReviewPushConfig, push_for_review
+
+    summary = push_for_review(build_config(ReviewPushConfig, _values(args, ReviewPushConfig), args.config))
+    print(
+        f"sent {summary['records']} records to Argilla dataset {summary['dataset']!r} ({summary['flagged']} flagged)"
+    )
+    for teacher, count in summary["per_teacher"].items():
+        print(f"  {teacher}: {count}")
+    return 0
+
+
+def run_review_pull(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from magpie_teach.config import build_config
+    from magpie_teach.review.argilla_io import ReviewPullConfig, pull_reviews
+
+    config = build_config(ReviewPullConfig, _values(args, ReviewPullConfig), args.config)
+    reviews, table, agreement = pull_reviews(config)
+    print(f"{len(reviews)} submitted annotation(s) from {agreement['annotators']} annotator(s)")
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(table.to_string(index=False))
+    if agreement["pairs"]:
+        print(
+            f"annotator agreement: exact {agreement['exact_agreement']:.2f}, mean pairwise rho {agreement['mean_pairwise_rho']}"
+        )
+    print(f"wrote {config.output_dir}/reviews.parquet and review_summary.csv")
+    return 0
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     from magpie_teach.tiny import build_tiny_suite
 
@@ -241,6 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with the options below (flags override it)")
     add_dataclass_arguments(p, ValidateConfig)
     p.set_defaults(func=run_validate)
+
+    from magpie_teach.review.argilla_io import ReviewPullConfig, ReviewPushConfig
+
+    review = sub.add_parser(
+        "review",
+        help="human spot-checks in Argilla (push a sample, pull annotations)",
+        description="Send a stratified sample of scored responses to an Argilla 2.x server for rating, and bring the annotations back with a summary of how reward and CAR agree with people. The server comes from ARGILLA_API_URL and ARGILLA_API_KEY.",
+    )
+    review_sub = review.add_subparsers(dest="review_command", metavar="{push,pull}", required=True)
+    p = review_sub.add_parser(
+        "push",
+        help="send a stratified sample per teacher, plus every flagged row",
+        description="Sample per teacher across reward / CAR quantile bands (seeded), add every truncated, failed or reward-vs-compatibility-disagreeing row, and log them to an Argilla dataset with rating, problem-label and comment questions and filterable metadata. Stable record ids: pushing again updates, never duplicates.",
+    )
+    p.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(p, ReviewPushConfig)
+    p.set_defaults(func=run_review_push)
+    p = review_sub.add_parser(
+        "pull",
+        help="bring submitted annotations back with a summary",
+        description="Fetch submitted responses, join them to the scored rows, and report per-teacher mean rating, Spearman rho of ratings with reward and with CAR, and annotator agreement.",
+    )
+    p.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(p, ReviewPullConfig)
+    p.set_defaults(func=run_review_pull)
 
     p = sub.add_parser(
         "tiny",

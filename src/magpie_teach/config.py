@@ -52,11 +52,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs["type"] = kind if kind in (int, float) else str
             kwargs["metavar"] = f.metadata.get("metavar", flag_name(f).lstrip("-").replace("-", "_").upper())
-            if is_list:
+            if is_list and f.metadata.get("nargs"):
+                kwargs["nargs"] = f.metadata["nargs"]
+            elif is_list:
                 kwargs["action"] = "append"
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag_name(f), **kwargs)
+        if f.metadata.get("positional"):
+            kwargs.pop("dest")
+            parser.add_argument(f.name, nargs="?", **kwargs)
+        else:
+            parser.add_argument(flag_name(f), **kwargs)
 
 
 def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:
