@@ -203,3 +203,32 @@ def test_a_push_cut_short_finishes_on_rerun_and_a_gone_server_is_one_line(tmp_pa
         assert "cannot use the Argilla server" in result.stderr and "connection failed" in result.stderr
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_distilabel_step_sends_the_same_sample(argilla_server, ranked_sample, monkeypatch, tmp_path):
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps import LoadDataFromDicts
+
+    from magpie_teach.review.sampling import sample_for_review
+    from magpie_teach.steps.review import ReviewSampleToArgilla
+
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", argilla_server.api_key)
+    monkeypatch.setenv("DISTILABEL_CACHE_DIR", str(tmp_path / "cache"))
+    scores = pd.read_parquet(ranked_sample / "scores.parquet")
+    rows = scores[["id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss", "truncated"]]
+    with Pipeline(name="review-step-test") as pipeline:
+        load = LoadDataFromDicts(data=rows.to_dict("records"), batch_size=16)
+        review = ReviewSampleToArgilla(dataset_name="from-pipeline", per_teacher=3, seed=5)
+        load >> review
+    distiset = pipeline.run(use_cache=False)
+    out = distiset["default"]["train"].to_pandas()
+    assert len(out) == len(rows)
+    expected = sample_for_review(rows, per_teacher=3, seed=5)
+    assert out["review_record_id"].notna().sum() == len(expected)
+    sent = {
+        (r.metadata["teacher"], r.metadata["example_id"])
+        for r in client(argilla_server).datasets("from-pipeline").records()
+    }
+    assert sent == set(zip(expected.teacher, expected.id))

@@ -151,6 +151,38 @@ def _records(sample: pd.DataFrame, with_vectors: bool) -> list[dict]:
     return records
 
 
+def push_sample(
+    sample: pd.DataFrame, dataset_name: str, workspace: str | None = None, with_vectors: bool = False
+) -> dict:
+    """Logs sampled rows (from :func:`magpie_teach.review.sampling.sample_for_review`) to an Argilla dataset,
+    creating it with :func:`build_settings` on first use. Returns a summary."""
+    records = _records(sample, with_vectors)
+    client = connect()
+    try:
+        dataset = client.datasets(name=dataset_name, workspace=workspace)
+        if dataset is None:
+            import argilla as rg
+
+            dataset = rg.Dataset(
+                name=dataset_name, workspace=workspace, settings=build_settings(with_vectors), client=client
+            ).create()
+        dataset.records.log(records)
+    except MagpieTeachError:
+        raise
+    except Exception as err:
+        raise MagpieTeachError(
+            f"pushing to Argilla dataset {dataset_name!r} failed: {_reason(err)}; rerun the same command to finish "
+            "(records have stable ids, so nothing is duplicated)"
+        ) from None
+    return {
+        "dataset": dataset_name,
+        "records": len(records),
+        "record_ids": [r["id"] for r in records],
+        "per_teacher": {str(k): int(v) for k, v in sample["teacher"].value_counts().sort_index().items()},
+        "flagged": int((sample["flags"] != "").sum()),
+    }
+
+
 def push_for_review(config: ReviewPushConfig) -> dict:
     """Samples rows (see :mod:`magpie_teach.review.sampling`) and logs them to Argilla. Returns a summary."""
     from magpie_teach.review.sampling import sample_for_review
@@ -158,33 +190,7 @@ def push_for_review(config: ReviewPushConfig) -> dict:
 
     scores = load_scores(config.scores, config.base_model)
     sample = sample_for_review(scores, config.per_teacher, config.strata, config.bands, config.seed, config.beta)
-    records = _records(sample, config.with_vectors)
-    client = connect()
-    try:
-        dataset = client.datasets(name=config.dataset, workspace=config.workspace)
-        if dataset is None:
-            import argilla as rg
-
-            dataset = rg.Dataset(
-                name=config.dataset,
-                workspace=config.workspace,
-                settings=build_settings(config.with_vectors),
-                client=client,
-            ).create()
-        dataset.records.log(records)
-    except MagpieTeachError:
-        raise
-    except Exception as err:
-        raise MagpieTeachError(
-            f"pushing to Argilla dataset {config.dataset!r} failed: {_reason(err)}; rerun the same command to finish "
-            "(records have stable ids, so nothing is duplicated)"
-        ) from None
-    return {
-        "dataset": config.dataset,
-        "records": len(records),
-        "per_teacher": {str(k): int(v) for k, v in sample["teacher"].value_counts().sort_index().items()},
-        "flagged": int((sample["flags"] != "").sum()),
-    }
+    return push_sample(sample, config.dataset, config.workspace, config.with_vectors)
 
 
 def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

@@ -1,0 +1,1 @@
+"""distilabel steps over the library: the only place that imports distilabel."""
