@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from magpie_teach import __version__
 from magpie_teach.errors import MagpieTeachError
@@ -53,10 +54,9 @@ def _print_ranking(ranking, correlations=None) -> None:  # noqa: ANN001 - pandas
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    from magpie_teach.config import build_config
     from magpie_teach.scoring.rank import RankConfig, rank
 
-    config = build_config(RankConfig, _values(args, RankConfig), args.config)
+    config = _config(args, RankConfig)
     result = rank(config)
     _print_ranking(result.ranking, result.correlations)
     dropped = {k: v for k, v in result.counts.items() if k not in ("rows_in", "rows_kept")}
@@ -87,10 +87,9 @@ def run_paradox(args: argparse.Namespace) -> int:
 
 
 def run_select(args: argparse.Namespace) -> int:
-    from magpie_teach.config import build_config
     from magpie_teach.selection.select import SelectConfig, select
 
-    result = select(build_config(SelectConfig, _values(args, SelectConfig), args.config))
+    result = select(_config(args, SelectConfig))
     summary = result.summary
     print(f"selected {summary['rows_out']} rows ({summary['strategy']}) for base model {summary['base_model']}")
     for teacher, count in summary["rows_per_teacher"].items():
@@ -114,10 +113,9 @@ def run_train(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.config import build_config
     from magpie_teach.training.validate import ValidateConfig, validate
 
-    result = validate(build_config(ValidateConfig, _values(args, ValidateConfig), args.config))
+    result = validate(_config(args, ValidateConfig))
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print(result.students.drop(columns=["student"], errors="ignore").to_string(index=False))
         print("\nSpearman rho of each metric with the students' scores:")
@@ -127,10 +125,9 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_review_push(args: argparse.Namespace) -> int:
-    from magpie_teach.config import build_config
     from magpie_teach.review.argilla_io import ReviewPushConfig, push_for_review
 
-    summary = push_for_review(build_config(ReviewPushConfig, _values(args, ReviewPushConfig), args.config))
+    summary = push_for_review(_config(args, ReviewPushConfig))
     print(
         f"sent {summary['records']} records to Argilla dataset {summary['dataset']!r} ({summary['flagged']} flagged)"
     )
@@ -142,10 +139,9 @@ def run_review_push(args: argparse.Namespace) -> int:
 def run_review_pull(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.config import build_config
     from magpie_teach.review.argilla_io import ReviewPullConfig, pull_reviews
 
-    config = build_config(ReviewPullConfig, _values(args, ReviewPullConfig), args.config)
+    config = _config(args, ReviewPullConfig)
     reviews, table, agreement = pull_reviews(config)
     print(f"{len(reviews)} submitted annotation(s) from {agreement['annotators']} annotator(s)")
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
@@ -190,14 +186,27 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _values(args: argparse.Namespace, cls: type) -> dict:
+def _config(args: argparse.Namespace, cls: type) -> Any:
+    """The command's config dataclass: its YAML file (--config) overridden by the flags given."""
     import dataclasses
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    from magpie_teach.config import build_config
+
+    return build_config(cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}, args.config)
+
+
+def _config_command(sub: Any, name: str, cls: type, func: Callable, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose options are the fields of ``cls``, plus --config for a YAML file of them."""
+    from magpie_teach.config import add_dataclass_arguments
+
+    parser = sub.add_parser(name, **kwargs)
+    parser.add_argument("--config", help="YAML file with the options below (flags override it)")
+    add_dataclass_arguments(parser, cls)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from magpie_teach.config import add_dataclass_arguments
     from magpie_teach.scoring.rank import RankConfig
 
     parser = argparse.ArgumentParser(
@@ -207,16 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser(
+    _config_command(
+        sub,
         "rank",
+        RankConfig,
+        run_rank,
         help="rank teachers per base model by CAR and the paper's baselines",
         description="Rank teachers per base model by CAR, with reward, compatibility loss, length, perplexity and IFD beside it.",
         epilog=RANK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    add_dataclass_arguments(p, RankConfig)
-    p.set_defaults(func=run_rank)
 
     p = sub.add_parser(
         "paradox",
@@ -241,14 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     from magpie_teach.selection.select import SelectConfig
     from magpie_teach.training.validate import ValidateConfig
 
-    p = sub.add_parser(
+    _config_command(
+        sub,
         "select",
+        SelectConfig,
+        run_select,
         help="build an SFT data set (messages) from scores",
         description="Build an SFT data set with a `messages` column from `rank` scores: a whole teacher (best by CAR or any metric), or per instruction best-of-N by reward, GRAPE, or a reward-compatibility mix. Filters drop (and count) failed, truncated, low-reward or long responses.",
     )
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    add_dataclass_arguments(p, SelectConfig)
-    p.set_defaults(func=run_select)
 
     p = sub.add_parser(
         "train",
@@ -265,14 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_train)
 
-    p = sub.add_parser(
+    _config_command(
+        sub,
         "validate",
+        ValidateConfig,
+        run_validate,
         help="check CAR against real fine-tunes on your setup",
         description="Fine-tune one student per teacher with a small budget, score the students on held-out instructions (reward model by default, or imported benchmark results), and report Spearman rho of each metric's ranking against the students' ranking.",
     )
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    add_dataclass_arguments(p, ValidateConfig)
-    p.set_defaults(func=run_validate)
 
     from magpie_teach.review.argilla_io import ReviewPullConfig, ReviewPushConfig
 
@@ -282,22 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send a stratified sample of scored responses to an Argilla 2.x server for rating, and bring the annotations back with a summary of how reward and CAR agree with people. The server comes from ARGILLA_API_URL and ARGILLA_API_KEY.",
     )
     review_sub = review.add_subparsers(dest="review_command", metavar="{push,pull}", required=True)
-    p = review_sub.add_parser(
+    _config_command(
+        review_sub,
         "push",
+        ReviewPushConfig,
+        run_review_push,
         help="send a stratified sample per teacher, plus every flagged row",
         description="Sample per teacher across reward / CAR quantile bands (seeded), add every truncated, failed or reward-vs-compatibility-disagreeing row, and log them to an Argilla dataset with rating, problem-label and comment questions and filterable metadata. Stable record ids: pushing again updates, never duplicates.",
     )
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    add_dataclass_arguments(p, ReviewPushConfig)
-    p.set_defaults(func=run_review_push)
-    p = review_sub.add_parser(
+    _config_command(
+        review_sub,
         "pull",
+        ReviewPullConfig,
+        run_review_pull,
         help="bring submitted annotations back with a summary",
         description="Fetch submitted responses, join them to the scored rows, and report per-teacher mean rating, Spearman rho of ratings with reward and with CAR, and annotator agreement.",
     )
-    p.add_argument("--config", help="YAML file with the options below (flags override it)")
-    add_dataclass_arguments(p, ReviewPullConfig)
-    p.set_defaults(func=run_review_pull)
 
     p = sub.add_parser(
         "tiny",

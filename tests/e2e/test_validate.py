@@ -4,26 +4,14 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from magpie_teach.scoring.rank import RankConfig, rank
 from magpie_teach.training.validate import ValidateConfig, validate
 from tests.test_train import RECIPE
 
 
-@pytest.fixture(scope="module")
-def ranked(tmp_path_factory, tiny_suite, sample_path):
-    out = tmp_path_factory.mktemp("rank")
-    rank(
-        RankConfig(
-            data=sample_path, output_dir=str(out), base_models=[tiny_suite.base_small], reward_model=tiny_suite.reward
-        )
-    )
-    return out
-
-
 @pytest.mark.slow
-def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, ranked):
+def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, ranked_sample):
     config = ValidateConfig(
-        scores=str(ranked), output_dir=str(tmp_path), recipe=RECIPE, recipe_overrides=["max_steps=2", "save_steps=2"],
+        scores=str(ranked_sample), output_dir=str(tmp_path), recipe=RECIPE, recipe_overrides=["max_steps=2", "save_steps=2"],
         eval_size=4, reward_model=tiny_suite.reward, max_new_tokens=8, device="cpu",
     )  # fmt: skip
     result = validate(config)
@@ -51,13 +39,13 @@ def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, r
     assert (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_validate_with_imported_benchmark_results(tmp_path, tiny_suite, ranked):
+def test_validate_with_imported_benchmark_results(tmp_path, tiny_suite, ranked_sample):
     perf = tmp_path / "perf.csv"
     pd.DataFrame(
         {"teacher": ["tiny-teacher-terse", "tiny-teacher-thorough", "tiny-teacher-lists"], "base_model": "tiny-llama-s",
          "AE2_LC_WR": [3.0, 1.0, 2.0], "ArenaHard_WR": [1.0, 2.0, 0.5]}
     ).to_csv(perf, index=False)  # fmt: skip
-    result = validate(ValidateConfig(scores=str(ranked), output_dir=str(tmp_path / "v"), performance=str(perf)))
+    result = validate(ValidateConfig(scores=str(ranked_sample), output_dir=str(tmp_path / "v"), performance=str(perf)))
     assert not (tmp_path / "v" / "students").exists()
     ranking = pd.read_csv(tmp_path / "v" / "ranking.csv").set_index("teacher").sort_index()
     ap = pd.Series({"tiny-teacher-terse": 2.0, "tiny-teacher-thorough": 1.5, "tiny-teacher-lists": 1.25}).sort_index()
