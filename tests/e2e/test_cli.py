@@ -164,7 +164,7 @@ def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):
     out, args, _ = rank_run
     before = pd.read_csv(out / "ranking.csv")
     assert list((out / ".cache" / "compat").glob("*/window-*.parquet"))
-    assert list((out / ".cache" / "reward").glob("*/rewards.npy"))
+    assert list((out / ".cache" / "reward").glob("*/rewards.npz"))
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), before)
@@ -247,3 +247,11 @@ def test_paradox_command(tmp_path):
 
 def test_parser_builds():
     assert build_parser().prog == "magpie-teach"
+
+
+def test_rank_refuses_conversations_with_no_response_token_left(tmp_path, tiny_suite):
+    rows = [{"instruction": "word " * 60, "teacher": t, "response": "ok", "r": 1.0} for t in ("a", "b", "c")]
+    pd.DataFrame(rows).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    result = run_cli("rank", "--data", str(tmp_path / "d.jsonl"), "--base-model", tiny_suite.base_small,
+                     "--reward-column", "r", "--max-length", "20", "--output", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 2 and "keep no response token within --max-length 20" in result.stderr

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from magpie_teach.errors import ConfigError
+from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import short_name
 
 logger = logging.getLogger(__name__)
@@ -158,25 +158,34 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerpr
         cache_dir=_cache_dir(config, "instruction", model_name, fingerprint),
         desc=f"L(x) {short}",
     )
+    empty = scores["n_tokens"].to_numpy() == 0
+    if empty.any():  # the prompt alone filled max_length: no response token left to score
+        bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
+        raise DataError(
+            f"{model_name}: {int(empty.sum())} conversation(s) keep no response token within --max-length "
+            f"{config.max_length} (e.g. {bad}); raise --max-length or drop those instructions."
+        )
     scores["instr_loss"] = rows["id"].map(dict(zip(instructions["id"], text["loss"]))).to_numpy()
     logger.info("%s: padding was %.1f%% of computed tokens", model_name, 100 * scores.attrs["padding_fraction"])
     _free(model)
     return scores
 
 
-def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> np.ndarray:
+def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rewards, truncated): a precomputed column, or the reward model's scores (cached for reruns)."""
     if config.reward_column is not None:
-        return rows[config.reward_column].to_numpy(dtype=np.float64)
+        return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
     from magpie_teach.data import write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.reward import score_reward
 
     cache = _cache_dir(config, "reward", config.reward_model, fingerprint)
-    if cache is not None and (cache / "rewards.npy").exists():
-        return np.load(cache / "rewards.npy")
+    if cache is not None and (cache / "rewards.npz").exists():
+        saved = np.load(cache / "rewards.npz")
+        return saved["rewards"], saved["truncated"]
     tokenizer = load_tokenizer(config.reward_model)
     model = load_model(config.reward_model, "reward", config.dtype, config.device)
-    rewards, _ = score_reward(
+    rewards, truncated = score_reward(
         model,
         tokenizer,
         rows["instruction"].tolist(),
@@ -186,8 +195,10 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> np.nda
     )
     _free(model)
     if cache is not None:
-        write_atomic(cache / "rewards.npy", lambda tmp: np.save(open(tmp, "wb"), rewards))
-    return rewards
+        write_atomic(
+            cache / "rewards.npz", lambda tmp: np.savez(open(tmp, "wb"), rewards=rewards, truncated=truncated)
+        )
+    return rewards, truncated
 
 
 def rank(config: RankConfig) -> RankResult:
@@ -222,7 +233,8 @@ def rank(config: RankConfig) -> RankResult:
     ).hexdigest()[:16]
     keep = ["id", "teacher", "instruction", "response"]
     base_rows = rows[keep].copy()
-    base_rows["reward"] = _rewards(config, rows, fingerprint)
+    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
+    counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
 
     reference = None
     if config.reference_model:
