@@ -195,9 +195,12 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[
     )
     _free(model)
     if cache is not None:
-        write_atomic(
-            cache / "rewards.npz", lambda tmp: np.savez(open(tmp, "wb"), rewards=rewards, truncated=truncated)
-        )
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+                np.savez(f, rewards=rewards, truncated=truncated)
+
+        write_atomic(cache / "rewards.npz", save)
     return rewards, truncated
 
 
