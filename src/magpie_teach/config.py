@@ -97,9 +97,73 @@ def build_config(cls: type[C], cli_values: dict[str, Any], config_file: str | No
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
     try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(str(err)) from err
+        return from_dict(cls, values)
+    except ConfigError as err:
+        raise ConfigError(f"{config_file}: {err}" if config_file else str(err)) from None
+
+
+def from_dict(cls: type[C], values: Any, path: str = "") -> C:
+    """Builds a (possibly nested) config dataclass from plain YAML values, checking every key and type.
+
+    Nested dataclasses, ``list[SomeConfig]`` and ``X | None`` fields are followed; an error names the
+    full key path, e.g. ``teachers[2].sampling.temprature: unknown key; did you mean 'temperature'?``.
+    """
+    where = path or "config"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
+            raise ConfigError(f"{path + '.' if path else ''}{key}: unknown key; {hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key_path = f"{path}.{f.name}" if path else f.name
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key_path}: missing required key")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], values[f.name], key_path)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _convert(annotation: Any, value: Any, path: str) -> Any:
+    kind, is_list = _base_type(annotation)
+    optional = type(None) in typing.get_args(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: may not be null")
+    if is_list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_convert(kind, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, path)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not float(value).is_integer())
+        ):
+            raise ConfigError(f"{path}: expected {kind.__name__}, got {value!r}")
+        return kind(value)
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `reward_shift: 1.5`, `revision: 2024`
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
 
 
 def dump_config(config: Any, path: str | Path) -> None:
