@@ -154,6 +154,25 @@ def run_review_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from magpie_teach.generation.config import load_generate_config
+    from magpie_teach.generation.run import generate
+
+    config = load_generate_config(args.config_file)
+    summary = generate(config, dry_run=args.dry_run)
+    counts = summary["counts"]
+    print(f"instructions: {counts['instructions_used']} used of {counts['instructions_in']} ({counts})")
+    for name, todo in summary["remaining"].items():
+        print(f"  {name}: {todo} instruction(s) to generate")
+    if args.dry_run:
+        print("dry run: the config is valid; nothing was generated")
+        return 0
+    for name, teacher in summary["teachers"].items():
+        print(f"  {name}: {teacher}")
+    print(f"wrote {config.output_dir}/responses.parquet")
+    return 0
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     from magpie_teach.tiny import build_tiny_suite
 
@@ -307,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="bring submitted annotations back with a summary",
         description="Fetch submitted responses, join them to the scored rows, and report per-teacher mean rating, Spearman rho of ratings with reward and with CAR, and annotator agreement.",
     )
+
+    p = sub.add_parser(
+        "generate",
+        help="responses from several teachers with distilabel (resumable)",
+        description="Answer instructions with every teacher of a YAML config (transformers backend in this version), storing each finished batch so that a killed run resumes where it stopped. --dry-run validates the config and prints the plan.",
+    )
+    p.add_argument("config_file", metavar="CONFIG", help="generation YAML (see pipelines/configs/)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate the config and show the work left; generate nothing"
+    )
+    p.set_defaults(func=run_generate)
 
     p = sub.add_parser(
         "tiny",

@@ -1,0 +1,1 @@
+"""Teacher responses with distilabel: configs, pipelines, and resume that survives SIGKILL."""

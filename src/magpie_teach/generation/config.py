@@ -1,0 +1,85 @@
+"""The generation config: one YAML file per run, validated up front with key-path errors."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from magpie_teach.errors import ConfigError
+
+BACKENDS = ("transformers",)
+"""Backends this version runs; vllm and openai (issue 3) are not wired yet and are refused up front."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+
+
+@dataclass
+class TeacherConfig:
+    name: str
+    model: str
+    backend: str = "transformers"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    num_generations: int = 1
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def settings(self) -> str:
+        """The teacher's backend and sampling settings as JSON, kept on every row it writes."""
+        return json.dumps({"backend": self.backend, "model": self.model, **asdict(self.sampling)}, sort_keys=True)
+
+
+@dataclass
+class InstructionsConfig:
+    path: str
+    revision: str | None = None
+    split: str = "train"
+    column: str = "instruction"
+    sample: int | None = None
+    seed: int = 0
+    dedup: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    output_dir: str
+    instructions: InstructionsConfig
+    teachers: list[TeacherConfig]
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.teachers]
+        if not names:
+            raise ConfigError("teachers: at least one teacher is needed")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ConfigError(f"teachers: names must be unique, {duplicated} repeat")
+        for i, teacher in enumerate(self.teachers):
+            if teacher.backend not in BACKENDS:
+                raise ConfigError(
+                    f"teachers[{i}].backend: {teacher.backend!r} is not available in this version (available: {', '.join(BACKENDS)})"
+                )
+            if teacher.num_generations < 1:
+                raise ConfigError(f"teachers[{i}].num_generations: must be >= 1")
+            if not 0 < teacher.sampling.top_p <= 1 or teacher.sampling.temperature < 0:
+                raise ConfigError(f"teachers[{i}].sampling: need temperature >= 0 and 0 < top_p <= 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size: must be >= 1")
+
+
+def load_generate_config(path: str) -> GenerateConfig:
+    import yaml
+
+    from magpie_teach.config import from_dict
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: could not be read: {err}") from err
+    try:
+        return from_dict(GenerateConfig, values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

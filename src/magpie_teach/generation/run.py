@@ -1,0 +1,142 @@
+"""`magpie-teach generate CONFIG [--dry-run]`: responses from several teachers, resumable.
+
+The output is the long format the scoring engine reads (``responses.parquet``: ``id``,
+``instruction``, ``teacher``, ``response``, ``generation_index``, ``n_tokens``, ``truncated``,
+``status``, ``reason``, ``settings``) plus ``summary.json`` with counts per teacher. Instructions come
+from a file or a Hub data set (an ``instruction`` column, or ShareGPT-style ``conversations``),
+with exact repeats removed and an optional seeded sample, both counted.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from magpie_teach.errors import DataError
+from magpie_teach.generation.config import GenerateConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratePlan:
+    instructions: pd.DataFrame
+    counts: dict
+    remaining: dict[str, int]
+
+
+def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
+    from magpie_teach.data import instruction_id, load_table
+
+    spec = config.instructions
+    frame = load_table(spec.path, revision=spec.revision, split=spec.split)
+    if spec.column in frame.columns:
+        texts = frame[spec.column]
+    elif "conversations" in frame.columns:  # ShareGPT: the first human turn
+        texts = frame["conversations"].map(
+            lambda turns: next((t.get("value") for t in turns if t.get("from") in ("human", "user")), None)
+        )
+    else:
+        raise DataError(f"{spec.path}: no {spec.column!r} or 'conversations' column (columns: {list(frame.columns)})")
+    counts = {"instructions_in": len(texts)}
+    texts = texts[texts.map(lambda t: isinstance(t, str) and bool(t.strip()))]
+    counts["dropped_empty"] = counts["instructions_in"] - len(texts)
+    if spec.dedup:
+        before = len(texts)
+        texts = texts.drop_duplicates()
+        counts["dropped_duplicate"] = before - len(texts)
+    out = pd.DataFrame({"id": [instruction_id(t) for t in texts], "instruction": texts.to_numpy()})
+    if spec.sample is not None and spec.sample < len(out):
+        out = out.sample(n=spec.sample, random_state=spec.seed).sort_index()
+        counts["dropped_by_sample"] = (
+            counts["instructions_in"] - counts["dropped_empty"] - counts.get("dropped_duplicate", 0) - len(out)
+        )
+    counts["instructions_used"] = len(out)
+    return out.reset_index(drop=True), counts
+
+
+def plan(config: GenerateConfig) -> GeneratePlan:
+    from magpie_teach.generation.store import ResponseStore
+
+    instructions, counts = load_instructions(config)
+    store = ResponseStore(Path(config.output_dir) / "store")
+    remaining = {t.name: int((~instructions["id"].isin(store.done_ids(t.name))).sum()) for t in config.teachers}
+    return GeneratePlan(instructions, counts, remaining)
+
+
+def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
+    """One distilabel branch per teacher with work left: load -> TextGeneration -> ResponseFormat (stores batches)."""
+    from distilabel.models import TransformersLLM
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps.tasks import TextGeneration
+
+    from magpie_teach.generation.store import ResponseStore
+    from magpie_teach.steps.generation import ResponseFormat
+
+    store = ResponseStore(Path(config.output_dir) / "store")
+    parameters: dict = {}
+    with Pipeline(name="magpie-teach-generate") as pipeline:
+        for i, teacher in enumerate(config.teachers):
+            todo = work.instructions[~work.instructions["id"].isin(store.done_ids(teacher.name))]
+            if todo.empty:
+                continue
+            load = LoadDataFromDicts(name=f"load_{i}", data=todo.to_dict("records"), batch_size=config.batch_size)
+            llm = TransformersLLM(model=teacher.model, device="cpu" if teacher.device == "auto" else teacher.device)
+            generate = TextGeneration(
+                name=f"generate_{i}",
+                llm=llm,
+                num_generations=teacher.num_generations,
+                input_batch_size=config.batch_size,
+            )
+            fmt = ResponseFormat(
+                name=f"format_{i}", teacher=teacher.name, model=teacher.model, settings=teacher.settings(),
+                max_new_tokens=teacher.sampling.max_new_tokens, store_dir=str(store.root), input_batch_size=config.batch_size,
+            )  # fmt: skip
+            load >> generate >> fmt
+            sampling = teacher.sampling
+            parameters[generate.name] = {
+                "llm": {
+                    "generation_kwargs": {
+                        "max_new_tokens": sampling.max_new_tokens,
+                        "temperature": sampling.temperature if sampling.temperature > 0 else 1.0,
+                        "top_p": sampling.top_p,
+                        "do_sample": sampling.temperature > 0,
+                    }
+                }
+            }
+    return pipeline, parameters
+
+
+def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
+    """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
+    from magpie_teach.config import dump_config
+    from magpie_teach.data import write_atomic
+    from magpie_teach.generation.store import ResponseStore
+
+    work = plan(config)
+    summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
+    if dry_run:
+        return summary
+    out = Path(config.output_dir)
+    dump_config(config, out / "generate_config.yaml")
+    if any(work.remaining.values()):
+        pipeline, parameters = build_pipeline(config, work)
+        pipeline.run(use_cache=False, parameters=parameters)
+    rows = ResponseStore(out / "store").read()
+    rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
+    rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)
+    for teacher in config.teachers:
+        mine = rows[rows["teacher"] == teacher.name]
+        summary["teachers"][teacher.name] = {
+            "rows": len(mine),
+            "ok": int((mine["status"] == "ok").sum()),
+            "failed": int((mine["status"] != "ok").sum()),
+            "truncated": int(mine["truncated"].sum()),
+            "missing": len(work.instructions) * teacher.num_generations - len(mine),
+        }
+    write_atomic(out / "responses.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
+    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary

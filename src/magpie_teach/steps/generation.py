@@ -1,0 +1,64 @@
+"""`ResponseFormat`: turns distilabel ``TextGeneration`` output into the long format and stores each batch.
+
+Every batch it receives is written to the :class:`magpie_teach.generation.store.ResponseStore` before
+it is passed on, which makes it the resume point of a generation run. Rows whose generation is
+missing or empty are kept with ``status="failed"`` and a ``reason``; they are never scored as
+responses.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from distilabel.steps import Step, StepInput
+from pydantic import Field, PrivateAttr
+
+if TYPE_CHECKING:
+    from distilabel.typing import StepOutput
+
+
+class ResponseFormat(Step):
+    teacher: str = Field(description="Teacher name written to each row.")
+    model: str = Field(description="The teacher model (its tokenizer counts response tokens).")
+    settings: str = Field(description="JSON of the teacher's backend and sampling settings.")
+    max_new_tokens: int = Field(description="A response of this many tokens is flagged truncated.")
+    store_dir: str = Field(description="Folder of the response store.")
+
+    _tokenizer: Any = PrivateAttr(default=None)
+
+    def load(self) -> None:
+        super().load()
+        from magpie_teach.modeling import load_tokenizer
+
+        self._tokenizer = load_tokenizer(self.model)
+
+    @property
+    def inputs(self) -> list[str]:
+        return ["id", "instruction", "generation"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return ["teacher", "response", "generation_index", "n_tokens", "truncated", "status", "reason", "settings"]
+
+    def process(self, inputs: StepInput) -> "StepOutput":
+        import pandas as pd
+
+        from magpie_teach.generation.store import ResponseStore
+
+        seen: dict[str, int] = {}
+        rows = []
+        for row in inputs:
+            index = seen.get(row["id"], 0)
+            seen[row["id"]] = index + 1
+            text = row.get("generation")
+            ok = isinstance(text, str) and bool(text.strip())
+            n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
+            rows.append(
+                {
+                    "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
+                    "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
+                    "truncated": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
+                    "reason": None if ok else ("empty completion" if isinstance(text, str) else "no completion (backend error)"),
+                    "settings": self.settings,
+                }
+            )  # fmt: skip
+        ResponseStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
+        yield rows

@@ -1,0 +1,111 @@
+"""`magpie-teach generate`: real distilabel pipelines on tiny models, killed with SIGKILL and resumed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+
+def write_config(path: Path, tiny_suite, sample_path, out: Path, **extra) -> Path:
+    config = {
+        "output_dir": str(out),
+        "instructions": {"path": sample_path},
+        "teachers": [
+            {"name": "small", "model": tiny_suite.base_small, "sampling": {"max_new_tokens": 16}},
+            {"name": "medium", "model": tiny_suite.base_medium, "sampling": {"max_new_tokens": 16}},
+        ],
+        "batch_size": 3,
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def generate(config: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "DISTILABEL_CACHE_DIR": str(config.parent / "distilabel-cache")}
+    return subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "generate", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def batches(out: Path) -> set[Path]:
+    return set((out / "store").glob("*/batch-*.parquet"))
+
+
+KEY = ["teacher", "id", "generation_index"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_suite, sample_path):
+    root = tmp_path_factory.mktemp("gen-full")
+    finish(generate(write_config(root / "c.yaml", tiny_suite, sample_path, root / "out")))
+    return pd.read_parquet(root / "out" / "responses.parquet").sort_values(KEY).reset_index(drop=True)
+
+
+def test_output_is_the_long_format(uninterrupted):
+    assert set(uninterrupted["teacher"]) == {"small", "medium"}
+    assert uninterrupted.groupby("teacher").size().tolist() == [24, 24]  # the 24 distinct instructions, once each
+    for column in ("id", "instruction", "response", "n_tokens", "truncated", "status", "reason", "settings"):
+        assert column in uninterrupted.columns
+    assert (uninterrupted["status"] == "ok").all()
+    assert (uninterrupted["truncated"] == (uninterrupted["n_tokens"] >= 16)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_batches", [1, 9])
+def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(
+    tmp_path, tiny_suite, sample_path, uninterrupted, kill_after_batches
+):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out)
+    process = generate(config)
+    deadline = time.monotonic() + 240
+    while len(batches(out)) < kill_after_batches and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {p: pd.read_parquet(p) for p in batches(out)}
+    assert before, "the run was killed before its first batch was stored"
+    assert not (out / "responses.parquet").exists()
+    finish(generate(config))
+    after = pd.read_parquet(out / "responses.parquet").sort_values(KEY).reset_index(drop=True)
+    pd.testing.assert_frame_equal(after[[*KEY, "response"]], uninterrupted[[*KEY, "response"]])
+    # finished batches were kept, and the rerun did not generate their rows again
+    new_files = batches(out) - set(before)
+    done_before = {(t, i) for frame in before.values() for t, i in zip(frame.teacher, frame.id)}
+    redone = {(t, i) for p in new_files for t, i in zip(pd.read_parquet(p).teacher, pd.read_parquet(p).id)}
+    assert all(p.exists() for p in before) and not done_before & redone
+
+
+def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
+    config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(config), "--dry-run"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and "small: 24 instruction(s) to generate" in result.stdout
+    assert not (tmp_path / "out" / "store").exists()
+    text = config.read_text().replace("max_new_tokens", "max_new_tokenz", 1)
+    config.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(config), "--dry-run"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert "teachers[0].sampling.max_new_tokenz: unknown key; did you mean 'max_new_tokens'?" in result.stderr
+    values = yaml.safe_load(text.replace("max_new_tokenz", "max_new_tokens"))
+    for change, message in (({"teachers": []}, "at least one teacher"),
+                            ({"teachers": values["teachers"][:1] * 2}, "names must be unique, ['small'] repeat"),
+                            ({"teachers": [{**values["teachers"][0], "backend": "tgi"}]}, "teachers[0].backend: 'tgi' is not available")):  # fmt: skip
+        config.write_text(yaml.safe_dump({**values, **change}))
+        result = subprocess.run(
+            [sys.executable, "-m", "magpie_teach.cli", "generate", str(config)], capture_output=True, text=True
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
