@@ -109,3 +109,12 @@ def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
             [sys.executable, "-m", "magpie_teach.cli", "generate", str(config)], capture_output=True, text=True
         )
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_shipped_configs_validate():
+    from magpie_teach.generation.config import load_generate_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "pipelines" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_generate_config(str(path)).teachers
