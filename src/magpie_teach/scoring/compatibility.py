@@ -71,7 +71,6 @@ class TokenNLLScorer:
         self.logits_chunk = logits_chunk
         self.padded_tokens = 0
         self.real_tokens = 0
-        self.scored_tokens = 0
         self._fast = self._fast_path_matches()
         if not self._fast:
             logger.warning(
@@ -132,7 +131,6 @@ class TokenNLLScorer:
         sums = torch.zeros(len(examples), dtype=torch.float64, device=self.device)
         sums.index_add_(0, rows, nll.double())
         counts = torch.from_numpy(labels[:, 1:].sum(axis=1))
-        self.scored_tokens += int(counts.sum())
         return sums.cpu().numpy(), counts.numpy()
 
     def score(self, examples: Sequence[TokenizedExample]) -> tuple[np.ndarray, np.ndarray]:
