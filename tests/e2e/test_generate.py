@@ -118,3 +118,52 @@ def test_shipped_configs_validate():
     assert configs
     for path in configs:
         assert load_generate_config(str(path)).teachers
+
+
+@pytest.mark.slow
+def test_magpie_instructions_then_teachers(tmp_path, tiny_suite):
+    out = tmp_path / "out"
+    config = {
+        "output_dir": str(out),
+        "instructions": {
+            "magpie": {"model": tiny_suite.base_small, "template": "chatml", "num_rows": 6, "max_new_tokens": 12}
+        },
+        "teachers": [{"name": "small", "model": tiny_suite.base_small, "sampling": {"max_new_tokens": 8}}],
+        "batch_size": 3,
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dry = subprocess.run(
+        [sys.executable, "-m", "magpie_teach.cli", "generate", str(path), "--dry-run"], capture_output=True, text=True
+    )
+    assert (
+        dry.returncode == 0 and "'magpie_to_generate': 6" in dry.stdout and not (out / "instructions.parquet").exists()
+    )
+    finish(generate(path))
+    instructions = pd.read_parquet(out / "instructions.parquet")
+    assert len(instructions) == 6 and set(instructions["magpie_model"]) == {tiny_suite.base_small}
+    assert (instructions["magpie_template"] == "chatml").all()
+    responses = pd.read_parquet(out / "responses.parquet")
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    kept = summary["counts"]["instructions_used"]
+    assert kept == 6 - summary["counts"]["dropped_empty"] - summary["counts"].get("dropped_duplicate", 0)
+    assert len(responses) == kept and set(responses["instruction"]) <= set(instructions["instruction"])
+    # a rerun reuses the generated instructions and has nothing left to do
+    again = finish(generate(path))
+    assert "small: 0 instruction(s) to generate" in again
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "instructions.parquet"), instructions)
+
+
+def test_instructions_need_exactly_one_source(tmp_path, tiny_suite):
+    from magpie_teach.config import from_dict
+    from magpie_teach.errors import ConfigError
+    from magpie_teach.generation.config import GenerateConfig
+
+    teacher = [{"name": "t", "model": tiny_suite.base_small}]
+    with pytest.raises(ConfigError, match="exactly one of path"):
+        from_dict(GenerateConfig, {"output_dir": "o", "instructions": {}, "teachers": teacher})
+    with pytest.raises(ConfigError, match="exactly one of path"):
+        from_dict(
+            GenerateConfig,
+            {"output_dir": "o", "instructions": {"path": "x", "magpie": {"model": "m"}}, "teachers": teacher},
+        )

@@ -32,9 +32,34 @@ class TeacherConfig:
         return json.dumps({"backend": self.backend, "model": self.model, **asdict(self.sampling)}, sort_keys=True)
 
 
+MAGPIE_TEMPLATES = {
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",  # Llama 3 / 3.1
+    "qwen2": "<|im_start|>user\n",  # Qwen2 / Qwen2.5
+    "gemma2": "<bos><start_of_turn>user\n",
+    "phi3": "<|user|>\n",
+    "chatml": "<|endoftext|><|im_start|>user\n",  # the project's default template (the tiny models)
+}
+"""Magpie pre-query templates: the chat template rendered up to where the user's text begins."""
+
+
+@dataclass
+class MagpieConfig:
+    model: str
+    template: str = "chatml"  # a key of MAGPIE_TEMPLATES, or the literal pre-query string
+    num_rows: int = 100
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    device: str = "auto"
+
+    def pre_query(self) -> str:
+        return MAGPIE_TEMPLATES.get(self.template, self.template)
+
+
 @dataclass
 class InstructionsConfig:
-    path: str
+    path: str | None = None
+    magpie: MagpieConfig | None = None
     revision: str | None = None
     split: str = "train"
     column: str = "instruction"
@@ -51,6 +76,10 @@ class GenerateConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        if (self.instructions.path is None) == (self.instructions.magpie is None):
+            raise ConfigError(
+                "instructions: give exactly one of path (a file or Hub data set) and magpie (generate them)"
+            )
         names = [t.name for t in self.teachers]
         if not names:
             raise ConfigError("teachers: at least one teacher is needed")

@@ -27,11 +27,50 @@ class GeneratePlan:
     remaining: dict[str, int]
 
 
+def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
+    """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet."""
+    from distilabel.models import TransformersLLM
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps.tasks import MagpieGenerator
+
+    from magpie_teach.data import write_atomic
+
+    path = Path(config.output_dir) / "instructions.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    spec = config.instructions.magpie
+    llm = TransformersLLM(
+        model=spec.model,
+        device="cpu" if spec.device == "auto" else spec.device,
+        magpie_pre_query_template=spec.pre_query(),
+        generation_kwargs={
+            "max_new_tokens": spec.max_new_tokens,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "do_sample": True,
+        },
+    )
+    with Pipeline(name="magpie-teach-instructions") as pipeline:
+        MagpieGenerator(
+            llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=1, only_instruction=True
+        )
+    frame = pipeline.run(use_cache=False)["default"]["train"].to_pandas()[["instruction"]]
+    frame["magpie_model"], frame["magpie_template"] = spec.model, spec.template
+    frame["magpie_settings"] = json.dumps(
+        {"temperature": spec.temperature, "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens}
+    )
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    return frame
+
+
 def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
     from magpie_teach.data import instruction_id, load_table
 
     spec = config.instructions
-    frame = load_table(spec.path, revision=spec.revision, split=spec.split)
+    if spec.magpie is not None:
+        frame = magpie_instructions(config)
+    else:
+        frame = load_table(spec.path, revision=spec.revision, split=spec.split)
     if spec.column in frame.columns:
         texts = frame[spec.column]
     elif "conversations" in frame.columns:  # ShareGPT: the first human turn
@@ -57,9 +96,19 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
     return out.reset_index(drop=True), counts
 
 
-def plan(config: GenerateConfig) -> GeneratePlan:
+def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
     from magpie_teach.generation.store import ResponseStore
 
+    magpie = config.instructions.magpie
+    if dry_run and magpie is not None and not (Path(config.output_dir) / "instructions.parquet").exists():
+        counts = {
+            "instructions_in": magpie.num_rows,
+            "instructions_used": magpie.num_rows,
+            "magpie_to_generate": magpie.num_rows,
+        }
+        return GeneratePlan(
+            pd.DataFrame(columns=["id", "instruction"]), counts, {t.name: magpie.num_rows for t in config.teachers}
+        )
     instructions, counts = load_instructions(config)
     store = ResponseStore(Path(config.output_dir) / "store")
     remaining = {t.name: int((~instructions["id"].isin(store.done_ids(t.name))).sum()) for t in config.teachers}
@@ -116,7 +165,7 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     from magpie_teach.data import write_atomic
     from magpie_teach.generation.store import ResponseStore
 
-    work = plan(config)
+    work = plan(config, dry_run)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
     if dry_run:
         return summary
