@@ -167,3 +167,21 @@ def test_instructions_need_exactly_one_source(tmp_path, tiny_suite):
             GenerateConfig,
             {"output_dir": "o", "instructions": {"path": "x", "magpie": {"model": "m"}}, "teachers": teacher},
         )
+
+
+def test_progress_bars_follow_the_store(tmp_path, capsys):
+    from magpie_teach.generation.config import GenerateConfig, InstructionsConfig, TeacherConfig
+    from magpie_teach.generation.run import GeneratePlan, _StoreProgress
+    from magpie_teach.generation.store import ResponseStore
+
+    config = GenerateConfig(
+        str(tmp_path), InstructionsConfig(path="x"), [TeacherConfig("a", "m"), TeacherConfig("b", "m")]
+    )
+    work = GeneratePlan(pd.DataFrame(), {}, {"a": 4, "b": 0})
+    store = ResponseStore(tmp_path / "store")
+    with _StoreProgress(config, work, interval=0.05, show=True):
+        for i in range(3):
+            store.write("a", pd.DataFrame({"id": [str(i)], "teacher": ["a"], "generation_index": [0]}))
+            time.sleep(0.1)
+    err = capsys.readouterr().err
+    assert "a: " in err and "3/4" in err and "b: " not in err  # b had nothing left to do

@@ -159,6 +159,49 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     return pipeline, parameters
 
 
+class _StoreProgress:
+    """One progress bar per teacher (rows stored, rate, ETA), fed by polling the response store while
+    distilabel runs the pipeline in its own processes. Like every bar here it shows only on a terminal."""
+
+    def __init__(self, config: GenerateConfig, work: GeneratePlan, interval: float = 1.0, show: bool | None = None):
+        import threading
+
+        from magpie_teach.generation.store import ResponseStore
+
+        self.store = ResponseStore(Path(config.output_dir) / "store")
+        self.teachers = [t for t in config.teachers if work.remaining[t.name]]
+        self.totals = {t.name: work.remaining[t.name] * t.num_generations for t in self.teachers}
+        self.seen: dict[str, dict] = {t.name: {} for t in self.teachers}
+        self.start = {t.name: self.store.count(t.name, self.seen[t.name]) for t in self.teachers}
+        self.interval = interval
+        self.disable = None if show is None else not show
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        bars = {
+            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
+        }
+        while True:
+            done = self.stop.wait(self.interval)
+            for name, bar in bars.items():
+                bar.update(self.store.count(name, self.seen[name]) - self.start[name] - bar.n)
+            if done:
+                break
+        for bar in bars.values():
+            bar.close()
+
+    def __enter__(self) -> "_StoreProgress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
     from magpie_teach.config import dump_config
@@ -173,7 +216,8 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     dump_config(config, out / "generate_config.yaml")
     if any(work.remaining.values()):
         pipeline, parameters = build_pipeline(config, work)
-        pipeline.run(use_cache=False, parameters=parameters)
+        with _StoreProgress(config, work):
+            pipeline.run(use_cache=False, parameters=parameters)
     rows = ResponseStore(out / "store").read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
     rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)

@@ -40,5 +40,14 @@ class ResponseStore:
         frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         return frame.drop_duplicates(["teacher", "id", "generation_index"], keep="first").reset_index(drop=True)
 
+    def count(self, teacher: str, seen: dict[Path, int]) -> int:
+        """Rows stored for ``teacher``, reading only the footers of files not in ``seen`` (a cache it fills)."""
+        import pyarrow.parquet as pq
+
+        for path in self._dir(teacher).glob("batch-*.parquet"):
+            if path not in seen:
+                seen[path] = pq.read_metadata(path).num_rows
+        return sum(seen.values())
+
     def done_ids(self, teacher: str) -> set[str]:
         return set(self.read(teacher)["id"].astype(str))
