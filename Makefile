@@ -46,6 +46,7 @@ test-gpu: install
 bench: install
 	$(PY) benchmarks/bench_compatibility.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_generate.py
 
 demo: install
 	$(VENV)/bin/magpie-teach demo --output outputs/demo
