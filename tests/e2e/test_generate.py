@@ -185,3 +185,20 @@ def test_progress_bars_follow_the_store(tmp_path, capsys):
             time.sleep(0.1)
     err = capsys.readouterr().err
     assert "a: " in err and "3/4" in err and "b: " not in err  # b had nothing left to do
+
+
+def test_instruction_filters_are_counted(tmp_path, tiny_suite, sample_path):
+    from magpie_teach.generation.config import load_generate_config
+    from magpie_teach.generation.run import load_instructions
+
+    path = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, tmp_path / "out")
+    values = yaml.safe_load(path.read_text())
+    values["instructions"].update(min_chars=30, max_chars=60, sample=5, seed=1)
+    path.write_text(yaml.safe_dump(values))
+    instructions, counts = load_instructions(load_generate_config(str(path)))
+    texts = pd.read_json(sample_path, lines=True)["instruction"]  # reference computed here
+    in_range = texts[(texts.str.len() >= 30) & (texts.str.len() <= 60)]
+    assert counts["dropped_by_length"] == len(texts) - len(in_range)
+    assert counts["dropped_duplicate"] == len(in_range) - in_range.nunique()
+    assert counts["dropped_by_sample"] == in_range.nunique() - 5 and len(instructions) == 5
+    assert set(instructions["instruction"]) <= set(in_range)

@@ -63,6 +63,8 @@ class InstructionsConfig:
     revision: str | None = None
     split: str = "train"
     column: str = "instruction"
+    min_chars: int | None = None
+    max_chars: int | None = None
     sample: int | None = None
     seed: int = 0
     dedup: bool = True

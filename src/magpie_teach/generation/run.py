@@ -82,6 +82,10 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
     counts = {"instructions_in": len(texts)}
     texts = texts[texts.map(lambda t: isinstance(t, str) and bool(t.strip()))]
     counts["dropped_empty"] = counts["instructions_in"] - len(texts)
+    lengths = texts.str.len()
+    keep = (lengths >= (spec.min_chars or 0)) & (lengths <= (spec.max_chars or lengths.max()))
+    counts["dropped_by_length"] = int((~keep).sum())
+    texts = texts[keep]
     if spec.dedup:
         before = len(texts)
         texts = texts.drop_duplicates()
@@ -89,9 +93,7 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
     out = pd.DataFrame({"id": [instruction_id(t) for t in texts], "instruction": texts.to_numpy()})
     if spec.sample is not None and spec.sample < len(out):
         out = out.sample(n=spec.sample, random_state=spec.seed).sort_index()
-        counts["dropped_by_sample"] = (
-            counts["instructions_in"] - counts["dropped_empty"] - counts.get("dropped_duplicate", 0) - len(out)
-        )
+        counts["dropped_by_sample"] = len(texts) - len(out)
     counts["instructions_used"] = len(out)
     return out.reset_index(drop=True), counts
 
