@@ -10,6 +10,7 @@ Hub models (:func:`magpie_teach.modeling.load_model`), so the tests exercise the
 * a reward model: ``LlamaForSequenceClassification`` with one output.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -141,8 +142,8 @@ def _save(model: Any, tokenizer: Any, path: Path, chat_template: bool = True) ->
     try:
         model.save_pretrained(tmp)
         saved = tokenizer
-        if not chat_template:
-            saved = build_tiny_tokenizer(len(tokenizer))
+        if not chat_template:  # the same vocabulary, without a template (like GPT-2)
+            saved = copy.deepcopy(tokenizer)
             saved.chat_template = None
         saved.save_pretrained(tmp)
         if path.exists():

@@ -9,13 +9,17 @@ with exact repeats removed and an optional seeded sample, both counted.
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from magpie_teach.errors import DataError
 from magpie_teach.generation.config import GenerateConfig
+
+if TYPE_CHECKING:
+    from magpie_teach.generation.store import ResponseStore
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +29,14 @@ class GeneratePlan:
     instructions: pd.DataFrame
     counts: dict
     remaining: dict[str, int]
+    todo: dict[str, pd.DataFrame] = field(default_factory=dict)  # per teacher: instructions not yet stored
+
+
+def response_store(config: GenerateConfig) -> "ResponseStore":
+    """The run's batch store under OUTPUT/store (the resume point)."""
+    from magpie_teach.generation.store import ResponseStore
+
+    return ResponseStore(Path(config.output_dir) / "store")
 
 
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
@@ -99,8 +111,6 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
 
 
 def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
-    from magpie_teach.generation.store import ResponseStore
-
     magpie = config.instructions.magpie
     if dry_run and magpie is not None and not (Path(config.output_dir) / "instructions.parquet").exists():
         counts = {
@@ -112,9 +122,9 @@ def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
             pd.DataFrame(columns=["id", "instruction"]), counts, {t.name: magpie.num_rows for t in config.teachers}
         )
     instructions, counts = load_instructions(config)
-    store = ResponseStore(Path(config.output_dir) / "store")
-    remaining = {t.name: int((~instructions["id"].isin(store.done_ids(t.name))).sum()) for t in config.teachers}
-    return GeneratePlan(instructions, counts, remaining)
+    store = response_store(config)
+    todo = {t.name: instructions[~instructions["id"].isin(store.done_ids(t.name))] for t in config.teachers}
+    return GeneratePlan(instructions, counts, {name: len(rows) for name, rows in todo.items()}, todo)
 
 
 def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
@@ -124,14 +134,13 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     from distilabel.steps import LoadDataFromDicts
     from distilabel.steps.tasks import TextGeneration
 
-    from magpie_teach.generation.store import ResponseStore
     from magpie_teach.steps.generation import ResponseFormat
 
-    store = ResponseStore(Path(config.output_dir) / "store")
+    store = response_store(config)
     parameters: dict = {}
     with Pipeline(name="magpie-teach-generate") as pipeline:
         for i, teacher in enumerate(config.teachers):
-            todo = work.instructions[~work.instructions["id"].isin(store.done_ids(teacher.name))]
+            todo = work.todo[teacher.name]
             if todo.empty:
                 continue
             load = LoadDataFromDicts(name=f"load_{i}", data=todo.to_dict("records"), batch_size=config.batch_size)
@@ -168,9 +177,7 @@ class _StoreProgress:
     def __init__(self, config: GenerateConfig, work: GeneratePlan, interval: float = 1.0, show: bool | None = None):
         import threading
 
-        from magpie_teach.generation.store import ResponseStore
-
-        self.store = ResponseStore(Path(config.output_dir) / "store")
+        self.store = response_store(config)
         self.teachers = [t for t in config.teachers if work.remaining[t.name]]
         self.totals = {t.name: work.remaining[t.name] * t.num_generations for t in self.teachers}
         self.seen: dict[str, dict] = {t.name: {} for t in self.teachers}
@@ -208,7 +215,6 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
     from magpie_teach.config import dump_config
     from magpie_teach.data import write_atomic
-    from magpie_teach.generation.store import ResponseStore
 
     work = plan(config, dry_run)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
@@ -220,7 +226,7 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
         pipeline, parameters = build_pipeline(config, work)
         with _StoreProgress(config, work):
             pipeline.run(use_cache=False, parameters=parameters)
-    rows = ResponseStore(out / "store").read()
+    rows = response_store(config).read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
     rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)
     for teacher in config.teachers:
