@@ -28,8 +28,7 @@ def write_config(path: Path, tiny_suite, sample_path, out: Path, **extra) -> Pat
 
 
 def generate(config: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "DISTILABEL_CACHE_DIR": str(config.parent / "distilabel-cache")}
-    return subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "generate", str(config)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "generate", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)  # fmt: skip
 
 
@@ -78,6 +77,11 @@ def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(
     before = {p: pd.read_parquet(p) for p in batches(out)}
     assert before, "the run was killed before its first batch was stored"
     assert not (out / "responses.parquet").exists()
+    # a kill can land while distilabel writes its cached pipeline.yaml; the rerun must not trip on it
+    cached = list((out / ".distilabel-cache").rglob("pipeline.yaml"))
+    assert cached
+    for path in cached:
+        path.write_text("")
     finish(generate(config))
     after = pd.read_parquet(out / "responses.parquet").sort_values(KEY).reset_index(drop=True)
     pd.testing.assert_frame_equal(after[[*KEY, "response"]], uninterrupted[[*KEY, "response"]])

@@ -39,6 +39,20 @@ def response_store(config: GenerateConfig) -> "ResponseStore":
     return ResponseStore(Path(config.output_dir) / "store")
 
 
+def scratch_cache(config: GenerateConfig, name: str) -> str:
+    """A fresh distilabel cache folder for one run, under OUTPUT/.distilabel-cache/NAME.
+
+    The response store is what makes runs resumable; distilabel's own cache is scratch. It is wiped
+    before every run because distilabel re-reads its cached ``pipeline.yaml`` even with
+    ``use_cache=False``, and a run killed while writing that file leaves it empty and unreadable.
+    """
+    import shutil
+
+    path = Path(config.output_dir) / ".distilabel-cache" / name
+    shutil.rmtree(path, ignore_errors=True)
+    return str(path)
+
+
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet."""
     from distilabel.models import TransformersLLM
@@ -62,7 +76,7 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
             "do_sample": True,
         },
     )
-    with Pipeline(name="magpie-teach-instructions") as pipeline:
+    with Pipeline(name="magpie-teach-instructions", cache_dir=scratch_cache(config, "instructions")) as pipeline:
         MagpieGenerator(
             llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=1, only_instruction=True
         )
@@ -138,7 +152,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
 
     store = response_store(config)
     parameters: dict = {}
-    with Pipeline(name="magpie-teach-generate") as pipeline:
+    with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config, "generate")) as pipeline:
         for i, teacher in enumerate(config.teachers):
             todo = work.todo[teacher.name]
             if todo.empty:
