@@ -32,6 +32,37 @@ example:
 """
 
 
+_ARGV: list[str] = []  # the command line being run, recorded in OUTPUT/command.json for dataset cards
+
+
+def _finish(args: argparse.Namespace, output_dir: str | Path, kind: str | None = None) -> None:
+    """After a command that produced OUTPUT: record its command line, and publish it with --push-to-hub."""
+    from magpie_teach.hub.publish import record_command
+
+    record_command(output_dir, _ARGV)
+    if getattr(args, "push_to_hub", None):
+        from magpie_teach.hub.publish import PushConfig, push
+
+        result = push(PushConfig(source=str(output_dir), repo_id=args.push_to_hub, tag=args.hub_tag, kind=kind,
+                                 private=args.hub_private))  # fmt: skip
+        _print_push(result)
+
+
+def _print_push(result: Any) -> None:
+    state = "already published, unchanged:" if result.unchanged else "published"
+    print(f"{state} {result.kind}: {result.repo_id} tag {result.tag} commit {result.commit}")
+    print(f"  load it: datasets.load_dataset({result.repo_id!r}, revision={result.tag!r})")
+
+
+def _add_push_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("publishing (see `magpie-teach push --help`)")
+    group.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", help="after writing OUTPUT, publish it to this Hub data set"
+    )
+    group.add_argument("--hub-tag", help="tag of the published version (default: the next minor version)")
+    group.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+
+
 def _sample_path() -> str:
     return str(resources.files("magpie_teach") / "resources" / "sample_responses.jsonl")
 
@@ -65,6 +96,7 @@ def run_rank(args: argparse.Namespace) -> int:
         + (f", {dropped}" if dropped else "")
     )
     print(f"wrote {result.output_dir}/ranking.csv and scores.parquet")
+    _finish(args, result.output_dir)
     return 0
 
 
@@ -97,6 +129,7 @@ def run_select(args: argparse.Namespace) -> int:
     if summary["dropped_by_reason"]:
         print(f"dropped by filters: {summary['dropped_by_reason']}")
     print(f"wrote {result.output_dir} (load with datasets.load_dataset({str(result.output_dir)!r}))")
+    _finish(args, result.output_dir)
     return 0
 
 
@@ -170,6 +203,22 @@ def run_generate(args: argparse.Namespace) -> int:
     for name, teacher in summary["teachers"].items():
         print(f"  {name}: {teacher}")
     print(f"wrote {config.output_dir}/responses.parquet")
+    _finish(args, config.output_dir)
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from magpie_teach.hub.publish import PushConfig, push
+
+    _print_push(push(_config(args, PushConfig)))
+    return 0
+
+
+def run_hub_serve(args: argparse.Namespace) -> int:
+    from magpie_teach.hub.server import serve
+    from magpie_teach.hub.target import hub_root
+
+    serve(args.root or str(hub_root()), host=args.host, port=args.port, verbose=not args.quiet)
     return 0
 
 
@@ -235,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    _config_command(
+    rank_parser = _config_command(
         sub,
         "rank",
         RankConfig,
@@ -245,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RANK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_push_flags(rank_parser)
 
     p = sub.add_parser(
         "paradox",
@@ -269,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     from magpie_teach.selection.select import SelectConfig
     from magpie_teach.training.validate import ValidateConfig
 
-    _config_command(
+    select_parser = _config_command(
         sub,
         "select",
         SelectConfig,
@@ -277,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build an SFT data set (messages) from scores",
         description="Build an SFT data set with a `messages` column from `rank` scores: a whole teacher (best by CAR or any metric), or per instruction best-of-N by reward, GRAPE, or a reward-compatibility mix. Filters drop (and count) failed, truncated, low-reward or long responses.",
     )
+    _add_push_flags(select_parser)
 
     p = sub.add_parser(
         "train",
@@ -338,6 +389,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run_generate)
 
+    _add_push_flags(p)
+
+    from magpie_teach.hub.publish import PushConfig
+
+    _config_command(
+        sub,
+        "push",
+        PushConfig,
+        run_push,
+        help="publish an output folder as a versioned Hub data set (one commit + a tag)",
+        description=(
+            "Publish the output folder of generate, rank or select as a Hub data set: the data, a dataset card and "
+            "the resolved config in one commit, then a tag (default: the next minor version). An existing tag is "
+            "refused unless --overwrite. Target: $HF_ENDPOINT if set, else huggingface.co when a token is found "
+            "(HF_TOKEN or `hf auth login`), else the local hub (see `magpie-teach hub serve`)."
+        ),
+        epilog="example:\n  magpie-teach push runs/rank --repo-id my-org/teacher-ranking --tag v1.0.0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    hub = sub.add_parser("hub", help="the local Hub-compatible server", description="The local Hub-compatible server.")
+    hub_sub = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND", required=True)
+    p = hub_sub.add_parser(
+        "serve",
+        help="serve the local hub on 127.0.0.1",
+        description=(
+            "Serve the local hub (bare git repos + LFS store) that `push` writes to when there is no token. "
+            "Point huggingface_hub and datasets at it with HF_ENDPOINT=<printed URL> and HF_HUB_DISABLE_XET=1."
+        ),
+    )
+    p.add_argument("--root", help="storage folder (default: $MAGPIE_TEACH_HUB_ROOT or ~/.cache/magpie-teach/hub)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.set_defaults(func=run_hub_serve)
+
     p = sub.add_parser(
         "tiny",
         help="build the tiny offline models used by tests and the demo",
@@ -359,10 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _ARGV[:] = argv
+    if args.command == "push" or getattr(args, "push_to_hub", None):
+        from magpie_teach.hub.target import choose_target
+
+        choose_target()  # before huggingface_hub is imported: it reads HF_ENDPOINT once
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

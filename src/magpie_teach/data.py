@@ -46,6 +46,21 @@ class LoadedResponses:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def hub_commit(source: str, revision: str | None) -> str:
+    """The commit id that REVISION (branch, tag, commit; default main) of Hub data set SOURCE points at."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi().dataset_info(source, revision=revision).sha
+    except RevisionNotFoundError:
+        raise DataError(f"{source}: no revision {revision!r} (a branch, tag or commit id) on the Hub.") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"{source}: no such data set on the Hub (or it is private and no token was given).") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise DataError(f"{source}@{revision or 'main'}: the Hub could not be reached: {err}") from None
+
+
 def load_table(source: str, revision: str | None = None, split: str = "train") -> pd.DataFrame:
     """Reads a local jsonl/json/parquet/csv file, a folder saved with ``Dataset.save_to_disk``, or a Hub
     data set id (``org/name``) at ``revision``."""
@@ -80,10 +95,13 @@ def load_table(source: str, revision: str | None = None, split: str = "train") -
     if source.count("/") == 1 and not source.startswith((".", "/")):
         import datasets
 
+        commit = hub_commit(source, revision)
         try:
-            return datasets.load_dataset(source, revision=revision, split=split).to_pandas()
+            frame = datasets.load_dataset(source, revision=commit, split=split).to_pandas()
         except Exception as err:  # the datasets library raises many types; name the source either way
             raise DataError(f"{source}@{revision or 'main'}: could not be loaded from the Hub: {err}") from err
+        frame.attrs["revision"] = commit  # the commit read, so that a rerun reads the same bytes
+        return frame
     raise DataError(f"{source}: no such file or folder, and not a Hub data set id of the form org/name.")
 
 
@@ -243,6 +261,7 @@ def load_responses(
 ) -> LoadedResponses:
     """Loads teacher responses in either format, validated, as long-format rows."""
     frame = load_table(source, revision=revision, split=split)
+    revision = frame.attrs.get("revision", revision)  # a Hub source: the commit actually read
     if is_wide(frame):
         frame = to_long(frame, source)
     if teachers:

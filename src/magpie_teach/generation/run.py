@@ -121,7 +121,9 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
         out = out.sample(n=spec.sample, random_state=spec.seed).sort_index()
         counts["dropped_by_sample"] = len(texts) - len(out)
     counts["instructions_used"] = len(out)
-    return out.reset_index(drop=True), counts
+    out = out.reset_index(drop=True)
+    out.attrs["revision"] = frame.attrs.get("revision")  # the Hub commit read, if any
+    return out, counts
 
 
 def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
@@ -235,6 +237,7 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     if dry_run:
         return summary
     out = Path(config.output_dir)
+    summary["instructions_revision"] = work.instructions.attrs.get("revision")
     dump_config(config, out / "generate_config.yaml")
     if any(work.remaining.values()):
         pipeline, parameters = build_pipeline(config, work)

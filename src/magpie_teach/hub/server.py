@@ -409,7 +409,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.faults.rules.clear()
             return self._send(200, {"ok": True})
         if parts == ["stats"]:
-            return self._send(200, dict(self.server.stats))
+            return self._send(200, {**self.server.stats, "root": str(self.server.store.root.resolve())})
         raise HubError(404, "unknown admin route")
 
     def create_repo(self, body: dict) -> None:

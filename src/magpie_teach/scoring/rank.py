@@ -1,5 +1,6 @@
 """`magpie-teach rank`: rank teachers per base model by CAR, with every baseline of the paper beside it."""
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -281,7 +282,14 @@ def rank(config: RankConfig) -> RankResult:
             out / "dropped.csv",
             lambda tmp: loaded.dropped.drop(columns=["_row"], errors="ignore").to_csv(tmp, index=False),
         )
-    summary = {"source": config.data, "revision": config.revision, "fingerprint": loaded.fingerprint, "counts": counts}
+    summary = {
+        "source": config.data,
+        "revision": config.revision,
+        "resolved_revision": loaded.revision if loaded.revision != config.revision else None,
+        "fingerprint": loaded.fingerprint,
+        "counts": counts,
+    }
     write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    dump_config(config, out / "rank_config.yaml")
+    # a Hub source is recorded by the commit that was read, so that rerunning this config reads the same bytes
+    dump_config(dataclasses.replace(config, revision=loaded.revision), out / "rank_config.yaml")
     return RankResult(ranking, scores, corr, loaded.dropped, counts, out)

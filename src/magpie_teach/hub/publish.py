@@ -1,0 +1,398 @@
+"""``magpie-teach push``: an artefact folder -> one Hub commit (data, dataset card, resolved config) + a tag.
+
+Everything that can be checked is checked before the first byte goes up: the repo id, the source
+folder and its files, the card's fields, and the tag (an existing tag is refused unless
+``overwrite``). The commit names its parent, so a concurrent push is refused rather than merged. A
+push that dies midway leaves the previous version untouched (a Hub commit is atomic) and the local
+folder as it was; rerunning it uploads only what is missing (LFS objects already stored are
+skipped) and, if the commit had landed, only creates the tag.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.hub import cards
+
+COMMAND_FILE = "command.json"
+SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one artefact kind publishes: its data file and the side files that describe it."""
+
+    config: str
+    data: str
+    summary: str | None
+    extras: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {
+    "instructions": Kind("generate_config.yaml", "instructions.parquet", None),
+    "responses": Kind("generate_config.yaml", "responses.parquet", "summary.json"),
+    "scores": Kind("rank_config.yaml", "scores.parquet", "summary.json", ("ranking.csv", "correlations.csv", "dropped.csv")),
+    "ranking": Kind("rank_config.yaml", "ranking.csv", "summary.json", ("correlations.csv", "dropped.csv")),
+    "sft": Kind("select_config.yaml", "data/train-00000-of-00001.parquet", "selection_summary.json", ("dropped.parquet",)),
+}  # fmt: skip
+DEFAULT_KIND = {"generate_config.yaml": "responses", "rank_config.yaml": "ranking", "select_config.yaml": "sft"}
+DATA_PATH = "data/train-00000-of-00001.parquet"
+
+
+@dataclass
+class PushConfig:
+    source: str = field(
+        metadata={"help": "Output folder of magpie-teach generate, rank or select.", "positional": True}
+    )
+    repo_id: str = field(metadata={"help": "Hub data set to publish to, ORG/NAME (created if missing)."})
+    tag: str | None = field(
+        default=None, metadata={"help": "Tag of this version (default: the next minor version, v1.0.0 first)."}
+    )
+    kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "Artefact to publish from SOURCE (default: responses for generate, ranking for rank, sft for select).",
+            "choices": sorted(KINDS),
+        },
+    )
+    private: bool = field(default=False, metadata={"help": "Create the repo private (an existing repo keeps its visibility)."})  # fmt: skip
+    overwrite: bool = field(
+        default=False, metadata={"help": "Allow moving an existing tag to this push. Without it, an existing tag is an error."}
+    )  # fmt: skip
+    branch: str = field(default="main", metadata={"help": "Branch to commit to."})
+    license: str = field(
+        default="other",
+        metadata={"help": "License in the card's metadata (default 'other': responses follow the teachers' terms)."},
+    )
+    message: str | None = field(default=None, metadata={"help": "Commit message (default: 'magpie-teach: KIND TAG')."})  # fmt: skip
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    tag: str
+    commit: str
+    kind: str
+    url: str
+    files: list[str]
+    unchanged: bool
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repo_id}@{self.tag} (commit {self.commit})"
+
+
+# ---- validation that happens before anything is uploaded ---------------------------------------------
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise ConfigError(f"--repo-id {repo_id!r}: expected ORG/NAME (for example my-org/magpie-responses).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"--repo-id {repo_id!r}: {err}") from None
+
+
+def check_tag(tag: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", tag):
+        raise ConfigError(f"--tag {tag!r}: use letters, digits, '.', '_' and '-' (for example v1.2.0).")
+
+
+def next_tag(existing: list[str]) -> str:
+    """The next minor version after the highest vX.Y.Z tag; v1.0.0 when there is none."""
+    versions = [tuple(map(int, m.groups())) for m in map(SEMVER.match, existing) if m]
+    if not versions:
+        return "v1.0.0"
+    major, minor, _ = max(versions)
+    return f"v{major}.{minor + 1}.0"
+
+
+def detect_kind(source: Path, kind: str | None) -> str:
+    if not source.is_dir():
+        raise DataError(
+            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank or select."
+        )
+    if kind is None:
+        found = [DEFAULT_KIND[name] for name in DEFAULT_KIND if (source / name).exists()]
+        if not found:
+            raise DataError(
+                f"{source}: none of {', '.join(DEFAULT_KIND)} is there; push takes the output folder of "
+                "magpie-teach generate, rank or select."
+            )
+        kind = found[0]
+    spec = KINDS[kind]
+    for name in (spec.config, spec.data):
+        if not (source / name).exists():
+            raise DataError(f"{source}: {name} is missing, so it holds no {kind} artefact to publish.")
+    return kind
+
+
+def _command(source: Path) -> str:
+    record = cards.yaml_or_json(source / COMMAND_FILE)
+    argv = record.get("argv")
+    return shlex.join(["magpie-teach", *argv]) if argv else "Python API (no command recorded)"
+
+
+def _read_data(source: Path, spec: Kind):  # noqa: ANN202 - pandas stays a lazy import
+    import pandas as pd
+
+    path = source / spec.data
+    try:
+        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - any reader error names the file
+        raise DataError(f"{path}: unreadable: {err}") from err
+
+
+def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict, dict, Any]:
+    """(template context, DatasetCardData fields, data frame) for one artefact."""
+    from magpie_teach import __version__
+
+    spec = KINDS[kind]
+    config = cards.yaml_or_json(source / spec.config)
+    summary = cards.yaml_or_json(source / spec.summary) if spec.summary else {}
+    frame = _read_data(source, spec)
+    context: dict[str, Any] = {
+        "kind": kind,
+        "repo_id": repo_id,
+        "tag": tag,
+        "n_rows": len(frame),
+        "columns": list(frame.columns),
+        "version": __version__,
+        "command": _command(source),
+        "citation": cards.CITATION,
+        "summary": summary,
+    }
+    tags = ["magpie-teach", "synthetic", kind]
+    if kind in ("instructions", "responses"):
+        instructions = config.get("instructions") or {}
+        magpie = instructions.get("magpie")
+        if kind == "instructions":
+            context["magpie"] = magpie
+            context["pretty_name"] = "Magpie instructions"
+        if magpie:
+            text = (
+                f"Generated Magpie-style by `{magpie.get('model')}` (pre-query template `{magpie.get('template')}`)."
+            )
+        elif instructions.get("path"):
+            rev = summary.get("instructions_revision") or instructions.get("revision")
+            text = f"Loaded from `{instructions['path']}`" + (f" at revision `{rev}`" if rev else "") + "."
+        else:
+            text = ""
+        context["instructions_source"] = text
+        context["filters"] = summary.get("counts") or {}
+        teachers = []
+        for t in config.get("teachers") or []:
+            sampling = t.get("sampling") or {}
+            teachers.append({
+                "name": t.get("name"), "model": t.get("model"), "backend": t.get("backend", "transformers"),
+                "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"),
+                "max_new_tokens": sampling.get("max_new_tokens"), "num_generations": t.get("num_generations", 1),
+            })  # fmt: skip
+        context["teachers"] = teachers
+        context["teacher_counts"] = summary.get("teachers") or {}
+        context["n_instructions"] = int(frame["id"].nunique()) if "id" in frame else len(frame)
+        context.setdefault("pretty_name", "Multi-teacher responses")
+        if magpie:
+            tags.append("magpie")
+    elif kind in ("scores", "ranking"):
+        ranking = frame if kind == "ranking" else _read_csv_if(source / "ranking.csv")
+        context.update(
+            data_source=config.get("data"),
+            data_revision=summary.get("resolved_revision") or config.get("revision"),
+            base_models=config.get("base_models") or [],
+            reward=f"`{config['reward_model']}`" if config.get("reward_model") else
+                   (f"precomputed column `{config['reward_column']}`" if config.get("reward_column") else None),
+            reference_model=config.get("reference_model"),
+            beta=config.get("beta"),
+            counts=summary.get("counts") or {},
+            dropped={k: v for k, v in (summary.get("counts") or {}).items() if not k.startswith(("rows_", "truncated[", "reward_truncated"))},
+            ranking=cards.ranking_markdown(ranking) if ranking is not None and len(ranking) else None,
+            pretty_name="Teacher ranking (CAR)" if kind == "ranking" else "Scored multi-teacher responses",
+        )  # fmt: skip
+    elif kind == "sft":
+        context.update(
+            strategy=config.get("strategy") or summary.get("strategy"),
+            base_model=summary.get("base_model"),
+            scores_source=config.get("scores"),
+            rows_per_teacher=summary.get("rows_per_teacher") or {},
+            dropped=summary.get("dropped_by_reason") or {},
+            pretty_name="SFT data selected by magpie-teach",
+        )
+        tags.append("sft")
+    card_data = {
+        "license": None,  # set by the caller
+        "task_categories": ["text-generation"],
+        "size_categories": [cards.size_category(len(frame))],
+        "pretty_name": context["pretty_name"],
+        "tags": tags,
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+    }
+    return context, card_data, frame
+
+
+def _read_csv_if(path: Path):  # noqa: ANN202
+    import pandas as pd
+
+    return pd.read_csv(path) if path.exists() else None
+
+
+def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir: Path) -> dict[str, Path]:
+    """Writes what will be committed (path in repo -> local file); the source folder is only read."""
+    spec = KINDS[kind]
+    workdir.mkdir(parents=True, exist_ok=True)
+    context, card_data, frame = build_context(source, kind, repo_id, tag)
+    card_data["license"] = license
+    files: dict[str, Path] = {}
+    data = source / spec.data
+    if data.suffix == ".parquet":
+        files[DATA_PATH] = data
+    else:
+        converted = workdir / "train.parquet"
+        frame.to_parquet(converted, index=False)
+        files[DATA_PATH] = converted
+    card = workdir / "README.md"
+    card.write_text(cards.render(kind, context, card_data, str(source)), encoding="utf-8")
+    files["README.md"] = card
+    for name in (spec.config, spec.summary, COMMAND_FILE, *spec.extras):
+        if name and (source / name).exists():
+            files[f"magpie_teach/{name}"] = source / name
+    return files
+
+
+def git_blob_sha(path: Path) -> str:
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_files(api: Any, repo_id: str, commit: str, files: dict[str, Path]) -> bool:
+    """Whether COMMIT holds exactly FILES (plus .gitattributes), byte for byte."""
+    remote = {e.path: e for e in api.list_repo_tree(repo_id, repo_type="dataset", revision=commit, recursive=True)
+              if hasattr(e, "blob_id")}  # fmt: skip
+    if set(remote) - {".gitattributes"} != set(files):
+        return False
+    for path, local in files.items():
+        entry = remote[path]
+        if entry.lfs is not None:
+            if entry.lfs.sha256 != file_sha256(local):
+                return False
+        elif entry.blob_id != git_blob_sha(local):
+            return False
+    return True
+
+
+# ---- the push -----------------------------------------------------------------------------------------
+def push(config: PushConfig) -> PushResult:
+    """Publishes CONFIG.source; errors of the Hub or the network become a DataError that says what state the
+    repo is in (the previous version untouched) and that rerunning the same command finishes the push."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return _push(config)
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        what = f"HTTP {status}" if status else type(err).__name__
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(
+            f"push of {config.source} to {config.repo_id} failed ({what}: {first}). Nothing was published by this "
+            "attempt (a Hub commit is all or nothing); the previous versions and your local files are untouched. "
+            "Rerun the same command to finish: files already uploaded are not sent again."
+        ) from None
+
+
+def _push(config: PushConfig) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    from magpie_teach.hub.target import hub_token
+
+    check_repo_id(config.repo_id)
+    if config.tag:
+        check_tag(config.tag)
+    source = Path(config.source)
+    kind = detect_kind(source, config.kind)
+    api = HfApi(token=hub_token())
+
+    try:
+        refs = api.list_repo_refs(config.repo_id, repo_type="dataset")
+        tags = {t.name: t.target_commit for t in refs.tags}
+        branches = {b.name: b.target_commit for b in refs.branches}
+        exists = True
+    except RepositoryNotFoundError:
+        tags, branches, exists = {}, {}, False
+    tag = config.tag or next_tag(list(tags))
+    if tag in tags and not config.overwrite:
+        raise ConfigError(
+            f"{config.repo_id}: tag {tag} already exists (commit {tags[tag][:12]}); published versions are never "
+            "overwritten. Pick another --tag, or pass --overwrite to move it."
+        )
+    if exists and config.branch not in branches:
+        raise ConfigError(f"{config.repo_id}: no branch {config.branch!r} (branches: {', '.join(sorted(branches))}).")
+
+    with tempfile.TemporaryDirectory(prefix="magpie-teach-push-") as tmp:
+        files = stage(source, kind, config.repo_id, tag, config.license, Path(tmp))  # card errors happen here
+        if exists and not config.tag:  # the same artefact again: name the version that already holds it
+            head = branches[config.branch]
+            for published in sorted(name for name, sha in tags.items() if sha == head):
+                again = stage(source, kind, config.repo_id, published, config.license, Path(tmp) / published)
+                if same_files(api, config.repo_id, head, again):
+                    url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{published}"
+                    return PushResult(config.repo_id, published, head, kind, url, sorted(again), True)
+        if not exists:
+            api.create_repo(config.repo_id, repo_type="dataset", private=config.private, exist_ok=True)
+        head = api.repo_info(config.repo_id, repo_type="dataset", revision=config.branch).sha
+        remote = set(api.list_repo_files(config.repo_id, repo_type="dataset", revision=head))
+        operations: list[Any] = [CommitOperationAdd(path, str(local)) for path, local in sorted(files.items())]
+        operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - {".gitattributes"})]
+        info = api.create_commit(
+            config.repo_id,
+            operations,
+            commit_message=config.message or f"magpie-teach: {kind} {tag}",
+            commit_description=f"Published by magpie-teach push from {source.name}/.",
+            repo_type="dataset",
+            revision=config.branch,
+            parent_commit=head,
+        )
+    commit = info.oid
+    unchanged = commit == head
+    if tag in tags:  # --overwrite
+        api.delete_tag(config.repo_id, tag=tag, repo_type="dataset")
+    try:
+        api.create_tag(
+            config.repo_id, tag=tag, revision=commit, repo_type="dataset", tag_message=f"magpie-teach {kind}"
+        )
+    except RevisionNotFoundError as err:  # pragma: no cover - the commit was just made
+        raise DataError(f"{config.repo_id}: commit {commit} vanished before tagging: {err}") from None
+    url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{tag}"
+    return PushResult(config.repo_id, tag, commit, kind, url, sorted(files), unchanged)
+
+
+def record_command(output_dir: str | Path, argv: list[str]) -> None:
+    """Writes OUTPUT/command.json (the argv of the command that produced the folder) for the card."""
+    from magpie_teach import __version__
+    from magpie_teach.data import write_atomic
+
+    path = Path(output_dir) / COMMAND_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"argv": list(argv), "magpie_teach_version": __version__}, indent=2)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(body))
