@@ -57,3 +57,13 @@ def ranked_sample(tmp_path_factory, tiny_suite, sample_path):
         )
     )
     return out
+
+
+@pytest.fixture
+def local_hub(tmp_path):
+    """A fresh local Hub-compatible server (magpie-teach hub serve) on 127.0.0.1, stopped by PID."""
+    from tests.hub.local import LocalHub
+
+    hub = LocalHub(tmp_path / "hub").start()
+    yield hub
+    hub.stop()

@@ -304,12 +304,9 @@ def same_files(api: Any, repo_id: str, commit: str, files: dict[str, Path]) -> b
 def push(config: PushConfig) -> PushResult:
     """Publishes CONFIG.source; errors of the Hub or the network become a DataError that says what state the
     repo is in (the previous version untouched) and that rerunning the same command finishes the push."""
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         return _push(config)
-    except (HfHubHTTPError, httpx.HTTPError, OSError) as err:
+    except network_errors() as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         what = f"HTTP {status}" if status else type(err).__name__
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -318,6 +315,22 @@ def push(config: PushConfig) -> PushResult:
             "attempt (a Hub commit is all or nothing); the previous versions and your local files are untouched. "
             "Rerun the same command to finish: files already uploaded are not sent again."
         ) from None
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub call raises: huggingface_hub's HTTP errors, and its HTTP client's transport errors
+    (httpx2 for huggingface_hub 2, httpx for 1)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _push(config: PushConfig) -> PushResult:

@@ -1,0 +1,245 @@
+"""Publishing and consuming versioned data sets through the unmodified huggingface_hub and datasets
+clients, against the project's local Hub-compatible server (a real process, real git, real LFS)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.hub.local import cli, python
+
+LOAD = """
+import json, sys, datasets
+ds = datasets.load_dataset({repo!r}, revision={revision!r}, split="train")
+print(json.dumps(ds.to_pandas().to_dict("list"), default=str))
+"""
+
+
+def load(hub, repo, revision):
+    out = python(LOAD.format(repo=repo, revision=revision), hub.env()).stdout
+    return pd.DataFrame(json.loads(out.strip().splitlines()[-1]))
+
+
+def read_remote(hub, repo, revision, path):
+    code = f"from huggingface_hub import hf_hub_download; print(open(hf_hub_download({repo!r}, {path!r}, repo_type='dataset', revision={revision!r})).read())"
+    return python(code, hub.env()).stdout
+
+
+def test_push_is_one_tagged_commit_that_loads_back(local_hub, ranked_sample):
+    result = cli("push", str(ranked_sample), "--repo-id", "lab/ranking", env=local_hub.env())
+    assert result.returncode == 0, result.stderr
+    assert "published ranking: lab/ranking tag v1.0.0 commit" in result.stdout
+    commit = result.stdout.split("commit ")[1].split()[0]
+    # one commit on top of the repo's initial one, and the tag is a real git ref pointing at it
+    assert local_hub.git("lab/ranking", "rev-list", "--count", "main") == "2"
+    assert local_hub.git("lab/ranking", "rev-parse", "v1.0.0^{commit}") == commit
+    files = set(local_hub.git("lab/ranking", "ls-tree", "-r", "--name-only", commit).split())
+    assert files == {".gitattributes", "README.md", "data/train-00000-of-00001.parquet",
+                     "magpie_teach/rank_config.yaml", "magpie_teach/summary.json"}  # fmt: skip
+    # the parquet went through LFS: git holds a pointer, the bytes are in the LFS store
+    pointer = local_hub.git("lab/ranking", "cat-file", "-p", f"{commit}:data/train-00000-of-00001.parquet")
+    assert pointer.startswith("version https://git-lfs.github.com/spec/v1")
+    assert local_hub.stats()["lfs_uploads"] == 1
+
+    expected = pd.read_csv(ranked_sample / "ranking.csv")
+    loaded = load(local_hub, "lab/ranking", "v1.0.0")
+    assert list(loaded.columns) == list(expected.columns)
+    pd.testing.assert_series_equal(loaded["car"].astype(float), expected["car"], check_names=False)
+    assert loaded["teacher"].tolist() == expected["teacher"].tolist()
+
+    card = read_remote(local_hub, "lab/ranking", "v1.0.0", "README.md")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "other" and front["size_categories"] == ["n<1K"]
+    assert {"magpie-teach", "synthetic"} <= set(front["tags"])
+    assert front["configs"][0]["data_files"][0]["path"] == "data/train-*"
+    assert 'load_dataset("lab/ranking", revision="v1.0.0"' in card
+    best = expected.sort_values("car", ascending=False).iloc[0]
+    assert f"| {best['teacher']} |" in card and "@inproceedings{xu2025stronger" in card
+    config = yaml.safe_load(read_remote(local_hub, "lab/ranking", "v1.0.0", "magpie_teach/rank_config.yaml"))
+    assert config["beta"] == 3.0
+
+
+def test_versions_are_immutable_and_reruns_do_not_republish(local_hub, ranked_sample, tmp_path):
+    env = local_hub.env()
+    assert cli("push", str(ranked_sample), "--repo-id", "lab/r", env=env).returncode == 0
+    first = local_hub.git("lab/r", "rev-parse", "v1.0.0^{commit}")
+
+    again = cli("push", str(ranked_sample), "--repo-id", "lab/r", env=env)
+    assert again.returncode == 0 and "already published, unchanged: ranking: lab/r tag v1.0.0" in again.stdout
+    assert local_hub.git("lab/r", "rev-list", "--count", "main") == "2"
+
+    refused = cli("push", str(ranked_sample), "--repo-id", "lab/r", "--tag", "v1.0.0", env=env)
+    assert (
+        refused.returncode == 2 and "tag v1.0.0 already exists" in refused.stderr and "--overwrite" in refused.stderr
+    )
+    assert local_hub.git("lab/r", "rev-list", "--count", "main") == "2"
+
+    changed = tmp_path / "changed"
+    shutil.copytree(ranked_sample, changed)
+    ranking = pd.read_csv(changed / "ranking.csv")
+    ranking.head(1).to_csv(changed / "ranking.csv", index=False)
+    second = cli("push", str(changed), "--repo-id", "lab/r", env=env)
+    assert second.returncode == 0 and "tag v1.1.0" in second.stdout, second.stderr
+    assert len(load(local_hub, "lab/r", "v1.0.0")) == len(ranking)  # the old version still reads the old bytes
+    assert len(load(local_hub, "lab/r", "v1.1.0")) == 1
+    assert local_hub.git("lab/r", "rev-parse", "v1.0.0^{commit}") == first
+
+    moved = cli("push", str(changed), "--repo-id", "lab/r", "--tag", "v1.0.0", "--overwrite", env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert local_hub.git("lab/r", "rev-parse", "v1.0.0^{commit}") != first
+
+
+@pytest.mark.parametrize(
+    "args, edit, message",
+    [
+        (["--repo-id", "not-a-repo-id"], None, "expected ORG/NAME"),
+        (["--repo-id", "lab/bad..name"], None, "--repo-id 'lab/bad..name'"),
+        (["--repo-id", "lab/x", "--tag", "v 1"], None, "--tag 'v 1'"),
+        (["--repo-id", "lab/x"], "config", "missing base_models"),
+        (["--repo-id", "lab/x"], "data", "ranking.csv is missing"),
+    ],
+)
+def test_bad_input_fails_before_any_upload(local_hub, ranked_sample, tmp_path, args, edit, message):
+    source = tmp_path / "src"
+    shutil.copytree(ranked_sample, source)
+    if edit == "config":
+        config = yaml.safe_load((source / "rank_config.yaml").read_text())
+        config["base_models"] = []
+        (source / "rank_config.yaml").write_text(yaml.safe_dump(config))
+    elif edit == "data":
+        (source / "ranking.csv").unlink()
+    before = sorted(p.name for p in source.iterdir())
+    result = cli("push", str(source), *args, env=local_hub.env())
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert local_hub.stats() | {"root": None} == {"lfs_uploads": 0, "commits": 0, "root": None}
+    assert not (local_hub.root / "repos" / "datasets" / "lab").exists()  # not even the repo was created
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_token_never_appears_in_output_files_or_server_log(local_hub, ranked_sample):
+    token = "hf_magpieSECRETtoken0123456789abcdef"
+    env = local_hub.env(HF_TOKEN=token)
+    outputs = [cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", env=env),
+               cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", "--tag", "v1.0.0", env=env),
+               cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", "--kind", "scores", env=env)]  # fmt: skip
+    assert outputs[0].returncode == 0 and outputs[1].returncode == 2
+    for result in outputs:
+        assert token not in result.stdout + result.stderr
+    local_hub.stop()
+    assert token not in local_hub.log.read_text()
+    for path in local_hub.root.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    for path in ranked_sample.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes()
+
+
+def test_a_500_on_the_commit_leaves_the_last_version_and_a_rerun_finishes(local_hub, ranked_sample, tmp_path):
+    env = local_hub.env()
+    assert cli("push", str(ranked_sample), "--repo-id", "lab/f", env=env).returncode == 0
+    head = local_hub.git("lab/f", "rev-parse", "main")
+    changed = tmp_path / "changed"
+    shutil.copytree(ranked_sample, changed)
+    pd.read_csv(changed / "ranking.csv").head(2).to_csv(changed / "ranking.csv", index=False)
+
+    local_hub.fault(r"^POST /api/datasets/lab/f/commit/", status=500, message="simulated outage")
+    failed = cli("push", str(changed), "--repo-id", "lab/f", env=env)
+    assert failed.returncode == 2 and "HTTP 500" in failed.stderr and "Rerun the same command" in failed.stderr
+    assert local_hub.git("lab/f", "rev-parse", "main") == head  # nothing half-published
+    assert "v1.1.0" not in local_hub.git("lab/f", "tag")
+    uploads = local_hub.stats()["lfs_uploads"]
+    assert uploads == 2  # v1.0.0's parquet, then the changed one before the commit failed
+
+    finished = cli("push", str(changed), "--repo-id", "lab/f", env=env)
+    assert finished.returncode == 0 and "tag v1.1.0" in finished.stdout, finished.stderr
+    assert local_hub.stats()["lfs_uploads"] == uploads  # the uploaded object was not sent again
+    assert len(load(local_hub, "lab/f", "v1.1.0")) == 2 and len(load(local_hub, "lab/f", "v1.0.0")) > 2
+
+
+def test_server_killed_mid_push_then_rerun_finishes_without_duplicates(local_hub, ranked_sample):
+    env = local_hub.env()
+    local_hub.fault(r"^POST /api/datasets/lab/k/commit/", delay=30)
+    push = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "push", str(ranked_sample), "--repo-id", "lab/k"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while local_hub.stats()["lfs_uploads"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the client is now waiting on the stalled commit
+    local_hub.kill()
+    _, err = push.communicate(timeout=120)
+    assert push.returncode == 2 and "Rerun the same command" in err, err
+    assert local_hub.git("lab/k", "rev-list", "--count", "main") == "1"  # only the initial commit
+
+    local_hub.start()  # same root, a new process
+    rerun = cli("push", str(ranked_sample), "--repo-id", "lab/k", env=local_hub.env())
+    assert rerun.returncode == 0, rerun.stderr
+    assert local_hub.stats()["lfs_uploads"] == 0  # the parquet stored before the kill was reused
+    objects = list((local_hub.root / "lfs").glob("??/??/*"))
+    assert len(objects) == 1
+    assert local_hub.git("lab/k", "rev-list", "--count", "main") == "2"
+
+
+def test_stale_parent_commit_is_refused_with_412(local_hub):
+    code = """
+from huggingface_hub import HfApi, CommitOperationAdd
+from huggingface_hub.errors import HfHubHTTPError
+api = HfApi()
+api.create_repo("lab/p", repo_type="dataset")
+first = api.repo_info("lab/p", repo_type="dataset").sha
+api.create_commit("lab/p", [CommitOperationAdd("a.txt", b"a")], commit_message="a", repo_type="dataset", parent_commit=first)
+try:
+    api.create_commit("lab/p", [CommitOperationAdd("b.txt", b"b")], commit_message="b", repo_type="dataset", parent_commit=first)
+except HfHubHTTPError as err:
+    print("status", err.response.status_code)
+"""
+    assert "status 412" in python(code, local_hub.env()).stdout
+
+
+def test_hub_errors_map_to_the_clients_exceptions(local_hub):
+    code = """
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError
+api = HfApi()
+api.create_repo("lab/e", repo_type="dataset")
+for call, kind in ((lambda: api.dataset_info("lab/missing"), RepositoryNotFoundError),
+                   (lambda: api.dataset_info("lab/e", revision="v9"), RevisionNotFoundError),
+                   (lambda: hf_hub_download("lab/e", "nope.txt", repo_type="dataset"), EntryNotFoundError)):
+    try:
+        call()
+    except kind:
+        print("ok", kind.__name__)
+"""
+    out = python(code, local_hub.env()).stdout
+    assert out.count("ok ") == 3, out
+
+
+@pytest.mark.slow
+def test_rank_reads_a_hub_revision_and_records_its_commit(local_hub, tiny_suite, sample_rows, tmp_path):
+    env = local_hub.env()
+    data = tmp_path / "responses.parquet"
+    sample_rows.to_parquet(data, index=False)
+    code = f"""
+from huggingface_hub import HfApi
+api = HfApi()
+api.create_repo("lab/responses", repo_type="dataset")
+info = api.upload_file(path_or_fileobj={str(data)!r}, path_in_repo="data/train-00000-of-00001.parquet", repo_id="lab/responses", repo_type="dataset")
+api.create_tag("lab/responses", tag="v1.0.0", repo_type="dataset")
+api.upload_file(path_or_fileobj=b"later", path_in_repo="later.txt", repo_id="lab/responses", repo_type="dataset")
+print(info.oid)
+"""
+    commit = python(code, env).stdout.strip().splitlines()[-1]
+    out = tmp_path / "rank"
+    result = cli("rank", "--data", "lab/responses", "--revision", "v1.0.0", "--base-model", tiny_suite.base_small,
+                 "--reward-model", tiny_suite.reward, "--output", str(out), env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    recorded = yaml.safe_load((out / "rank_config.yaml").read_text())
+    assert recorded["revision"] == commit != local_hub.git("lab/responses", "rev-parse", "main")
+    assert json.loads((out / "summary.json").read_text())["resolved_revision"] == commit
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert sorted(ranking["teacher"]) == sorted(sample_rows["teacher"].unique())
