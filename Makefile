@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,pipelines,train,argilla
 PYTEST_ARGS ?=
 
-.PHONY: install argilla-server style quality test test-fast test-gpu bench demo lock clean
+.PHONY: install argilla-server olah style quality test test-fast test-gpu bench demo lock clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ $(ARGILLA_VENV)/.installed:
 	$(ARGILLA_VENV)/bin/python -m pip install -q "argilla-server==2.8.0" "click<8.2" "huggingface_hub<1"
 	touch $@
 
+# olah, an independent Hub mirror that serves git repos, as a second consumer of what `push` publishes.
+OLAH_VENV := .olah-venv
+olah: $(OLAH_VENV)/.installed
+
+$(OLAH_VENV)/.installed:
+	$(PYTHON) -m venv $(OLAH_VENV)
+	$(OLAH_VENV)/bin/python -m pip install -q "olah==0.5.4"
+	touch $@
+
 style: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -33,12 +42,16 @@ quality: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# All tests but the GPU ones, which are deselected (not skipped).
-test: install argilla-server
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+# All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
+test: install argilla-server olah
+	$(PY) -m pytest -m "not gpu and not real_hub" $(PYTEST_ARGS)
 
-test-fast: install argilla-server
-	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+test-fast: install argilla-server olah
+	$(PY) -m pytest -m "not gpu and not slow and not real_hub" $(PYTEST_ARGS)
+
+# Publishes to huggingface.co: needs HF_TOKEN with write access and MAGPIE_TEACH_TEST_ORG (an org or user name).
+test-real-hub: install
+	$(PY) -m pytest -m real_hub $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
@@ -56,4 +69,4 @@ lock: install
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^magpie' | sed 's/+cpu//'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(ARGILLA_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ARGILLA_VENV) $(OLAH_VENV) outputs .pytest_cache .ruff_cache

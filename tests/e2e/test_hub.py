@@ -243,3 +243,96 @@ print(info.oid)
     assert json.loads((out / "summary.json").read_text())["resolved_revision"] == commit
     ranking = pd.read_csv(out / "ranking.csv")
     assert sorted(ranking["teacher"]) == sorted(sample_rows["teacher"].unique())
+
+
+def start_olah(tmp_path, mirrors):
+    """olah (an independent Hub mirror, its own venv: `make olah`) serving MIRRORS offline; stopped by PID."""
+    import socket
+
+    from tests.conftest import REPO
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "olah.toml"
+    config.write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{tmp_path / "olah-cache"}"\n'
+        f'mirror-scheme = "http"\nmirror-netloc = "127.0.0.1:{port}"\nmirror-lfs-netloc = "127.0.0.1:{port}"\n'
+        f'mirrors-path = ["{mirrors}"]\n\n[accessibility]\noffline = true\n'
+    )
+    binary = REPO / ".olah-venv" / "bin" / "olah-cli"
+    assert binary.exists(), "olah is not installed: run `make olah` (make test does)"
+    log = open(tmp_path / "olah.log", "w")
+    process = subprocess.Popen([str(binary), "-c", str(config), "--log-path", str(tmp_path / "olah-logs")],
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((tmp_path / "olah.log").read_text()[-2000:]) from None
+            time.sleep(0.2)
+
+
+def test_what_push_publishes_reads_the_same_through_olah(local_hub, ranked_sample, tmp_path):
+    """The repos are plain git + standard LFS pointers: an independent server (olah, offline mode, serving a
+    clone of them) gives the datasets client the same rows at the same tag."""
+    assert cli("push", str(ranked_sample), "--repo-id", "lab/olah", env=local_hub.env()).returncode == 0
+    clone = tmp_path / "mirrors" / "datasets" / "lab" / "olah"
+    subprocess.run(["git", "clone", "-q", str(local_hub.root / "repos" / "datasets" / "lab" / "olah.git"), str(clone)],
+                   check=True)  # fmt: skip
+    for obj in (local_hub.root / "lfs").glob("??/??/*"):  # git lfs's own layout inside the clone
+        target = clone / ".git" / "lfs" / "objects" / obj.name[:2] / obj.name[2:4] / obj.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(obj, target)
+    process, url = start_olah(tmp_path, tmp_path / "mirrors")
+    try:
+        env = {**local_hub.env(), "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "olah-client")}
+        code = LOAD.format(repo="lab/olah", revision="v1.0.0")
+        through_olah = pd.DataFrame(json.loads(python(code, env).stdout.strip().splitlines()[-1]))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    expected = pd.read_csv(ranked_sample / "ranking.csv")
+    assert through_olah["teacher"].tolist() == expected["teacher"].tolist()
+    pd.testing.assert_series_equal(through_olah["car"].astype(float), expected["car"], check_names=False)
+
+
+@pytest.mark.real_hub
+def test_push_to_the_real_hub(ranked_sample):
+    """Opt-in (`make test-real-hub`): needs HF_TOKEN with write access and MAGPIE_TEACH_TEST_ORG."""
+    import os
+    import uuid
+
+    org = os.environ["MAGPIE_TEACH_TEST_ORG"]
+    repo = f"{org}/magpie-teach-ci-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT")}
+    result = cli("push", str(ranked_sample), "--repo-id", repo, "--private", env=env)
+    assert result.returncode == 0 and "tag v1.0.0" in result.stdout, result.stderr
+    assert os.environ["HF_TOKEN"] not in result.stdout + result.stderr
+    loaded = pd.DataFrame(
+        json.loads(python(LOAD.format(repo=repo, revision="v1.0.0"), env).stdout.strip().splitlines()[-1])
+    )
+    assert loaded["teacher"].tolist() == pd.read_csv(ranked_sample / "ranking.csv")["teacher"].tolist()
+    python(f"from huggingface_hub import HfApi; HfApi().delete_repo({repo!r}, repo_type='dataset')", env)
+
+
+def test_select_push_to_hub_publishes_sft_data_with_its_command(local_hub, ranked_sample, tmp_path):
+    out = tmp_path / "sft"
+    args = ["select", "--scores", str(ranked_sample), "--strategy", "best-of-n", "--output", str(out),
+            "--push-to-hub", "lab/sft", "--hub-tag", "v0.1.0"]  # fmt: skip
+    result = cli(*args, env=local_hub.env())
+    assert result.returncode == 0 and "published sft: lab/sft tag v0.1.0" in result.stdout, result.stderr
+    assert json.loads((out / "command.json").read_text())["argv"] == args
+    expected = pd.read_parquet(out / "data" / "train-00000-of-00001.parquet")
+    code = (
+        "import datasets; ds = datasets.load_dataset('lab/sft', revision='v0.1.0', split='train'); "
+        "print(ds.num_rows, ds[0]['messages'][0]['role'], ds[0]['messages'][1]['content'] == "
+        f"{expected['messages'][0][1]['content']!r})"
+    )
+    assert python(code, local_hub.env()).stdout.split()[-3:] == [str(len(expected)), "user", "True"]
+    card = read_remote(local_hub, "lab/sft", "v0.1.0", "README.md")
+    assert "magpie-teach select --scores" in card and "--push-to-hub lab/sft" in card
+    assert "| teacher | rows |" in card
