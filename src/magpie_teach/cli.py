@@ -218,7 +218,13 @@ def run_hub_serve(args: argparse.Namespace) -> int:
     from magpie_teach.hub.server import serve
     from magpie_teach.hub.target import hub_root
 
-    serve(args.root or str(hub_root()), host=args.host, port=args.port, verbose=not args.quiet, ready_file=args.ready_file)
+    serve(
+        args.root or str(hub_root()),
+        host=args.host,
+        port=args.port,
+        verbose=not args.quiet,
+        ready_file=args.ready_file,
+    )
     return 0
 
 
@@ -423,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
-    p.add_argument("--ready-file", help="write the base URL to this file once listening (for scripts; use with --port 0)")
+    p.add_argument(
+        "--ready-file", help="write the base URL to this file once listening (for scripts; use with --port 0)"
+    )
     p.set_defaults(func=run_hub_serve)
 
     p = sub.add_parser(
