@@ -228,6 +228,17 @@ def run_hub_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from magpie_teach.report import ReportConfig, report
+
+    result = report(_config(args, ReportConfig))
+    print(f"sections: {', '.join(result.sections)}")
+    print(
+        f"wrote {result.markdown} and {result.html} (self-contained), figures in {result.markdown.parent / 'figures'}"
+    )
+    return 0
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     from magpie_teach.tiny import build_tiny_suite
 
@@ -412,6 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
             "(HF_TOKEN or `hf auth login`), else the local hub (see `magpie-teach hub serve`)."
         ),
         epilog="example:\n  magpie-teach push runs/rank --repo-id my-org/teacher-ranking --tag v1.0.0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    from magpie_teach.report import ReportConfig
+
+    _config_command(
+        sub,
+        "report",
+        ReportConfig,
+        run_report,
+        help="render a ranking (and/or a performance table) as Markdown + PNG and self-contained HTML",
+        description=(
+            "Render the report of a `rank` output: the teacher ranking per base model by CAR with the baselines, "
+            "reward against compatibility loss with CAR iso-lines, and, with --performance, the Spearman rho of each "
+            "metric against performance, the best teacher per base model and the Larger Models' Paradox pairs. "
+            "--performance alone renders the last two from a performance table such as the paper's Table 6."
+        ),
+        epilog=(
+            "examples:\n  magpie-teach report runs/rank --output runs/report\n"
+            "  magpie-teach report --performance src/magpie_teach/resources/paper_table6_performance.csv --output runs/paper"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -1,0 +1,356 @@
+"""`magpie-teach report`: a readable report of a teacher ranking, as Markdown with PNG figures and as one
+self-contained HTML page (figures inlined), from any `rank` output and/or a performance table.
+
+Sections, each where its inputs exist:
+* the teacher ranking per base model by CAR, with the baselines beside it (figure + table);
+* reward against compatibility loss per teacher, with CAR iso-lines (CAR = r / (1 + beta * L));
+* Spearman rho of each metric against performance per base model (the paper's Table 4 layout);
+* the Larger Models' Paradox pairs and the best teacher per base model, from a performance table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, short_name
+
+BASELINES = ["car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "ppl_ref", "ifd_ref"]
+METRIC_LABELS = {
+    "car": "CAR",
+    "reward": "reward",
+    "compat_loss": "compat. loss",
+    "length": "length",
+    "ppl_self": "PPL (base)",
+    "ifd_self": "IFD (base)",
+    "ic_ifd_self": "IC-IFD (base)",
+    "ppl_ref": "PPL (ref)",
+    "ifd_ref": "IFD (ref)",
+    "ic_ifd_ref": "IC-IFD (ref)",
+    "logprob_norm": "log-prob",
+}
+
+
+@dataclass
+class ReportConfig:
+    rank_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `rank` output folder (ranking.csv, scores.parquet, correlations.csv).",
+            "positional": True,
+        },
+    )
+    output_dir: str = field(default="report", metadata={"help": "Where report.md, report.html and figures/ go.", "flag": "--output"})  # fmt: skip
+    performance: str | None = field(
+        default=None,
+        metadata={"help": "CSV of teacher, base_model and benchmark columns (e.g. the paper's Table 6): correlations, paradox pairs, best teachers."},
+    )  # fmt: skip
+    performance_columns: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
+        metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
+    )
+    title: str = field(default="Which teacher for which base model?", metadata={"help": "Report title."})
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    figure: Path | None = None
+    table: pd.DataFrame | None = None
+
+
+def _figure_path(out: Path, name: str) -> Path:
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    return out / "figures" / f"{name}.png"
+
+
+def _save(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    import matplotlib.pyplot as plt
+
+    from magpie_teach.data import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 3)
+    return math.ceil(n / cols), cols
+
+
+def ranking_figure(ranking: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    bases = list(dict.fromkeys(ranking["base_model"]))
+    rows, cols = _grid(len(bases))
+    teachers = ranking["teacher"].nunique()
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.45 * teachers * rows + 1.6), squeeze=False)
+    for ax, base in zip(axes.flat, bases):
+        group = ranking[ranking["base_model"] == base].sort_values("car")
+        colors = ["#d1495b" if i == len(group) - 1 else "#8da9c4" for i in range(len(group))]
+        ax.barh(group["teacher"].map(short_name), group["car"], color=colors)
+        ax.set_title(f"base: {short_name(base)}", fontsize=10)
+        ax.set_xlabel("CAR (higher is better)")
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in list(axes.flat)[len(bases) :]:
+        ax.axis("off")
+    fig.suptitle("Teachers ranked by Compatibility-Adjusted Reward (best in red)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, _figure_path(out, "ranking"))
+
+
+def reward_vs_loss_figure(ranking: pd.DataFrame, out: Path) -> Path:
+    """Mean reward against mean compatibility loss per teacher, with CAR iso-lines r = c (1 + beta L)."""
+    import matplotlib.pyplot as plt
+
+    bases = list(dict.fromkeys(ranking["base_model"]))
+    rows, cols = _grid(len(bases))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax, base in zip(axes.flat, bases):
+        group = ranking[ranking["base_model"] == base]
+        beta = float(group["car_beta"].iloc[0]) if "car_beta" in group else 3.0
+        shift = float(group["car_reward_shift"].iloc[0]) if "car_reward_shift" in group else 0.0
+        reward = group["reward"] + shift
+        lo, hi = group["compat_loss"].min(), group["compat_loss"].max()
+        pad = max((hi - lo) * 0.25, 0.05)
+        losses = np.linspace(max(lo - pad, 0), hi + pad, 100)
+        for level in np.quantile(group["car"], [0.0, 0.5, 1.0]):
+            ax.plot(losses, level * (1 + beta * losses) - shift, color="#bbbbbb", lw=0.8, ls="--", zorder=1)
+            ax.annotate(
+                f"CAR={level:.3g}", (losses[-1], level * (1 + beta * losses[-1]) - shift), fontsize=7, color="#888888"
+            )
+        ax.scatter(group["compat_loss"], reward - shift, s=40, color="#2e4057", zorder=2)
+        for _, row in group.iterrows():
+            ax.annotate(short_name(row["teacher"]), (row["compat_loss"], row["reward"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xlabel(f"compatibility loss of {short_name(base)} (lower is better)")
+        ax.set_ylabel("mean reward")
+        ax.set_title(f"base: {short_name(base)}  (beta={beta:g})", fontsize=10)
+    for ax in list(axes.flat)[len(bases) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, _figure_path(out, "reward_vs_compat_loss"))
+
+
+def correlation_figure(corr: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    table = corr.drop(index=[i for i in corr.index if i == "n_teachers"])
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2.5, 0.42 * table.shape[0] + 1.4))
+    image = ax.imshow(table.to_numpy(dtype=float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), [short_name(c) for c in table.columns], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), [METRIC_LABELS.get(m, m) for m in table.index], fontsize=8)
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        if not np.isnan(value):
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if abs(value) > 0.6 else "black",
+            )
+    fig.colorbar(image, ax=ax, label="Spearman rho with AP")
+    ax.set_title("How well each metric ranks teachers (Spearman rho vs. fine-tuned performance)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, _figure_path(out, "metric_correlations"))
+
+
+def paradox_figure(pairs: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    counts = pairs.groupby(["family", "base_model"]).size().unstack(fill_value=0)
+    fig, ax = plt.subplots(figsize=(1.0 * counts.shape[1] + 3, 0.45 * counts.shape[0] + 1.5))
+    image = ax.imshow(counts.to_numpy(), cmap="Oranges", aspect="auto")
+    ax.set_xticks(range(counts.shape[1]), [short_name(c) for c in counts.columns], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(counts.shape[0]), counts.index, fontsize=8)
+    for (i, j), value in np.ndenumerate(counts.to_numpy()):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="pairs where the larger teacher is worse")
+    ax.set_title("Larger Models' Paradox: within-family pairs, per base model", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, _figure_path(out, "paradox_pairs"))
+
+
+def _read_rank_dir(rank_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+    ranking_path = rank_dir / "ranking.csv"
+    if not ranking_path.exists():
+        raise DataError(f"{rank_dir}: no ranking.csv; give the output folder of `magpie-teach rank`.")
+    try:
+        ranking = pd.read_csv(ranking_path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{ranking_path}: unreadable: {err}") from err
+    missing = [c for c in ("teacher", "base_model", "car", "reward", "compat_loss") if c not in ranking]
+    if missing:
+        raise DataError(f"{ranking_path}: missing column(s) {missing}.")
+    corr_path = rank_dir / "correlations.csv"
+    corr = pd.read_csv(corr_path, index_col=0) if corr_path.exists() else None
+    summary_path = rank_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return ranking, corr, summary
+
+
+def build_sections(config: ReportConfig, out: Path) -> list[Section]:
+    from magpie_teach.scoring.metrics import correlations, load_performance
+    from magpie_teach.scoring.paradox import find_paradox_pairs
+
+    if config.rank_dir is None and config.performance is None:
+        raise ConfigError("give a `rank` output folder, --performance FILE, or both.")
+    sections: list[Section] = []
+    ranking = corr = None
+    if config.rank_dir is not None:
+        ranking, corr, summary = _read_rank_dir(Path(config.rank_dir))
+        table_columns = ["base_model", "teacher", *[c for c in BASELINES if c in ranking], "n"]
+        table = ranking.sort_values(["base_model", "car"], ascending=[True, False])[
+            [c for c in table_columns if c in ranking]
+        ]
+        best = ranking.loc[ranking.groupby("base_model", sort=False)["car"].idxmax(), ["base_model", "teacher"]]
+        text = (
+            "Best teacher by CAR: "
+            + "; ".join(f"**{short_name(b)}** -> {short_name(t)}" for b, t in best.itertuples(index=False))
+            + "."
+        )
+        source = summary.get("source")
+        if source:
+            text += (
+                f" Responses: `{source}`"
+                + (
+                    f" @ `{summary.get('resolved_revision') or summary.get('revision')}`"
+                    if summary.get("resolved_revision") or summary.get("revision")
+                    else ""
+                )
+                + "."
+            )
+        sections.append(Section("Teacher ranking per base model", text, ranking_figure(ranking, out), table))
+        sections.append(Section(
+            "Reward against compatibility",
+            "Each point is a teacher. A teacher is a good fit when its responses score high with the reward model "
+            "*and* are easy for the base model to learn (low loss). Dashed lines join points of equal CAR.",
+            reward_vs_loss_figure(ranking, out),
+        ))  # fmt: skip
+    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
+    if performance is not None and ranking is not None and corr is None:
+        corr = correlations(ranking, performance)
+    if corr is not None:
+        sections.append(Section(
+            "Which metric predicts teacher quality",
+            "Spearman rank correlation between each metric's teacher ranking and the ranking by performance after "
+            "fine-tuning (AP), per base model, and the mean: the layout of Table 4 of the paper.",
+            correlation_figure(corr, out), corr.reset_index().round(3),
+        ))  # fmt: skip
+    if performance is not None:
+        best = performance.loc[
+            performance.groupby("base_model", sort=False)["ap"].idxmax(), ["base_model", "teacher", "ap"]
+        ]
+        sections.append(Section(
+            "Best teacher per base model (measured)",
+            f"From `{config.performance}`: the teacher whose responses gave the highest AP "
+            f"(mean of {', '.join(config.performance_columns)}).",
+            table=best.rename(columns={"teacher": "best teacher", "ap": "AP"}).round(2),
+        ))  # fmt: skip
+        try:
+            pairs = find_paradox_pairs(performance, source=config.performance)
+        except DataError:
+            pairs = None
+        if pairs is not None and len(pairs):
+            sections.append(Section(
+                "Larger Models' Paradox",
+                f"{len(pairs)} within-family pairs where the larger teacher gives the lower AP.",
+                paradox_figure(pairs, out),
+                pairs.sort_values("gap", ascending=False).round(2).head(40),
+            ))  # fmt: skip
+    return sections
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    frame = frame.copy()
+    for column in frame.columns:
+        if column in ("base_model", "teacher", "best teacher", "smaller", "larger"):
+            frame[column] = frame[column].map(lambda v: short_name(str(v)))
+    cells = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def render_markdown(title: str, sections: list[Section], out: Path) -> str:
+    parts = [f"# {title}\n"]
+    for section in sections:
+        parts.append(f"## {section.title}\n")
+        if section.text:
+            parts.append(section.text + "\n")
+        if section.figure is not None:
+            parts.append(f"![{section.title}]({section.figure.relative_to(out).as_posix()})\n")
+        if section.table is not None:
+            parts.append(_markdown_table(section.table) + "\n")
+    parts.append(
+        "Made with magpie-teach (Xu et al., *Stronger Models are Not Always Stronger Teachers for Instruction Tuning*, NAACL 2025).\n"
+    )
+    return "\n".join(parts)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+img{max-width:100%;height:auto;display:block;margin:1em 0}table{border-collapse:collapse;font-size:.85em;margin:1em 0}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f4f4f4}td:first-child,td:nth-child(2){text-align:left}
+footer{margin-top:3em;font-size:.8em;color:#777}"""
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<section><h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            text = html.escape(section.text)
+            while "**" in text:
+                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+            body.append(f"<p>{text.replace('`', '')}</p>")
+        if section.figure is not None:
+            data = base64.b64encode(section.figure.read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(section.title)}" src="data:image/png;base64,{data}">')
+        if section.table is not None:
+            frame = section.table.copy()
+            for column in frame.columns:
+                if column in ("base_model", "teacher", "best teacher", "smaller", "larger"):
+                    frame[column] = frame[column].map(lambda v: short_name(str(v)))
+            body.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+        body.append("</section>")
+    body.append("<footer>Made with magpie-teach (Xu et al., NAACL 2025).</footer>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")  # fmt: skip
+
+
+@dataclass
+class ReportResult:
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    sections: list[str]
+
+
+def report(config: ReportConfig) -> ReportResult:
+    import matplotlib
+
+    from magpie_teach.data import write_atomic
+
+    matplotlib.use("Agg")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = build_sections(config, out)
+    markdown = render_markdown(config.title, sections, out)
+    page = render_html(config.title, sections)
+    write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    write_atomic(out / "report.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    figures = [s.figure for s in sections if s.figure is not None]
+    return ReportResult(out / "report.md", out / "report.html", figures, [s.title for s in sections])
