@@ -249,25 +249,15 @@ def run_tiny(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Tiny models built on the fly + the shipped sample -> `rank`. Grows into the full loop (issue 7)."""
-    from magpie_teach.scoring.rank import RankConfig, rank
-    from magpie_teach.tiny import build_tiny_suite
+    from magpie_teach.demo.run import DemoConfig, demo
 
-    out = Path(args.output)
-    print(f"building tiny models under {out / 'models'} (seeded, offline)")
-    suite = build_tiny_suite(out / "models")
-    config = RankConfig(
-        data=_sample_path(),
-        output_dir=str(out / "rank"),
-        base_models=[suite.base_small, suite.base_medium],
-        reward_model=suite.reward,
-        reference_model=suite.reference,
-    )
-    result = rank(config)
-    _print_ranking(result.ranking)
-    print(
-        f"\nwrote {result.output_dir}/ranking.csv and scores.parquet (random tiny models: the numbers show the plumbing, not teacher quality)"
-    )
+    summary = demo(_config(args, DemoConfig))
+    print(f"\ndone in {summary['minutes']} min ({summary['models']} models). Where everything is:")
+    for what, where in summary["outputs"].items():
+        print(f"  {what:27s} {where}")
+    print(f"  {'review':27s} {summary['review']}")
+    if summary["note"]:
+        print(f"note: {summary['note']}")
     return 0
 
 
@@ -475,13 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.set_defaults(func=run_tiny)
 
-    p = sub.add_parser(
+    from magpie_teach.demo.run import DemoConfig
+
+    _config_command(
+        sub,
         "demo",
-        help="run `rank` on the shipped sample with tiny models, offline",
-        description="Build tiny models and rank the shipped sample's three teachers for two base models, offline, on CPU.",
+        DemoConfig,
+        run_demo,
+        help="the whole loop offline: instructions, teachers, CAR ranking, report, SFT data, publish, fine-tune",
+        description=(
+            "Run the whole loop on embedded defaults, offline, on CPU: Magpie instructions and responses from "
+            "several teachers (distilabel), reward + compatibility + CAR per base model, a report, SFT data from the "
+            "best teacher, publishing with dataset cards to a local Hub-compatible server, a short fine-tune of the "
+            "student, and a review batch when ARGILLA_API_URL is set. Each stage is the real command, printed as it "
+            "runs; rerunning resumes."
+        ),
     )
-    p.add_argument("--output", default="outputs/demo", help="output folder (default: outputs/demo)")
-    p.set_defaults(func=run_demo)
     return parser
 
 

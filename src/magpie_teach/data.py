@@ -212,6 +212,14 @@ def validate_long(
     if reward_column is not None:
         values = pd.to_numeric(frame[reward_column], errors="coerce")
         checks.append(("missing_reward", reward_column, values.isna() | ~np.isfinite(values.fillna(0))))
+    if "status" in frame.columns:  # `generate` output: a failed row is never scored as if it were a response
+        failed = frame["status"].fillna("ok").astype(str) != "ok"
+        if failed.any() and not drop_invalid:
+            raise DataError(
+                f"{source}: failed generations (status other than 'ok') in {_named(frame, failed)} "
+                "(pass --drop-invalid to drop these instructions, counted in the output)."
+            )
+        reasons[failed] = "failed_generation"
     for reason, column, mask in checks:
         if mask.any():
             if not drop_invalid:

@@ -73,16 +73,17 @@ def test_versions_are_immutable_and_reruns_do_not_republish(local_hub, ranked_sa
     assert again.returncode == 0 and "already published, unchanged: ranking: lab/r tag v1.0.0" in again.stdout
     assert local_hub.git("lab/r", "rev-list", "--count", "main") == "2"
 
-    refused = cli("push", str(ranked_sample), "--repo-id", "lab/r", "--tag", "v1.0.0", env=env)
-    assert (
-        refused.returncode == 2 and "tag v1.0.0 already exists" in refused.stderr and "--overwrite" in refused.stderr
-    )
-    assert local_hub.git("lab/r", "rev-list", "--count", "main") == "2"
+    same_tag = cli("push", str(ranked_sample), "--repo-id", "lab/r", "--tag", "v1.0.0", env=env)
+    assert same_tag.returncode == 0 and "already published, unchanged" in same_tag.stdout, same_tag.stderr
 
     changed = tmp_path / "changed"
     shutil.copytree(ranked_sample, changed)
     ranking = pd.read_csv(changed / "ranking.csv")
     ranking.head(1).to_csv(changed / "ranking.csv", index=False)
+    refused = cli("push", str(changed), "--repo-id", "lab/r", "--tag", "v1.0.0", env=env)
+    assert refused.returncode == 2 and "tag v1.0.0 already exists" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    assert local_hub.git("lab/r", "rev-list", "--count", "main") == "2"
     second = cli("push", str(changed), "--repo-id", "lab/r", env=env)
     assert second.returncode == 0 and "tag v1.1.0" in second.stdout, second.stderr
     assert len(load(local_hub, "lab/r", "v1.0.0")) == len(ranking)  # the old version still reads the old bytes
@@ -126,7 +127,7 @@ def test_token_never_appears_in_output_files_or_server_log(local_hub, ranked_sam
     token = "hf_magpieSECRETtoken0123456789abcdef"
     env = local_hub.env(HF_TOKEN=token)
     outputs = [cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", env=env),
-               cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", "--tag", "v1.0.0", env=env),
+               cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", "--tag", "v1.0.0", "--kind", "scores", env=env),
                cli("-v", "push", str(ranked_sample), "--repo-id", "lab/secret", "--kind", "scores", env=env)]  # fmt: skip
     assert outputs[0].returncode == 0 and outputs[1].returncode == 2
     for result in outputs:

@@ -355,8 +355,13 @@ def _push(config: PushConfig) -> PushResult:
         tags, branches, exists = {}, {}, False
     tag = config.tag or next_tag(list(tags))
     if tag in tags and not config.overwrite:
+        with tempfile.TemporaryDirectory(prefix="magpie-teach-push-") as tmp:
+            files = stage(source, kind, config.repo_id, tag, config.license, Path(tmp))
+            if same_files(api, config.repo_id, tags[tag], files):  # a rerun of the same push: nothing to do
+                url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{tag}"
+                return PushResult(config.repo_id, tag, tags[tag], kind, url, sorted(files), True)
         raise ConfigError(
-            f"{config.repo_id}: tag {tag} already exists (commit {tags[tag][:12]}); published versions are never "
+            f"{config.repo_id}: tag {tag} already exists (commit {tags[tag][:12]}) with other content; published versions are never "
             "overwritten. Pick another --tag, or pass --overwrite to move it."
         )
     if exists and config.branch not in branches:

