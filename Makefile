@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,pipelines,train,argilla
+EXTRAS ?= dev,pipelines,train,argilla,demo
 PYTEST_ARGS ?=
 
-.PHONY: install argilla-server olah style quality test test-fast test-gpu bench demo lock clean
+.PHONY: install argilla-server olah browser style quality test test-fast test-gpu bench demo lock clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ $(OLAH_VENV)/.installed:
 	$(OLAH_VENV)/bin/python -m pip install -q "olah==0.5.4"
 	touch $@
 
+# Debian's Chromium, to check in a real browser that the HTML report renders with its figures.
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 style: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -43,10 +47,10 @@ quality: install
 	$(VENV)/bin/ruff format --check .
 
 # All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
-test: install argilla-server olah
+test: install argilla-server olah browser
 	$(PY) -m pytest -m "not gpu and not real_hub" $(PYTEST_ARGS)
 
-test-fast: install argilla-server olah
+test-fast: install argilla-server olah browser
 	$(PY) -m pytest -m "not gpu and not slow and not real_hub" $(PYTEST_ARGS)
 
 # Publishes to huggingface.co: needs HF_TOKEN with write access and MAGPIE_TEACH_TEST_ORG (an org or user name).

@@ -130,6 +130,9 @@ def reward_vs_loss_figure(ranking: pd.DataFrame, out: Path) -> Path:
                 f"CAR={level:.3g}", (losses[-1], level * (1 + beta * losses[-1]) - shift), fontsize=7, color="#888888"
             )
         ax.scatter(group["compat_loss"], reward - shift, s=40, color="#2e4057", zorder=2)
+        r_lo, r_hi = group["reward"].min(), group["reward"].max()
+        r_pad = max((r_hi - r_lo) * 0.3, abs(r_hi) * 0.05, 1e-3)
+        ax.set_ylim(r_lo - r_pad, r_hi + r_pad)  # the data, not the iso-lines, sets the view
         for _, row in group.iterrows():
             ax.annotate(short_name(row["teacher"]), (row["compat_loss"], row["reward"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")  # fmt: skip
@@ -268,7 +271,7 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
                 "Larger Models' Paradox",
                 f"{len(pairs)} within-family pairs where the larger teacher gives the lower AP.",
                 paradox_figure(pairs, out),
-                pairs.sort_values("gap", ascending=False).round(2).head(40),
+                pairs.sort_values(["base_model", "gap"], ascending=[True, False]).round(2),
             ))  # fmt: skip
     return sections
 

@@ -130,7 +130,8 @@ def test_magpie_instructions_then_teachers(tmp_path, tiny_suite):
     config = {
         "output_dir": str(out),
         "instructions": {
-            "magpie": {"model": tiny_suite.base_small, "template": "chatml", "num_rows": 6, "max_new_tokens": 12}
+            # 5 rows in batches of 3: distilabel's own MagpieGenerator never finishes a partial last batch
+            "magpie": {"model": tiny_suite.base_small, "template": "chatml", "num_rows": 5, "max_new_tokens": 12}
         },
         "teachers": [{"name": "small", "model": tiny_suite.base_small, "sampling": {"max_new_tokens": 8}}],
         "batch_size": 3,
@@ -141,16 +142,16 @@ def test_magpie_instructions_then_teachers(tmp_path, tiny_suite):
         [sys.executable, "-m", "magpie_teach.cli", "generate", str(path), "--dry-run"], capture_output=True, text=True
     )
     assert (
-        dry.returncode == 0 and "'magpie_to_generate': 6" in dry.stdout and not (out / "instructions.parquet").exists()
+        dry.returncode == 0 and "'magpie_to_generate': 5" in dry.stdout and not (out / "instructions.parquet").exists()
     )
     finish(generate(path))
     instructions = pd.read_parquet(out / "instructions.parquet")
-    assert len(instructions) == 6 and set(instructions["magpie_model"]) == {tiny_suite.base_small}
+    assert len(instructions) == 5 and set(instructions["magpie_model"]) == {tiny_suite.base_small}
     assert (instructions["magpie_template"] == "chatml").all()
     responses = pd.read_parquet(out / "responses.parquet")
     summary = __import__("json").loads((out / "summary.json").read_text())
     kept = summary["counts"]["instructions_used"]
-    assert kept == 6 - summary["counts"]["dropped_empty"] - summary["counts"].get("dropped_duplicate", 0)
+    assert kept == 5 - summary["counts"]["dropped_empty"] - summary["counts"].get("dropped_duplicate", 0)
     assert len(responses) == kept and set(responses["instruction"]) <= set(instructions["instruction"])
     # a rerun reuses the generated instructions and has nothing left to do
     again = finish(generate(path))

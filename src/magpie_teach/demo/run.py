@@ -86,6 +86,26 @@ def _models(config: DemoConfig, out: Path) -> Models:
     return Models("tiny", suite.base_small, teachers, [suite.base_small, suite.base_medium], suite.base_small, suite.reward, note)  # fmt: skip
 
 
+# "Untracked error: No module named 'bs4'" is distilabel failing to pretty-print its own Distiset card; harmless
+_NOISE = (
+    "Untracked error: No module named 'bs4'",
+    "%|",
+    "it/s]",
+    "examples/s]",
+    "[transformers]",
+    "Warning",
+    "warnings.warn",
+    "INFO",
+    "WARNING",
+    "DEBUG",
+)
+
+
+def _worth_showing(line: str) -> bool:
+    """The commands' own output, not the libraries' logs (rich-wrapped distilabel logs are indented)."""
+    return bool(line.strip()) and not line.startswith(" " * 8) and not any(noise in line for noise in _NOISE)
+
+
 class Runner:
     """Runs magpie-teach commands as processes, printing each command line and its timing."""
 
@@ -102,10 +122,15 @@ class Runner:
             log.flush()
             process = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", *args], env=self.env,
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-            for line in process.stdout:  # stream: the commands' own progress bars and summaries
+            last = time.monotonic()
+            for line in process.stdout:  # everything goes to demo.log; the commands' own summaries to the screen
                 log.write(line)
-                if line.strip() and "%|" not in line and "it/s]" not in line and "examples/s]" not in line:
+                if _worth_showing(line):
                     print(f"  {line.rstrip()}", flush=True)
+                    last = time.monotonic()
+                elif time.monotonic() - last > 30:
+                    print(f"  ... working ({time.monotonic() - start:.0f} s; details in {self.log})", flush=True)
+                    last = time.monotonic()
             process.wait()
         self.timings[stage] = round(time.monotonic() - start, 1)
         if process.returncode:

@@ -55,29 +55,31 @@ def scratch_cache(config: GenerateConfig, name: str) -> str:
 
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet."""
-    from distilabel.models import TransformersLLM
     from distilabel.pipeline import Pipeline
-    from distilabel.steps.tasks import MagpieGenerator
 
     from magpie_teach.data import write_atomic
+    from magpie_teach.generation.llms import BatchedTransformersLLM
+    from magpie_teach.modeling import resolve_device
+    from magpie_teach.steps.generation import MagpieInstructions
 
     path = Path(config.output_dir) / "instructions.parquet"
     if path.exists():
         return pd.read_parquet(path)
     spec = config.instructions.magpie
-    llm = TransformersLLM(
+    llm = BatchedTransformersLLM(
         model=spec.model,
-        device="cpu" if spec.device == "auto" else spec.device,
+        device=resolve_device(spec.device),
         magpie_pre_query_template=spec.pre_query(),
         generation_kwargs={
             "max_new_tokens": spec.max_new_tokens,
             "temperature": spec.temperature,
             "top_p": spec.top_p,
             "do_sample": True,
+            "repetition_penalty": 1.0,  # distilabel's default is 1.1: only what the config says is applied
         },
     )
     with Pipeline(name="magpie-teach-instructions", cache_dir=scratch_cache(config, "instructions")) as pipeline:
-        MagpieGenerator(
+        MagpieInstructions(
             llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=1, only_instruction=True
         )
     frame = pipeline.run(use_cache=False)["default"]["train"].to_pandas()[["instruction"]]
@@ -145,14 +147,19 @@ def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
 
 def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
     """One distilabel branch per teacher with work left: load -> TextGeneration -> ResponseFormat (stores batches)."""
-    from distilabel.models import TransformersLLM
+    import os
+
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
     from distilabel.steps.tasks import TextGeneration
 
+    from magpie_teach.generation.llms import BatchedTransformersLLM
+    from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import ResponseFormat
 
     store = response_store(config)
+    busy = [t for t in config.teachers if not work.todo[t.name].empty]
+    threads = max(1, (os.cpu_count() or 1) // max(len(busy), 1))  # teachers run in parallel processes
     parameters: dict = {}
     with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config, "generate")) as pipeline:
         for i, teacher in enumerate(config.teachers):
@@ -160,7 +167,10 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
             if todo.empty:
                 continue
             load = LoadDataFromDicts(name=f"load_{i}", data=todo.to_dict("records"), batch_size=config.batch_size)
-            llm = TransformersLLM(model=teacher.model, device="cpu" if teacher.device == "auto" else teacher.device)
+            device = resolve_device(teacher.device)
+            llm = BatchedTransformersLLM(
+                model=teacher.model, device=device, threads=threads if device == "cpu" else None
+            )
             generate = TextGeneration(
                 name=f"generate_{i}",
                 llm=llm,
@@ -180,6 +190,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                         "temperature": sampling.temperature if sampling.temperature > 0 else 1.0,
                         "top_p": sampling.top_p,
                         "do_sample": sampling.temperature > 0,
+                        "repetition_penalty": 1.0,  # distilabel's default is 1.1: only what the config says
                     }
                 }
             }

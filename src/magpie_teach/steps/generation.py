@@ -9,10 +9,11 @@ responses.
 from typing import TYPE_CHECKING, Any
 
 from distilabel.steps import Step, StepInput
+from distilabel.steps.tasks import MagpieGenerator
 from pydantic import Field, PrivateAttr
 
 if TYPE_CHECKING:
-    from distilabel.typing import StepOutput
+    from distilabel.typing import GeneratorStepOutput, StepOutput
 
 
 class ResponseFormat(Step):
@@ -62,3 +63,20 @@ class ResponseFormat(Step):
             )  # fmt: skip
         ResponseStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
         yield rows
+
+
+class MagpieInstructions(MagpieGenerator):
+    """distilabel's ``MagpieGenerator`` producing exactly ``num_rows`` rows.
+
+    distilabel 1.5.3's loop (``while generated <= num_rows``, batches of ``batch_size``) never marks a
+    last batch when ``num_rows`` is not a multiple of ``batch_size``, so the pipeline waits forever, and
+    generates one batch too many when it is.
+    """
+
+    def process(self, offset: int = 0) -> "GeneratorStepOutput":
+        generated = offset
+        while generated < self.num_rows:
+            size = min(self.batch_size, self.num_rows - generated)
+            conversations = self._generate_with_pre_query_template(inputs=[{} for _ in range(size)])
+            generated += size
+            yield conversations, generated >= self.num_rows

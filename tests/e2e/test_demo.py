@@ -1,0 +1,52 @@
+"""`magpie-teach demo`: the whole loop on tiny models (the fallback path; the real models are the same code),
+every stage a real command; a rerun resumes instead of redoing."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.hub.local import OFFLINE_FLAGS
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
+    import os
+
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_FLAGS and k != "ARGILLA_API_URL"}
+    command = [sys.executable, "-m", "magpie_teach.cli", "demo", "--models", "tiny", "--output", str(out),
+               "--num-instructions", "6", "--max-new-tokens", "12", "--train-steps", "2"]  # fmt: skip
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("$ magpie-teach generate", "$ magpie-teach rank", "$ magpie-teach report", "$ magpie-teach select",
+                  "$ magpie-teach push", "$ magpie-teach train", "review batch for Argilla"):  # fmt: skip
+        assert stage in first.stdout
+
+    responses = pd.read_parquet(out / "generate" / "responses.parquet")
+    assert sorted(responses["teacher"].unique()) == ["tiny-l", "tiny-m", "tiny-s"]
+    assert responses.groupby("teacher").size().tolist() == [6, 6, 6]
+    ranking = pd.read_csv(out / "rank" / "ranking.csv")
+    assert len(ranking) == 3 * 2  # 3 teachers x 2 base models
+    assert (out / "report" / "report.html").exists() and (out / "report" / "figures" / "ranking.png").exists()
+    selected = pd.read_parquet(out / "sft-data" / "data" / "train-00000-of-00001.parquet")
+    student_base = ranking[ranking["base_model"].str.endswith("tiny-llama-s")]
+    assert set(selected["teacher"]) == {student_base.loc[student_base["car"].idxmax(), "teacher"]}
+    # the four artefacts are tagged commits in the demo's hub, and the student read its data from there by tag
+    repos = sorted(p.name for p in (out / "hub" / "repos" / "datasets" / "demo").iterdir())
+    assert repos == ["magpie-instructions.git", "sft-data.git", "teacher-ranking.git", "teacher-responses.git"]
+    sft_commit = subprocess.run(["git", f"--git-dir={out / 'hub/repos/datasets/demo/sft-data.git'}", "rev-parse", "v1.0.0^{commit}"],
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+    card = (out / "student" / "README.md").read_text()
+    assert sft_commit in card
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["models"] == "tiny" and summary["review"].startswith("skipped")
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "$ magpie-teach generate" not in second.stdout and "$ magpie-teach rank" not in second.stdout
+    assert second.stdout.count("already published, unchanged") == 4
+    rerun = json.loads((out / "demo_summary.json").read_text())
+    assert "generate" not in rerun["stage_seconds"]

@@ -1,0 +1,106 @@
+"""`magpie-teach report`: Markdown + PNG and a self-contained HTML page, rendered in headless Chromium."""
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+PAPER_TABLE = REPO / "src" / "magpie_teach" / "resources" / "paper_table6_performance.csv"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def run_report(*args):
+    result = subprocess.run(
+        [sys.executable, "-m", "magpie_teach.cli", "report", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def chromium(tmp_path, *args):
+    assert CHROMIUM, "Debian's chromium is not installed (make test installs it)"
+    profile = tmp_path / "chromium-profile"
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def performance_for_sample(tmp_path_factory, tiny_suite):
+    """Made-up benchmark numbers for the sample's three teachers on the tiny base model."""
+    path = tmp_path_factory.mktemp("perf") / "performance.csv"
+    base = Path(tiny_suite.base_small).name
+    pd.DataFrame(
+        {"teacher": ["tiny-teacher-terse", "tiny-teacher-thorough", "tiny-teacher-lists"], "base_model": [base] * 3,
+         "AE2_LC_WR": [10.0, 30.0, 20.0], "ArenaHard_WR": [12.0, 28.0, 18.0]}
+    ).to_csv(path, index=False)  # fmt: skip
+    return path
+
+
+def test_report_of_a_ranking_renders_in_chromium_with_its_figures(ranked_sample, performance_for_sample, tmp_path):
+    out = tmp_path / "report"
+    result = run_report(str(ranked_sample), "--performance", str(performance_for_sample), "--output", str(out))
+    assert "Which metric predicts teacher quality" in result.stdout
+    markdown = (out / "report.md").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert figures == ["figures/ranking.png", "figures/reward_vs_compat_loss.png", "figures/metric_correlations.png"]
+    for figure in figures:
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ranking = pd.read_csv(ranked_sample / "ranking.csv")
+    best = ranking.loc[ranking["car"].idxmax(), "teacher"]
+    assert f"-> {best}" in markdown
+    page = (out / "report.html").read_text()
+    assert 'src="http' not in page and "<script" not in page  # self-contained, static
+    inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(inlined) == 3 and all(base64.b64decode(data)[:4] == b"\x89PNG" for data in inlined)
+
+    # Chromium loads the page in a frame and reports, from inside the browser, that every image decoded
+    check = tmp_path / "check.html"
+    check.write_text(
+        f"<html><body><iframe id=f src='{(out / 'report.html').as_uri()}' width=1200 height=800></iframe><script>"
+        "document.getElementById('f').onload=function(){var d=this.contentDocument;var imgs=[...d.images];"
+        "document.body.setAttribute('data-result', imgs.length+' images, '+imgs.filter(i=>i.complete&&i.naturalWidth>100).length+' decoded, '"
+        "+d.querySelectorAll('table').length+' tables, title='+d.title);};</script></body></html>"
+    )
+    dom = chromium(
+        tmp_path, "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom", check.as_uri()
+    )
+    match = re.search(r'data-result="([^"]+)"', dom.stdout)
+    assert match, dom.stdout[-2000:] + dom.stderr[-2000:]
+    assert match.group(1).startswith("3 images, 3 decoded, ") and "title=Which teacher" in match.group(1)
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", (out / "report.html").as_uri())
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.getextrema()[0] < 100  # something dark was drawn: text and figures, not a blank page
+
+
+def test_report_from_the_papers_table_shows_its_paradox_pairs_and_best_teachers(tmp_path):
+    out = tmp_path / "paper"
+    run_report("--performance", str(PAPER_TABLE), "--output", str(out))
+    markdown = (out / "report.md").read_text()
+    table = pd.read_csv(PAPER_TABLE, comment="#")
+    table["ap"] = (table["AE2_LC_WR"] + table["ArenaHard_WR"]) / 2
+    for base, group in table.groupby("base_model"):
+        best = group.loc[group["ap"].idxmax(), "generator"]
+        assert f"| {base} | {best} |" in markdown
+    # one paradox pair computed here, independently: Gemma-2-9b-it beats Gemma-2-27b-it on Qwen2.5-3B
+    gemma = table[(table["base_model"] == "Qwen2.5-3B") & table["generator"].isin(["Gemma-2-9b-it", "Gemma-2-27b-it"])]
+    ap = dict(zip(gemma["generator"], gemma["ap"]))
+    assert ap["Gemma-2-9b-it"] > ap["Gemma-2-27b-it"]
+    assert "| Qwen2.5-3B | Gemma 2 | Gemma-2-9b-it |" in markdown
+    assert (out / "figures" / "paradox_pairs.png").exists()
+
+
+def test_report_needs_an_input():
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True)
+    assert result.returncode == 2 and "give a `rank` output folder, --performance FILE, or both" in result.stderr
