@@ -3,9 +3,11 @@ same backend directly on the same prompts with the same batch size, in one run. 
 
     python benchmarks/bench_generate.py [--instructions 96] [--max-new-tokens 64] [--batch-size 8]
 
-Backend: distilabel's TransformersLLM on a tiny Llama (size "l"), greedy. "direct" loads the LLM and calls
-its `generate` batch by batch in this process; "pipeline" is `magpie_teach.generation.run.generate` (a
-distilabel pipeline with the response store), both timed end to end including the model load.
+Backend: the pipeline's own LLM class (`BatchedTransformersLLM`: distilabel's TransformersLLM generating each
+batch in one padded call) on a tiny Llama (size "l"), greedy. "direct" loads that LLM and calls its
+`generate` batch by batch in this process; "pipeline" is `magpie_teach.generation.run.generate` (a
+distilabel pipeline with the response store), both timed end to end including the model load. For
+reference it also times distilabel's stock TransformersLLM, which generates one prompt at a time.
 """
 
 import argparse
@@ -56,24 +58,32 @@ def main() -> None:
 
     from distilabel.models import TransformersLLM
 
-    start = time.perf_counter()
-    llm = TransformersLLM(model=str(model), device="cpu")
-    llm.load()
-    direct = 0
-    for i in range(0, len(prompts), args.batch_size):
-        batch = [[{"role": "user", "content": p}] for p in prompts[i : i + args.batch_size]]
-        out = llm.generate(inputs=batch, num_generations=1, max_new_tokens=args.max_new_tokens, do_sample=False)
-        direct += len(out)
-    direct_s = time.perf_counter() - start
+    from magpie_teach.generation.llms import BatchedTransformersLLM
+
+    def direct_run(cls: type) -> tuple[int, float]:
+        start = time.perf_counter()
+        llm = cls(model=str(model), device="cpu")
+        llm.load()
+        done = 0
+        for i in range(0, len(prompts), args.batch_size):
+            batch = [[{"role": "user", "content": p}] for p in prompts[i : i + args.batch_size]]
+            out = llm.generate(inputs=batch, num_generations=1, max_new_tokens=args.max_new_tokens, do_sample=False,
+                               repetition_penalty=1.0)  # fmt: skip
+            done += len(out)
+        return done, time.perf_counter() - start
+
+    direct, direct_s = direct_run(BatchedTransformersLLM)
+    stock, stock_s = direct_run(TransformersLLM)
 
     print(
         f"{len(prompts)} instructions, batch {args.batch_size}, {args.max_new_tokens} new tokens, greedy, tiny Llama 'l'"
     )
+    print(f"stock TransformersLLM.generate:   {stock} responses in {stock_s:.1f}s = {stock / stock_s:.2f} responses/s")
     print(
-        f"direct TransformersLLM.generate: {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s"
+        f"direct BatchedTransformersLLM:    {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s"
     )
     print(
-        f"magpie-teach generate pipeline:  {produced} responses in {pipeline_s:.1f}s = {produced / pipeline_s:.2f} responses/s"
+        f"magpie-teach generate pipeline:   {produced} responses in {pipeline_s:.1f}s = {produced / pipeline_s:.2f} responses/s"
     )
     print(f"ratio pipeline / direct: {(produced / pipeline_s) / (direct / direct_s):.2f} (target >= 0.8)")
 

@@ -337,3 +337,25 @@ def test_select_push_to_hub_publishes_sft_data_with_its_command(local_hub, ranke
     card = read_remote(local_hub, "lab/sft", "v0.1.0", "README.md")
     assert "magpie-teach select --scores" in card and "--push-to-hub lab/sft" in card
     assert "| teacher | rows |" in card
+
+
+def test_select_reads_published_scores_by_tag_and_records_the_commit(local_hub, ranked_sample, tmp_path):
+    env = local_hub.env()
+    pushed = cli("push", str(ranked_sample), "--repo-id", "lab/scores", "--kind", "scores", env=env)
+    assert pushed.returncode == 0, pushed.stderr
+    commit = local_hub.git("lab/scores", "rev-parse", "v1.0.0^{commit}")
+    out = tmp_path / "sft"
+    result = cli("select", "--scores", "lab/scores", "--revision", "v1.0.0", "--strategy", "best-of-n",
+                 "--output", str(out), env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    local = tmp_path / "sft-local"
+    assert (
+        cli(
+            "select", "--scores", str(ranked_sample), "--strategy", "best-of-n", "--output", str(local), env=env
+        ).returncode
+        == 0
+    )
+    from_hub = pd.read_parquet(out / "data" / "train-00000-of-00001.parquet")
+    pd.testing.assert_frame_equal(from_hub, pd.read_parquet(local / "data" / "train-00000-of-00001.parquet"))
+    assert yaml.safe_load((out / "select_config.yaml").read_text())["revision"] == commit
+    assert json.loads((out / "selection_summary.json").read_text())["scores_revision"] == commit

@@ -15,6 +15,7 @@ column other than ``ok``), truncated responses (``--keep-truncated`` keeps them)
 ``--max-tokens`` (response tokens under the base model).
 """
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -33,7 +34,11 @@ DATA_FILE = "data/train-00000-of-00001.parquet"
 
 @dataclass
 class SelectConfig:
-    scores: str = field(metadata={"help": "A `rank` output folder or its scores.parquet."})
+    scores: str = field(
+        metadata={
+            "help": "A `rank` output folder, its scores.parquet, or a Hub data set ORG/NAME pushed with --kind scores."
+        }
+    )
     output_dir: str = field(
         metadata={
             "help": "Where the SFT data set is written (loadable with datasets.load_dataset).",
@@ -43,6 +48,7 @@ class SelectConfig:
     strategy: str = field(
         default="teacher", metadata={"help": "teacher, best-of-n, grape or mix.", "choices": list(STRATEGIES)}
     )
+    revision: str | None = field(default=None, metadata={"help": "Revision (branch, tag, commit) of a Hub --scores."})
     base_model: str | None = field(
         default=None, metadata={"help": "Base model whose scores are used (needed when the scores hold several)."}
     )
@@ -83,12 +89,20 @@ class SelectResult:
     output_dir: Path
 
 
-def load_scores(path: str, base_model: str | None) -> pd.DataFrame:
-    """Per-example scores of one base model from a `rank` output folder or a scores parquet."""
+def load_scores(path: str, base_model: str | None, revision: str | None = None) -> pd.DataFrame:
+    """Per-example scores of one base model from a `rank` output folder, a scores parquet, or a Hub data set
+    published with `magpie-teach push --kind scores` (at ``revision``; the commit read is in ``attrs``)."""
     file = Path(path) / "scores.parquet" if Path(path).is_dir() else Path(path)
-    if not file.exists():
+    if not file.exists() and path.count("/") == 1 and not path.startswith((".", "/")):
+        from magpie_teach.data import load_table
+
+        scores = load_table(path, revision=revision)
+        file = Path(f"{path}@{scores.attrs.get('revision')}")
+    elif not file.exists():
         raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
-    scores = pd.read_parquet(file)
+    else:
+        scores = pd.read_parquet(file)
+    commit = scores.attrs.get("revision")
     missing = [
         c
         for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
@@ -108,7 +122,9 @@ def load_scores(path: str, base_model: str | None) -> pd.DataFrame:
         if len(short) != 1:
             raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
         base_model = short[0]
-    return scores[scores["base_model"] == base_model].reset_index(drop=True)
+    selected = scores[scores["base_model"] == base_model].reset_index(drop=True)
+    selected.attrs["revision"] = commit
+    return selected
 
 
 def _filter(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -187,7 +203,7 @@ def select(config: SelectConfig) -> SelectResult:
     from magpie_teach.config import dump_config
     from magpie_teach.data import write_atomic
 
-    scores = load_scores(config.scores, config.base_model)
+    scores = load_scores(config.scores, config.base_model, config.revision)
     chosen, dropped = select_responses(scores, config)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
     dataset = chosen[keep].copy()
@@ -200,6 +216,7 @@ def select(config: SelectConfig) -> SelectResult:
         "rows_out": len(dataset),
         "rows_per_teacher": {str(k): int(v) for k, v in dataset["teacher"].value_counts().sort_index().items()},
         "dropped_by_reason": {str(k): int(v) for k, v in dropped["reason"].value_counts().items()},
+        "scores_revision": scores.attrs.get("revision"),
     }
     out = Path(config.output_dir)
     write_atomic(out / DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
@@ -213,5 +230,9 @@ def select(config: SelectConfig) -> SelectResult:
     if len(dropped):
         columns = ["id", "teacher", "reason", "reward", "compat_loss"]
         write_atomic(out / "dropped.parquet", lambda tmp: dropped[columns].to_parquet(tmp, index=False))
-    dump_config(config, out / "select_config.yaml")
+    # Hub scores are recorded by the commit read, so that rerunning this config reads the same bytes
+    dump_config(
+        dataclasses.replace(config, revision=scores.attrs.get("revision") or config.revision),
+        out / "select_config.yaml",
+    )
     return SelectResult(dataset, dropped, summary, out)
