@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,3 +208,49 @@ def test_instruction_filters_are_counted(tmp_path, tiny_suite, sample_path):
     assert counts["dropped_duplicate"] == len(in_range) - in_range.nunique()
     assert counts["dropped_by_sample"] == in_range.nunique() - 5 and len(instructions) == 5
     assert set(instructions["instruction"]) <= set(in_range)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local Ray head on 127.0.0.1 (`ray start --head --block`), stopped by PID."""
+    import shutil
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray, "ray is not installed (pip install 'magpie-teach[ray]'; make install does)"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 107 characters
+    process = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                                "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                                f"--temp-dir={temp}"],
+                               env=env, stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in (tmp_path / "ray.log").read_text():  # the head says when it is up
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield f"127.0.0.1:{port}"
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(
+    tmp_path, tiny_suite, sample_path, uninterrupted, ray_head
+):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out, ray={"address": ray_head})
+    process = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "generate", str(config)],
+                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    output = finish(process)
+    assert "_StepWrapperRay" in output  # the steps ran as Ray actors
+    on_ray = pd.read_parquet(out / "responses.parquet").sort_values(KEY).reset_index(drop=True)
+    pd.testing.assert_frame_equal(on_ray[[*KEY, "response"]], uninterrupted[[*KEY, "response"]])

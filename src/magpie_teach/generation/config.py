@@ -71,11 +71,22 @@ class InstructionsConfig:
 
 
 @dataclass
+class RayConfig:
+    """Run the pipeline on a Ray cluster (distilabel's RayPipeline): ``address`` of its head node, e.g.
+    ``127.0.0.1:6379`` from ``ray start --head``, ``ray://host:10001``, or ``auto`` inside a Ray job.
+    Every node must see ``output_dir`` (shared storage), where the response store is."""
+
+    address: str = "auto"
+    init_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
 class GenerateConfig:
     output_dir: str
     instructions: InstructionsConfig
     teachers: list[TeacherConfig]
     batch_size: int = 8
+    ray: RayConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.instructions.path is None) == (self.instructions.magpie is None):

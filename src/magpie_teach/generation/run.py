@@ -252,6 +252,8 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     dump_config(config, out / "generate_config.yaml")
     if any(work.remaining.values()):
         pipeline, parameters = build_pipeline(config, work)
+        if config.ray is not None:
+            pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
         with _StoreProgress(config, work):
             pipeline.run(use_cache=False, parameters=parameters)
     rows = response_store(config).read()
