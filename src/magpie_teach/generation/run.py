@@ -150,7 +150,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     import os
 
     from distilabel.pipeline import Pipeline
-    from distilabel.steps import LoadDataFromDicts
+    from distilabel.steps import LoadDataFromDicts, StepResources
     from distilabel.steps.tasks import TextGeneration
 
     from magpie_teach.generation.llms import BatchedTransformersLLM
@@ -168,14 +168,21 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 continue
             load = LoadDataFromDicts(name=f"load_{i}", data=todo.to_dict("records"), batch_size=config.batch_size)
             device = resolve_device(teacher.device)
-            llm = BatchedTransformersLLM(
-                model=teacher.model, device=device, threads=threads if device == "cpu" else None
-            )
+            if teacher.backend == "vllm":
+                from magpie_teach.generation.llms import VLLMTeacher
+
+                llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
+                                  max_model_len=teacher.max_model_len)  # fmt: skip
+                gpus = teacher.tensor_parallel_size if device.startswith("cuda") else None
+            else:
+                llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None)  # fmt: skip
+                gpus = None
             generate = TextGeneration(
                 name=f"generate_{i}",
                 llm=llm,
                 num_generations=teacher.num_generations,
                 input_batch_size=config.batch_size,
+                resources=StepResources(replicas=teacher.replicas, gpus=gpus),
             )
             fmt = ResponseFormat(
                 name=f"format_{i}", teacher=teacher.name, model=teacher.model, settings=teacher.settings(),
