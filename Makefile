@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,pipelines,train,argilla,demo,ray
+EXTRAS ?= dev,pipelines,train,argilla,demo,ray,openai
 PYTEST_ARGS ?=
 
 .PHONY: install argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean

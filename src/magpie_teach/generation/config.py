@@ -6,7 +6,7 @@ from pathlib import Path
 
 from magpie_teach.errors import ConfigError
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "openai")
 """Backends this version runs; vllm and openai (issue 3) are not wired yet and are refused up front."""
 
 
@@ -30,6 +30,12 @@ class TeacherConfig:
     tensor_parallel_size: int = 1
     replicas: int = 1
     max_model_len: int | None = None
+    # openai backend: an OpenAI-compatible server; the key comes from the environment variable named here
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    max_retries: int = 3
+    concurrency: int = 8
 
     def settings(self) -> str:
         """The teacher's backend and sampling settings as JSON, kept on every row it writes."""
@@ -104,6 +110,10 @@ class GenerateConfig:
         if duplicated:
             raise ConfigError(f"teachers: names must be unique, {duplicated} repeat")
         for i, teacher in enumerate(self.teachers):
+            if teacher.backend == "openai" and not teacher.base_url:
+                raise ConfigError(
+                    f"teachers[{i}].base_url: the openai backend needs the server's URL, e.g. http://host:8000/v1"
+                )
             if teacher.backend not in BACKENDS:
                 raise ConfigError(
                     f"teachers[{i}].backend: {teacher.backend!r} is not available in this version (available: {', '.join(BACKENDS)})"

@@ -114,3 +114,72 @@ class VLLMTeacher(LLM):
         )
         outputs = self._engine.generate(prompts, params, use_tqdm=False)
         return [_prepare_output([c.text for c in out.outputs], self._tokenizer, p) for p, out in zip(prompts, outputs)]
+
+
+class OpenAITeacher(LLM):
+    """A teacher behind an OpenAI-compatible chat-completions server (vLLM's `vllm serve`, TGI, a hosted API).
+
+    Requests of a batch go out concurrently; the client retries connection errors, 429s and 5xx
+    ``max_retries`` times with backoff and gives up after ``timeout`` seconds per request. A request that
+    still fails yields no completion for that row (kept as a failed row by the pipeline, never scored)
+    and a warning naming the error; the run goes on. The API key is read from the environment
+    variable ``api_key_env`` and never logged.
+    """
+
+    model: str
+    base_url: str
+    api_key_env: str | None = "OPENAI_API_KEY"  # noqa: UP045
+    timeout: float = 120.0
+    max_retries: int = 3
+    concurrency: int = 8
+    _client: Any = PrivateAttr(default=None)
+
+    def load(self) -> None:
+        import os
+
+        from openai import OpenAI
+
+        super().load()
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        self._client = OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=self.timeout,
+                              max_retries=self.max_retries)  # fmt: skip
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    def generate(  # type: ignore[override]
+        self,
+        inputs: list,
+        num_generations: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        repetition_penalty: float = 1.0,
+    ) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from distilabel.models.llms.utils import prepare_output
+
+        def one(messages: list) -> dict:
+            try:
+                reply = self._client.chat.completions.create(
+                    model=self.model, messages=messages, n=num_generations, max_tokens=max_new_tokens,
+                    temperature=temperature if do_sample else 0.0, top_p=top_p,
+                )  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - after the client's retries: a failed row, not a dead run
+                self._logger.warning(
+                    f"{self.base_url}: request failed after {self.max_retries} retries: {type(err).__name__}: {err}"
+                )
+                return prepare_output([None] * num_generations, input_tokens=[0], output_tokens=[0] * num_generations)
+            texts = [choice.message.content for choice in reply.choices]
+            usage = reply.usage
+            return prepare_output(
+                texts,
+                input_tokens=[usage.prompt_tokens if usage else 0],
+                output_tokens=[usage.completion_tokens // max(len(texts), 1) if usage else 0] * len(texts),
+            )
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(inputs)))) as pool:
+            return list(pool.map(one, inputs))

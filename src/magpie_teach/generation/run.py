@@ -174,6 +174,12 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
                                   max_model_len=teacher.max_model_len)  # fmt: skip
                 gpus = teacher.tensor_parallel_size if device.startswith("cuda") else None
+            elif teacher.backend == "openai":
+                from magpie_teach.generation.llms import OpenAITeacher
+
+                llm = OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
+                                    timeout=teacher.timeout, max_retries=teacher.max_retries, concurrency=teacher.concurrency)  # fmt: skip
+                gpus = None
             else:
                 llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None)  # fmt: skip
                 gpus = None
