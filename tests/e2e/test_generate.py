@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.processes import free_port, stop_group
+
 
 def write_config(path: Path, tiny_suite, sample_path, out: Path, **extra) -> Path:
     config = {
@@ -214,11 +216,8 @@ def test_instruction_filters_are_counted(tmp_path, tiny_suite, sample_path):
 def ray_head(tmp_path):
     """A local Ray head on 127.0.0.1 (`ray start --head --block`), stopped by PID."""
     import shutil
-    import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert ray, "ray is not installed (pip install 'magpie-teach[ray]'; make install does)"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -232,12 +231,7 @@ def ray_head(tmp_path):
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
         time.sleep(0.5)
     yield f"127.0.0.1:{port}"
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_group(process)
     shutil.rmtree(temp, ignore_errors=True)
 
 

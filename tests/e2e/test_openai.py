@@ -2,8 +2,6 @@
 127.0.0.1 with a tiny model, stopped by PID; and a teacher whose server is gone, whose rows fail cleanly."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +12,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.processes import free_port, greedy_generate_config, stop_group
 
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,31 +41,19 @@ def vllm_server(tmp_path, tiny_suite):
         ]
         time.sleep(1)
     yield f"http://127.0.0.1:{port}/v1"
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_group(process)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suite, sample_path, vllm_server):
     out = tmp_path / "out"
-    greedy = {"temperature": 0.0, "max_new_tokens": 12}
-    config = {
-        "output_dir": str(out),
-        "instructions": {"path": sample_path, "sample": 6, "seed": 1},
-        "teachers": [
-            {"name": "served", "model": tiny_suite.base_small, "backend": "openai", "base_url": vllm_server,
-             "sampling": greedy},
-            {"name": "gone", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 1, "timeout": 5,
-             "base_url": f"http://127.0.0.1:{free_port()}/v1", "sampling": greedy},
-            {"name": "hf", "model": tiny_suite.base_small, "sampling": greedy},
-        ],
-        "batch_size": 3,
-    }  # fmt: skip
+    config = greedy_generate_config(out, sample_path, [
+        {"name": "served", "model": tiny_suite.base_small, "backend": "openai", "base_url": vllm_server},
+        {"name": "gone", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 1, "timeout": 5,
+         "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+        {"name": "hf", "model": tiny_suite.base_small},
+    ])  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     secret = "sk-magpie-should-never-be-printed"

