@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.hub.cards import markdown_table
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, short_name
 
 BASELINES = ["car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "ppl_ref", "ifd_ref"]
@@ -276,15 +277,12 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     return sections
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    frame = frame.copy()
-    for column in frame.columns:
-        if column in ("base_model", "teacher", "best teacher", "smaller", "larger"):
-            frame[column] = frame[column].map(lambda v: short_name(str(v)))
-    cells = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
-    return "\n".join(lines)
+NAME_COLUMNS = ("base_model", "teacher", "best teacher", "smaller", "larger")
+
+
+def _short_names(frame: pd.DataFrame) -> pd.DataFrame:
+    """Model columns shown by their last path component (a local folder reads like its Hub name)."""
+    return frame.assign(**{c: frame[c].map(lambda v: short_name(str(v))) for c in NAME_COLUMNS if c in frame})
 
 
 def render_markdown(title: str, sections: list[Section], out: Path) -> str:
@@ -296,7 +294,7 @@ def render_markdown(title: str, sections: list[Section], out: Path) -> str:
         if section.figure is not None:
             parts.append(f"![{section.title}]({section.figure.relative_to(out).as_posix()})\n")
         if section.table is not None:
-            parts.append(_markdown_table(section.table) + "\n")
+            parts.append(markdown_table(_short_names(section.table)) + "\n")
     parts.append(
         "Made with magpie-teach (Xu et al., *Stronger Models are Not Always Stronger Teachers for Instruction Tuning*, NAACL 2025).\n"
     )
@@ -323,11 +321,7 @@ def render_html(title: str, sections: list[Section]) -> str:
             data = base64.b64encode(section.figure.read_bytes()).decode()
             body.append(f'<img alt="{html.escape(section.title)}" src="data:image/png;base64,{data}">')
         if section.table is not None:
-            frame = section.table.copy()
-            for column in frame.columns:
-                if column in ("base_model", "teacher", "best teacher", "smaller", "larger"):
-                    frame[column] = frame[column].map(lambda v: short_name(str(v)))
-            body.append(frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+            body.append(_short_names(section.table).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
         body.append("</section>")
     body.append("<footer>Made with magpie-teach (Xu et al., NAACL 2025).</footer>")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -41,8 +41,9 @@ def template(kind: str) -> tuple[str, list[str]]:
     return body, [name.strip() for name in match.group(1).split(",") if name.strip()]
 
 
-def _markdown_table(frame: Any, digits: int = 4) -> str:
-    columns = list(frame.columns)
+def markdown_table(frame: Any, digits: int = 4) -> str:
+    """A DataFrame as a Markdown table, floats to ``digits`` significant digits (cards and reports)."""
+    columns = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in frame.itertuples(index=False):
         cells = [f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in row]
@@ -58,7 +59,7 @@ def ranking_markdown(ranking: Any) -> str:
     parts = []
     for base, group in ranking.groupby("base_model", sort=False):
         group = group.sort_values("car", ascending=False)
-        parts.append(f"**Base model `{base}`**\n\n{_markdown_table(group[keep])}")
+        parts.append(f"**Base model `{base}`**\n\n{markdown_table(group[keep])}")
     return "\n\n".join(parts)
 
 

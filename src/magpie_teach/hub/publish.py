@@ -354,31 +354,33 @@ def _push(config: PushConfig) -> PushResult:
     except RepositoryNotFoundError:
         tags, branches, exists = {}, {}, False
     tag = config.tag or next_tag(list(tags))
-    if tag in tags and not config.overwrite:
-        with tempfile.TemporaryDirectory(prefix="magpie-teach-push-") as tmp:
-            files = stage(source, kind, config.repo_id, tag, config.license, Path(tmp))
-            if same_files(api, config.repo_id, tags[tag], files):  # a rerun of the same push: nothing to do
-                url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{tag}"
-                return PushResult(config.repo_id, tag, tags[tag], kind, url, sorted(files), True)
-        raise ConfigError(
-            f"{config.repo_id}: tag {tag} already exists (commit {tags[tag][:12]}) with other content; published versions are never "
-            "overwritten. Pick another --tag, or pass --overwrite to move it."
-        )
     if exists and config.branch not in branches:
         raise ConfigError(f"{config.repo_id}: no branch {config.branch!r} (branches: {', '.join(sorted(branches))}).")
 
+    def published(name: str, commit: str, files: dict) -> PushResult:
+        url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{name}"
+        return PushResult(config.repo_id, name, commit, kind, url, sorted(files), True)
+
     with tempfile.TemporaryDirectory(prefix="magpie-teach-push-") as tmp:
         files = stage(source, kind, config.repo_id, tag, config.license, Path(tmp))  # card errors happen here
+        if tag in tags and not config.overwrite:
+            if same_files(api, config.repo_id, tags[tag], files):  # a rerun of the same push: nothing to do
+                return published(tag, tags[tag], files)
+            raise ConfigError(
+                f"{config.repo_id}: tag {tag} already exists (commit {tags[tag][:12]}) with other content; published versions are never "
+                "overwritten. Pick another --tag, or pass --overwrite to move it."
+            )
         if exists and not config.tag:  # the same artefact again: name the version that already holds it
             head = branches[config.branch]
-            for published in sorted(name for name, sha in tags.items() if sha == head):
-                again = stage(source, kind, config.repo_id, published, config.license, Path(tmp) / published)
+            for name in sorted(name for name, sha in tags.items() if sha == head):
+                again = stage(source, kind, config.repo_id, name, config.license, Path(tmp) / name)
                 if same_files(api, config.repo_id, head, again):
-                    url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{published}"
-                    return PushResult(config.repo_id, published, head, kind, url, sorted(again), True)
-        if not exists:
+                    return published(name, head, again)
+        if exists:
+            head = branches[config.branch]
+        else:
             api.create_repo(config.repo_id, repo_type="dataset", private=config.private, exist_ok=True)
-        head = api.repo_info(config.repo_id, repo_type="dataset", revision=config.branch).sha
+            head = api.repo_info(config.repo_id, repo_type="dataset", revision=config.branch).sha
         remote = set(api.list_repo_files(config.repo_id, repo_type="dataset", revision=head))
         operations: list[Any] = [CommitOperationAdd(path, str(local)) for path, local in sorted(files.items())]
         operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - {".gitattributes"})]
