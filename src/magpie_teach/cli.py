@@ -197,12 +197,21 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"instructions: {counts['instructions_used']} used of {counts['instructions_in']} ({counts})")
     for name, todo in summary["remaining"].items():
         print(f"  {name}: {todo} instruction(s) to generate")
+    if config.scoring is not None:
+        print(f"  then scoring: reward {config.scoring.reward_model}, base models {config.scoring.base_models}")
     if args.dry_run:
         print("dry run: the config is valid; nothing was generated")
         return 0
     for name, teacher in summary["teachers"].items():
         print(f"  {name}: {teacher}")
     print(f"wrote {config.output_dir}/responses.parquet")
+    if "scoring" in summary:
+        import pandas as pd
+
+        rank_dir = summary["scoring"]["output"]
+        ranking = pd.read_csv(f"{rank_dir}/ranking.csv")
+        print(ranking[["base_model", "teacher", "n", "car", "reward", "compat_loss", "rank_car"]].to_string(index=False))
+        print(f"wrote {rank_dir}/ (ranking.csv, scores.parquet: read by report, select and push like a rank output)")
     _finish(args, config.output_dir)
     return 0
 

@@ -145,6 +145,11 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
         return [_convert(kind, item, f"{path}[{i}]") for i, item in enumerate(value)]
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, path)
+    if typing.get_origin(kind) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_kind, value_kind = typing.get_args(kind)
+        return {_convert(key_kind, k, path): _convert(value_kind, v, f"{path}.{k}") for k, v in value.items()}
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")

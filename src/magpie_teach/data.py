@@ -1,7 +1,8 @@
 """Teacher-response data: loading, the long and wide (Generator-Zoo) formats, validation, atomic writes.
 
 Long format: one row per instruction x teacher with ``instruction``, ``response``, ``teacher``, an
-optional ``id`` (derived from the instruction text when absent) and any reward columns.
+optional ``id`` (derived from the instruction text when absent) and any reward columns; with an
+optional ``generation_index``, several responses of one teacher to one instruction (best-of-N).
 
 Wide format (``Magpie-Align/Magpie-100K-Generator-Zoo``): one row per instruction with ``uuid``
 (or ``id``) and ``instruction``, and one struct column per teacher holding ``content`` and reward
@@ -161,6 +162,12 @@ def _named(frame: pd.DataFrame, mask: pd.Series) -> str:
     return text + (f"; and {len(hits) - _MAX_NAMED} more" if len(hits) > _MAX_NAMED else "")
 
 
+def response_key(frame: pd.DataFrame) -> list[str]:
+    """The columns naming one response: (id, teacher), plus ``generation_index`` when the data holds
+    several generations per teacher and instruction (best-of-N output of `generate`)."""
+    return ["id", "teacher", "generation_index"] if "generation_index" in frame.columns else ["id", "teacher"]
+
+
 def validate_long(
     frame: pd.DataFrame,
     source: str = "data",
@@ -170,7 +177,7 @@ def validate_long(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Checks long-format rows; returns (kept rows, dropped rows with ``reason``).
 
-    Errors (always): missing columns, a duplicate (id, teacher) pair, one id with two instruction
+    Errors (always): missing columns, a duplicate (id, teacher[, generation_index]) row, one id with two instruction
     texts, a missing reward column. Errors unless ``drop_invalid``: empty or null responses or
     instructions, null rewards, teachers answering different instruction sets; with
     ``drop_invalid`` such rows are dropped, and so is every other teacher's response to the same
@@ -192,9 +199,16 @@ def validate_long(
     frame["id"] = frame["id"].astype(str)
     frame["teacher"] = frame["teacher"].astype(str)
 
-    duplicated = frame.duplicated(["id", "teacher"], keep=False)
+    key = response_key(frame)
+    if "generation_index" in key:  # best-of-N output of `generate`: several responses per (id, teacher)
+        index = pd.to_numeric(frame["generation_index"], errors="coerce")
+        bad = index.isna() | (index < 0) | (index % 1 != 0)
+        if bad.any():
+            raise DataError(f"{source}: 'generation_index' must be a whole number >= 0: {_named(frame, bad)}.")
+        frame["generation_index"] = index.astype(int)
+    duplicated = frame.duplicated(key, keep=False)
     if duplicated.any():
-        raise DataError(f"{source}: duplicate (id, teacher) pairs: {_named(frame, duplicated)}.")
+        raise DataError(f"{source}: duplicate ({', '.join(key)}) rows: {_named(frame, duplicated)}.")
     texts = frame.dropna(subset=["instruction"]).groupby("id")["instruction"].nunique()
     if (texts > 1).any():
         bad = frame["id"].isin(texts.index[texts > 1])
@@ -279,7 +293,7 @@ def load_responses(
         frame = frame[frame["teacher"].isin(teachers)]
     rows, dropped = validate_long(frame, source, reward_column=reward_column, drop_invalid=drop_invalid)
     digest = hashlib.sha1()
-    for column in ("id", "teacher", "instruction", "response"):
+    for column in (*response_key(rows), "instruction", "response"):
         digest.update(pd.util.hash_pandas_object(rows[column], index=False).values.tobytes())
     counts = {"rows_in": len(frame), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
     return LoadedResponses(rows, dropped, source, revision, digest.hexdigest()[:16], counts)

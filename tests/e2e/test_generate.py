@@ -178,21 +178,16 @@ def test_instructions_need_exactly_one_source(tmp_path, tiny_suite):
 
 
 def test_progress_bars_follow_the_store(tmp_path, capsys):
-    from magpie_teach.generation.config import GenerateConfig, InstructionsConfig, TeacherConfig
-    from magpie_teach.generation.run import GeneratePlan, _StoreProgress
+    from magpie_teach.generation.run import StoreProgress
     from magpie_teach.generation.store import ResponseStore
 
-    config = GenerateConfig(
-        str(tmp_path), InstructionsConfig(path="x"), [TeacherConfig("a", "m"), TeacherConfig("b", "m")]
-    )
-    work = GeneratePlan(pd.DataFrame(), {}, {"a": 4, "b": 0})
     store = ResponseStore(tmp_path / "store")
-    with _StoreProgress(config, work, interval=0.05, show=True):
+    with StoreProgress(store, {"a": 4}, interval=0.05, show=True):
         for i in range(3):
             store.write("a", pd.DataFrame({"id": [str(i)], "teacher": ["a"], "generation_index": [0]}))
             time.sleep(0.1)
     err = capsys.readouterr().err
-    assert "a: " in err and "3/4" in err and "b: " not in err  # b had nothing left to do
+    assert "a: " in err and "3/4" in err
 
 
 def test_instruction_filters_are_counted(tmp_path, tiny_suite, sample_path):
@@ -248,3 +243,71 @@ def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(
     assert "_StepWrapperRay" in output  # the steps ran as Ray actors
     on_ray = pd.read_parquet(out / "responses.parquet").sort_values(KEY).reset_index(drop=True)
     pd.testing.assert_frame_equal(on_ray[[*KEY, "response"]], uninterrupted[[*KEY, "response"]])
+
+
+@pytest.mark.slow
+def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path, tiny_suite, sample_path):
+    """A `scoring:` block: reward, compatibility per base model and CAR inside `generate` (distilabel steps over
+    the engine) give the same per-example scores and ranking as `magpie-teach rank` run afterwards on the
+    same responses; best-of-N output (num_generations 2) is scored per generation."""
+    import json
+
+    out = tmp_path / "out"
+    values = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out).read_text())
+    values["instructions"]["sample"] = 8
+    values["teachers"][1].update(num_generations=2, sampling={"max_new_tokens": 16, "temperature": 1.0, "seed": 3})
+    values["scoring"] = {"reward_model": tiny_suite.reward, "base_models": [tiny_suite.base_small, tiny_suite.base_large]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    printed = finish(generate(path))
+    assert "rank_car" in printed and "wrote " + str(out / "rank") in printed
+    scored = pd.read_parquet(out / "rank" / "scores.parquet")
+    responses = pd.read_parquet(out / "responses.parquet")
+    assert len(responses) == 8 + 16  # 8 greedy + 8 x 2 sampled generations
+    failed = set(responses.loc[responses["status"] != "ok", "id"])  # an instruction with a failed row is dropped
+    kept = responses[~responses["id"].isin(failed)]
+    assert len(scored) == 2 * len(kept) and len(kept) >= 12  # 2 base models
+    assert sorted(scored.groupby("teacher")["generation_index"].max()) == [0, 1]
+
+    reference = tmp_path / "rank"
+    result = subprocess.run(
+        [sys.executable, "-m", "magpie_teach.cli", "rank", "--data", str(out / "responses.parquet"),
+         "--base-model", tiny_suite.base_small, "--base-model", tiny_suite.base_large,
+         "--reward-model", tiny_suite.reward, "--drop-invalid", "--output", str(reference)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    key = ["base_model", "teacher", "id", "generation_index"]
+    mine = scored.sort_values(key).reset_index(drop=True)
+    theirs = pd.read_parquet(reference / "scores.parquet").sort_values(key).reset_index(drop=True)
+    assert list(mine.columns) == list(theirs.columns)
+    pd.testing.assert_frame_equal(mine, theirs, check_exact=False, rtol=1e-4, atol=1e-5)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "rank" / "ranking.csv"), pd.read_csv(reference / "ranking.csv"), rtol=1e-4, atol=1e-5
+    )
+    # resumable: drop one stored batch of one stage, rerun: only that batch is scored again
+    stored = sorted((out / "rank" / ".store").glob("compat-1-*/batch-*.parquet"))
+    untouched = set((out / "rank" / ".store").glob("*/batch-*.parquet")) - {stored[0]}
+    stored[0].unlink()
+    finish(generate(path))
+    new = set((out / "rank" / ".store").glob("*/batch-*.parquet")) - untouched
+    assert len(new) == 1 and new.pop().parent == stored[0].parent
+    again = pd.read_parquet(out / "rank" / "scores.parquet").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, mine, check_exact=False, rtol=1e-4, atol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scoring"]["counts"]["rows_kept"] == len(kept)
+    assert summary["scoring"]["counts"].get("failed_generation", 0) == (responses["status"] != "ok").sum()
+
+
+def test_best_of_n_rows_need_a_generation_index_per_response(sample_rows):
+    from magpie_teach.data import validate_long
+    from magpie_teach.errors import DataError
+
+    rows = sample_rows[sample_rows["teacher"] == sample_rows["teacher"].iloc[0]].head(3)
+    twice = pd.concat([rows.assign(generation_index=0), rows.assign(generation_index=1)], ignore_index=True)
+    kept, _ = validate_long(twice)
+    assert len(kept) == 6
+    with pytest.raises(DataError, match=r"duplicate \(id, teacher, generation_index\)"):
+        validate_long(pd.concat([twice, twice.head(1)], ignore_index=True))
+    with pytest.raises(DataError, match="generation_index"):
+        validate_long(twice.assign(generation_index=[0, 1, 2, -1, 1, 2]))

@@ -7,7 +7,8 @@ from pathlib import Path
 from magpie_teach.errors import ConfigError
 
 BACKENDS = ("transformers", "vllm", "openai")
-"""Backends this version runs; vllm and openai (issue 3) are not wired yet and are refused up front."""
+"""Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
+step's process), openai (an OpenAI-compatible server)."""
 
 
 @dataclass
@@ -15,6 +16,7 @@ class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 512
+    seed: int | None = None  # sampling seed; with one, a rerun of the same batch samples the same text
 
 
 @dataclass
@@ -39,7 +41,9 @@ class TeacherConfig:
 
     def settings(self) -> str:
         """The teacher's backend and sampling settings as JSON, kept on every row it writes."""
-        return json.dumps({"backend": self.backend, "model": self.model, **asdict(self.sampling)}, sort_keys=True)
+        settings = {"backend": self.backend, "model": self.model, "num_generations": self.num_generations,
+                    **asdict(self.sampling)}  # fmt: skip
+        return json.dumps(settings, sort_keys=True)
 
 
 MAGPIE_TEMPLATES = {
@@ -53,6 +57,36 @@ MAGPIE_TEMPLATES = {
 
 
 @dataclass
+class MagpieCategory:
+    """A task category that steers Magpie (a system prompt), drawn for a row with probability weight / sum."""
+
+    prompt: str
+    weight: float = 1.0
+
+
+@dataclass
+class ScoringConfig:
+    """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers)."""
+
+    reward_model: str
+    base_models: list[str]
+    beta: float = 3.0
+    reward_shift: str = "none"  # none, auto, or a number
+    max_length: int = 4096
+    batch_tokens: int = 8192
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.base_models:
+            raise ConfigError("scoring.base_models: at least one base model is needed")
+        if len(set(self.base_models)) != len(self.base_models):
+            raise ConfigError(f"scoring.base_models: repeated entries in {self.base_models}")
+        if self.beta < 0:
+            raise ConfigError(f"scoring.beta: must be >= 0, got {self.beta}")
+
+
+@dataclass
 class MagpieConfig:
     model: str
     template: str = "chatml"  # a key of MAGPIE_TEMPLATES, or the literal pre-query string
@@ -61,9 +95,34 @@ class MagpieConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     device: str = "auto"
+    # steering: one system prompt, or categories {name: {prompt, weight}} drawn per row by weight
+    system_prompt: str | None = None
+    categories: dict[str, MagpieCategory] = field(default_factory=dict)
+    seed: int = 0  # seeds the category draw and the sampling
+    # turns: 1 = single instructions; k > 1 = k user turns, the first k - 1 answered by this model, the
+    # last one left for the teachers (its earlier turns become the row's `context`)
+    n_turns: int = 1
 
     def pre_query(self) -> str:
         return MAGPIE_TEMPLATES.get(self.template, self.template)
+
+    def system_prompts(self) -> str | dict | None:
+        """The ``system_prompt`` argument of distilabel's ``MagpieGenerator``."""
+        if self.categories:
+            return {name: (c.prompt, c.weight / sum(x.weight for x in self.categories.values()))
+                    for name, c in self.categories.items()}  # fmt: skip
+        return self.system_prompt
+
+    def validate(self) -> None:
+        if self.system_prompt and self.categories:
+            raise ConfigError("instructions.magpie: give system_prompt or categories, not both")
+        for name, category in self.categories.items():
+            if not category.weight > 0:
+                raise ConfigError(f"instructions.magpie.categories.{name}.weight: must be > 0, got {category.weight}")
+        if self.n_turns < 1:
+            raise ConfigError(f"instructions.magpie.n_turns: must be >= 1, got {self.n_turns}")
+        if self.num_rows < 1:
+            raise ConfigError(f"instructions.magpie.num_rows: must be >= 1, got {self.num_rows}")
 
 
 @dataclass
@@ -96,6 +155,7 @@ class GenerateConfig:
     instructions: InstructionsConfig
     teachers: list[TeacherConfig]
     batch_size: int = 8
+    scoring: ScoringConfig | None = None
     ray: RayConfig | None = None
 
     def __post_init__(self) -> None:
@@ -103,6 +163,10 @@ class GenerateConfig:
             raise ConfigError(
                 "instructions: give exactly one of path (a file or Hub data set) and magpie (generate them)"
             )
+        if self.instructions.magpie is not None:
+            self.instructions.magpie.validate()
+        if self.scoring is not None:
+            self.scoring.validate()
         names = [t.name for t in self.teachers]
         if not names:
             raise ConfigError("teachers: at least one teacher is needed")

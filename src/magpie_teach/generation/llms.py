@@ -13,13 +13,20 @@ class _BatchedPipeline:
     """A transformers text-generation pipeline called on a whole distilabel batch at once. distilabel 1.5.3
     calls the pipeline without ``batch_size``, which makes transformers generate one prompt at a time."""
 
-    def __init__(self, pipeline: Any):
+    def __init__(self, pipeline: Any, seed: int | None = None):
         self._pipeline = pipeline
+        self._seed = seed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipeline, name)
 
     def __call__(self, inputs: list, **kwargs: Any) -> Any:
+        if self._seed is not None:  # seeded by the batch's own prompts: a rerun of a batch samples the same text
+            import zlib
+
+            from transformers import set_seed
+
+            set_seed((self._seed + zlib.crc32("\x00".join(map(str, inputs)).encode())) % 2**32)
         return self._pipeline(inputs, batch_size=max(len(inputs), 1), **kwargs)
 
 
@@ -28,6 +35,7 @@ class BatchedTransformersLLM(TransformersLLM):
     with an optional cap on torch threads for when several teachers share the machine's cores."""
 
     threads: int | None = Field(default=None, description="torch threads in this step's process (default: torch's).")  # noqa: UP045
+    seed: int | None = Field(default=None, description="Sampling seed, combined with each batch's prompts.")  # noqa: UP045
 
     def load(self) -> None:
         if self.threads:
@@ -36,7 +44,7 @@ class BatchedTransformersLLM(TransformersLLM):
             torch.set_num_threads(self.threads)
         super().load()
         self._pipeline.tokenizer.padding_side = "left"  # decoder-only models pad on the left to generate
-        self._pipeline = _BatchedPipeline(self._pipeline)
+        self._pipeline = _BatchedPipeline(self._pipeline, self.seed)
 
 
 def _prepare_output(texts: list, tokenizer: Any, prompt: str) -> dict:
@@ -146,6 +154,7 @@ class OpenAITeacher(_EngineTeacher):
     timeout: float = 120.0
     max_retries: int = 3
     concurrency: int = 8
+    seed: int | None = None  # noqa: UP045 - sent with every request (servers that honour it sample reproducibly)
     _client: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
@@ -168,7 +177,7 @@ class OpenAITeacher(_EngineTeacher):
             try:
                 reply = self._client.chat.completions.create(
                     model=self.model, messages=messages, n=n, max_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p,
+                    top_p=top_p, **({"seed": self.seed} if self.seed is not None else {}),
                 )  # fmt: skip
             except Exception as err:  # noqa: BLE001 - after the client's retries: a failed row, not a dead run
                 self._logger.warning(

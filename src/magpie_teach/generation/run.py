@@ -7,6 +7,7 @@ from a file or a Hub data set (an ``instruction`` column, or ShareGPT-style ``co
 with exact repeats removed and an optional seeded sample, both counted.
 """
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -54,7 +55,13 @@ def scratch_cache(config: GenerateConfig, name: str) -> str:
 
 
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
-    """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet."""
+    """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet.
+
+    Columns: ``instruction``; ``context`` (JSON of the earlier turns, with ``n_turns`` > 1; the last
+    user turn is the instruction the teachers answer); ``category`` (with ``categories``); and the model,
+    template and settings that produced each row. Rows the model left empty (or, multi-turn, a conversation
+    it did not finish) keep a null instruction; `load_instructions` drops and counts them.
+    """
     from distilabel.pipeline import Pipeline
 
     from magpie_teach.data import write_atomic
@@ -78,14 +85,27 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
             "repetition_penalty": 1.0,  # distilabel's default is 1.1: only what the config says is applied
         },
     )
+    multi = spec.n_turns > 1
     with Pipeline(name="magpie-teach-instructions", cache_dir=scratch_cache(config, "instructions")) as pipeline:
         MagpieInstructions(
-            llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=1, only_instruction=True
-        )
-    frame = pipeline.run(use_cache=False)["default"]["train"].to_pandas()[["instruction"]]
+            llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=spec.n_turns,
+            only_instruction=not multi, end_with_user=multi, include_system_prompt=False,
+            system_prompt=spec.system_prompts(), seed=spec.seed,
+        )  # fmt: skip
+    generated = pipeline.run(use_cache=False)["default"]["train"].to_pandas()
+    frame = pd.DataFrame({"instruction": generated["instruction"]} if not multi else {})
+    if multi:  # keep conversations that end on a user turn; the turns before it are the context
+        turns = generated["conversation"].map(lambda c: [dict(m) for m in c] if c is not None else [])
+        complete = turns.map(lambda c: len(c) == 2 * spec.n_turns - 1 and c[-1]["role"] == "user")
+        frame["instruction"] = [c[-1]["content"] if ok else None for c, ok in zip(turns, complete)]
+        frame["context"] = [json.dumps(c[:-1]) if ok else None for c, ok in zip(turns, complete)]
+    if "system_prompt_key" in generated.columns:
+        frame["category"] = generated["system_prompt_key"].to_numpy()
     frame["magpie_model"], frame["magpie_template"] = spec.model, spec.template
     frame["magpie_settings"] = json.dumps(
-        {"temperature": spec.temperature, "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens}
+        {"temperature": spec.temperature, "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens,
+         "n_turns": spec.n_turns, "seed": spec.seed, "system_prompt": spec.system_prompt,
+         "categories": {k: dataclasses.asdict(v) for k, v in spec.categories.items()} or None}  # fmt: skip
     )
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     return frame
@@ -107,21 +127,25 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
         )
     else:
         raise DataError(f"{spec.path}: no {spec.column!r} or 'conversations' column (columns: {list(frame.columns)})")
-    counts = {"instructions_in": len(texts)}
-    texts = texts[texts.map(lambda t: isinstance(t, str) and bool(t.strip()))]
-    counts["dropped_empty"] = counts["instructions_in"] - len(texts)
-    lengths = texts.str.len()
+    # context (earlier turns) only from Magpie: other data sets use that name for other things (e.g. Dolly)
+    extra = [c for c in (("context", "category") if spec.magpie is not None else ("category",)) if c in frame.columns]
+    table = pd.DataFrame({"instruction": texts.to_numpy(), **{c: frame[c].to_numpy() for c in extra}})
+    counts = {"instructions_in": len(table)}
+    table = table[table["instruction"].map(lambda t: isinstance(t, str) and bool(t.strip()))]
+    counts["dropped_empty"] = counts["instructions_in"] - len(table)
+    lengths = table["instruction"].str.len()
     keep = (lengths >= (spec.min_chars or 0)) & (lengths <= (spec.max_chars or lengths.max()))
     counts["dropped_by_length"] = int((~keep).sum())
-    texts = texts[keep]
+    table = table[keep]
     if spec.dedup:
-        before = len(texts)
-        texts = texts.drop_duplicates()
-        counts["dropped_duplicate"] = before - len(texts)
-    out = pd.DataFrame({"id": [instruction_id(t) for t in texts], "instruction": texts.to_numpy()})
+        before = len(table)
+        table = table.drop_duplicates(["instruction", *(["context"] if "context" in extra else [])])
+        counts["dropped_duplicate"] = before - len(table)
+    keyed = table["instruction"] if "context" not in extra else table["context"].fillna("") + "\n" + table["instruction"]
+    out = pd.DataFrame({"id": [instruction_id(t) for t in keyed], **{c: table[c].to_numpy() for c in table.columns}})
     if spec.sample is not None and spec.sample < len(out):
         out = out.sample(n=spec.sample, random_state=spec.seed).sort_index()
-        counts["dropped_by_sample"] = len(texts) - len(out)
+        counts["dropped_by_sample"] = len(table) - len(out)
     counts["instructions_used"] = len(out)
     out = out.reset_index(drop=True)
     out.attrs["revision"] = frame.attrs.get("revision")  # the Hub commit read, if any
@@ -172,21 +196,24 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 from magpie_teach.generation.llms import VLLMTeacher
 
                 llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
-                                  max_model_len=teacher.max_model_len)  # fmt: skip
+                                  max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0)  # fmt: skip
                 gpus = teacher.tensor_parallel_size if device.startswith("cuda") else None
             elif teacher.backend == "openai":
                 from magpie_teach.generation.llms import OpenAITeacher
 
                 llm = OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
-                                    timeout=teacher.timeout, max_retries=teacher.max_retries, concurrency=teacher.concurrency)  # fmt: skip
+                                    timeout=teacher.timeout, max_retries=teacher.max_retries, concurrency=teacher.concurrency,
+                                    seed=teacher.sampling.seed)  # fmt: skip
                 gpus = None
             else:
-                llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None)  # fmt: skip
+                llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None,
+                                             seed=teacher.sampling.seed)  # fmt: skip
                 gpus = None
             generate = TextGeneration(
                 name=f"generate_{i}",
                 llm=llm,
                 num_generations=teacher.num_generations,
+                group_generations=True,  # a row's generations stay together, so their indices are exact
                 input_batch_size=config.batch_size,
                 resources=StepResources(replicas=teacher.replicas, gpus=gpus),
             )
@@ -210,18 +237,18 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     return pipeline, parameters
 
 
-class _StoreProgress:
-    """One progress bar per teacher (rows stored, rate, ETA), fed by polling the response store while
-    distilabel runs the pipeline in its own processes. Like every bar here it shows only on a terminal."""
+class StoreProgress:
+    """One progress bar per store folder (a teacher, or a scoring stage): rows stored, rate, ETA, fed by
+    polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
+    shows only on a terminal."""
 
-    def __init__(self, config: GenerateConfig, work: GeneratePlan, interval: float = 1.0, show: bool | None = None):
+    def __init__(self, store: "ResponseStore", totals: dict[str, int], interval: float = 1.0, show: bool | None = None):
         import threading
 
-        self.store = response_store(config)
-        self.teachers = [t for t in config.teachers if work.remaining[t.name]]
-        self.totals = {t.name: work.remaining[t.name] * t.num_generations for t in self.teachers}
-        self.seen: dict[str, dict] = {t.name: {} for t in self.teachers}
-        self.start = {t.name: self.store.count(t.name, self.seen[t.name]) for t in self.teachers}
+        self.store = store
+        self.totals = totals
+        self.seen: dict[str, dict] = {name: {} for name in totals}
+        self.start = {name: self.store.count(name, self.seen[name]) for name in totals}
         self.interval = interval
         self.disable = None if show is None else not show
         self.stop = threading.Event()
@@ -242,7 +269,7 @@ class _StoreProgress:
         for bar in bars.values():
             bar.close()
 
-    def __enter__(self) -> "_StoreProgress":
+    def __enter__(self) -> "StoreProgress":
         self.thread.start()
         return self
 
@@ -267,7 +294,8 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
         pipeline, parameters = build_pipeline(config, work)
         if config.ray is not None:
             pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
-        with _StoreProgress(config, work):
+        totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
+        with StoreProgress(response_store(config), totals):
             pipeline.run(use_cache=False, parameters=parameters)
     rows = response_store(config).read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
@@ -282,5 +310,9 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
             "missing": len(work.instructions) * teacher.num_generations - len(mine),
         }
     write_atomic(out / "responses.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
+    if config.scoring is not None:
+        from magpie_teach.generation.scoring import score_responses
+
+        summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows, StoreProgress)}
     write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary

@@ -205,74 +205,37 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[
     return rewards, truncated
 
 
-def rank(config: RankConfig) -> RankResult:
-    """Scores every teacher's responses under every base model and ranks the teachers.
+LM_COLUMNS = ("compat_loss", "n_tokens", "n_tokens_full", "truncated", "uncond_loss", "instr_loss")
+"""What one base model contributes per example (`score_compatibility` plus the instruction loss L(x))."""
 
-    Writes ``ranking.csv`` (one row per teacher x base model), ``scores.parquet`` (per example),
-    ``correlations.csv`` (with a performance file), ``dropped.csv`` (rows dropped by
-    ``drop_invalid``, with their reason), ``summary.json`` and the resolved ``rank_config.yaml``.
-    """
+
+def example_scores(rows: pd.DataFrame, lm: pd.DataFrame, base_model: str) -> pd.DataFrame:
+    """The rows of ``scores.parquet`` for one base model: ``rows`` (key, texts, ``reward``,
+    ``reward_truncated``) with that model's :data:`LM_COLUMNS` (aligned row by row) and the per-example
+    baselines derived from them. `rank` and the scoring stage of `generate` both build their scores here."""
+    from magpie_teach.scoring.metrics import ic_ifd, ifd
+
+    frame = rows.assign(base_model=base_model)
+    for column in LM_COLUMNS:
+        frame[column] = lm[column].to_numpy()
+    frame["logprob_norm"] = -frame["compat_loss"]
+    frame["ppl_self"] = np.exp(frame["compat_loss"])
+    frame["ifd_self"] = ifd(frame["compat_loss"], frame["uncond_loss"])
+    frame["ic_ifd_self"] = ic_ifd(frame["compat_loss"], frame["instr_loss"], frame["uncond_loss"])
+    return frame
+
+
+def write_rank_outputs(
+    config: RankConfig, scores: pd.DataFrame, loaded: Any, counts: dict, performance: pd.DataFrame | None = None
+) -> RankResult:
+    """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring)."""
     from magpie_teach.config import dump_config
-    from magpie_teach.data import load_responses, sample_instructions, write_atomic
-    from magpie_teach.scoring.metrics import aggregate, correlations, ic_ifd, ifd, load_performance
+    from magpie_teach.data import write_atomic
+    from magpie_teach.scoring.metrics import aggregate, correlations
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
-    loaded = load_responses(
-        config.data,
-        revision=config.revision,
-        split=config.split,
-        reward_column=config.reward_column,
-        drop_invalid=config.drop_invalid,
-        teachers=config.teachers or None,
-    )
-    rows = loaded.rows
-    counts = dict(loaded.counts)
-    if config.sample is not None:
-        rows = sample_instructions(rows, config.sample, config.seed)
-        counts["rows_sampled"] = len(rows)
-    fingerprint = hashlib.sha1(
-        (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
-    ).hexdigest()[:16]
-    keep = ["id", "teacher", "instruction", "response"]
-    base_rows = rows[keep].copy()
-    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
-    counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
-
-    reference = None
-    if config.reference_model:
-        ref = _lm_scores(config, config.reference_model, rows, fingerprint)
-        reference = pd.DataFrame(
-            {
-                "loss_ref": ref["compat_loss"],
-                "ppl_ref": np.exp(ref["compat_loss"]),
-                "ifd_ref": ifd(ref["compat_loss"], ref["uncond_loss"]),
-                "ic_ifd_ref": ic_ifd(ref["compat_loss"], ref["instr_loss"], ref["uncond_loss"]),
-            }
-        )
-    frames = []
-    for base in config.base_models:
-        lm = _lm_scores(config, base, rows, fingerprint)
-        frame = base_rows.assign(base_model=base)
-        frame["compat_loss"] = lm["compat_loss"].to_numpy()
-        frame["n_tokens"] = lm["n_tokens"].to_numpy()
-        frame["n_tokens_full"] = lm["n_tokens_full"].to_numpy()
-        frame["truncated"] = lm["truncated"].to_numpy()
-        frame["uncond_loss"] = lm["uncond_loss"].to_numpy()
-        frame["instr_loss"] = lm["instr_loss"].to_numpy()
-        frame["logprob_norm"] = -frame["compat_loss"]
-        frame["ppl_self"] = np.exp(frame["compat_loss"])
-        frame["ifd_self"] = ifd(frame["compat_loss"], frame["uncond_loss"])
-        frame["ic_ifd_self"] = ic_ifd(frame["compat_loss"], frame["instr_loss"], frame["uncond_loss"])
-        if reference is not None:
-            frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
-        frames.append(frame)
-        counts[f"truncated[{base}]"] = int(frame["truncated"].sum())
-    scores = pd.concat(frames, ignore_index=True)
     ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
     corr = correlations(ranking, performance) if performance is not None else None
-
     write_atomic(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
     write_atomic(out / "ranking.csv", lambda tmp: ranking.to_csv(tmp, index=False))
     if corr is not None:
@@ -293,3 +256,58 @@ def rank(config: RankConfig) -> RankResult:
     # a Hub source is recorded by the commit that was read, so that rerunning this config reads the same bytes
     dump_config(dataclasses.replace(config, revision=loaded.revision), out / "rank_config.yaml")
     return RankResult(ranking, scores, corr, loaded.dropped, counts, out)
+
+
+def rank(config: RankConfig) -> RankResult:
+    """Scores every teacher's responses under every base model and ranks the teachers.
+
+    Writes ``ranking.csv`` (one row per teacher x base model), ``scores.parquet`` (per example),
+    ``correlations.csv`` (with a performance file), ``dropped.csv`` (rows dropped by
+    ``drop_invalid``, with their reason), ``summary.json`` and the resolved ``rank_config.yaml``.
+    """
+    from magpie_teach.data import load_responses, response_key, sample_instructions
+    from magpie_teach.scoring.metrics import ic_ifd, ifd, load_performance
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
+    loaded = load_responses(
+        config.data,
+        revision=config.revision,
+        split=config.split,
+        reward_column=config.reward_column,
+        drop_invalid=config.drop_invalid,
+        teachers=config.teachers or None,
+    )
+    rows = loaded.rows
+    counts = dict(loaded.counts)
+    if config.sample is not None:
+        rows = sample_instructions(rows, config.sample, config.seed)
+        counts["rows_sampled"] = len(rows)
+    fingerprint = hashlib.sha1(
+        (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
+    ).hexdigest()[:16]
+    keep = [*response_key(rows), "instruction", "response"]
+    base_rows = rows[keep].copy()
+    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
+    counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
+
+    reference = None
+    if config.reference_model:
+        ref = _lm_scores(config, config.reference_model, rows, fingerprint)
+        reference = pd.DataFrame(
+            {
+                "loss_ref": ref["compat_loss"],
+                "ppl_ref": np.exp(ref["compat_loss"]),
+                "ifd_ref": ifd(ref["compat_loss"], ref["uncond_loss"]),
+                "ic_ifd_ref": ic_ifd(ref["compat_loss"], ref["instr_loss"], ref["uncond_loss"]),
+            }
+        )
+    frames = []
+    for base in config.base_models:
+        frame = example_scores(base_rows, _lm_scores(config, base, rows, fingerprint), base)
+        if reference is not None:
+            frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
+        frames.append(frame)
+        counts[f"truncated[{base}]"] = int(frame["truncated"].sum())
+    return write_rank_outputs(config, pd.concat(frames, ignore_index=True), loaded, counts, performance)

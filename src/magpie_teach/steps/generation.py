@@ -44,34 +44,48 @@ class ResponseFormat(Step):
 
         from magpie_teach.generation.store import ResponseStore
 
-        seen: dict[str, int] = {}
         rows = []
-        for row in inputs:
-            index = seen.get(row["id"], 0)
-            seen[row["id"]] = index + 1
-            text = row.get("generation")
-            ok = isinstance(text, str) and bool(text.strip())
-            n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
-            rows.append(
-                {
-                    "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
-                    "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
-                    "truncated": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
-                    "reason": None if ok else ("empty completion" if isinstance(text, str) else "no completion (backend error)"),
-                    "settings": self.settings,
-                }
-            )  # fmt: skip
+        for row in inputs:  # TextGeneration runs with group_generations: a row's generations arrive together
+            generations = row.get("generation")
+            for index, text in enumerate(generations if isinstance(generations, list) else [generations]):
+                ok = isinstance(text, str) and bool(text.strip())
+                n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
+                rows.append(
+                    {
+                        "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
+                        "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
+                        "truncated": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
+                        "reason": None if ok else ("empty completion" if isinstance(text, str) else "no completion (backend error)"),
+                        "settings": self.settings,
+                        **({"context": row["context"]} if "context" in row else {}),
+                    }
+                )  # fmt: skip
         ResponseStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
         yield rows
 
 
 class MagpieInstructions(MagpieGenerator):
-    """distilabel's ``MagpieGenerator`` producing exactly ``num_rows`` rows.
+    """distilabel's ``MagpieGenerator`` producing exactly ``num_rows`` rows, seeded.
 
     distilabel 1.5.3's loop (``while generated <= num_rows``, batches of ``batch_size``) never marks a
     last batch when ``num_rows`` is not a multiple of ``batch_size``, so the pipeline waits forever, and
-    generates one batch too many when it is.
+    generates one batch too many when it is. Its system-prompt (category) draw uses Python's global
+    ``random``, which is seeded here with ``seed``, and so is torch's sampling.
     """
+
+    seed: int = Field(default=0, description="Seeds the category draw and the sampling.")
+
+    def load(self) -> None:
+        import random
+
+        super().load()
+        random.seed(self.seed)
+        try:
+            from transformers import set_seed
+
+            set_seed(self.seed)
+        except ImportError:  # an engine without transformers seeds itself
+            pass
 
     def process(self, offset: int = 0) -> "GeneratorStepOutput":
         generated = offset

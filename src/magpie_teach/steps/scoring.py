@@ -100,25 +100,32 @@ class RewardScore(_ModelStep):
 class CompatibilityScore(_ModelStep):
     """The base model's compatibility loss on each response (and L(y), token counts, truncation).
 
-    Output columns: ``base_model``, ``compat_loss``, ``uncond_loss``, ``n_tokens``, ``n_tokens_full``, ``truncated``.
+    Output columns: ``base_model``, ``compat_loss``, ``uncond_loss``, ``instr_loss`` (L(x), for IC-IFD),
+    ``n_tokens``, ``n_tokens_full``, ``truncated``.
     """
 
     base_model_name: str | None = Field(default=None, description="Name written to `base_model` (default: model).")
 
     @property
     def outputs(self) -> list[str]:
-        return ["base_model", "compat_loss", "uncond_loss", "n_tokens", "n_tokens_full", "truncated"]
+        return ["base_model", "compat_loss", "uncond_loss", "instr_loss", "n_tokens", "n_tokens_full", "truncated"]
 
     def process(self, inputs: StepInput) -> "StepOutput":
-        from magpie_teach.scoring.compatibility import score_compatibility
+        from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
 
+        instructions, responses = self._texts(inputs)
         scores = score_compatibility(
-            self._model, self._tokenizer, *self._texts(inputs),
+            self._model, self._tokenizer, instructions, responses,
             max_length=self.max_length, batch_tokens=self.batch_tokens, show_progress=False,
         )  # fmt: skip
-        for row, score in zip(inputs, scores.to_dict("records")):
+        unique = list(dict.fromkeys(instructions))
+        text = score_text_loss(self._model, self._tokenizer, unique, max_length=self.max_length,
+                               batch_tokens=self.batch_tokens, show_progress=False)  # fmt: skip
+        instr_loss = dict(zip(unique, text["loss"]))
+        for row, score, instruction in zip(inputs, scores.to_dict("records"), instructions):
             row["base_model"] = self.base_model_name or self.model
             row["compat_loss"], row["uncond_loss"] = float(score["compat_loss"]), float(score["uncond_loss"])
+            row["instr_loss"] = float(instr_loss[instruction])
             row["n_tokens"], row["n_tokens_full"] = int(score["n_tokens"]), int(score["n_tokens_full"])
             row["truncated"] = bool(score["truncated"])
         yield inputs

@@ -1,0 +1,157 @@
+"""The scoring stage of `magpie-teach generate` (a ``scoring:`` block in the config).
+
+After the teachers have answered, a second distilabel pipeline scores every ``ok`` response: one
+branch runs :class:`~magpie_teach.steps.scoring.RewardScore`, one branch per base model
+:class:`~magpie_teach.steps.scoring.CompatibilityScore`; each finished batch is stored (like the
+responses) so a killed run resumes without rescoring. CAR and the baselines are then aggregated by
+the engine's own functions into ``OUTPUT/rank/``, a folder laid out exactly like `magpie-teach rank`'s
+output (``ranking.csv``, ``scores.parquet``, ``summary.json``, ``rank_config.yaml``): `report`,
+`select` and `push` read it, and ``magpie-teach rank --config OUTPUT/rank/rank_config.yaml`` gives
+the same numbers.
+"""
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from distilabel.steps import Step, StepInput
+from pydantic import Field
+
+from magpie_teach.errors import MagpieTeachError
+
+if TYPE_CHECKING:
+    from distilabel.typing import StepOutput
+
+    from magpie_teach.generation.config import GenerateConfig
+    from magpie_teach.scoring.rank import RankConfig
+
+KEY = ["teacher", "id", "generation_index"]
+REWARD_COLUMNS = ["reward", "reward_truncated"]
+
+
+class StoreScores(Step):
+    """Stores each batch's key and score columns in the run's score store (the resume point of scoring).
+
+    A batch with a null score (distilabel's trace of an upstream step that raised) is refused, so a
+    failed batch is never taken for a finished one."""
+
+    store_dir: str = Field(description="Folder of the score store.")
+    stage: str = Field(description="Sub-folder: `reward` or `compat-N`.")
+    columns: list[str] = Field(description="Score columns to store.")
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*KEY, *self.columns]
+
+    @property
+    def outputs(self) -> list[str]:
+        return []
+
+    def process(self, inputs: StepInput) -> "StepOutput":
+        from magpie_teach.generation.store import ResponseStore
+
+        frame = pd.DataFrame(inputs)[[*KEY, *self.columns]]
+        nulls = frame[self.columns].isna().any(axis=1)
+        if nulls.any():
+            first = frame.loc[nulls, KEY].iloc[0].to_dict()
+            raise MagpieTeachError(f"{self.stage}: {int(nulls.sum())} row(s) came without scores (first: {first})")
+        ResponseStore(self.store_dir).write(self.stage, frame)
+        yield inputs
+
+
+def rank_config(config: "GenerateConfig") -> "RankConfig":
+    """The `rank` config equivalent to this run's scoring (written to OUTPUT/rank/rank_config.yaml)."""
+    from magpie_teach.scoring.rank import RankConfig
+
+    spec = config.scoring
+    out = Path(config.output_dir)
+    return RankConfig(
+        data=str(out / "responses.parquet"), output_dir=str(out / "rank"), base_models=list(spec.base_models),
+        reward_model=spec.reward_model, beta=spec.beta, reward_shift=spec.reward_shift, drop_invalid=True,
+        max_length=spec.max_length, batch_tokens=spec.batch_tokens, dtype=spec.dtype, device=spec.device,
+    )  # fmt: skip
+
+
+def _stages(config: "GenerateConfig") -> dict[str, tuple[str, str, list[str]]]:
+    """stage -> (step kind, model, score columns)."""
+    from magpie_teach.scoring.rank import LM_COLUMNS
+
+    stages = {"reward": ("reward", config.scoring.reward_model, REWARD_COLUMNS)}
+    for i, base in enumerate(config.scoring.base_models):
+        stages[f"compat-{i}-{hashlib.sha1(base.encode()).hexdigest()[:8]}"] = ("compat", base, list(LM_COLUMNS))
+    return stages
+
+
+def _done(store: Any, stage: str) -> pd.DataFrame:
+    stored = store.read(stage)
+    return stored if len(stored) else pd.DataFrame(columns=KEY)
+
+
+def _todo(rows: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    marked = rows.merge(done[KEY].assign(_done=True), on=KEY, how="left")
+    return rows[marked["_done"].isna().to_numpy()]
+
+
+def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress: Any = None) -> dict:
+    """Scores ``responses`` (the run's ``responses.parquet``) and writes OUTPUT/rank; returns its counts."""
+    from distilabel.pipeline import Pipeline
+    from distilabel.steps import LoadDataFromDicts
+
+    from magpie_teach.data import LoadedResponses, response_key, validate_long
+    from magpie_teach.generation.run import scratch_cache
+    from magpie_teach.generation.store import ResponseStore
+    from magpie_teach.scoring.rank import example_scores, write_rank_outputs
+    from magpie_teach.steps.scoring import CompatibilityScore, RewardScore, run_checked
+
+    spec = config.scoring
+    ranked = rank_config(config)
+    source = ranked.data
+    Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
+    rows, dropped = validate_long(responses, source, drop_invalid=True)  # failed generations never get scored
+    rows = rows.drop(columns=["_row"]).astype({"generation_index": int})
+    store = ResponseStore(Path(ranked.output_dir) / ".store")
+    stages = _stages(config)
+    todo = {stage: _todo(rows, _done(store, stage)) for stage in stages}
+    if any(len(t) for t in todo.values()):
+        texts = [*KEY, "instruction", "response"]
+        with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config, "score")) as pipeline:
+            for i, (stage, (kind, model, columns)) in enumerate(stages.items()):
+                if todo[stage].empty:
+                    continue
+                load = LoadDataFromDicts(name=f"load_{i}", data=todo[stage][texts].to_dict("records"),
+                                         batch_size=config.batch_size)  # fmt: skip
+                settings = dict(max_length=spec.max_length, batch_tokens=spec.batch_tokens, dtype=spec.dtype,
+                                device=spec.device, input_batch_size=config.batch_size)  # fmt: skip
+                if kind == "reward":
+                    scorer = RewardScore(name=f"score_{i}", model=model, **settings)
+                else:
+                    scorer = CompatibilityScore(name=f"score_{i}", model=model, base_model_name=model, **settings)
+                keep = StoreScores(name=f"store_{i}", store_dir=str(store.root), stage=stage, columns=columns,
+                                   input_batch_size=config.batch_size)  # fmt: skip
+                load >> scorer >> keep
+        totals = {stage: len(t) for stage, t in todo.items() if len(t)}
+        with progress(store, totals) if progress else contextlib.nullcontext():
+            run_checked(pipeline, use_cache=False)
+    missing = {stage: len(_todo(rows, _done(store, stage))) for stage in stages}
+    if any(missing.values()):
+        raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
+
+    base_rows = rows[[*response_key(rows), "instruction", "response"]]
+    reward = _done(store, "reward")
+    base_rows = base_rows.merge(reward[[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one")
+    counts = {"rows_in": len(responses), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
+    counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
+    frames = []
+    for stage, (kind, model, columns) in stages.items():
+        if kind != "compat":
+            continue
+        lm = base_rows[KEY].merge(_done(store, stage), on=KEY, how="left", validate="one_to_one")
+        frames.append(example_scores(base_rows, lm, model))
+        counts[f"truncated[{model}]"] = int(frames[-1]["truncated"].sum())
+    digest = hashlib.sha1(json.dumps(rows[[*KEY, "response"]].astype(str).to_numpy().tolist()).encode())
+    loaded = LoadedResponses(rows, dropped, source, None, digest.hexdigest()[:16], counts)
+    write_rank_outputs(ranked, pd.concat(frames, ignore_index=True), loaded, counts)
+    return counts
