@@ -68,3 +68,20 @@ def test_template_that_does_not_prefix_the_prompt_is_an_error(tiny_suite):
     )
     with pytest.raises(ConfigError, match="prefix"):
         tokenize_conversation(tokenizer, "a", "b")
+
+
+def test_a_multi_turn_conversation_scores_only_the_last_answer(tiny_suite):
+    """With earlier turns as context, the response tokens are exactly the last answer's (the earlier
+    assistant turn is marked by the template too, and must not count)."""
+    import json
+
+    from magpie_teach.chat import prepare_tokenizer, tokenize_conversation
+    from magpie_teach.modeling import load_tokenizer
+
+    tokenizer = prepare_tokenizer(load_tokenizer(tiny_suite.base_small))
+    context = json.dumps([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}])
+    single = tokenize_conversation(tokenizer, "Name a colour.", "Blue is a colour.")
+    multi = tokenize_conversation(tokenizer, "Name a colour.", "Blue is a colour.", context=context)
+    assert multi.n_response_tokens == single.n_response_tokens
+    assert multi.input_ids[multi.loss_mask].tolist() == single.input_ids[single.loss_mask].tolist()
+    assert len(multi.input_ids) > len(single.input_ids)

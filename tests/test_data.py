@@ -113,7 +113,7 @@ def test_teachers_with_different_instruction_sets(tmp_path):
 
 def test_duplicate_pairs_are_an_error(tmp_path):
     frame = pd.concat([_long(), _long().iloc[[3]]], ignore_index=True)
-    with pytest.raises(DataError, match=r"duplicate \(id, teacher\) pairs: row 3 .*row 8"):
+    with pytest.raises(DataError, match=r"duplicate \(id, teacher\) rows: row 3 .*row 8"):
         load_responses(_write(tmp_path, frame))
 
 

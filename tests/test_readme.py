@@ -73,3 +73,28 @@ def test_readme_commands_on_shipped_files_run(tmp_path):
     run("tiny", "--output", "outputs/models", cwd=tmp_path)
     dry = run("generate", "pipelines/configs/tiny_cpu.yaml", "--dry-run", cwd=tmp_path).stdout
     assert "dry run: the config is valid" in dry
+
+
+@pytest.mark.slow
+def test_readme_generate_commands_run(tmp_path):
+    """The README's generate commands on the shipped configs, as written (tiny models built first, as it says)."""
+    import pandas as pd
+
+    for argv in (
+        ["generate", "pipelines/configs/tiny_cpu.yaml"],
+        ["generate", "pipelines/configs/tiny_cpu_magpie_scored.yaml"],
+        ["report", "outputs/generate-magpie/rank", "--output", "outputs/generate-magpie/report"],
+    ):
+        assert argv in commands()
+    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
+    (tmp_path / "src").symlink_to(REPO / "src")
+    run("tiny", "--output", "outputs/models", cwd=tmp_path)
+    run("generate", "pipelines/configs/tiny_cpu.yaml", cwd=tmp_path)
+    responses = pd.read_parquet(tmp_path / "outputs" / "generate-tiny" / "responses.parquet")
+    assert set(responses["teacher"]) == {"tiny-greedy", "tiny-sampled"}
+    printed = run("generate", "pipelines/configs/tiny_cpu_magpie_scored.yaml", cwd=tmp_path).stdout
+    assert "rank_car" in printed
+    ranking = pd.read_csv(tmp_path / "outputs" / "generate-magpie" / "rank" / "ranking.csv")
+    assert set(ranking["teacher"]) == {"tiny-greedy", "tiny-best-of-2"} and ranking["base_model"].nunique() == 2
+    run("report", "outputs/generate-magpie/rank", "--output", "outputs/generate-magpie/report", cwd=tmp_path)
+    assert (tmp_path / "outputs" / "generate-magpie" / "report" / "report.html").exists()

@@ -86,3 +86,18 @@ def test_bad_choices_are_named(tmp_path, scores_file):
         _run(tmp_path, path, min_reward=100.0)
     with pytest.raises(DataError, match="no scores.parquet"):
         _run(tmp_path, tmp_path / "missing")
+
+
+def test_a_best_of_n_teacher_gives_its_highest_reward_generation_per_instruction(tmp_path, scores_file):
+    _, frame = scores_file
+    alpha = frame[(frame.teacher == "alpha") & (frame.status == "ok") & ~frame.truncated]
+    second = alpha.assign(generation_index=1, response=alpha["response"] + " (again)", reward=alpha["reward"] + [0.3, -0.3, 0.3, -0.3, 0.3][: len(alpha)])
+    both = pd.concat([alpha.assign(generation_index=0), second], ignore_index=True)
+    path = tmp_path / "bon.parquet"
+    both.to_parquet(path)
+    result = _run(tmp_path, path, teacher="alpha")
+    expected = both.loc[both.groupby("id")["reward"].idxmax()].set_index("id")
+    got = result.dataset.set_index("id")
+    assert got.index.is_unique and set(got.index) == set(alpha["id"])
+    assert got["generation_index"].to_dict() == expected["generation_index"].to_dict()
+    assert got["reward"].to_dict() == pytest.approx(expected["reward"].to_dict())

@@ -59,9 +59,25 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def build_messages(instruction: str, response: str | None = None, system: str | None = None) -> list[dict[str, str]]:
-    """The conversation for one (instruction, response) pair, in the `messages` format TRL reads."""
+def parse_context(value: Any) -> list[dict[str, str]] | None:
+    """The earlier turns of a multi-turn row (its ``context`` column: JSON text or a list of messages), or None."""
+    import json
+
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        return None
+    turns = json.loads(value) if isinstance(value, str) else list(value)
+    if not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns):
+        raise DataError(f"context: expected a list of {{role, content}} messages, got {str(value)[:80]!r}")
+    return [{"role": str(t["role"]), "content": str(t["content"])} for t in turns] or None
+
+
+def build_messages(
+    instruction: str, response: str | None = None, system: str | None = None, context: Any = None
+) -> list[dict[str, str]]:
+    """The conversation for one (instruction, response) pair, in the `messages` format TRL reads; ``context``
+    (earlier turns, see :func:`parse_context`) goes before the instruction."""
     messages = [{"role": "system", "content": system}] if system else []
+    messages += parse_context(context) or []
     messages.append({"role": "user", "content": instruction})
     if response is not None:
         messages.append({"role": "assistant", "content": response})
@@ -79,21 +95,38 @@ class TokenizedExample:
 
 
 def tokenize_conversation(
-    tokenizer: Any, instruction: str, response: str, max_length: int | None = None, system: str | None = None
+    tokenizer: Any,
+    instruction: str,
+    response: str,
+    max_length: int | None = None,
+    system: str | None = None,
+    context: Any = None,
 ) -> TokenizedExample:
     """Renders and tokenizes one conversation, marking the response tokens (see the module docstring).
+
+    With ``context`` (earlier turns), only the last assistant turn counts as response tokens.
 
     Sequences longer than ``max_length`` are cut at the right, as SFT truncation does; the cut is
     reported through ``truncated`` and never hidden.
     """
     template = resolve_chat_template(tokenizer)
-    messages = build_messages(instruction, response, system)
+    messages = build_messages(instruction, response, system, context)
     if has_generation_markers(template):
         enc = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         mask = np.asarray(enc["assistant_masks"], dtype=bool)
+        if len(messages) > 2 + bool(system):  # earlier assistant turns are marked too: keep only the last one
+            prompt = tokenizer.apply_chat_template(
+                messages[:-1], chat_template=template, tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+            if list(ids[: len(prompt)]) != list(prompt):
+                raise ConfigError(
+                    "The chat template does not render the earlier turns as a prefix of the conversation, so the "
+                    "last response's tokens cannot be located."
+                )
+            mask[: len(prompt)] = False
     else:
         prompt = tokenizer.apply_chat_template(
             messages[:-1], chat_template=template, tokenize=False, add_generation_prompt=True

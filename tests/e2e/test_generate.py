@@ -311,3 +311,57 @@ def test_best_of_n_rows_need_a_generation_index_per_response(sample_rows):
         validate_long(pd.concat([twice, twice.head(1)], ignore_index=True))
     with pytest.raises(DataError, match="generation_index"):
         validate_long(twice.assign(generation_index=[0, 1, 2, -1, 1, 2]))
+
+
+@pytest.mark.slow
+def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_context(tmp_path, tiny_suite):
+    """Magpie with two turns and categories: the teachers answer the last user turn after the earlier turns,
+    the scoring stage scores that answer in context, and select writes the whole conversation."""
+    import json
+
+    from magpie_teach.selection.select import SelectConfig, select
+
+    out = tmp_path / "out"
+    categories = {"math": {"prompt": "You help with arithmetic.", "weight": 3}, "code": {"prompt": "You help with code."}}
+    config = {
+        "output_dir": str(out),
+        "instructions": {"magpie": {"model": tiny_suite.base_small, "num_rows": 6, "max_new_tokens": 8, "n_turns": 2,
+                                    "categories": categories, "seed": 1}},
+        "teachers": [{"name": "small", "model": tiny_suite.base_small, "sampling": {"max_new_tokens": 8}}],
+        "scoring": {"reward_model": tiny_suite.reward, "base_models": [tiny_suite.base_medium]},
+        "batch_size": 4,
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    finish(generate(path))
+    instructions = pd.read_parquet(out / "instructions.parquet")
+    assert len(instructions) == 6 and set(instructions["category"]) <= {"math", "code"}
+    complete = instructions.dropna(subset=["instruction"])
+    for context in complete["context"]:
+        assert [m["role"] for m in json.loads(context)] == ["user", "assistant"]  # turn 1; turn 2's user text is the instruction
+    settings = json.loads(instructions["magpie_settings"].iloc[0])
+    assert settings["n_turns"] == 2 and settings["categories"]["math"]["weight"] == 3
+    responses = pd.read_parquet(out / "responses.parquet")
+    assert set(responses["context"]) <= set(complete["context"])
+    scores = pd.read_parquet(out / "rank" / "scores.parquet")
+    ok = responses[responses["status"] == "ok"]
+    assert len(scores) == len(ok) and scores["context"].notna().all()
+    result = select(SelectConfig(scores=str(out / "rank"), output_dir=str(tmp_path / "sft"), teacher="small"))
+    first = result.dataset.iloc[0]
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert first["messages"][:2] == json.loads(scores.set_index("id").loc[first["id"], "context"])
+
+
+def test_magpie_category_weights_are_normalised_and_checked():
+    from magpie_teach.config import from_dict
+    from magpie_teach.errors import ConfigError
+    from magpie_teach.generation.config import MagpieConfig
+
+    spec = from_dict(MagpieConfig, {"model": "m", "categories": {"math": {"prompt": "M", "weight": 3}, "code": {"prompt": "C"}}})
+    assert spec.system_prompts() == {"math": ("M", 0.75), "code": ("C", 0.25)}
+    with pytest.raises(ConfigError, match=r"categories\.code\.weight"):
+        from_dict(MagpieConfig, {"model": "m", "categories": {"code": {"prompt": "C", "weight": 0}}}).validate()
+    with pytest.raises(ConfigError, match=r"categories\.code\.promt: unknown key; did you mean 'prompt'"):
+        from_dict(MagpieConfig, {"model": "m", "categories": {"code": {"promt": "C"}}})
+    with pytest.raises(ConfigError, match="not both"):
+        from_dict(MagpieConfig, {"model": "m", "system_prompt": "S", "categories": {"code": {"prompt": "C"}}}).validate()

@@ -44,22 +44,38 @@ def vllm_server(tmp_path, tiny_suite):
     stop_group(process)
 
 
+def _instructions(config_path) -> list[str]:
+    from magpie_teach.generation.config import load_generate_config
+    from magpie_teach.generation.run import load_instructions
+
+    return load_instructions(load_generate_config(str(config_path)))[0]["instruction"].tolist()
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suite, sample_path, vllm_server):
+    """Three OpenAI teachers: straight to vLLM's server; through a proxy that injects 500s (one instruction
+    always, one only on the first try, one with an empty completion); and a server that is gone."""
+    from tests.faulty_proxy import FaultyProxy
+
     out = tmp_path / "out"
-    config = greedy_generate_config(out, sample_path, [
+    path = tmp_path / "c.yaml"
+    teachers = [
         {"name": "served", "model": tiny_suite.base_small, "backend": "openai", "base_url": vllm_server},
+        {"name": "flaky", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 2, "base_url": "set below"},
         {"name": "gone", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 1, "timeout": 5,
          "base_url": f"http://127.0.0.1:{free_port()}/v1"},
         {"name": "hf", "model": tiny_suite.base_small},
-    ])  # fmt: skip
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
+    ]  # fmt: skip
+    path.write_text(yaml.safe_dump(greedy_generate_config(out, sample_path, teachers)))
+    first, second, third = _instructions(path)[:3]
     secret = "sk-magpie-should-never-be-printed"
     env = {**os.environ, "OPENAI_API_KEY": secret}
-    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(path)], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    with FaultyProxy(vllm_server.removesuffix("/v1"), fail=[first], fail_once=[second], empty=[third]) as proxy:
+        teachers[1]["base_url"] = proxy.url
+        path.write_text(yaml.safe_dump(greedy_generate_config(out, sample_path, teachers)))
+        result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(path)], env=env,
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert secret not in result.stdout + result.stderr
     rows = pd.read_parquet(out / "responses.parquet")
@@ -72,7 +88,18 @@ def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suit
         ), i
     gone = rows[rows["teacher"] == "gone"]
     assert len(gone) == 6 and (gone["status"] == "failed").all()
-    assert set(gone["reason"]) == {"no completion (backend error)"}
+    assert gone["reason"].str.startswith("APIConnectionError after 1 retries").all()
     assert "APIConnectionError" in result.stdout + result.stderr  # the warning names the error (rich wraps its lines)
+    # the proxy's faults: a permanent 500 fails its row after 1 + 2 attempts, a transient one is retried and
+    # answered, an empty completion is a failed row; every other row equals the direct teacher's
+    flaky = rows[rows["teacher"] == "flaky"].set_index("instruction")
+    assert proxy.attempts[first] == 3 and proxy.attempts[second] == 2 and proxy.attempts[third] == 1
+    assert flaky.loc[first, "status"] == "failed" and flaky.loc[first, "reason"].startswith("InternalServerError after 2 retries")
+    assert (flaky.loc[third, "status"], flaky.loc[third, "reason"]) == ("failed", "empty completion")
+    direct = served.set_index("instruction")
+    for instruction in flaky.index.drop([first, third]):
+        assert flaky.loc[instruction, "response"] == direct.loc[instruction, "response"], instruction
     summary = yaml.safe_load((out / "summary.json").read_text())
+    assert (summary["teachers"]["flaky"]["rows"], summary["teachers"]["flaky"]["failed"]) == (6, 2)
     assert summary["teachers"]["gone"]["failed"] == 6 and summary["teachers"]["served"]["rows"] == 6
+

@@ -180,17 +180,18 @@ class OpenAITeacher(_EngineTeacher):
                     top_p=top_p, **({"seed": self.seed} if self.seed is not None else {}),
                 )  # fmt: skip
             except Exception as err:  # noqa: BLE001 - after the client's retries: a failed row, not a dead run
-                self._logger.warning(
-                    f"{self.base_url}: request failed after {self.max_retries} retries: {type(err).__name__}: {err}"
-                )
-                return prepare_output([None] * n, input_tokens=[0], output_tokens=[0] * n)
+                error = f"{type(err).__name__} after {self.max_retries} retries: {str(err)[:300]}"
+                self._logger.warning(f"{self.base_url}: request failed: {error}")
+                # `error` is an extra output: distilabel carries it to the row as `llm_<step>_error`, the row's reason
+                return {**prepare_output([None] * n, input_tokens=[0], output_tokens=[0] * n), "error": [error] * n}
             texts = [choice.message.content for choice in reply.choices]
             usage = reply.usage
-            return prepare_output(
+            output = prepare_output(
                 texts,
                 input_tokens=[usage.prompt_tokens if usage else 0],
                 output_tokens=[usage.completion_tokens // max(len(texts), 1) if usage else 0] * len(texts),
             )
+            return {**output, "error": [None] * len(texts)}
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(inputs)))) as pool:
             return list(pool.map(one, inputs))

@@ -175,8 +175,9 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
 
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts, StepResources
-    from distilabel.steps.tasks import TextGeneration
+    from distilabel.steps.tasks import ChatGeneration, TextGeneration
 
+    from magpie_teach.chat import build_messages
     from magpie_teach.generation.llms import BatchedTransformersLLM
     from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import ResponseFormat
@@ -190,7 +191,12 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
             todo = work.todo[teacher.name]
             if todo.empty:
                 continue
-            load = LoadDataFromDicts(name=f"load_{i}", data=todo.to_dict("records"), batch_size=config.batch_size)
+            records = todo.to_dict("records")
+            multi_turn = "context" in todo.columns
+            if multi_turn:  # the teacher answers the last user turn, with the earlier turns before it
+                for record in records:
+                    record["messages"] = build_messages(record["instruction"], context=record["context"])
+            load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
             device = resolve_device(teacher.device)
             if teacher.backend == "vllm":
                 from magpie_teach.generation.llms import VLLMTeacher
@@ -209,7 +215,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None,
                                              seed=teacher.sampling.seed)  # fmt: skip
                 gpus = None
-            generate = TextGeneration(
+            generate = (ChatGeneration if multi_turn else TextGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
                 num_generations=teacher.num_generations,

@@ -116,7 +116,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     stages = _stages(config)
     todo = {stage: _todo(rows, _done(store, stage)) for stage in stages}
     if any(len(t) for t in todo.values()):
-        texts = [*KEY, "instruction", "response"]
+        texts = [*KEY, "instruction", *(["context"] if "context" in rows.columns else []), "response"]
         with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config, "score")) as pipeline:
             for i, (stage, (kind, model, columns)) in enumerate(stages.items()):
                 if todo[stage].empty:
@@ -139,7 +139,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
 
-    base_rows = rows[[*response_key(rows), "instruction", "response"]]
+    base_rows = rows[[*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]]
     reward = _done(store, "reward")
     base_rows = base_rows.merge(reward[[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one")
     counts = {"rows_in": len(responses), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}

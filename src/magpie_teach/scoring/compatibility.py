@@ -21,6 +21,7 @@ SDPA fall back to a materialised mask on CPU). Results do not depend on batch si
 """
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -210,6 +211,7 @@ def score_compatibility(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool | None = None,
     desc: str = "compatibility",
+    contexts: Sequence[Any] | None = None,
 ) -> pd.DataFrame:
     """Scores each (instruction, response) pair under a causal LM.
 
@@ -223,6 +225,7 @@ def score_compatibility(
         window: examples tokenized and sorted at a time (memory stays flat in the data size).
         cache_dir: where finished windows are kept, so an interrupted run resumes.
         show_progress: ``None`` shows a progress bar only on a terminal.
+        contexts: earlier turns per pair (multi-turn rows; see :func:`magpie_teach.chat.parse_context`).
 
     Returns:
         One row per pair: ``compat_loss`` (l(x, y)), ``n_tokens`` (response tokens scored),
@@ -234,15 +237,17 @@ def score_compatibility(
     scorer = TokenNLLScorer(model, _pad_id(tokenizer), batch_tokens=batch_tokens)
     start_id = context_token_id(tokenizer)
 
-    def make_examples(chunk: list[tuple[str, str]]) -> dict[str, list[TokenizedExample]]:
-        cond = [tokenize_conversation(tokenizer, x, y, max_length) for x, y in chunk]
+    def make_examples(chunk: list[tuple[str, str, Any]]) -> dict[str, list[TokenizedExample]]:
+        cond = [tokenize_conversation(tokenizer, x, y, max_length, context=c) for x, y, c in chunk]
         named = {"cond": cond}
         if unconditioned_loss:
             named["uncond"] = [unconditioned(e.input_ids[e.loss_mask], start_id, max_length) for e in cond]
         return named
 
+    if contexts is not None and len(contexts) != len(instructions):
+        raise ValueError(f"{len(instructions)} instructions but {len(contexts)} contexts.")
     raw = _run_windows(
-        zip(instructions, responses),
+        zip(instructions, responses, contexts if contexts is not None else itertools.repeat(None)),
         len(instructions),
         make_examples,
         scorer,

@@ -131,6 +131,11 @@ def _free(*objects: Any) -> None:
         pass
 
 
+def _contexts(rows: pd.DataFrame) -> list | None:
+    """The earlier turns of multi-turn rows (a ``context`` column), else None."""
+    return rows["context"].tolist() if "context" in rows.columns else None
+
+
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
     """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
     from magpie_teach.modeling import load_model, load_tokenizer
@@ -148,6 +153,7 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerpr
         batch_tokens=config.batch_tokens,
         cache_dir=_cache_dir(config, "compat", model_name, fingerprint),
         desc=f"compat {short}",
+        contexts=_contexts(rows),
     )
     instructions = rows.drop_duplicates("id")[["id", "instruction"]]
     text = score_text_loss(
@@ -193,6 +199,7 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[
         rows["response"].tolist(),
         max_length=config.max_length,
         batch_tokens=config.batch_tokens,
+        contexts=_contexts(rows),
     )
     _free(model)
     if cache is not None:
@@ -287,7 +294,7 @@ def rank(config: RankConfig) -> RankResult:
     fingerprint = hashlib.sha1(
         (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
     ).hexdigest()[:16]
-    keep = [*response_key(rows), "instruction", "response"]
+    keep = [*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]
     base_rows = rows[keep].copy()
     base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
     counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())

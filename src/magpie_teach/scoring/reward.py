@@ -29,6 +29,7 @@ def score_reward(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     window: int = DEFAULT_WINDOW,
     show_progress: bool | None = None,
+    contexts: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores each pair with an ``AutoModelForSequenceClassification`` reward model with one output.
 
@@ -51,10 +52,11 @@ def score_reward(
         total=len(instructions), desc="reward", unit="ex", disable=None if show_progress is None else not show_progress
     )
     offset = 0
-    for chunk in windows(zip(instructions, responses), window):
+    contexts = contexts if contexts is not None else [None] * len(instructions)
+    for chunk in windows(zip(instructions, responses, contexts), window):
         texts = [
-            tokenizer.apply_chat_template(build_messages(x, y), chat_template=template, tokenize=False)
-            for x, y in chunk
+            tokenizer.apply_chat_template(build_messages(x, y, context=c), chat_template=template, tokenize=False)
+            for x, y, c in chunk
         ]
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         for i, seq in enumerate(ids):

@@ -174,6 +174,10 @@ def select_responses(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.Dat
             teacher, value = _best_teacher(scores, config)
             metric = config.metric
         chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
+        if chosen["id"].duplicated().any():  # best-of-N output: the teacher's highest-reward generation per instruction
+            order = ["id", "reward", "generation_index"] if "generation_index" in chosen.columns else ["id", "reward"]
+            ascending = [True, False, True][: len(order)]
+            chosen = chosen.sort_values(order, ascending=ascending).drop_duplicates("id", keep="first")
     else:
         if config.strategy == "best-of-n":
             metric, score = "reward", kept["reward"]
@@ -206,8 +210,12 @@ def select(config: SelectConfig) -> SelectResult:
     scores = load_scores(config.scores, config.base_model, config.revision)
     chosen, dropped = select_responses(scores, config)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
+    keep += [c for c in ("generation_index",) if c in chosen.columns]
     dataset = chosen[keep].copy()
-    dataset.insert(0, "messages", [build_messages(x, y) for x, y in zip(chosen["instruction"], chosen["response"])])
+    contexts = chosen["context"] if "context" in chosen.columns else [None] * len(chosen)
+    dataset.insert(
+        0, "messages", [build_messages(x, y, context=c) for x, y, c in zip(chosen["instruction"], chosen["response"], contexts)]
+    )
     summary = {
         "strategy": config.strategy,
         "base_model": str(scores["base_model"].iloc[0]),

@@ -47,15 +47,19 @@ class ResponseFormat(Step):
         rows = []
         for row in inputs:  # TextGeneration runs with group_generations: a row's generations arrive together
             generations = row.get("generation")
+            # a backend's error per generation (OpenAITeacher's extra output, `llm_<step>_error`), if any
+            errors = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith("_error")), None)
             for index, text in enumerate(generations if isinstance(generations, list) else [generations]):
                 ok = isinstance(text, str) and bool(text.strip())
+                error = errors[index] if isinstance(errors, list) and index < len(errors) else errors
                 n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
                 rows.append(
                     {
                         "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
                         "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
                         "truncated": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
-                        "reason": None if ok else ("empty completion" if isinstance(text, str) else "no completion (backend error)"),
+                        "reason": None if ok else ("empty completion" if isinstance(text, str)
+                                                   else error if isinstance(error, str) else "no completion (backend error)"),
                         "settings": self.settings,
                         **({"context": row["context"]} if "context" in row else {}),
                     }

@@ -72,6 +72,11 @@ class _ModelStep(Step):
                     raise ValueError(f"{self.name}: row {i} of the batch has no {column!r} text ({row.get(column)!r})")
         return [r["instruction"] for r in inputs], [r[self.response_column] for r in inputs]
 
+    @staticmethod
+    def _contexts(inputs: StepInput) -> list | None:
+        """Earlier turns of multi-turn rows (a ``context`` column), else None."""
+        return [r.get("context") for r in inputs] if any(r.get("context") for r in inputs) else None
+
 
 class RewardScore(_ModelStep):
     """Reward of each (instruction, response) under a 1-output sequence-classification reward model.
@@ -89,7 +94,7 @@ class RewardScore(_ModelStep):
         from magpie_teach.scoring.reward import score_reward
 
         rewards, truncated = score_reward(
-            self._model, self._tokenizer, *self._texts(inputs),
+            self._model, self._tokenizer, *self._texts(inputs), contexts=self._contexts(inputs),
             max_length=self.max_length, batch_tokens=self.batch_tokens, show_progress=False,
         )  # fmt: skip
         for row, reward, cut in zip(inputs, rewards, truncated):
@@ -115,7 +120,7 @@ class CompatibilityScore(_ModelStep):
 
         instructions, responses = self._texts(inputs)
         scores = score_compatibility(
-            self._model, self._tokenizer, instructions, responses,
+            self._model, self._tokenizer, instructions, responses, contexts=self._contexts(inputs),
             max_length=self.max_length, batch_tokens=self.batch_tokens, show_progress=False,
         )  # fmt: skip
         unique = list(dict.fromkeys(instructions))
