@@ -17,17 +17,23 @@ def bash_blocks() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", README, re.S)
 
 
-def commands() -> list[list[str]]:
-    """Every magpie-teach command line of the README's bash blocks (continuations joined, comments cut)."""
+def commented_commands() -> list[tuple[list[str], str]]:
+    """Every magpie-teach command line of the README's bash blocks (continuations joined) with its comment."""
     found = []
     for block in bash_blocks():
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip().rstrip("&").strip()
+            line, _, comment = line.partition(" #")
+            line = line.strip().rstrip("&").strip()
             if "magpie_teach.cli" in line:
                 line = "magpie-teach " + line.split("magpie_teach.cli", 1)[1]
             if line.startswith("magpie-teach"):
-                found.append(shlex.split(line)[1:])
+                found.append((shlex.split(line)[1:], comment.strip()))
     return found
+
+
+def commands() -> list[list[str]]:
+    """Every magpie-teach command of the README, as argv after `magpie-teach`."""
+    return [argv for argv, _ in commented_commands()]
 
 
 def test_quick_start_is_two_commands():

@@ -231,18 +231,32 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(
-    tmp_path, tiny_suite, sample_path, uninterrupted, ray_head
-):
-    out = tmp_path / "out"
-    config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out, ray={"address": ray_head})
-    process = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "generate", str(config)],
-                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    output = finish(process)
+def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(tmp_path, ray_head):
+    """The README's commands as written: tiny models, the shipped config on this machine, then the shipped Ray
+    config (address auto, resolved through $RAY_ADDRESS as on a cluster node): the same rows."""
+    from tests.conftest import REPO
+
+    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
+    (tmp_path / "src").symlink_to(REPO / "src")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_head}
+
+    def cli(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:]
+        return result.stdout
+
+    cli("tiny", "--output", "outputs/models")
+    cli("generate", "pipelines/configs/tiny_cpu.yaml")
+    output = cli("generate", "pipelines/configs/tiny_cpu_ray.yaml")
     assert "_StepWrapperRay" in output  # the steps ran as Ray actors
-    on_ray = pd.read_parquet(out / "responses.parquet").sort_values(KEY).reset_index(drop=True)
-    pd.testing.assert_frame_equal(on_ray[[*KEY, "response"]], uninterrupted[[*KEY, "response"]])
+    local = pd.read_parquet(tmp_path / "outputs" / "generate-tiny" / "responses.parquet")
+    on_ray = pd.read_parquet(tmp_path / "outputs" / "generate-tiny-ray" / "responses.parquet")
+    assert set(on_ray["teacher"]) == {"tiny-greedy", "tiny-sampled"} and len(on_ray) == 48
+    pd.testing.assert_frame_equal(  # the sampled teacher too: its seed is applied per batch, and batches are the same
+        on_ray.sort_values(KEY)[[*KEY, "response"]].reset_index(drop=True),
+        local.sort_values(KEY)[[*KEY, "response"]].reset_index(drop=True),
+    )
 
 
 @pytest.mark.slow

@@ -190,6 +190,26 @@ class GenerateConfig:
             raise ConfigError("batch_size: must be >= 1")
 
 
+def _absolute(value: str | None) -> str | None:
+    """A relative path that exists here, made absolute; anything else (a Hub id, None) unchanged."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
+    """Relative paths resolved against this process's folder: the pipeline's steps may run elsewhere (Ray
+    workers keep their own working directory), and they must read and write the same files."""
+    config.output_dir = str(Path(config.output_dir).resolve())
+    config.instructions.path = _absolute(config.instructions.path)
+    if config.instructions.magpie is not None:
+        config.instructions.magpie.model = _absolute(config.instructions.magpie.model)
+    for teacher in config.teachers:
+        teacher.model = _absolute(teacher.model)
+    if config.scoring is not None:
+        config.scoring.reward_model = _absolute(config.scoring.reward_model)
+        config.scoring.base_models = [_absolute(b) for b in config.scoring.base_models]
+    return config
+
+
 def load_generate_config(path: str) -> GenerateConfig:
     import yaml
 
@@ -200,6 +220,6 @@ def load_generate_config(path: str) -> GenerateConfig:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: could not be read: {err}") from err
     try:
-        return from_dict(GenerateConfig, values)
+        return with_absolute_paths(from_dict(GenerateConfig, values))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
