@@ -11,8 +11,10 @@ was left out.
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,6 +71,7 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
         (work / name).symlink_to(REPO / name)
     env = local_hub.env(MAGPIE_TEACH_HUB_ROOT=str(local_hub.root), ARGILLA_API_URL=argilla_server.url,
                         ARGILLA_API_KEY=argilla_server.api_key, TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # as with the venv activated
 
     # the models the README names, published on the local hub under those names
     publish = "\n".join(

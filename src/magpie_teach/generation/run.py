@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -54,6 +54,19 @@ def scratch_cache(config: GenerateConfig, name: str) -> str:
     return str(path)
 
 
+def without_distilabel_cache(pipeline: Any) -> Any:
+    """Switches off distilabel's per-batch cache writes on ``pipeline`` and returns it.
+
+    After every batch it routes, distilabel saves the whole pipeline (the rows a ``LoadDataFromDicts``
+    step holds included) and its batch manager to its cache folder: work that grows with the data
+    set, paid on every batch (it was the pipeline's main overhead against calling the backend
+    directly). The response store is this project's resume point and distilabel's cache is wiped
+    before each run (see :func:`scratch_cache`), so nothing reads what those writes would keep.
+    """
+    pipeline._cache = lambda: None
+    return pipeline
+
+
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet.
 
@@ -92,7 +105,7 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
             only_instruction=not multi, end_with_user=multi, include_system_prompt=False,
             system_prompt=spec.system_prompts(), seed=spec.seed,
         )  # fmt: skip
-    generated = pipeline.run(use_cache=False)["default"]["train"].to_pandas()
+    generated = without_distilabel_cache(pipeline).run(use_cache=False)["default"]["train"].to_pandas()
     frame = pd.DataFrame({"instruction": generated["instruction"]} if not multi else {})
     if multi:  # keep conversations that end on a user turn; the turns before it are the context
         turns = generated["conversation"].map(lambda c: [dict(m) for m in c] if c is not None else [])
@@ -300,6 +313,7 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
         pipeline, parameters = build_pipeline(config, work)
         if config.ray is not None:
             pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
+        pipeline = without_distilabel_cache(pipeline)
         totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
         with StoreProgress(response_store(config), totals):
             pipeline.run(use_cache=False, parameters=parameters)

@@ -101,7 +101,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     from distilabel.steps import LoadDataFromDicts
 
     from magpie_teach.data import LoadedResponses, response_key, validate_long
-    from magpie_teach.generation.run import scratch_cache
+    from magpie_teach.generation.run import scratch_cache, without_distilabel_cache
     from magpie_teach.generation.store import ResponseStore
     from magpie_teach.scoring.rank import example_scores, write_rank_outputs
     from magpie_teach.steps.scoring import CompatibilityScore, RewardScore, run_checked
@@ -134,7 +134,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
                 load >> scorer >> keep
         totals = {stage: len(t) for stage, t in todo.items() if len(t)}
         with progress(store, totals) if progress else contextlib.nullcontext():
-            run_checked(pipeline, use_cache=False)
+            run_checked(without_distilabel_cache(pipeline), use_cache=False)
     missing = {stage: len(_todo(rows, _done(store, stage))) for stage in stages}
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
