@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -508,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # distilabel logs several lines per batch at INFO, rendered in the main process while the steps compute:
+    # the same policy as ours (warnings, INFO with -v) unless the environment says otherwise
+    os.environ.setdefault("DISTILABEL_LOG_LEVEL", "INFO" if args.verbose else "WARNING")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

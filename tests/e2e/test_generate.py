@@ -119,13 +119,24 @@ def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_shipped_configs_validate():
+def test_shipped_configs_validate(tmp_path, monkeypatch, tiny_suite):
+    """The shipped configs load where `magpie-teach tiny --output outputs/models` was run; without those models
+    the error names the key and the missing folder (a path that cannot be a Hub id is not sent to the Hub)."""
+    from magpie_teach.errors import ConfigError
     from magpie_teach.generation.config import load_generate_config
+    from tests.conftest import REPO
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "pipelines" / "configs").glob("*.yaml"))
-    assert configs
+    configs = sorted((REPO / "pipelines" / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    (tmp_path / "src").symlink_to(REPO / "src")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"teachers\[0\]\.model: 'outputs/models/tiny-llama-s' is not a folder here"):
+        load_generate_config(str(configs[0]))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "models").symlink_to(Path(tiny_suite.base_small).parent)
     for path in configs:
-        assert load_generate_config(str(path)).teachers
+        config = load_generate_config(str(path))
+        assert config.teachers and all(Path(t.model).is_absolute() for t in config.teachers)
 
 
 @pytest.mark.slow
@@ -239,7 +250,8 @@ def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(tmp_path, ray_he
 
     (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
     (tmp_path / "src").symlink_to(REPO / "src")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_head}
+    # DISTILABEL_LOG_LEVEL=INFO: distilabel's per-batch lines, which Ray prefixes with the actor's class
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_head, "DISTILABEL_LOG_LEVEL": "INFO"}
 
     def cli(*argv: str) -> str:
         result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=tmp_path, env=env,
@@ -380,3 +392,22 @@ def test_magpie_category_weights_are_normalised_and_checked():
         from_dict(MagpieConfig, {"model": "m", "categories": {"code": {"promt": "C"}}})
     with pytest.raises(ConfigError, match="not both"):
         from_dict(MagpieConfig, {"model": "m", "system_prompt": "S", "categories": {"code": {"prompt": "C"}}}).validate()
+
+
+@pytest.mark.slow
+def test_a_failing_step_fails_the_run_loudly_and_keeps_what_finished(tmp_path, tiny_suite, sample_path):
+    """A teacher whose model cannot load: the run exits non-zero naming the rows left missing, the other
+    teacher's finished batches stay in the store, and no responses.parquet with holes is written."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    values = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out).read_text())
+    values["teachers"][1]["model"] = str(broken)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    process = generate(path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, output[-3000:]
+    assert "missing" in output and "medium" in output, output[-3000:]
+    assert not (out / "responses.parquet").exists()

@@ -190,23 +190,31 @@ class GenerateConfig:
             raise ConfigError("batch_size: must be >= 1")
 
 
-def _absolute(value: str | None) -> str | None:
-    """A relative path that exists here, made absolute; anything else (a Hub id, None) unchanged."""
-    return str(Path(value).resolve()) if value and Path(value).exists() else value
+def _absolute(value: str | None, key: str = "") -> str | None:
+    """A relative path that exists here, made absolute; a Hub id (``name`` or ``org/name``) or None unchanged;
+    anything that can only be a path (``./x``, ``/x``, ``a/b/c``) but does not exist is an error naming ``key``."""
+    if not value:
+        return value
+    if Path(value).exists():
+        return str(Path(value).resolve())
+    if key and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+        raise ConfigError(f"{key}: {value!r} is not a folder here, and not a Hub id (org/name) either")
+    return value
 
 
 def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
     """Relative paths resolved against this process's folder: the pipeline's steps may run elsewhere (Ray
     workers keep their own working directory), and they must read and write the same files."""
     config.output_dir = str(Path(config.output_dir).resolve())
-    config.instructions.path = _absolute(config.instructions.path)
+    config.instructions.path = _absolute(config.instructions.path, "instructions.path")
     if config.instructions.magpie is not None:
-        config.instructions.magpie.model = _absolute(config.instructions.magpie.model)
-    for teacher in config.teachers:
-        teacher.model = _absolute(teacher.model)
+        config.instructions.magpie.model = _absolute(config.instructions.magpie.model, "instructions.magpie.model")
+    for i, teacher in enumerate(config.teachers):
+        if teacher.backend != "openai":  # an openai model is the server's name for it
+            teacher.model = _absolute(teacher.model, f"teachers[{i}].model")
     if config.scoring is not None:
-        config.scoring.reward_model = _absolute(config.scoring.reward_model)
-        config.scoring.base_models = [_absolute(b) for b in config.scoring.base_models]
+        config.scoring.reward_model = _absolute(config.scoring.reward_model, "scoring.reward_model")
+        config.scoring.base_models = [_absolute(b, f"scoring.base_models[{i}]") for i, b in enumerate(config.scoring.base_models)]
     return config
 
 

@@ -42,6 +42,11 @@ class BatchedTransformersLLM(TransformersLLM):
             import torch
 
             torch.set_num_threads(self.threads)
+        from transformers.utils import logging as transformers_logging
+
+        # transformers warns on every generate call here (max_length beside max_new_tokens, flags the model's
+        # generation config does not use): noise repeated per batch and shipped to the main process to print
+        transformers_logging.set_verbosity_error()
         super().load()
         self._pipeline.tokenizer.padding_side = "left"  # decoder-only models pad on the left to generate
         self._pipeline = _BatchedPipeline(self._pipeline, self.seed)

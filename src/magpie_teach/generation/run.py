@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from magpie_teach.errors import DataError
+from magpie_teach.errors import DataError, MagpieTeachError
 from magpie_teach.generation.config import GenerateConfig
 
 if TYPE_CHECKING:
@@ -256,6 +256,15 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     return pipeline, parameters
 
 
+def progress_line(name: str, done: int, total: int, elapsed: float) -> str:
+    """``name: done/total rows (pct), rate rows/s, ETA h:mm:ss`` for logs that are not a terminal."""
+    import datetime
+
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "unknown"
+    return f"{name}: {done}/{total} rows ({100 * done / max(total, 1):.0f}%), {rate:.2f} rows/s, ETA {eta}"
+
+
 class StoreProgress:
     """One progress bar per store folder (a teacher, or a scoring stage): rows stored, rate, ETA, fed by
     polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
@@ -268,21 +277,33 @@ class StoreProgress:
         self.totals = totals
         self.seen: dict[str, dict] = {name: {} for name in totals}
         self.start = {name: self.store.count(name, self.seen[name]) for name in totals}
+        self.done = {name: 0 for name in totals}
         self.interval = interval
+        self.log_every = 60.0
         self.disable = None if show is None else not show
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        import sys
+        import time
+
         from tqdm.auto import tqdm
 
-        bars = {
-            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
-        }
+        bars = {name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()}
+        # not on a terminal (a cluster job's log): a line per store folder every `log_every` seconds instead
+        lines = self.disable is None and not sys.stderr.isatty()
+        started, last_line = time.monotonic(), time.monotonic()
         while True:
             done = self.stop.wait(self.interval)
             for name, bar in bars.items():
-                bar.update(self.store.count(name, self.seen[name]) - self.start[name] - bar.n)
+                self.done[name] = self.store.count(name, self.seen[name]) - self.start[name]
+                bar.update(self.done[name] - bar.n)  # a disabled bar keeps n at 0: its count is in self.done
+            if lines and (done or time.monotonic() - last_line >= self.log_every):
+                last_line = time.monotonic()
+                for name in bars:
+                    print(progress_line(name, self.done[name], self.totals[name], last_line - started), file=sys.stderr,
+                          flush=True)  # fmt: skip
             if done:
                 break
         for bar in bars.values():
@@ -304,6 +325,7 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
 
     work = plan(config, dry_run)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
+    failure = None
     if dry_run:
         return summary
     out = Path(config.output_dir)
@@ -316,7 +338,11 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
         pipeline = without_distilabel_cache(pipeline)
         totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
         with StoreProgress(response_store(config), totals):
-            pipeline.run(use_cache=False, parameters=parameters)
+            try:
+                pipeline.run(use_cache=False, parameters=parameters)
+            except Exception as err:  # noqa: BLE001 - reported below with what was kept and what is missing
+                failure = f"{type(err).__name__}: {err}"
+                logger.error("the generation pipeline failed: %s", failure)
     rows = response_store(config).read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
     rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)
@@ -329,6 +355,14 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
             "truncated": int(mine["truncated"].sum()),
             "missing": len(work.instructions) * teacher.num_generations - len(mine),
         }
+    missing = {name: t["missing"] for name, t in summary["teachers"].items() if t["missing"]}
+    if missing or failure:  # a step failed inside distilabel: what it did not store is missing, never a row of nulls
+        write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        raise MagpieTeachError(
+            f"generation left rows missing {missing}: {failure or 'a pipeline step failed'} (see the log above); "
+            f"finished batches are kept in {out / 'store'}, and rerunning the same command generates only what "
+            "is missing"
+        )
     write_atomic(out / "responses.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
     if config.scoring is not None:
         from magpie_teach.generation.scoring import score_responses

@@ -134,7 +134,13 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
                 load >> scorer >> keep
         totals = {stage: len(t) for stage, t in todo.items() if len(t)}
         with progress(store, totals) if progress else contextlib.nullcontext():
-            run_checked(without_distilabel_cache(pipeline), use_cache=False)
+            try:
+                run_checked(without_distilabel_cache(pipeline), use_cache=False)
+            except Exception as err:  # noqa: BLE001 - one message that says what is kept and how to go on
+                raise MagpieTeachError(
+                    f"scoring failed: {type(err).__name__}: {err}; the scored batches are kept in {store.root}, "
+                    "and rerunning the same command scores only the rest"
+                ) from err
     missing = {stage: len(_todo(rows, _done(store, stage))) for stage in stages}
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")

@@ -14,6 +14,11 @@ import pandas as pd
 from magpie_teach.data import write_atomic
 
 
+EMPTY_COLUMNS = ["id", "instruction", "teacher", "response", "generation_index", "n_tokens", "truncated", "status",
+                 "reason", "settings"]  # fmt: skip
+"""The columns of an empty read (a store with no batch yet)."""
+
+
 class ResponseStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -36,7 +41,7 @@ class ResponseStore:
         )
         files = sorted(f for folder in folders for f in folder.glob("batch-*.parquet"))
         if not files:
-            return pd.DataFrame(columns=["id", "teacher", "generation_index"])
+            return pd.DataFrame(columns=EMPTY_COLUMNS)
         frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
         return frame.drop_duplicates(["teacher", "id", "generation_index"], keep="first").reset_index(drop=True)
 

@@ -61,7 +61,7 @@ class ResponseFormat(Step):
                         "reason": None if ok else ("empty completion" if isinstance(text, str)
                                                    else error if isinstance(error, str) else "no completion (backend error)"),
                         "settings": self.settings,
-                        **({"context": row["context"]} if "context" in row else {}),
+                        **{k: row[k] for k in ("context", "category") if k in row},
                     }
                 )  # fmt: skip
         ResponseStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
