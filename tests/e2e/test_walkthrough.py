@@ -73,6 +73,12 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
                         ARGILLA_API_KEY=argilla_server.api_key, TOKENIZERS_PARALLELISM="false")  # fmt: skip
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # as with the venv activated
 
+    # a fresh Argilla for the README's `spot-check` data set: other tests of this session use that name too
+    import argilla as rg
+
+    argilla = rg.Argilla(api_url=argilla_server.url, api_key=argilla_server.api_key)
+    if (existing := argilla.datasets(name="spot-check")) is not None:
+        existing.delete()
     # the models the README names, published on the local hub under those names
     publish = "\n".join(
         f"api.create_repo({name!r}, exist_ok=True); api.upload_folder(repo_id={name!r}, folder_path={getattr(tiny_suite, attr)!r})"
