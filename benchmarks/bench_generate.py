@@ -60,15 +60,25 @@ def main() -> None:
         model = Path(args.model)
     sample = pd.read_json(REPO / "src" / "magpie_teach" / "resources" / "sample_responses.jsonl", lines=True)
     texts = sample["instruction"].tolist()
-    prompts = [f"{x} (variant {i})" for i, x in enumerate((texts * (args.instructions // len(texts) + 1))[: args.instructions])]
+    prompts = [
+        f"{x} (variant {i})"
+        for i, x in enumerate((texts * (args.instructions // len(texts) + 1))[: args.instructions])
+    ]
     pd.DataFrame({"instruction": prompts}).to_json(root / "instructions.jsonl", orient="records", lines=True)
 
     # pipeline first: its forked workers must not inherit a torch thread pool this process has used
     config = GenerateConfig(
         output_dir=str(root / "out"),
         instructions=InstructionsConfig(path=str(root / "instructions.jsonl")),
-        teachers=[TeacherConfig("tiny", str(model), backend=args.backend, max_model_len=1024 if args.backend == "vllm" else None,
-                                sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))],  # fmt: skip
+        teachers=[
+            TeacherConfig(
+                "tiny",
+                str(model),
+                backend=args.backend,
+                max_model_len=1024 if args.backend == "vllm" else None,
+                sampling=SamplingConfig(max_new_tokens=args.max_new_tokens),
+            )
+        ],  # fmt: skip
         batch_size=args.batch_size,
     )
     from magpie_teach.generation import run
@@ -93,8 +103,12 @@ def main() -> None:
         engine.unload()
         print(f"{len(prompts)} instructions, batch {args.batch_size}, {args.max_new_tokens} new tokens, greedy, "
               f"model {args.model}, backend vllm")  # fmt: skip
-        print(f"direct VLLMTeacher:               {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s")
-        print(f"magpie-teach generate pipeline:   {produced} responses in {pipeline_s:.1f}s = {produced / pipeline_s:.2f} responses/s")
+        print(
+            f"direct VLLMTeacher:               {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s"
+        )
+        print(
+            f"magpie-teach generate pipeline:   {produced} responses in {pipeline_s:.1f}s = {produced / pipeline_s:.2f} responses/s"
+        )
         print(f"ratio pipeline / direct: {(produced / pipeline_s) / (direct / direct_s):.2f} (target >= 0.8)")
         return
     switch_off = run.without_distilabel_cache
@@ -121,7 +135,9 @@ def main() -> None:
     direct, direct_s = direct_run(BatchedTransformersLLM, len(prompts))
     stock, stock_s = direct_run(TransformersLLM, min(args.stock, len(prompts)))
 
-    print(f"{len(prompts)} instructions, batch {args.batch_size}, {args.max_new_tokens} new tokens, greedy, model {args.model}")
+    print(
+        f"{len(prompts)} instructions, batch {args.batch_size}, {args.max_new_tokens} new tokens, greedy, model {args.model}"
+    )
     print(f"stock TransformersLLM.generate:   {stock} responses in {stock_s:.1f}s = {stock / stock_s:.2f} responses/s")
     print(
         f"direct BatchedTransformersLLM:    {direct} responses in {direct_s:.1f}s = {direct / direct_s:.2f} responses/s"

@@ -39,7 +39,11 @@ class FaultyProxy:
                                                  headers={"Content-Type": "application/json"})  # fmt: skip
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:
-                        return response.status, response.read(), response.headers.get("Content-Type", "application/json")
+                        return (
+                            response.status,
+                            response.read(),
+                            response.headers.get("Content-Type", "application/json"),
+                        )
                 except urllib.error.HTTPError as err:
                     return err.code, err.read(), "application/json"
 

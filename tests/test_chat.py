@@ -79,7 +79,9 @@ def test_a_multi_turn_conversation_scores_only_the_last_answer(tiny_suite):
     from magpie_teach.modeling import load_tokenizer
 
     tokenizer = prepare_tokenizer(load_tokenizer(tiny_suite.base_small))
-    context = json.dumps([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}])
+    context = json.dumps(
+        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]
+    )
     single = tokenize_conversation(tokenizer, "Name a colour.", "Blue is a colour.")
     multi = tokenize_conversation(tokenizer, "Name a colour.", "Blue is a colour.", context=context)
     assert multi.n_response_tokens == single.n_response_tokens

@@ -91,7 +91,11 @@ def test_bad_choices_are_named(tmp_path, scores_file):
 def test_a_best_of_n_teacher_gives_its_highest_reward_generation_per_instruction(tmp_path, scores_file):
     _, frame = scores_file
     alpha = frame[(frame.teacher == "alpha") & (frame.status == "ok") & ~frame.truncated]
-    second = alpha.assign(generation_index=1, response=alpha["response"] + " (again)", reward=alpha["reward"] + [0.3, -0.3, 0.3, -0.3, 0.3][: len(alpha)])
+    second = alpha.assign(
+        generation_index=1,
+        response=alpha["response"] + " (again)",
+        reward=alpha["reward"] + [0.3, -0.3, 0.3, -0.3, 0.3][: len(alpha)],
+    )
     both = pd.concat([alpha.assign(generation_index=0), second], ignore_index=True)
     path = tmp_path / "bon.parquet"
     both.to_parquet(path)

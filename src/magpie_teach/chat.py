@@ -63,7 +63,11 @@ def parse_context(value: Any) -> list[dict[str, str]] | None:
     """The earlier turns of a multi-turn row (its ``context`` column: JSON text or a list of messages), or None."""
     import json
 
-    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+    if (
+        value is None
+        or (isinstance(value, float) and value != value)
+        or (isinstance(value, str) and not value.strip())
+    ):
         return None
     turns = json.loads(value) if isinstance(value, str) else list(value)
     if not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns):

@@ -211,7 +211,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
         rank_dir = summary["scoring"]["output"]
         ranking = pd.read_csv(f"{rank_dir}/ranking.csv")
-        print(ranking[["base_model", "teacher", "n", "car", "reward", "compat_loss", "rank_car"]].to_string(index=False))
+        print(
+            ranking[["base_model", "teacher", "n", "car", "reward", "compat_loss", "rank_car"]].to_string(index=False)
+        )
         print(f"wrote {rank_dir}/ (ranking.csv, scores.parquet: read by report, select and push like a rank output)")
     _finish(args, config.output_dir)
     return 0

@@ -293,7 +293,12 @@ def load_responses(
         frame = frame[frame["teacher"].isin(teachers)]
     rows, dropped = validate_long(frame, source, reward_column=reward_column, drop_invalid=drop_invalid)
     digest = hashlib.sha1()
-    for column in (*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"):
+    for column in (
+        *response_key(rows),
+        "instruction",
+        *(["context"] if "context" in rows.columns else []),
+        "response",
+    ):
         digest.update(pd.util.hash_pandas_object(rows[column], index=False).values.tobytes())
     counts = {"rows_in": len(frame), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
     return LoadedResponses(rows, dropped, source, revision, digest.hexdigest()[:16], counts)

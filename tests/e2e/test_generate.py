@@ -283,7 +283,10 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     values = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out).read_text())
     values["instructions"]["sample"] = 8
     values["teachers"][1].update(num_generations=2, sampling={"max_new_tokens": 16, "temperature": 1.0, "seed": 3})
-    values["scoring"] = {"reward_model": tiny_suite.reward, "base_models": [tiny_suite.base_small, tiny_suite.base_large]}
+    values["scoring"] = {
+        "reward_model": tiny_suite.reward,
+        "base_models": [tiny_suite.base_small, tiny_suite.base_large],
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(values))
     printed = finish(generate(path))
@@ -349,7 +352,10 @@ def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_conte
     from magpie_teach.selection.select import SelectConfig, select
 
     out = tmp_path / "out"
-    categories = {"math": {"prompt": "You help with arithmetic.", "weight": 3}, "code": {"prompt": "You help with code."}}
+    categories = {
+        "math": {"prompt": "You help with arithmetic.", "weight": 3},
+        "code": {"prompt": "You help with code."},
+    }
     config = {
         "output_dir": str(out),
         "instructions": {"magpie": {"model": tiny_suite.base_small, "num_rows": 6, "max_new_tokens": 8, "n_turns": 2,
@@ -365,7 +371,10 @@ def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_conte
     assert len(instructions) == 6 and set(instructions["category"]) <= {"math", "code"}
     complete = instructions.dropna(subset=["instruction"])
     for context in complete["context"]:
-        assert [m["role"] for m in json.loads(context)] == ["user", "assistant"]  # turn 1; turn 2's user text is the instruction
+        assert [m["role"] for m in json.loads(context)] == [
+            "user",
+            "assistant",
+        ]  # turn 1; turn 2's user text is the instruction
     settings = json.loads(instructions["magpie_settings"].iloc[0])
     assert settings["n_turns"] == 2 and settings["categories"]["math"]["weight"] == 3
     responses = pd.read_parquet(out / "responses.parquet")
@@ -384,14 +393,18 @@ def test_magpie_category_weights_are_normalised_and_checked():
     from magpie_teach.errors import ConfigError
     from magpie_teach.generation.config import MagpieConfig
 
-    spec = from_dict(MagpieConfig, {"model": "m", "categories": {"math": {"prompt": "M", "weight": 3}, "code": {"prompt": "C"}}})
+    spec = from_dict(
+        MagpieConfig, {"model": "m", "categories": {"math": {"prompt": "M", "weight": 3}, "code": {"prompt": "C"}}}
+    )
     assert spec.system_prompts() == {"math": ("M", 0.75), "code": ("C", 0.25)}
     with pytest.raises(ConfigError, match=r"categories\.code\.weight"):
         from_dict(MagpieConfig, {"model": "m", "categories": {"code": {"prompt": "C", "weight": 0}}}).validate()
     with pytest.raises(ConfigError, match=r"categories\.code\.promt: unknown key; did you mean 'prompt'"):
         from_dict(MagpieConfig, {"model": "m", "categories": {"code": {"promt": "C"}}})
     with pytest.raises(ConfigError, match="not both"):
-        from_dict(MagpieConfig, {"model": "m", "system_prompt": "S", "categories": {"code": {"prompt": "C"}}}).validate()
+        from_dict(
+            MagpieConfig, {"model": "m", "system_prompt": "S", "categories": {"code": {"prompt": "C"}}}
+        ).validate()
 
 
 @pytest.mark.slow

@@ -98,8 +98,12 @@ def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suit
     flaky = rows[rows["teacher"] == "flaky"].set_index("instruction")
     assert proxy.attempts[first] == 3 and proxy.attempts[second] == 2 and proxy.attempts[third] == 1
     assert proxy.attempts[fourth] == 3  # timed out, retried twice, given up
-    assert flaky.loc[first, "status"] == "failed" and flaky.loc[first, "reason"].startswith("InternalServerError after 2 retries")
-    assert flaky.loc[fourth, "status"] == "failed" and flaky.loc[fourth, "reason"].startswith("APITimeoutError after 2 retries")
+    assert flaky.loc[first, "status"] == "failed" and flaky.loc[first, "reason"].startswith(
+        "InternalServerError after 2 retries"
+    )
+    assert flaky.loc[fourth, "status"] == "failed" and flaky.loc[fourth, "reason"].startswith(
+        "APITimeoutError after 2 retries"
+    )
     assert (flaky.loc[third, "status"], flaky.loc[third, "reason"]) == ("failed", "empty completion")
     direct = served.set_index("instruction")
     for instruction in flaky.index.drop([first, third, fourth]):
@@ -107,4 +111,3 @@ def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suit
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert (summary["teachers"]["flaky"]["rows"], summary["teachers"]["flaky"]["failed"]) == (6, 3)
     assert summary["teachers"]["gone"]["failed"] == 6 and summary["teachers"]["served"]["rows"] == 6
-

@@ -91,8 +91,11 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
     rng = np.random.default_rng(0)
     teachers = sorted(sample_rows["teacher"].unique())
     pd.DataFrame(
-        [{"teacher": t, "base_model": b, "AE2_LC_WR": rng.uniform(5, 30), "ArenaHard_WR": rng.uniform(5, 30)}
-         for t in teachers for b in ("Qwen/Qwen2.5-3B", "meta-llama/Llama-3.2-3B")]  # fmt: skip
+        [
+            {"teacher": t, "base_model": b, "AE2_LC_WR": rng.uniform(5, 30), "ArenaHard_WR": rng.uniform(5, 30)}
+            for t in teachers
+            for b in ("Qwen/Qwen2.5-3B", "meta-llama/Llama-3.2-3B")
+        ]  # fmt: skip
     ).to_csv(work / "my_benchmarks.csv", index=False)
     subprocess.run([sys.executable, "-m", "magpie_teach.cli", "tiny", "--output", "outputs/models"], cwd=work, env=env,
                    check=True, capture_output=True)  # fmt: skip  # README: "tiny --output outputs/models" comes first
@@ -107,7 +110,9 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
                 continue
             result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=work, env=env,
                                     capture_output=True, text=True, timeout=600)  # fmt: skip
-            assert result.returncode == 0, f"magpie-teach {' '.join(argv)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            assert result.returncode == 0, (
+                f"magpie-teach {' '.join(argv)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            )
     finally:
         if serve is not None:
             serve.terminate()
@@ -116,8 +121,12 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
     ranking = pd.read_csv(work / "runs" / "rank" / "ranking.csv")
     assert set(ranking["base_model"]) == {"Qwen/Qwen2.5-3B", "meta-llama/Llama-3.2-3B"}
     assert set(ranking["teacher"]) == set(teachers) and "ppl_ref" in ranking.columns  # --reference-model gpt2
-    assert (work / "runs" / "rank" / "correlations.csv").exists() and (work / "runs" / "report" / "report.html").exists()
-    assert (work / "runs" / "student" / "model.safetensors").exists() or any((work / "runs" / "student").glob("*/model.safetensors"))
+    assert (work / "runs" / "rank" / "correlations.csv").exists() and (
+        work / "runs" / "report" / "report.html"
+    ).exists()
+    assert (work / "runs" / "student" / "model.safetensors").exists() or any(
+        (work / "runs" / "student").glob("*/model.safetensors")
+    )
     assert (work / "runs" / "validate-cpu" / "correlations.csv").exists()
     assert (work / "runs" / "review" / "reviews.parquet").exists()
     tags = json.loads(subprocess.run(

@@ -214,7 +214,9 @@ def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
             teacher.model = _absolute(teacher.model, f"teachers[{i}].model")
     if config.scoring is not None:
         config.scoring.reward_model = _absolute(config.scoring.reward_model, "scoring.reward_model")
-        config.scoring.base_models = [_absolute(b, f"scoring.base_models[{i}]") for i, b in enumerate(config.scoring.base_models)]
+        config.scoring.base_models = [
+            _absolute(b, f"scoring.base_models[{i}]") for i, b in enumerate(config.scoring.base_models)
+        ]
     return config
 
 

@@ -116,9 +116,15 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
         frame["category"] = generated["system_prompt_key"].to_numpy()
     frame["magpie_model"], frame["magpie_template"] = spec.model, spec.template
     frame["magpie_settings"] = json.dumps(
-        {"temperature": spec.temperature, "top_p": spec.top_p, "max_new_tokens": spec.max_new_tokens,
-         "n_turns": spec.n_turns, "seed": spec.seed, "system_prompt": spec.system_prompt,
-         "categories": {k: dataclasses.asdict(v) for k, v in spec.categories.items()} or None}  # fmt: skip
+        {
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "max_new_tokens": spec.max_new_tokens,
+            "n_turns": spec.n_turns,
+            "seed": spec.seed,
+            "system_prompt": spec.system_prompt,
+            "categories": {k: dataclasses.asdict(v) for k, v in spec.categories.items()} or None,
+        }  # fmt: skip
     )
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     return frame
@@ -154,7 +160,9 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
         before = len(table)
         table = table.drop_duplicates(["instruction", *(["context"] if "context" in extra else [])])
         counts["dropped_duplicate"] = before - len(table)
-    keyed = table["instruction"] if "context" not in extra else table["context"].fillna("") + "\n" + table["instruction"]
+    keyed = (
+        table["instruction"] if "context" not in extra else table["context"].fillna("") + "\n" + table["instruction"]
+    )
     out = pd.DataFrame({"id": [instruction_id(t) for t in keyed], **{c: table[c].to_numpy() for c in table.columns}})
     if spec.sample is not None and spec.sample < len(out):
         out = out.sample(n=spec.sample, random_state=spec.seed).sort_index()
@@ -270,7 +278,9 @@ class StoreProgress:
     polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
     shows only on a terminal."""
 
-    def __init__(self, store: "ResponseStore", totals: dict[str, int], interval: float = 1.0, show: bool | None = None):
+    def __init__(
+        self, store: "ResponseStore", totals: dict[str, int], interval: float = 1.0, show: bool | None = None
+    ):
         import threading
 
         self.store = store
@@ -290,7 +300,9 @@ class StoreProgress:
 
         from tqdm.auto import tqdm
 
-        bars = {name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()}
+        bars = {
+            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
+        }
         # not on a terminal (a cluster job's log): a line per store folder every `log_every` seconds instead
         lines = self.disable is None and not sys.stderr.isatty()
         started, last_line = time.monotonic(), time.monotonic()
@@ -336,7 +348,9 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
         if config.ray is not None:
             pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
         pipeline = without_distilabel_cache(pipeline)
-        totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
+        totals = {
+            t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]
+        }
         with StoreProgress(response_store(config), totals):
             try:
                 pipeline.run(use_cache=False, parameters=parameters)

@@ -145,13 +145,15 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
 
-    base_rows = rows[[*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]]
+    base_rows = rows[
+        [*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]
+    ]
     reward = _done(store, "reward")
     base_rows = base_rows.merge(reward[[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one")
     counts = {"rows_in": len(responses), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
     counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
     frames = []
-    for stage, (kind, model, columns) in stages.items():
+    for stage, (kind, model, _columns) in stages.items():
         if kind != "compat":
             continue
         lm = base_rows[KEY].merge(_done(store, stage), on=KEY, how="left", validate="one_to_one")

@@ -13,7 +13,6 @@ import pandas as pd
 
 from magpie_teach.data import write_atomic
 
-
 EMPTY_COLUMNS = ["id", "instruction", "teacher", "response", "generation_index", "n_tokens", "truncated", "status",
                  "reason", "settings"]  # fmt: skip
 """The columns of an empty read (a store with no batch yet)."""

@@ -174,7 +174,9 @@ def select_responses(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.Dat
             teacher, value = _best_teacher(scores, config)
             metric = config.metric
         chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
-        if chosen["id"].duplicated().any():  # best-of-N output: the teacher's highest-reward generation per instruction
+        if (
+            chosen["id"].duplicated().any()
+        ):  # best-of-N output: the teacher's highest-reward generation per instruction
             order = ["id", "reward", "generation_index"] if "generation_index" in chosen.columns else ["id", "reward"]
             ascending = [True, False, True][: len(order)]
             chosen = chosen.sort_values(order, ascending=ascending).drop_duplicates("id", keep="first")
@@ -214,7 +216,9 @@ def select(config: SelectConfig) -> SelectResult:
     dataset = chosen[keep].copy()
     contexts = chosen["context"] if "context" in chosen.columns else [None] * len(chosen)
     dataset.insert(
-        0, "messages", [build_messages(x, y, context=c) for x, y, c in zip(chosen["instruction"], chosen["response"], contexts)]
+        0,
+        "messages",
+        [build_messages(x, y, context=c) for x, y, c in zip(chosen["instruction"], chosen["response"], contexts)],
     )
     summary = {
         "strategy": config.strategy,
