@@ -50,3 +50,18 @@ def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
     assert second.stdout.count("already published, unchanged") == 4
     rerun = json.loads((out / "demo_summary.json").read_text())
     assert "generate" not in rerun["stage_seconds"]
+    assert rerun["outputs"]["published"][-1] == "demo/sft-data@v1.0.0"
+
+    # the ranking changes between runs (another teacher now ranks first for the student): the rerun's SFT data
+    # differs, and it is published as the next version instead of failing on the existing tag
+    scores = pd.read_parquet(out / "rank" / "scores.parquet")
+    mine = scores["base_model"].str.endswith("tiny-llama-s")
+    other = student_base.loc[student_base["car"].idxmin(), "teacher"]
+    scores.loc[mine & (scores["teacher"] == other), "reward"] += 100.0  # now the best by CAR
+    scores.to_parquet(out / "rank" / "scores.parquet", index=False)
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    published = json.loads((out / "demo_summary.json").read_text())["outputs"]["published"]
+    assert published[-1] == "demo/sft-data@v1.1.0" and published[0] == "demo/magpie-instructions@v1.0.0"
+    relabelled = pd.read_parquet(out / "sft-data" / "data" / "train-00000-of-00001.parquet")
+    assert set(relabelled["teacher"]) == {other}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -113,8 +114,10 @@ class Runner:
         self.out, self.env, self.log = out, env, out / "demo.log"
         self.timings: dict[str, float] = {}
 
-    def __call__(self, stage: str, *args: str) -> None:
+    def __call__(self, stage: str, *args: str) -> str:
+        """Runs one command; returns its output (also in demo.log)."""
         command = ["magpie-teach", *args]
+        output: list[str] = []
         print(f"\n$ {shlex.join(command)}", flush=True)
         start = time.monotonic()
         with open(self.log, "a") as log:
@@ -125,6 +128,7 @@ class Runner:
             last = time.monotonic()
             for line in process.stdout:  # everything goes to demo.log; the commands' own summaries to the screen
                 log.write(line)
+                output.append(line)
                 if _worth_showing(line):
                     print(f"  {line.rstrip()}", flush=True)
                     last = time.monotonic()
@@ -137,6 +141,7 @@ class Runner:
             raise MagpieTeachError(
                 f"stage {stage!r} failed (exit {process.returncode}); see {self.log}. Rerun the demo to resume."
             )
+        return "".join(output)
 
 
 def demo(config: DemoConfig) -> dict:
@@ -192,14 +197,16 @@ def demo(config: DemoConfig) -> dict:
     )
 
     print(f"\n[6/8] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
+    tags = {}  # no --tag: v1.0.0 first, then the same tag when unchanged, the next version when a rerun changed it
     for name, source, kind in (("magpie-instructions", "generate", "instructions"), ("teacher-responses", "generate", "responses"),
                                ("teacher-ranking", "rank", "ranking"), ("sft-data", "sft-data", "sft")):  # fmt: skip
-        run(f"push {kind}", "push", str(out / source), "--repo-id", f"{org}/{name}", "--kind", kind, "--tag", "v1.0.0")
+        printed = run(f"push {kind}", "push", str(out / source), "--repo-id", f"{org}/{name}", "--kind", kind)
+        tags[name] = re.search(r" tag (\S+) commit ", printed).group(1)
 
     print("\n[7/8] fine-tune the student on the published SFT data (read back from the hub by tag)", flush=True)
     recipe = "recipes/tiny/sft/config_cpu.yaml"  # shipped in the package; `train` finds it from any folder
     run("train", "train", recipe, "--model_name_or_path", models.student, "--dataset_name", f"{org}/sft-data",
-        "--dataset_revision", "v1.0.0", "--output_dir", str(out / "student"), "--max_steps", str(config.train_steps),
+        "--dataset_revision", tags["sft-data"], "--output_dir", str(out / "student"), "--max_steps", str(config.train_steps),
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-5" if models.kind == "real" else "1e-3",
         "--save_steps", str(max(config.train_steps // 2, 1)), "--max_length", "384")  # fmt: skip
 
@@ -223,10 +230,7 @@ def demo(config: DemoConfig) -> dict:
             "sft data": str(out / "sft-data"),
             "student": str(out / "student"),
             "hub": f"{out / 'hub'} (serve: magpie-teach hub serve --root {out / 'hub'})",
-            "published": [
-                f"{org}/{n}@v1.0.0"
-                for n in ("magpie-instructions", "teacher-responses", "teacher-ranking", "sft-data")
-            ],
+            "published": [f"{org}/{name}@{tag}" for name, tag in tags.items()],
         },
         "review": review,
         "config": asdict(config),
