@@ -168,6 +168,12 @@ def response_key(frame: pd.DataFrame) -> list[str]:
     return ["id", "teacher", "generation_index"] if "generation_index" in frame.columns else ["id", "teacher"]
 
 
+def text_columns(frame: pd.DataFrame) -> list[str]:
+    """The response key, then the texts a response is scored on: instruction, earlier turns (``context``,
+    multi-turn rows only) and response."""
+    return [*response_key(frame), "instruction", *(["context"] if "context" in frame.columns else []), "response"]
+
+
 def validate_long(
     frame: pd.DataFrame,
     source: str = "data",
@@ -291,14 +297,21 @@ def load_responses(
         if unknown:
             raise DataError(f"{source}: unknown teacher(s) {unknown}.")
         frame = frame[frame["teacher"].isin(teachers)]
+    return validated_responses(frame, source, revision, reward_column=reward_column, drop_invalid=drop_invalid)
+
+
+def validated_responses(
+    frame: pd.DataFrame,
+    source: str,
+    revision: str | None = None,
+    *,
+    reward_column: str | None = None,
+    drop_invalid: bool = False,
+) -> LoadedResponses:
+    """Long-format ``frame`` validated (:func:`validate_long`), with its fingerprint and row counts."""
     rows, dropped = validate_long(frame, source, reward_column=reward_column, drop_invalid=drop_invalid)
     digest = hashlib.sha1()
-    for column in (
-        *response_key(rows),
-        "instruction",
-        *(["context"] if "context" in rows.columns else []),
-        "response",
-    ):
+    for column in text_columns(rows):
         digest.update(pd.util.hash_pandas_object(rows[column], index=False).values.tobytes())
     counts = {"rows_in": len(frame), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
     return LoadedResponses(rows, dropped, source, revision, digest.hexdigest()[:16], counts)

@@ -12,7 +12,6 @@ the same numbers.
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +99,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
 
-    from magpie_teach.data import LoadedResponses, response_key, validate_long
+    from magpie_teach.data import text_columns, validated_responses
     from magpie_teach.generation.run import scratch_cache, without_distilabel_cache
     from magpie_teach.generation.store import ResponseStore
     from magpie_teach.scoring.rank import example_scores, write_rank_outputs
@@ -110,13 +109,13 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     ranked = rank_config(config)
     source = ranked.data
     Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
-    rows, dropped = validate_long(responses, source, drop_invalid=True)  # failed generations never get scored
-    rows = rows.drop(columns=["_row"]).astype({"generation_index": int})
+    loaded = validated_responses(responses, source, drop_invalid=True)  # failed generations never get scored
+    rows = loaded.rows
     store = ResponseStore(Path(ranked.output_dir) / ".store")
     stages = _stages(config)
     todo = {stage: _todo(rows, _done(store, stage)) for stage in stages}
     if any(len(t) for t in todo.values()):
-        texts = [*KEY, "instruction", *(["context"] if "context" in rows.columns else []), "response"]
+        texts = text_columns(rows)
         with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config, "score")) as pipeline:
             for i, (stage, (kind, model, columns)) in enumerate(stages.items()):
                 if todo[stage].empty:
@@ -141,25 +140,22 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
                     f"scoring failed: {type(err).__name__}: {err}; the scored batches are kept in {store.root}, "
                     "and rerunning the same command scores only the rest"
                 ) from err
-    missing = {stage: len(_todo(rows, _done(store, stage))) for stage in stages}
+    stored = {stage: _done(store, stage) for stage in stages}  # each stage's store read once
+    missing = {stage: len(_todo(rows, done)) for stage, done in stored.items()}
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
 
-    base_rows = rows[
-        [*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]
-    ]
-    reward = _done(store, "reward")
-    base_rows = base_rows.merge(reward[[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one")
-    counts = {"rows_in": len(responses), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
+    base_rows = rows[text_columns(rows)].merge(
+        stored["reward"][[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one"
+    )
+    counts = dict(loaded.counts)
     counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
     frames = []
     for stage, (kind, model, _columns) in stages.items():
         if kind != "compat":
             continue
-        lm = base_rows[KEY].merge(_done(store, stage), on=KEY, how="left", validate="one_to_one")
+        lm = base_rows[KEY].merge(stored[stage], on=KEY, how="left", validate="one_to_one")
         frames.append(example_scores(base_rows, lm, model))
         counts[f"truncated[{model}]"] = int(frames[-1]["truncated"].sum())
-    digest = hashlib.sha1(json.dumps(rows[[*KEY, "response"]].astype(str).to_numpy().tolist()).encode())
-    loaded = LoadedResponses(rows, dropped, source, None, digest.hexdigest()[:16], counts)
     write_rank_outputs(ranked, pd.concat(frames, ignore_index=True), loaded, counts)
     return counts

@@ -272,7 +272,7 @@ def rank(config: RankConfig) -> RankResult:
     ``correlations.csv`` (with a performance file), ``dropped.csv`` (rows dropped by
     ``drop_invalid``, with their reason), ``summary.json`` and the resolved ``rank_config.yaml``.
     """
-    from magpie_teach.data import load_responses, response_key, sample_instructions
+    from magpie_teach.data import load_responses, sample_instructions, text_columns
     from magpie_teach.scoring.metrics import ic_ifd, ifd, load_performance
 
     out = Path(config.output_dir)
@@ -294,8 +294,7 @@ def rank(config: RankConfig) -> RankResult:
     fingerprint = hashlib.sha1(
         (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
     ).hexdigest()[:16]
-    keep = [*response_key(rows), "instruction", *(["context"] if "context" in rows.columns else []), "response"]
-    base_rows = rows[keep].copy()
+    base_rows = rows[text_columns(rows)].copy()
     base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
     counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
 
