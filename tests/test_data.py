@@ -145,3 +145,28 @@ def test_sample_draws_the_same_instructions_for_every_teacher():
     assert per_teacher["t1"] == per_teacher["t2"] and len(per_teacher["t1"]) == 2
     assert sample_instructions(frame, 2, seed=3).equals(picked)
     assert len(sample_instructions(frame, 10, seed=3)) == len(frame)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("top.json", b'{"rows": [{"instruction": "a", "response": "b", "teacher": "t"}]}',
+         "top level is an object (keys: ['rows'])"),
+        ("items.json", b'[{"instruction": "a", "response": "b", "teacher": "t"}, 3]', "item 1 is a int"),
+        ("broken.json", b'[{"instruction": "a",\n "response": }]', "line 2, column"),
+        ("empty.jsonl", b"", "the file is empty"),
+        ("int.jsonl", b'{"instruction": "a", "response": 5, "teacher": "t"}\n',
+         "'response' must be text, but 1 row(s) hold other values (first: 5, a int)"),
+        ("latin.jsonl", '{"instruction": "a", "response": "b", "teacher": "t"}\n{"instruction": "caf\xe9", "response": "b", "teacher": "t"}\n'.encode("latin-1"),
+         "line 2 is not UTF-8 text (column 21"),
+        ("latin.csv", "instruction,response,teacher\na,b,t\nc,caf\xe9,t\n".encode("latin-1"), "line 3 is not UTF-8 text"),
+        ("cols.jsonl", b'{"question": "a", "answer": "b"}\n', "missing column(s) ['instruction', 'response', 'teacher']; found ['question', 'answer']"),
+    ],
+)  # fmt: skip
+def test_unreadable_input_says_what_is_wrong(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_responses(str(path), reward_column=None)
+    assert message in str(err.value) and str(path) in str(err.value)
+    assert "_row" not in str(err.value)

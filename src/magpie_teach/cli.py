@@ -104,7 +104,7 @@ def run_rank(args: argparse.Namespace) -> int:
 def run_paradox(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
     from magpie_teach.scoring.paradox import paradox_report
 
     pairs = paradox_report(args.performance, args.families, args.performance_column or ["AE2_LC_WR", "ArenaHard_WR"])
@@ -511,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.captureWarnings(True)  # the library's warnings.warn calls show as one log line each
     # distilabel logs several lines per batch at INFO, rendered in the main process while the steps compute:
     # the same policy as ours (warnings, INFO with -v) unless the environment says otherwise
     os.environ.setdefault("DISTILABEL_LOG_LEVEL", "INFO" if args.verbose else "WARNING")

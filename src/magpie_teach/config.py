@@ -175,7 +175,7 @@ def dump_config(config: Any, path: str | Path) -> None:
     """Writes the resolved config as YAML next to a command's output (atomically)."""
     import yaml
 
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
 
     text = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -16,8 +16,6 @@ callers can count and keep it.
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,16 +69,23 @@ def load_table(source: str, revision: str | None = None, split: str = "train") -
         readers: dict[str, Callable[[Path], pd.DataFrame]] = {
             ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
             ".jsonl.gz": lambda p: pd.read_json(p, lines=True, dtype=False),
-            ".json": lambda p: pd.read_json(p, dtype=False),
+            ".json": _read_json_records,
             ".parquet": pd.read_parquet,
             ".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""]),
         }
         if suffix not in readers:
             raise DataError(f"{source}: unsupported file type {suffix!r}; use one of {', '.join(readers)}.")
+        if path.stat().st_size == 0:
+            raise DataError(f"{source}: the file is empty (no rows).")
         try:
-            return readers[suffix](path)
-        except ValueError as err:
-            raise DataError(f"{source}: could not be read as {suffix}: {err}") from err
+            frame = readers[suffix](path)
+        except (ValueError, pd.errors.ParserError) as err:
+            if suffix != ".parquet":
+                _check_utf8(path, source)
+            raise DataError(f"{source}: could not be read as {suffix}: {str(err).splitlines()[0]}") from err
+        if frame.empty and not len(frame.columns):
+            raise DataError(f"{source}: the file holds no rows.")
+        return frame
     if path.is_dir():
         import datasets
 
@@ -104,6 +109,49 @@ def load_table(source: str, revision: str | None = None, split: str = "train") -
         frame.attrs["revision"] = commit  # the commit read, so that a rerun reads the same bytes
         return frame
     raise DataError(f"{source}: no such file or folder, and not a Hub data set id of the form org/name.")
+
+
+def _read_json_records(path: Path) -> pd.DataFrame:
+    """A .json file holding a list of records (objects); anything else is a DataError saying what it holds."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON ({err.msg}).") from None
+    if isinstance(data, dict):
+        raise DataError(
+            f"{path}: the top level is an object (keys: {list(data)[:_MAX_NAMED]}); expected a list of records "
+            '([{"instruction": ..., "response": ..., "teacher": ...}, ...]) or a .jsonl file with one record a line.'
+        )
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        bad = (
+            next((i for i, row in enumerate(data) if not isinstance(row, dict)), 0) if isinstance(data, list) else None
+        )
+        where = (
+            f"item {bad} is a {type(data[bad]).__name__}" if bad is not None else f"it holds a {type(data).__name__}"
+        )
+        raise DataError(f"{path}: expected a list of records (objects), but {where}.")
+    if not data:
+        raise DataError(f"{path}: the file holds no rows (an empty list).")
+    return pd.DataFrame.from_records(data)
+
+
+def _check_utf8(path: Path, source: str) -> None:
+    """DataError naming the first line that is not UTF-8 text, if there is one."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{source}: line {number} is not UTF-8 text (column {err.start + 1}: byte "
+                    f"{line[err.start : err.start + 1]!r}); save the file as UTF-8."
+                ) from None
 
 
 def is_wide(frame: pd.DataFrame) -> bool:
@@ -144,6 +192,13 @@ def to_long(frame: pd.DataFrame, source: str = "data") -> pd.DataFrame:
                 part[name] = [v.get(name) if isinstance(v, dict) else None for v in structs]
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+def _is_null(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # lists, arrays: not a scalar null
+        return False
 
 
 def instruction_id(instruction: str) -> str:
@@ -192,14 +247,24 @@ def validate_long(
     frame = frame.copy()
     if "_row" not in frame.columns:
         frame["_row"] = np.arange(len(frame))
+    found = [c for c in frame.columns if c != "_row"]
+    if frame.empty:
+        raise DataError(f"{source}: no rows (columns: {found}).")
     missing = [c for c in REQUIRED_LONG if c not in frame.columns]
     if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; found {list(frame.columns)}.")
+        raise DataError(f"{source}: missing column(s) {missing}; found {found}.")
     if reward_column is not None and reward_column not in frame.columns:
-        numeric = [c for c in frame.columns if c not in (*REQUIRED_LONG, "id", "_row")]
+        numeric = [c for c in found if c not in (*REQUIRED_LONG, "id")]
         raise DataError(f"{source}: no reward column {reward_column!r}; other columns: {numeric}.")
-    if frame.empty:
-        raise DataError(f"{source}: no rows.")
+    for column in ("instruction", "response"):
+        not_text = frame[column].map(lambda v: v is not None and not isinstance(v, str) and not _is_null(v))
+        if not_text.any():
+            first = frame.loc[not_text, column].iloc[0]
+            first = first.item() if isinstance(first, np.generic) else first
+            raise DataError(
+                f"{source}: {column!r} must be text, but {int(not_text.sum())} row(s) hold other values (first: "
+                f"{first!r}, a {type(first).__name__}): {_named(frame.assign(id=frame.get('id')), not_text)}."
+            )
     if "id" not in frame.columns or frame["id"].isna().all():
         frame["id"] = [instruction_id(x) if isinstance(x, str) else None for x in frame["instruction"]]
     frame["id"] = frame["id"].astype(str)
@@ -326,17 +391,3 @@ def sample_instructions(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
         return rows
     chosen = set(np.random.default_rng(seed).choice(ids, size=n, replace=False))
     return rows[rows["id"].isin(chosen)].reset_index(drop=True)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Calls ``write(tmp_path)`` then renames onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

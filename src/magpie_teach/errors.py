@@ -11,3 +11,19 @@ class ConfigError(MagpieTeachError):
 
 class DataError(MagpieTeachError):
     """Bad input data: missing columns, empty responses, inconsistent teachers, duplicates."""
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub call raises: huggingface_hub's HTTP errors, and its HTTP client's transport errors
+    (httpx2 for huggingface_hub 2, httpx for 1)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)

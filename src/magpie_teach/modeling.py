@@ -1,9 +1,13 @@
 """Loading models and tokenizers: the same code for a Hub id, a Hub id at a revision, and a local folder."""
 
+import functools
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from magpie_teach.errors import ConfigError
+from magpie_teach.errors import ConfigError, network_errors
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +33,66 @@ def resolve_dtype(dtype: str) -> Any:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
+def check_model_source(value: str, key: str) -> str:
+    """A model is a local folder or a Hub id (``name`` or ``org/name``). A VALUE that can only be a path
+    (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``) and is not a folder here is a ConfigError naming KEY, raised at
+    once rather than after the Hub has been asked for it; returns VALUE."""
+    if value and not Path(value).expanduser().exists() and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+        raise ConfigError(f"{key}: {value!r} is not a folder here, and not a Hub id (org/name) either")
+    return value
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@functools.cache
+def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to ENDPOINT opens within TIMEOUT seconds (asked once per process)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
+    """``load(name_or_path, **kwargs)`` (a ``from_pretrained``) with errors a user can act on, as one line.
+
+    A Hub id is looked up in the Hugging Face cache alone when the Hub cannot be reached (instead of
+    minutes of retries), and fails naming the endpoint and how to work offline when it is not there.
+    """
+    local = Path(name_or_path).expanduser().is_dir()
+    unreachable = not local and not _offline() and not hub_reachable(hub_endpoint())
+    try:
+        return load(str(Path(name_or_path).expanduser()) if local else name_or_path,
+                    **({"local_files_only": True} if unreachable else {}), **kwargs)  # fmt: skip
+    except (*network_errors(), ValueError) as err:
+        if unreachable or (not local and _offline()):
+            why = f"the Hub at {hub_endpoint()} cannot be reached" if unreachable else "HF_HUB_OFFLINE is set"
+            raise ConfigError(
+                f"Could not load {what} {name_or_path!r}: it is not a folder here, {why}, and it is not in the Hugging "
+                "Face cache. Use a local folder, download it first where there is a network (it is then read from "
+                "the cache, with HF_HUB_OFFLINE=1 to skip the Hub), or set HF_ENDPOINT to a reachable mirror."
+            ) from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"Could not load {what} {name_or_path!r}: {first}") from err
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     from magpie_teach.chat import prepare_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    except OSError as err:
-        raise ConfigError(f"Could not load the tokenizer of {name_or_path!r}: {err}") from err
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "the tokenizer of", revision=revision)
     return prepare_tokenizer(tokenizer)
 
 
@@ -54,9 +109,8 @@ def load_model(
 
     cls = {"causal-lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
     device = resolve_device(device)
-    try:
-        model = cls.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), revision=revision)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"Could not load {kind} model {name_or_path!r}: {err}") from err
+    model = from_pretrained(
+        cls.from_pretrained, name_or_path, f"{kind} model", dtype=resolve_dtype(dtype), revision=revision
+    )
     logger.info("Loaded %s %s (%.1fM parameters) on %s", kind, name_or_path, model.num_parameters() / 1e6, device)
     return model.to(device).eval()

@@ -77,7 +77,7 @@ def _figure_path(out: Path, name: str) -> Path:
 def _save(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
     import matplotlib.pyplot as plt
 
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
 
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
@@ -339,7 +339,7 @@ class ReportResult:
 def report(config: ReportConfig) -> ReportResult:
     import matplotlib
 
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
 
     matplotlib.use("Agg")
     out = Path(config.output_dir)

@@ -255,3 +255,79 @@ def test_rank_refuses_conversations_with_no_response_token_left(tmp_path, tiny_s
     result = run_cli("rank", "--data", str(tmp_path / "d.jsonl"), "--base-model", tiny_suite.base_small,
                      "--reward-column", "r", "--max-length", "20", "--output", str(tmp_path / "o"))  # fmt: skip
     assert result.returncode == 2 and "keep no response token within --max-length 20" in result.stderr
+
+
+def _zoo_with_one_empty_response(path):
+    zoo = pd.DataFrame({"uuid": [f"u{i}" for i in range(6)], "instruction": [f"Question {i}?" for i in range(6)]})
+    for t, teacher in enumerate(("a-it", "b-it")):
+        zoo[teacher] = [{"content": f"Answer {i} by {teacher}." * (t + 1), "rm": 0.5 + 0.1 * i + t} for i in range(6)]
+    zoo.at[2, "a-it"] = {"content": "", "rm": 0.1}
+    zoo.to_parquet(path)
+
+
+def test_a_reused_output_folder_holds_only_the_last_runs_files(tmp_path, tiny_suite, sample_path):
+    data = tmp_path / "zoo.parquet"
+    _zoo_with_one_empty_response(data)
+    out = tmp_path / "o"
+    common = ["--base-model", tiny_suite.base_small, "--reward-column", "rm", "--output", str(out)]
+    assert main(["rank", "--data", str(data), "--drop-invalid", *common]) == 0
+    assert len(pd.read_csv(out / "dropped.csv")) == 2  # the empty answer and its sibling
+    data_ok = tmp_path / "ok.parquet"
+    frame = pd.read_parquet(data)
+    frame.at[2, "a-it"] = {"content": "Now answered.", "rm": 0.1}
+    frame.to_parquet(data_ok)
+    assert main(["rank", "--data", str(data_ok), *common]) == 0
+    assert not (out / "dropped.csv").exists()  # the first run's drops are not this run's
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["counts"]["rows_kept"] == summary["counts"]["rows_in"] == 12
+
+
+def test_two_runs_into_one_folder_cannot_both_succeed(tmp_path, tiny_suite, sample_path):
+    from magpie_teach.artefacts import LOCK
+
+    out = tmp_path / "o"
+    args = ["rank", "--data", sample_path, "--base-model", tiny_suite.base_small, "--base-model",
+            tiny_suite.base_medium, "--reward-model", tiny_suite.reward, "--output", str(out), "--no-cache"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    import time
+
+    deadline = time.monotonic() + 60
+    while not ((out / LOCK).exists() and "pid" in (out / LOCK).read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = run_cli(*args)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert second.returncode == 2, second.stderr
+    assert f"{out} is in use by another run (pid {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert len(pd.read_csv(out / "ranking.csv")) == 2 * pd.read_json(sample_path, lines=True)["teacher"].nunique()
+
+
+def test_a_mistyped_model_path_and_an_unreachable_hub_are_one_line_errors(tmp_path):
+    import os
+    import time
+
+    from tests.processes import free_port
+
+    data = tmp_path / "zoo.parquet"
+    _zoo_with_one_empty_response(data)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    base = ["rank", "--data", str(data), "--drop-invalid", "--reward-column", "rm", "--output", str(tmp_path / "o")]
+    for model, expected in (
+        ("outputs/models/tiny-llama-s", "--base-model: 'outputs/models/tiny-llama-s' is not a folder here"),
+        (str(tmp_path / "no-such-model"), f"--base-model: '{tmp_path / 'no-such-model'}' is not a folder here"),
+        ("./tiny", "--base-model: './tiny' is not a folder here"),
+        (
+            "Qwen/Qwen2.5-3B",
+            f"'Qwen/Qwen2.5-3B': it is not a folder here, the Hub at {env['HF_ENDPOINT']} cannot be reached",
+        ),
+    ):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *base, "--base-model", model],
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("magpie-teach rank: error: ") and expected in lines[0], lines[0]
+        assert time.monotonic() - started < 60  # was: minutes of retries

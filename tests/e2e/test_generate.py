@@ -424,3 +424,21 @@ def test_a_failing_step_fails_the_run_loudly_and_keeps_what_finished(tmp_path, t
     assert process.returncode != 0, output[-3000:]
     assert "missing" in output and "medium" in output, output[-3000:]
     assert not (out / "responses.parquet").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_main_process_leaves_no_process_of_the_run(tmp_path, tiny_suite, sample_path):
+    import psutil
+
+    out = tmp_path / "out"
+    process = generate(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out))
+    deadline = time.monotonic() + 240
+    while not batches(out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before its first batch was stored"
+    run = psutil.Process(process.pid).children(recursive=True)
+    assert len(run) >= 3  # distilabel's step workers and the watcher
+    os.kill(process.pid, signal.SIGKILL)  # the main PID only, as kill -9 PID or the OOM killer does
+    process.wait()
+    _, alive = psutil.wait_procs(run, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]

@@ -29,9 +29,12 @@ class LocalHub:
     def start(self) -> LocalHub:
         ready = self.root.parent / f"{self.root.name}-ready"
         ready.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "magpie_teach.cli", "hub", "serve", "--root", str(self.root),
+        # the shipped server plus the test-only fault hooks (tests/hub/faulty_hub.py)
+        command = [sys.executable, "-m", "tests.hub.faulty_hub", "--root", str(self.root),
                    "--port", str(self.port), "--ready-file", str(ready)]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2]
+        )
         deadline = time.monotonic() + 30
         while not ready.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -195,11 +195,11 @@ def _absolute(value: str | None, key: str = "") -> str | None:
     anything that can only be a path (``./x``, ``/x``, ``a/b/c``) but does not exist is an error naming ``key``."""
     if not value:
         return value
-    if Path(value).exists():
-        return str(Path(value).resolve())
-    if key and (value.startswith((".", "/", "~")) or value.count("/") > 1):
-        raise ConfigError(f"{key}: {value!r} is not a folder here, and not a Hub id (org/name) either")
-    return value
+    from magpie_teach.modeling import check_model_source
+
+    if Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return check_model_source(value, key) if key else value
 
 
 def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:

@@ -77,7 +77,7 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     """
     from distilabel.pipeline import Pipeline
 
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
     from magpie_teach.generation.llms import BatchedTransformersLLM
     from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import MagpieInstructions
@@ -332,14 +332,25 @@ class StoreProgress:
 
 def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
-    from magpie_teach.config import dump_config
-    from magpie_teach.data import write_atomic
+    if dry_run:
+        work = plan(config, dry_run)
+        return {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
+    from magpie_teach.artefacts import locked
+    from magpie_teach.processes import reap_descendants
 
-    work = plan(config, dry_run)
+    # one run per output folder; a kill -9 of this process must not leave distilabel's workers (each holding a
+    # model) running
+    with locked(config.output_dir), reap_descendants():
+        return _generate(config)
+
+
+def _generate(config: GenerateConfig) -> dict:
+    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.config import dump_config
+
+    work = plan(config)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
     failure = None
-    if dry_run:
-        return summary
     out = Path(config.output_dir)
     summary["instructions_revision"] = work.instructions.attrs.get("revision")
     dump_config(config, out / "generate_config.yaml")

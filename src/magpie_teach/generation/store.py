@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from magpie_teach.data import write_atomic
+from magpie_teach.artefacts import write_atomic
 
 EMPTY_COLUMNS = ["id", "instruction", "teacher", "response", "generation_index", "n_tokens", "truncated", "status",
                  "reason", "settings"]  # fmt: skip

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.errors import ConfigError, DataError, network_errors
 from magpie_teach.hub import cards
 
 COMMAND_FILE = "command.json"
@@ -317,22 +317,6 @@ def push(config: PushConfig) -> PushResult:
         ) from None
 
 
-def network_errors() -> tuple[type[BaseException], ...]:
-    """What a failed Hub call raises: huggingface_hub's HTTP errors, and its HTTP client's transport errors
-    (httpx2 for huggingface_hub 2, httpx for 1)."""
-    import importlib
-
-    from huggingface_hub.errors import HfHubHTTPError
-
-    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
-    for module in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(module).HTTPError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def _push(config: PushConfig) -> PushResult:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -410,7 +394,7 @@ def _push(config: PushConfig) -> PushResult:
 def record_command(output_dir: str | Path, argv: list[str]) -> None:
     """Writes OUTPUT/command.json (the argv of the command that produced the folder) for the card."""
     from magpie_teach import __version__
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
 
     path = Path(output_dir) / COMMAND_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

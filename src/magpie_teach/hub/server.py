@@ -14,6 +14,7 @@ dataset viewer and its ``refs/convert/parquet`` branch, and the web pages.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
@@ -22,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +42,10 @@ LFS_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# Request bodies read into memory (JSON, NDJSON commits) are capped; LFS uploads stream to disk up to the Hub's
+# per-file limit.
+MAX_BODY = 256 * 1024 * 1024
+MAX_LFS_OBJECT = 50 * 1024**3
 
 
 class HubError(Exception):
@@ -50,6 +54,45 @@ class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+
+
+def check_repo_id(repo_type: str, repo_id: str) -> None:
+    """400 unless REPO_ID is ORG/NAME with Hub-valid parts (no '..', '--' or '.git' ending) of a known type.
+
+    Every request field that becomes a path goes through here first, so no request can name a folder
+    outside the store's root.
+    """
+    if repo_type not in URL_PREFIX:
+        raise HubError(400, f"Invalid repo type {repo_type!r}")
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(
+        NAME_RE.match(part) and ".." not in part and "--" not in part and not part.endswith(".git") for part in parts
+    ):
+        raise HubError(400, f"Invalid repo id {repo_id!r}: expected ORG/NAME of letters, digits, '-', '_' and '.'")
+
+
+def check_repo_path(path: str) -> str:
+    """A file path inside a repo as the Hub accepts it (no '..', no .git/, no control characters), normalised."""
+    clean = path.strip("/")
+    if (
+        not clean
+        or any(part in ("", ".", "..") for part in clean.split("/"))
+        or clean.split("/")[0] == ".git"
+        or any(ord(char) < 32 or ord(char) == 127 for char in clean)
+    ):
+        raise HubError(400, f"Invalid path in repo: {path!r}")
+    return clean
+
+
+def check_ref_name(kind: str, name: str) -> None:
+    """400 unless NAME is a branch or tag name git accepts and the Hub would: not HEAD, not a full ref, no '-' start."""
+    if (
+        not name
+        or name.startswith(("-", "refs/"))
+        or name == "HEAD"
+        or subprocess.run(["git", "check-ref-format", f"refs/{kind}/{name}"], capture_output=True).returncode
+    ):
+        raise HubError(400, f"Invalid {'branch' if kind == 'heads' else 'tag'} name {name!r}")
 
 
 def _date(unix: str) -> str:
@@ -82,7 +125,13 @@ class Store:
         return result.stdout
 
     def repo_path(self, repo_type: str, repo_id: str) -> Path:
-        return self.root / "repos" / f"{repo_type}s" / f"{repo_id}.git"
+        """ROOT/repos/TYPEs/ORG/NAME.git for a valid repo id; 400 for anything that could leave the root."""
+        check_repo_id(repo_type, repo_id)
+        repos = (self.root / "repos").resolve()
+        path = (repos / f"{repo_type}s" / f"{repo_id}.git").resolve()
+        if repos not in path.parents:
+            raise HubError(400, f"Invalid repo id {repo_id!r}")
+        return path
 
     def existing(self, repo_type: str, repo_id: str) -> Path:
         path = self.repo_path(repo_type, repo_id)
@@ -178,8 +227,9 @@ class Store:
         return self.root / "lfs" / oid[:2] / oid[2:4] / oid
 
     # ---- commits ---------------------------------------------------------------------------
-    def commit(self, repo: Path, branch: str, header: dict, ops: list[dict]) -> str:
-        """Applies one commit's operations to BRANCH atomically; 412 when parentCommit is not the head."""
+    def commit(self, repo: Path, branch: str, header: dict, ops: list[tuple[str, str, dict]]) -> str:
+        """Applies one commit's operations, (key, checked path, value) as ``parse_commit`` gives them, to BRANCH
+        atomically; 412 when parentCommit is not the head."""
         with self.lock:
             head = self.resolve(repo, branch)
             if f"refs/heads/{branch}" not in self.git(repo, "for-each-ref", "--format=%(refname)").decode().split():
@@ -192,16 +242,9 @@ class Store:
             env = {"GIT_INDEX_FILE": index.name}
             try:
                 self.git(repo, "read-tree", head, env=env)
-                for op in ops:
-                    key, value = op["key"], op["value"]
-                    path = value["path"].strip("/")
+                for key, path, value in ops:
                     if key == "file":
-                        data = (
-                            base64.b64decode(value["content"])
-                            if value.get("encoding") == "base64"
-                            else value["content"].encode()
-                        )
-                        self._add(repo, path, data, env)
+                        self._add(repo, path, value["data"], env)
                     elif key == "lfsFile":
                         oid = value["oid"]
                         if not self.lfs_path(oid).exists():
@@ -209,14 +252,15 @@ class Store:
                         size = value.get("size") or self.lfs_path(oid).stat().st_size
                         pointer = LFS_POINTER + f"oid sha256:{oid}\nsize {size}\n".encode()
                         self._add(repo, path, pointer, env)
-                    elif key == "deletedFile":
-                        self.git(repo, "update-index", "--force-remove", "--", path, env=env)
-                    elif key == "deletedFolder":
-                        listed = self.git(repo, "ls-files", "-z", "--", f"{path}/", env=env).decode().split("\0")
-                        for name in filter(None, listed):
-                            self.git(repo, "update-index", "--force-remove", "--", name, env=env)
-                    else:
-                        raise HubError(400, f"unsupported commit operation {key!r}")
+                    else:  # deletedFile / deletedFolder
+                        prefix = [path] if key == "deletedFile" else [f"{path}/"]
+                        listed = self.git(repo, "ls-files", "-z", "--", *prefix, env=env).decode().split("\0")
+                        names = [name for name in listed if name and (key == "deletedFolder" or name == path)]
+                        if not names:
+                            raise HubError(404, f"{path} not found in {branch}", "EntryNotFound")
+                        # mode 0 removes the entry; unlike --force-remove this needs no work tree (a bare repo)
+                        removal = "".join(f"0 {'0' * 40}\t{name}\n" for name in names)
+                        self.git(repo, "update-index", "--index-info", input=removal.encode(), env=env)
                 tree = self.git(repo, "write-tree", env=env).decode().strip()
             finally:
                 os.unlink(index.name)
@@ -228,28 +272,8 @@ class Store:
             return new
 
     def _add(self, repo: Path, path: str, data: bytes, env: dict) -> None:
-        if not path or ".." in path.split("/") or path.startswith(".git/"):
-            raise HubError(400, f"invalid path in repo: {path!r}")
         blob = self.git(repo, "hash-object", "-w", "--stdin", input=data).decode().strip()
         self.git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
-
-
-class Faults:
-    """Test hooks (POST /_local/faults): answer the next N requests matching a regex with a status, or stall them."""
-
-    def __init__(self):
-        self.rules: list[dict] = []
-        self.lock = threading.Lock()
-        self.counts: dict[str, int] = {}
-
-    def take(self, method: str, path: str) -> dict | None:
-        with self.lock:
-            key = f"{method} {path}"
-            for rule in self.rules:
-                if rule["times"] > 0 and re.search(rule["match"], key):
-                    rule["times"] -= 1
-                    return rule
-        return None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -280,40 +304,61 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _length(self, limit: int = MAX_BODY) -> int:
+        """The request's Content-Length: 400 when it is not a non-negative integer, 413 over LIMIT."""
+        raw = self.headers.get("Content-Length") or "0"
+        if not raw.strip().isdigit():
+            self.close_connection = True  # the body's end is unknown: this connection cannot be reused
+            raise HubError(400, f"Invalid Content-Length {raw!r}")
+        if int(raw) > limit:
+            self.close_connection = True
+            raise HubError(413, f"Request body of {int(raw)} bytes is over the limit of {limit} bytes")
+        return int(raw)
+
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks, total = [], 0
             while True:
-                size = int(self.rfile.readline().strip(), 16)
+                line = self.rfile.readline(1024).split(b";")[0].strip()
+                if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", line):
+                    self.close_connection = True
+                    raise HubError(400, f"Invalid chunk size {line[:40]!r}")
+                size = int(line, 16)
+                total += size
+                if total > MAX_BODY:
+                    self.close_connection = True
+                    raise HubError(413, f"Request body over the limit of {MAX_BODY} bytes")
                 if size == 0:
-                    self.rfile.readline()
+                    self.rfile.readline(1024)
                     break
                 chunks.append(self.rfile.read(size))
-                self.rfile.readline()
+                self.rfile.readline(1024)
             return b"".join(chunks)
+        length = self._length()
         return self.rfile.read(length) if length else b""
 
-    def _json(self) -> Any:
+    def _json(self) -> dict:
         raw = self._body()
         try:
-            return json.loads(raw or b"{}")
-        except json.JSONDecodeError as err:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HubError(400, f"invalid JSON body: {err}") from err
+        if not isinstance(body, dict):
+            raise HubError(400, f"invalid JSON body: expected an object, got {type(body).__name__}")
+        return body
+
+    def before_route(self, path: str) -> bool:
+        """Called before each request is routed; True when it answered the request itself. Test peers override
+        it (e.g. to inject faults)."""
+        return False
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         raw_parts = url.path.strip("/").split("/")
-        fault = self.server.faults.take(self.command, url.path)
         try:
-            if fault:
-                if fault.get("delay"):
-                    time.sleep(fault["delay"])
-                if fault.get("status"):
-                    self._body()
-                    raise HubError(fault["status"], fault.get("message", "injected fault"))
-            self.route(raw_parts)
+            if not self.before_route(url.path):
+                self.route(raw_parts)
         except HubError as err:
             headers = {"X-Error-Message": err.message}
             if err.code:
@@ -331,12 +376,12 @@ class Handler(BaseHTTPRequestHandler):
         store, method = self.server.store, self.command
         if parts[:1] == ["_local"]:
             return self.local_admin(parts[1:])
-        if parts[:1] == ["lfs-upload"] and method == "PUT":
+        if parts[:1] == ["lfs-upload"] and len(parts) == 2 and method == "PUT":
             return self.lfs_put(parts[1])
         if parts[:1] == ["lfs-verify"] and method == "POST":
-            body = self._json()
-            if not store.lfs_path(body["oid"]).exists():
-                raise HubError(404, f"LFS object {body['oid']} not found")
+            oid = _field(self._json(), "oid", str)
+            if not store.lfs_path(oid).exists():
+                raise HubError(404, f"LFS object {oid} not found")
             return self._send(200, {})
         if parts[:1] == ["api"]:
             return self.api(parts[1:])
@@ -361,9 +406,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.create_repo(self._json())
         if parts == ["repos", "delete"] and method == "DELETE":
             body = self._json()
-            repo_id = f"{body.get('organization')}/{body['name']}" if body.get("organization") else body["name"]
-            path = store.existing(body.get("type") or "model", repo_id)
-            shutil.rmtree(path)
+            name, org = _field(body, "name", str), body.get("organization")
+            repo_id = f"{org}/{name}" if org else name
+            path = store.existing(body.get("type") or "model", repo_id)  # checked: inside the root, or 400
+            with store.lock:
+                shutil.rmtree(path)
             return self._send(200, {})
         if parts == ["validate-yaml"] and method == "POST":
             return self.validate_yaml(self._json())
@@ -390,7 +437,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.create_branch(repo, unquote("/".join(rest[1:])))
         if action == "branch" and method == "DELETE":
             return self.delete_ref(repo, "heads", unquote("/".join(rest[1:])))
-        if action == "tree" and method == "GET":
+        if action == "tree" and len(rest) >= 2 and method == "GET":
             return self.tree(repo, unquote(rest[1]), unquote("/".join(rest[2:])))
         if action == "paths-info" and method == "POST":
             return self.paths_info(repo, unquote("/".join(rest[1:])))
@@ -400,27 +447,15 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- endpoints ---------------------------------------------------------------------------
     def local_admin(self, parts: list[str]) -> None:
-        if parts == ["faults"] and self.command == "POST":
-            rule = self._json()
-            with self.server.faults.lock:
-                self.server.faults.rules.append({"times": 1, **rule})
-            return self._send(200, {"ok": True})
-        if parts == ["faults"] and self.command == "DELETE":
-            self.server.faults.rules.clear()
-            return self._send(200, {"ok": True})
         if parts == ["stats"]:
             return self._send(200, {**self.server.stats, "root": str(self.server.store.root.resolve())})
         raise HubError(404, "unknown admin route")
 
     def create_repo(self, body: dict) -> None:
-        name, org = body.get("name") or "", body.get("organization")
+        name, org = _field(body, "name", str), body.get("organization")
         repo_type = body.get("type") or "model"
-        if repo_type not in URL_PREFIX:
-            raise HubError(400, f"Invalid repo type {repo_type!r}")
-        for part in filter(None, (org, name)):
-            if not NAME_RE.match(part) or "--" in part or ".." in part:
-                raise HubError(400, f"Invalid repo name {part!r}")
-        repo_id = f"{org}/{name}" if org else f"local/{name}"
+        repo_id = f"{org}/{name}" if org else name if "/" in name else f"local/{name}"
+        check_repo_id(repo_type, repo_id)
         private = body.get("private") or body.get("visibility") == "private"
         created = self.server.store.create_repo(repo_type, repo_id, bool(private))
         url = f"{self.server.base_url}/{URL_PREFIX[repo_type]}{repo_id}"
@@ -504,9 +539,9 @@ class Handler(BaseHTTPRequestHandler):
         except HubError:
             sha = None  # a new branch: nothing to compare with
         files = []
-        for item in body.get("files", []):
-            sample = base64.b64decode(item.get("sample") or "")
-            path = item["path"]
+        for item in _field(body, "files", list):
+            sample = _b64(_field(item, "sample", str, default=""), "sample")
+            path = check_repo_path(_field(item, "path", str))
             lfs = path.lower().endswith(LFS_SUFFIXES) or item.get("size", 0) > LFS_THRESHOLD or b"\0" in sample
             answer = {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
             existing = store.entry(repo, sha, path) if sha else None
@@ -523,8 +558,10 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("operation") != "upload":
             raise HubError(400, "only the upload operation is served; downloads go through /resolve")
         objects = []
-        for obj in body.get("objects", []):
-            oid, size = obj["oid"], int(obj["size"])
+        for obj in _field(body, "objects", list):
+            oid, size = _field(obj, "oid", str), _field(obj, "size", int)
+            if not 0 <= size <= MAX_LFS_OBJECT:
+                raise HubError(413 if size > 0 else 400, f"LFS object {oid}: invalid size {size}")
             path = store.lfs_path(oid)
             if path.exists() and path.stat().st_size == size:
                 objects.append({"oid": oid, "size": size})  # already stored: no actions, the client skips it
@@ -542,7 +579,7 @@ class Handler(BaseHTTPRequestHandler):
     def lfs_put(self, oid: str) -> None:
         store = self.server.store
         path = store.lfs_path(oid)
-        remaining = int(self.headers.get("Content-Length") or 0)
+        remaining = self._length(MAX_LFS_OBJECT)
         digest = hashlib.sha256()
         tmp = store.root / "lfs" / "tmp" / f"{oid}.{threading.get_ident()}"
         with open(tmp, "wb") as handle:
@@ -565,9 +602,7 @@ class Handler(BaseHTTPRequestHandler):
     def commit(self, repo_type: str, repo_id: str, repo: Path, revision: str) -> None:
         if self.query.get("create_pr"):
             raise HubError(400, "pull requests are not supported by the local hub")
-        lines = [json.loads(line) for line in self._body().decode().splitlines() if line.strip()]
-        header = next((line["value"] for line in lines if line.get("key") == "header"), {})
-        ops = [line for line in lines if line.get("key") != "header"]
+        header, ops = parse_commit(self._body())
         sha = self.server.store.commit(repo, revision, header, ops)
         with self.server.stats_lock:
             self.server.stats["commits"] += 1
@@ -577,11 +612,10 @@ class Handler(BaseHTTPRequestHandler):
     def create_tag(self, repo: Path, revision: str) -> None:
         store = self.server.store
         body = self._json()
-        tag = body.get("tag") or ""
+        tag = _field(body, "tag", str)
+        check_ref_name("tags", tag)
         with store.lock:
             sha = store.resolve(repo, revision)
-            if not tag or not re.fullmatch(r"[A-Za-z0-9._/-]+", tag):
-                raise HubError(400, f"Invalid tag name {tag!r}")
             existing = store.git(repo, "for-each-ref", f"refs/tags/{tag}").strip()
             if existing:
                 raise HubError(409, f"Tag {tag} already exists")
@@ -594,6 +628,7 @@ class Handler(BaseHTTPRequestHandler):
     def create_branch(self, repo: Path, branch: str) -> None:
         store = self.server.store
         body = self._json()
+        check_ref_name("heads", branch)
         with store.lock:
             if store.git(repo, "for-each-ref", f"refs/heads/{branch}").strip():
                 raise HubError(409, f"Branch {branch} already exists")
@@ -603,6 +638,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def delete_ref(self, repo: Path, kind: str, name: str) -> None:
         store = self.server.store
+        check_ref_name(kind, name)
         with store.lock:
             if not store.git(repo, "for-each-ref", f"refs/{kind}/{name}").strip():
                 raise HubError(404, f"{name} not found", "RevisionNotFound")
@@ -625,10 +661,15 @@ class Handler(BaseHTTPRequestHandler):
     def paths_info(self, repo: Path, revision: str) -> None:
         store = self.server.store
         sha = store.resolve(repo, revision)
-        raw = self._body().decode()
+        raw = self._body().decode(errors="replace")
         if self.headers.get("Content-Type", "").startswith("application/json"):
-            body = json.loads(raw or "{}")
-            paths, expand = body.get("paths", []), bool(body.get("expand"))
+            try:
+                body = json.loads(raw or "{}")
+            except json.JSONDecodeError as err:
+                raise HubError(400, f"invalid JSON body: {err}") from err
+            if not isinstance(body, dict):
+                raise HubError(400, "invalid JSON body: expected an object")
+            paths, expand = _field(body, "paths", list, default=[]), bool(body.get("expand"))
         else:
             form = parse_qs(raw)
             paths, expand = form.get("paths", []), (form.get("expand") or ["False"])[0].lower() == "true"
@@ -708,14 +749,77 @@ class Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
+def _field(body: Any, key: str, kind: type, default: Any = ...) -> Any:
+    """BODY[KEY] checked to be a KIND; 400 naming the field when it is missing (and has no default) or mistyped."""
+    if not isinstance(body, dict):
+        raise HubError(400, f"expected an object holding {key!r}, got {type(body).__name__}")
+    if key not in body or body[key] is None:
+        if default is ...:
+            raise HubError(400, f"missing field {key!r}")
+        return default
+    value = body[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise HubError(400, f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _b64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise HubError(400, f"invalid base64 in {what}: {err}") from err
+
+
+def parse_commit(body: bytes) -> tuple[dict, list[tuple[str, str, dict]]]:
+    """An NDJSON commit payload -> (header, [(key, checked path, value)]); 400 naming the line on any error.
+
+    A "file" value's content is decoded into ``value["data"]`` (bytes).
+    """
+    header: dict = {}
+    ops: list[tuple[str, str, dict]] = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HubError(400, f"commit payload line {number}: invalid JSON ({err})") from err
+        try:
+            key, value = _field(item, "key", str), _field(item, "value", dict)
+            if key == "header":
+                header = value
+                continue
+            if key not in ("file", "lfsFile", "deletedFile", "deletedFolder"):
+                raise HubError(400, f"unsupported commit operation {key!r}")
+            path = check_repo_path(_field(value, "path", str))
+            if key == "file":
+                content = _field(value, "content", str)
+                value = {
+                    **value,
+                    "data": _b64(content, path) if value.get("encoding") == "base64" else content.encode(),
+                }
+            elif key == "lfsFile":
+                _field(value, "oid", str)
+            ops.append((key, path, value))
+        except HubError as err:
+            raise HubError(400, f"commit payload line {number}: {err.message}") from err
+    return header, ops
+
+
 class LocalHubServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, verbose: bool = False):
-        super().__init__((host, port), Handler)
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = False,
+        handler: type[Handler] = Handler,
+    ):
+        super().__init__((host, port), handler)
         self.store = Store(root)
-        self.faults = Faults()
         self.verbose = verbose
         self.stats = {"lfs_uploads": 0, "commits": 0}
         self.stats_lock = threading.Lock()
@@ -723,10 +827,15 @@ class LocalHubServer(ThreadingHTTPServer):
 
 
 def serve(
-    root: str, host: str = "127.0.0.1", port: int = 8765, verbose: bool = True, ready_file: str | None = None
+    root: str,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    verbose: bool = True,
+    ready_file: str | None = None,
+    handler: type[Handler] = Handler,
 ) -> None:
     """Serves ROOT until interrupted. With ``ready_file``, writes the base URL there once listening."""
-    server = LocalHubServer(root, host, port, verbose)
+    server = LocalHubServer(root, host, port, verbose, handler)
     print(f"local hub serving {Path(root).resolve()} at {server.base_url}", flush=True)
     print(f"  export HF_ENDPOINT={server.base_url} HF_HUB_DISABLE_XET=1", flush=True)
     if ready_file:

@@ -196,7 +196,7 @@ def push_for_review(config: ReviewPushConfig) -> dict:
 def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Fetches submitted responses, one row per (record, annotator), joined to the scored rows; writes
     ``reviews.parquet``, ``review_summary.csv`` and ``review_summary.json`` under ``output_dir``."""
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
     from magpie_teach.review.summary import summarize_reviews
 
     client = connect()

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import write_atomic
 from magpie_teach.chat import TokenizedExample, context_token_id, tokenize_conversation, unconditioned
-from magpie_teach.data import write_atomic
 from magpie_teach.scoring.batching import plan_batches, windows
 
 logger = logging.getLogger(__name__)

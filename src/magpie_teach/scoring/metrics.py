@@ -76,8 +76,7 @@ def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float |
                 f"(min {teacher_rewards.min():.4g}); CAR then prefers incompatible teachers. "
                 "Use --reward-shift auto (or a number) to shift rewards affinely before CAR."
             )
-            logger.warning(message)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=3)  # the CLI shows it once, as a log line (logging.captureWarnings)
         return 0.0
     if reward_shift == "auto":
         low, high = float(teacher_rewards.min()), float(teacher_rewards.max())

@@ -182,7 +182,7 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[
     """(rewards, truncated): a precomputed column, or the reward model's scores (cached for reruns)."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.reward import score_reward
 
@@ -236,20 +236,21 @@ def write_rank_outputs(
     config: RankConfig, scores: pd.DataFrame, loaded: Any, counts: dict, performance: pd.DataFrame | None = None
 ) -> RankResult:
     """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring)."""
+    from magpie_teach import artefacts
     from magpie_teach.config import dump_config
-    from magpie_teach.data import write_atomic
     from magpie_teach.scoring.metrics import aggregate, correlations
 
     out = Path(config.output_dir)
+    files = artefacts.RunOutputs(out, "rank")
     ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
     corr = correlations(ranking, performance) if performance is not None else None
-    write_atomic(out / "scores.parquet", lambda tmp: scores.to_parquet(tmp, index=False))
-    write_atomic(out / "ranking.csv", lambda tmp: ranking.to_csv(tmp, index=False))
+    files.write(artefacts.SCORES, lambda tmp: scores.to_parquet(tmp, index=False))
+    files.write(artefacts.RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
     if corr is not None:
-        write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
+        files.write(artefacts.CORRELATIONS, lambda tmp: corr.to_csv(tmp))
     if len(loaded.dropped):
-        write_atomic(
-            out / "dropped.csv",
+        files.write(
+            artefacts.RANK_DROPPED,
             lambda tmp: loaded.dropped.drop(columns=["_row"], errors="ignore").to_csv(tmp, index=False),
         )
     summary = {
@@ -259,9 +260,11 @@ def write_rank_outputs(
         "fingerprint": loaded.fingerprint,
         "counts": counts,
     }
-    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    files.write(artefacts.RANK_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     # a Hub source is recorded by the commit that was read, so that rerunning this config reads the same bytes
-    dump_config(dataclasses.replace(config, revision=loaded.revision), out / "rank_config.yaml")
+    dump_config(dataclasses.replace(config, revision=loaded.revision), out / artefacts.RANK_CONFIG)
+    files.written.add(artefacts.RANK_CONFIG)
+    files.finish()  # an earlier run's files this run did not write (dropped.csv, correlations.csv) go
     return RankResult(ranking, scores, corr, loaded.dropped, counts, out)
 
 
@@ -272,11 +275,23 @@ def rank(config: RankConfig) -> RankResult:
     ``correlations.csv`` (with a performance file), ``dropped.csv`` (rows dropped by
     ``drop_invalid``, with their reason), ``summary.json`` and the resolved ``rank_config.yaml``.
     """
+
+    from magpie_teach.artefacts import locked
+
+    with locked(config.output_dir):
+        return _rank(config)
+
+
+def _rank(config: RankConfig) -> RankResult:
     from magpie_teach.data import load_responses, sample_instructions, text_columns
+    from magpie_teach.modeling import check_model_source
     from magpie_teach.scoring.metrics import ic_ifd, ifd, load_performance
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, models in (("--base-model", config.base_models), ("--reward-model", [config.reward_model]),
+                         ("--reference-model", [config.reference_model])):  # fmt: skip
+        for model in filter(None, models):
+            check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
+
     performance = load_performance(config.performance, config.performance_columns) if config.performance else None
     loaded = load_responses(
         config.data,

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import SFT_DATA as DATA_FILE
 from magpie_teach.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("teacher", "best-of-n", "grape", "mix")
-DATA_FILE = "data/train-00000-of-00001.parquet"
 
 
 @dataclass
@@ -205,9 +205,16 @@ def select(config: SelectConfig) -> SelectResult:
     column, provenance columns (teacher, selection_metric, selection_score, reward, compat_loss), a
     README.md whose front matter declares the data files, ``selection_summary.json``, the rows dropped
     by filters (``dropped.parquet``) and the resolved ``select_config.yaml``."""
+    from magpie_teach.artefacts import locked
+
+    with locked(config.output_dir):
+        return _select(config)
+
+
+def _select(config: SelectConfig) -> SelectResult:
+    from magpie_teach import artefacts
     from magpie_teach.chat import build_messages
     from magpie_teach.config import dump_config
-    from magpie_teach.data import write_atomic
 
     scores = load_scores(config.scores, config.base_model, config.revision)
     chosen, dropped = select_responses(scores, config)
@@ -231,20 +238,23 @@ def select(config: SelectConfig) -> SelectResult:
         "scores_revision": scores.attrs.get("revision"),
     }
     out = Path(config.output_dir)
-    write_atomic(out / DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
+    files = artefacts.RunOutputs(out, "select")
+    files.write(DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
     readme = (
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
         "tags:\n- magpie-teach\n- synthetic\n---\n\n"
         f"SFT data selected by magpie-teach (`{config.strategy}`) for base model `{summary['base_model']}`.\n"
     )
-    write_atomic(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
-    write_atomic(out / "selection_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    files.write(artefacts.SFT_README, lambda tmp: Path(tmp).write_text(readme))
+    files.write(artefacts.SELECT_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if len(dropped):
         columns = ["id", "teacher", "reason", "reward", "compat_loss"]
-        write_atomic(out / "dropped.parquet", lambda tmp: dropped[columns].to_parquet(tmp, index=False))
+        files.write(artefacts.SELECT_DROPPED, lambda tmp: dropped[columns].to_parquet(tmp, index=False))
     # Hub scores are recorded by the commit read, so that rerunning this config reads the same bytes
     dump_config(
         dataclasses.replace(config, revision=scores.attrs.get("revision") or config.revision),
-        out / "select_config.yaml",
+        out / artefacts.SELECT_CONFIG,
     )
+    files.written.add(artefacts.SELECT_CONFIG)
+    files.finish()
     return SelectResult(dataset, dropped, summary, out)

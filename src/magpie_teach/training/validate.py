@@ -134,7 +134,7 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
 
 def validate(config: ValidateConfig) -> ValidateResult:
     """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
-    from magpie_teach.data import write_atomic
+    from magpie_teach.artefacts import write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
     from magpie_teach.scoring.reward import score_reward

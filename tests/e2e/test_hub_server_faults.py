@@ -1,0 +1,178 @@
+"""The local Hub server under hostile and malformed requests: nothing outside its root is touched, client
+errors are 4xx with an ``X-Error-Message`` (never a 500), and commits that delete files work on its bare repos."""
+
+import http.client
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.hub.local import cli, python
+
+REPO = "lab/victim"
+
+
+def request(hub, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
+    """One raw HTTP request (http.client sends the path as given, '..' and all); returns (status, headers, body)."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=20)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        headers = dict(headers or {})
+        if body is not None and "Content-Length" not in headers and "Transfer-Encoding" not in headers:
+            headers["Content-Length"] = str(len(body))
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        if body:
+            connection.send(body)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def hub_with_decoys(local_hub, tmp_path):
+    """A hub holding one dataset repo, and decoys outside its root: a folder with a .git, and a bare repo."""
+    code = f"from huggingface_hub import HfApi; HfApi().create_repo({REPO!r}, repo_type='dataset')"
+    python(code, local_hub.env())
+    decoy = tmp_path / "victim"
+    (decoy / ".git").mkdir(parents=True)
+    (decoy / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    bare = tmp_path / "elsewhere" / "repo.git"
+    subprocess.run(["git", "init", "--bare", "--quiet", str(bare)], check=True)
+    return local_hub, [decoy / ".git" / "HEAD", bare / "HEAD"]
+
+
+def _inside_root(hub, tmp_path) -> list[Path]:
+    return sorted(p for p in tmp_path.rglob("*") if hub.root not in p.parents and p != hub.root)
+
+
+def test_no_request_field_reaches_outside_the_root(hub_with_decoys, tmp_path):
+    hub, decoys = hub_with_decoys
+    root = hub.root
+    depth = len(root.relative_to(tmp_path).parts) + 2  # repos/datasets/ below the root
+    up = "/".join([".."] * depth)
+    outside_before = _inside_root(hub, tmp_path)
+    absolute = str(tmp_path / "elsewhere" / "repo")
+    attempts = [
+        ("DELETE", "/api/repos/delete", {"name": f"{up}/victim/", "type": "dataset"}),
+        ("DELETE", "/api/repos/delete", {"name": f"{up}/victim/.git/..", "type": "dataset"}),
+        ("DELETE", "/api/repos/delete", {"name": absolute, "type": "dataset"}),
+        ("DELETE", "/api/repos/delete", {"name": "victim", "organization": up, "type": "dataset"}),
+        ("DELETE", "/api/repos/delete", {"name": "victim", "organization": "lab", "type": f"{up}/x"}),
+        ("POST", "/api/repos/create", {"name": f"{up}/created", "type": "dataset"}),
+        ("POST", "/api/repos/create", {"name": "created", "organization": up, "type": "dataset"}),
+        ("POST", "/api/repos/create", {"name": "ok.git", "organization": "lab", "type": "dataset"}),
+        ("GET", f"/api/datasets/{up}/victim", None),
+        ("GET", "/api/datasets/..%2F..%2F../victim/refs", None),
+        ("POST", f"/datasets/{up}/victim.git/info/lfs/objects/batch", {"operation": "upload", "objects": []}),
+        ("GET", f"/datasets/{up}/victim/resolve/main/HEAD", None),
+        ("PUT", f"/lfs-upload/{'..%2F' * depth}victim", b"x"),
+        ("POST", "/lfs-verify", {"oid": "../../../victim/.git/HEAD"}),
+        ("POST", f"/api/datasets/{REPO}/commit/main",
+         b'{"key":"header","value":{"summary":"x"}}\n{"key":"file","value":{"path":"../../escape","content":"eA==","encoding":"base64"}}\n'),
+        ("POST", f"/api/datasets/{REPO}/commit/main",
+         b'{"key":"deletedFolder","value":{"path":"../.."}}\n'),
+    ]  # fmt: skip
+    for method, path, body in attempts:
+        status, headers, _ = request(hub, method, path, body)
+        assert 400 <= status < 500, (method, path, body, status)
+        assert status != 404 or "X-Error-Code" in headers or "X-Error-Message" in headers
+        assert headers.get("X-Error-Message"), (method, path)
+    for decoy in decoys:
+        assert decoy.exists(), decoy
+    assert _inside_root(hub, tmp_path) == outside_before  # nothing created or removed outside the root
+    assert (root / "repos" / "datasets" / f"{REPO}.git" / "HEAD").exists()
+    assert not list(root.rglob("*ok.git.git"))
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, status",
+    [
+        ("POST", f"/api/datasets/{REPO}/commit/main", b"{not json\n", None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b'{"key":"file"}\n', None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b'{"key":"file","value":{"path":"a.txt","content":"@@@","encoding":"base64"}}\n', None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b'{"key":"file","value":{"path":"a\\nb.txt","content":"eA==","encoding":"base64"}}\n', None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b'{"key":"rename","value":{"path":"a.txt"}}\n', None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b'["a list"]\n', None, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b"", {"Content-Length": "-5"}, 400),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b"", {"Content-Length": str(10**12)}, 413),
+        ("POST", f"/api/datasets/{REPO}/commit/main", b"zz\r\nabc\r\n0\r\n\r\n", {"Transfer-Encoding": "chunked"}, 400),
+        ("POST", f"/api/datasets/{REPO}/preupload/main", {"files": [{"path": "a", "sample": "!!"}]}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/preupload/main", {"files": "nope"}, None, 400),
+        ("POST", f"/datasets/{REPO}.git/info/lfs/objects/batch", {"operation": "upload", "objects": [{"oid": "a" * 64, "size": -1}]}, None, 400),
+        ("POST", f"/datasets/{REPO}.git/info/lfs/objects/batch", {"operation": "upload", "objects": [{"oid": "a" * 64}]}, None, 400),
+        ("PUT", f"/lfs-upload/{'a' * 64}", b"", {"Content-Length": "lots"}, 400),
+        ("POST", f"/api/datasets/{REPO}/tag/main", {"tag": "-x"}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/tag/main", {"tag": "refs/heads/main"}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/tag/main", {"tag": "a..b"}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/tag/main", {"tag": "v1.lock"}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/tag/main", {}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/branch/HEAD", {}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/branch/-b", {}, None, 400),
+        ("POST", f"/api/datasets/{REPO}/branch/x~1", {}, None, 400),
+        ("POST", "/api/repos/create", b"[1]", None, 400),
+        ("POST", "/api/repos/create", {"organization": "lab"}, None, 400),
+    ],
+)  # fmt: skip
+def test_malformed_requests_get_a_client_error_with_a_message(hub_with_decoys, method, path, body, headers, status):
+    hub, _ = hub_with_decoys
+    head = hub.git(REPO, "rev-parse", "main")
+    got, answer_headers, payload = request(hub, method, path, body, headers)
+    assert got == status, payload
+    assert answer_headers.get("X-Error-Message")
+    assert hub.git(REPO, "rev-parse", "main") == head  # nothing committed
+    assert hub.git(REPO, "tag") == ""
+    assert hub.git(REPO, "for-each-ref", "--format=%(refname)", "refs/heads") == "refs/heads/main"
+    # the server is still serving
+    assert request(hub, "GET", f"/api/datasets/{REPO}")[0] == 200
+
+
+def test_a_version_with_fewer_files_publishes_and_loads_by_tag(local_hub, ranked_sample, tmp_path):
+    env = local_hub.env()
+    with_dropped = tmp_path / "with-dropped"
+    shutil.copytree(ranked_sample, with_dropped)
+    first_row = pd.read_csv(ranked_sample / "ranking.csv").head(1)
+    pd.DataFrame({"id": ["x"], "reason": ["empty_response"]}).to_csv(with_dropped / "dropped.csv", index=False)
+    first = cli("push", str(with_dropped), "--repo-id", "lab/shrink", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "magpie_teach/dropped.csv" in local_hub.git("lab/shrink", "ls-tree", "-r", "--name-only", "v1.0.0")
+
+    plain = tmp_path / "plain"
+    shutil.copytree(ranked_sample, plain)
+    (plain / "dropped.csv").unlink(missing_ok=True)
+    first_row.to_csv(plain / "ranking.csv", index=False)
+    second = cli("push", str(plain), "--repo-id", "lab/shrink", env=env)
+    assert second.returncode == 0 and "tag v1.1.0" in second.stdout, second.stderr
+    files = local_hub.git("lab/shrink", "ls-tree", "-r", "--name-only", "v1.1.0").split()
+    assert "magpie_teach/dropped.csv" not in files and "magpie_teach/summary.json" in files
+    code = (
+        "import datasets; "
+        "print(len(datasets.load_dataset('lab/shrink', revision='v1.1.0', split='train')), "
+        "len(datasets.load_dataset('lab/shrink', revision='v1.0.0', split='train')))"
+    )
+    new, old = python(code, env).stdout.split()[-2:]
+    assert int(new) == 1 and int(old) == len(pd.read_csv(ranked_sample / "ranking.csv"))
+
+
+def test_delete_file_and_folder_through_huggingface_hub(local_hub):
+    code = """
+from huggingface_hub import HfApi, CommitOperationAdd
+api = HfApi()
+api.create_repo("lab/d", repo_type="dataset")
+api.create_commit("lab/d", [CommitOperationAdd("keep.txt", b"k"), CommitOperationAdd("gone.txt", b"g"),
+                            CommitOperationAdd("dir/a.txt", b"a"), CommitOperationAdd("dir/b.txt", b"b")],
+                  commit_message="add", repo_type="dataset")
+api.delete_file("gone.txt", "lab/d", repo_type="dataset")
+api.delete_folder("dir", "lab/d", repo_type="dataset")
+print(sorted(api.list_repo_files("lab/d", repo_type="dataset")))
+"""
+    out = python(code, local_hub.env()).stdout.strip().splitlines()[-1]
+    assert out == "['.gitattributes', 'keep.txt']"
+    assert local_hub.git("lab/d", "rev-list", "--count", "main") == "4"
