@@ -105,3 +105,69 @@ def test_a_best_of_n_teacher_gives_its_highest_reward_generation_per_instruction
     assert got.index.is_unique and set(got.index) == set(alpha["id"])
     assert got["generation_index"].to_dict() == expected["generation_index"].to_dict()
     assert got["reward"].to_dict() == pytest.approx(expected["reward"].to_dict())
+
+
+@pytest.fixture()
+def ranked_at_beta_0(tmp_path):
+    """A rank-layout folder whose rank_config.yaml records beta 0: by CAR at beta 0 teacher 'big' is best, at
+    beta 3 'fit'. Half of big's rows are long (n_tokens_full 100) and carry its high rewards."""
+    from magpie_teach.config import dump_config
+    from magpie_teach.scoring.rank import RankConfig
+
+    rows = []
+    for i in range(8):
+        big_reward = 18.0 if i % 2 else 2.0
+        for teacher, reward, loss, tokens in (("big", big_reward, 3.0, 100 if i % 2 else 10), ("fit", 5.0, 0.5, 10),
+                                              ("weak", 1.0, 1.0, 10)):  # fmt: skip
+            rows.append({"id": f"q{i}", "instruction": f"Question {i}?", "response": f"{teacher} {i}",
+                         "teacher": teacher, "base_model": "base", "reward": reward, "compat_loss": loss,
+                         "n_tokens_full": tokens, "truncated": False})  # fmt: skip
+    folder = tmp_path / "rank"
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "scores.parquet")
+    dump_config(RankConfig(data="x", output_dir=str(folder), base_models=["base"], reward_column="r", beta=0.0),
+                folder / "rank_config.yaml")  # fmt: skip
+    return folder
+
+
+def test_select_uses_the_beta_rank_recorded_unless_given(tmp_path, ranked_at_beta_0):
+    from magpie_teach.scoring.metrics import car
+
+    recorded = _run(tmp_path, ranked_at_beta_0)
+    assert set(recorded.dataset["teacher"]) == {"big"}
+    assert recorded.summary["car"]["beta"] == 0.0 and "rank_config.yaml" in recorded.summary["car"]["source"]
+    assert recorded.dataset["selection_score"].iloc[0] == pytest.approx(float(car(10.0, 3.0, 0.0)))
+
+    given = select(SelectConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "o3"), beta=3.0))
+    assert set(given.dataset["teacher"]) == {"fit"}
+    assert given.summary["car"]["beta"] == 3.0 and "beta from the command line" in given.summary["car"]["source"]
+
+
+def test_select_filters_change_the_rows_not_the_best_teacher_unless_asked(tmp_path, ranked_at_beta_0):
+    # --max-tokens 50 drops big's long, high-reward rows: on the kept rows 'fit' would lead at beta 0
+    kept_rows = select(SelectConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "a"), max_tokens=50))
+    assert set(kept_rows.dataset["teacher"]) == {"big"} and len(kept_rows.dataset) == 4
+    assert kept_rows.summary["dropped_by_reason"] == {"too_long": 4}
+    reranked = select(SelectConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "b"), max_tokens=50,
+                                   rerank_after_filters=True))  # fmt: skip
+    assert set(reranked.dataset["teacher"]) == {"fit"}
+
+
+def test_validate_and_review_use_the_beta_rank_recorded(tmp_path, ranked_at_beta_0):
+    from magpie_teach.review.argilla_io import ReviewPushConfig, review_sample
+    from magpie_teach.scoring.metrics import car
+    from magpie_teach.training.validate import ValidateConfig, validate
+
+    perf = tmp_path / "perf.csv"
+    pd.DataFrame({"teacher": ["big", "fit", "weak"], "base_model": "base", "AE2_LC_WR": [3.0, 2.0, 1.0],
+                  "ArenaHard_WR": [3.0, 2.0, 1.0]}).to_csv(perf, index=False)  # fmt: skip
+    validate(ValidateConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "v"), performance=str(perf)))
+    ranking = pd.read_csv(tmp_path / "v" / "ranking.csv").set_index("teacher")
+    assert (ranking["car_beta"] == 0.0).all()
+    assert ranking["rank_car"].to_dict() == {"big": 1, "fit": 2, "weak": 3}
+    validate(ValidateConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "v3"), performance=str(perf),
+                            beta=3.0))  # fmt: skip
+    assert pd.read_csv(tmp_path / "v3" / "ranking.csv").set_index("teacher")["rank_car"]["fit"] == 1
+
+    sample = review_sample(ReviewPushConfig(scores=str(ranked_at_beta_0), dataset="d", per_teacher=3))
+    np.testing.assert_allclose(sample["car"], car(sample["reward"], sample["compat_loss"], 0.0))

@@ -111,3 +111,24 @@ class RunOutputs:
         for name in stale:
             (self.folder / name).unlink()
         return stale
+
+
+def recorded_rank_config(scores: str, commit: str | None = None) -> tuple[dict | None, str]:
+    """The resolved config `rank` recorded beside SCORES (a rank folder, its scores.parquet, or a Hub data set
+    pushed with ``--kind scores``, read at COMMIT): (the config, or None when there is none; where it was looked
+    for)."""
+    import yaml
+
+    path = Path(scores)
+    if path.exists():
+        recorded = (path if path.is_dir() else path.parent) / RANK_CONFIG
+        return (yaml.safe_load(recorded.read_text()) if recorded.exists() else None), str(recorded)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    where = f"{scores}@{commit or 'main'}:magpie_teach/{RANK_CONFIG}"
+    try:
+        local = hf_hub_download(scores, f"magpie_teach/{RANK_CONFIG}", repo_type="dataset", revision=commit)
+    except EntryNotFoundError:
+        return None, where
+    return yaml.safe_load(Path(local).read_text()), where

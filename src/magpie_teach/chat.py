@@ -1,9 +1,16 @@
 """THE chat-template decision, shared by compatibility scoring and SFT training.
 
-A conversation is rendered with the tokenizer's own chat template; a tokenizer without one (a base
-model such as GPT-2 or a pre-trained Llama) gets :data:`DEFAULT_CHAT_TEMPLATE`, ChatML with the
-assistant turn wrapped in ``{% generation %}`` so that TRL's ``assistant_only_loss`` works and so
-that scoring and training mark exactly the same tokens.
+The template is TRL's decision, made by TRL's own code, so that the compatibility loss scores
+exactly the tokens TRL's assistant-only SFT trains on:
+
+* a tokenizer without a template (a base model such as GPT-2 or a pre-trained Llama) gets
+  :data:`DEFAULT_CHAT_TEMPLATE`, ChatML with the assistant turn wrapped in ``{% generation %}``;
+* a template with ``{% generation %}`` markers is used as it is;
+* a template without markers that TRL can patch (Llama 3, Qwen2.5, Qwen3, Gemma, Gemma 3, Phi-3,
+  Phi-3.5, DeepSeek, GLM-4, ...: ``trl.chat_template_utils.get_training_chat_template``) is replaced by
+  TRL's training version of it, the template ``SFTTrainer`` swaps in under ``assistant_only_loss``;
+* any other template is used as it is, with the rule below for templates without markers, and a
+  notice saying so (``train`` then refuses ``assistant_only_loss``: TRL could not mask it).
 
 Response tokens, i.e. the tokens SFT trains on and the compatibility loss averages over:
 
@@ -14,6 +21,9 @@ Response tokens, i.e. the tokens SFT trains on and the compatibility loss averag
   response token when its first character lies at or after the end of that prefix).
 """
 
+import functools
+import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +46,51 @@ DEFAULT_CHAT_TEMPLATE = (
 """ChatML with generation markers, for tokenizers that ship no chat template."""
 
 _GENERATION_RE = re.compile(r"{%-?\s*generation\s*-?%}")
+logger = logging.getLogger(__name__)
 
 
 def resolve_chat_template(tokenizer: Any) -> str:
-    """Returns the chat template used for ``tokenizer`` in scoring and training alike."""
+    """Returns the chat template used for ``tokenizer`` in scoring and training alike (see the module docstring)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one is used
         template = template.get("default")
-    return template if isinstance(template, str) and template.strip() else DEFAULT_CHAT_TEMPLATE
+    if not (isinstance(template, str) and template.strip()):
+        return DEFAULT_CHAT_TEMPLATE
+    if has_generation_markers(template):
+        return template
+    training = training_template(tokenizer, template)
+    if training is None:
+        _notice_unpatched(getattr(tokenizer, "name_or_path", "") or "this tokenizer", template)
+        return template
+    return training
+
+
+_TRAINING: dict[str, str | None] = {}
+
+
+def training_template(tokenizer: Any, template: str) -> str | None:
+    """TRL's training version of TEMPLATE, the tokenizer's own (with ``{% generation %}`` markers), or None when
+    TRL has none for it. Decided by ``trl.chat_template_utils.get_training_chat_template``, once per template."""
+    if template not in _TRAINING:
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            _TRAINING[template] = get_training_chat_template(tokenizer)
+        except ValueError:  # TRL: "patching is not supported for this template"
+            _TRAINING[template] = None
+    return _TRAINING[template]
+
+
+@functools.cache
+def _notice_unpatched(name: str, template: str) -> None:
+    digest = hashlib.sha1(template.encode()).hexdigest()[:8]
+    logger.warning(
+        "%s: TRL has no training version of this chat template (sha1 %s), so the compatibility loss scores every "
+        "token after the generation prompt, as TRL's prompt-completion SFT trains on (assistant_only_loss is "
+        "refused for it).",
+        name,
+        digest,
+    )
 
 
 def has_generation_markers(template: str) -> bool:
@@ -116,14 +163,24 @@ def tokenize_conversation(
     template = resolve_chat_template(tokenizer)
     messages = build_messages(instruction, response, system, context)
     if has_generation_markers(template):
-        enc = tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        enc = _render(
+            tokenizer,
+            messages,
+            chat_template=template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         mask = np.asarray(enc["assistant_masks"], dtype=bool)
         if len(messages) > 2 + bool(system):  # earlier assistant turns are marked too: keep only the last one
-            prompt = tokenizer.apply_chat_template(
-                messages[:-1], chat_template=template, tokenize=True, add_generation_prompt=True, return_dict=True
+            prompt = _render(
+                tokenizer,
+                messages[:-1],
+                chat_template=template,
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=True,
             )["input_ids"]
             if list(ids[: len(prompt)]) != list(prompt):
                 raise ConfigError(
@@ -132,10 +189,8 @@ def tokenize_conversation(
                 )
             mask[: len(prompt)] = False
     else:
-        prompt = tokenizer.apply_chat_template(
-            messages[:-1], chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        prompt = _render(tokenizer, messages[:-1], chat_template=template, tokenize=False, add_generation_prompt=True)
+        full = _render(tokenizer, messages, chat_template=template, tokenize=False)
         if not full.startswith(prompt):
             raise ConfigError(
                 "The chat template does not render the generation prompt as a prefix of the conversation, so the "
@@ -154,6 +209,22 @@ def tokenize_conversation(
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     return TokenizedExample(ids, mask, n_response, bool(truncated))
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+    """``tokenizer.apply_chat_template`` with a template's own refusal (e.g. Gemma's "System role not supported")
+    as a ConfigError naming the tokenizer."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.TemplateError as err:
+        roles = [m["role"] for m in messages]
+        raise ConfigError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'} refuses a conversation "
+            f"with roles {roles}: {err}"
+            + (" (this template has no system role: leave the system prompt out)" if "system" in roles else "")
+        ) from None
 
 
 def context_token_id(tokenizer: Any) -> int:

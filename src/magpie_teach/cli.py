@@ -125,6 +125,9 @@ def run_select(args: argparse.Namespace) -> int:
     result = select(_config(args, SelectConfig))
     summary = result.summary
     print(f"selected {summary['rows_out']} rows ({summary['strategy']}) for base model {summary['base_model']}")
+    if summary["strategy"] == "teacher":
+        car = summary["car"]
+        print(f"  CAR with beta={car['beta']:g}, reward shift {car['reward_shift']} ({car['source']})")
     for teacher, count in summary["rows_per_teacher"].items():
         print(f"  {teacher}: {count}")
     if summary["dropped_by_reason"]:

@@ -32,10 +32,27 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
+def _owner(cls: type, name: str) -> type:
+    """The class in CLS's hierarchy that declares field NAME (CLS itself, or a shared settings base)."""
+    return next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds one flag per field of ``cls``. Defaults are left out (``None``) so that YAML values can show through."""
+    """Adds one flag per field of ``cls``: its own first, then each shared settings base's in a group titled by the
+    base's docstring. Defaults are left out (``None``) so that YAML values can show through."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    owners = {f.name: _owner(cls, f.name) for f in dataclasses.fields(cls)}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: owners[f.name] is not cls)  # stable: own fields first
+    groups: dict[type, Any] = {}
+    for f in ordered:
+        owner = owners[f.name]
+        target = parser
+        if owner is not cls:
+            if owner not in groups:
+                groups[owner] = parser.add_argument_group(
+                    (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
+                )
+            target = groups[owner]
         kind, is_list = _base_type(hints[f.name])
         default = None if f.default is dataclasses.MISSING else f.default
         if f.default_factory is not dataclasses.MISSING:
@@ -60,9 +77,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kwargs["choices"] = f.metadata["choices"]
         if f.metadata.get("positional"):
             kwargs.pop("dest")
-            parser.add_argument(f.name, nargs="?", **kwargs)
+            target.add_argument(f.name, nargs="?", **kwargs)
         else:
-            parser.add_argument(flag_name(f), **kwargs)
+            target.add_argument(flag_name(f), **kwargs)
 
 
 def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from magpie_teach.errors import ConfigError, network_errors
+from magpie_teach.settings import DTYPES
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def resolve_device(device: str = "auto") -> str:

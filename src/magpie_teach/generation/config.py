@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.settings import CARSettings, ModelRunSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -65,25 +66,20 @@ class MagpieCategory:
 
 
 @dataclass
-class ScoringConfig:
-    """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers)."""
+class ScoringConfig(CARSettings, ModelRunSettings):
+    """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers). CAR's and the
+    model run's settings are inherited from :mod:`magpie_teach.settings`, with rank's defaults."""
 
     reward_model: str
     base_models: list[str]
-    beta: float = 3.0
-    reward_shift: str = "none"  # none, auto, or a number
-    max_length: int = 4096
-    batch_tokens: int = 8192
-    dtype: str = "float32"
-    device: str = "auto"
 
     def validate(self) -> None:
         if not self.base_models:
             raise ConfigError("scoring.base_models: at least one base model is needed")
         if len(set(self.base_models)) != len(self.base_models):
             raise ConfigError(f"scoring.base_models: repeated entries in {self.base_models}")
-        if self.beta < 0:
-            raise ConfigError(f"scoring.beta: must be >= 0, got {self.beta}")
+        self.check_car("scoring.")
+        self.check_run("scoring.")
 
 
 @dataclass

@@ -63,14 +63,19 @@ class StoreScores(Step):
 
 def rank_config(config: "GenerateConfig") -> "RankConfig":
     """The `rank` config equivalent to this run's scoring (written to OUTPUT/rank/rank_config.yaml)."""
+    import dataclasses
+
     from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.settings import CARSettings, ModelRunSettings
 
     spec = config.scoring
     out = Path(config.output_dir)
+    shared = {
+        f.name: getattr(spec, f.name) for cls in (CARSettings, ModelRunSettings) for f in dataclasses.fields(cls)
+    }
     return RankConfig(
         data=str(out / "responses.parquet"), output_dir=str(out / "rank"), base_models=list(spec.base_models),
-        reward_model=spec.reward_model, beta=spec.beta, reward_shift=spec.reward_shift, drop_invalid=True,
-        max_length=spec.max_length, batch_tokens=spec.batch_tokens, dtype=spec.dtype, device=spec.device,
+        reward_model=spec.reward_model, drop_invalid=True, **shared,
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, MagpieTeachError
+from magpie_teach.settings import RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ RATING = "helpfulness"
 
 
 @dataclass
-class ReviewPushConfig:
+class ReviewPushConfig(RecordedCARSettings):
+    """`review push`'s settings; the per-example CAR uses the ``beta`` `rank` recorded with the scores unless given
+    (:class:`magpie_teach.settings.RecordedCARSettings`)."""
+
     scores: str = field(
         metadata={"help": "A `rank` output folder or its scores.parquet.", "positional": True, "metavar": "SRC"}
     )
@@ -43,11 +47,13 @@ class ReviewPushConfig:
     )
     bands: int = field(default=3, metadata={"help": "Quantile bands per stratum metric."})
     seed: int = field(default=0, metadata={"help": "Seed of the sample."})
-    beta: float = field(default=3.0, metadata={"help": "CAR's beta for the per-example CAR."})
     with_vectors: bool = field(
         default=False,
         metadata={"help": "Also send a vector (reward, compat_loss, car) per record for similarity search."},
     )
+
+    def __post_init__(self) -> None:
+        self.check_car()
 
 
 @dataclass
@@ -185,12 +191,22 @@ def push_sample(
 
 def push_for_review(config: ReviewPushConfig) -> dict:
     """Samples rows (see :mod:`magpie_teach.review.sampling`) and logs them to Argilla. Returns a summary."""
+
+    sample = review_sample(config)
+    return push_sample(sample, config.dataset, config.workspace, config.with_vectors)
+
+
+def review_sample(config: ReviewPushConfig) -> pd.DataFrame:
+    """The rows `review push` sends: :func:`magpie_teach.review.sampling.sample_for_review` over the scores, with
+    the per-example CAR at the beta `rank` recorded (unless ``config.beta`` is given)."""
+    from magpie_teach.artefacts import recorded_rank_config
     from magpie_teach.review.sampling import sample_for_review
     from magpie_teach.selection.select import load_scores
 
     scores = load_scores(config.scores, config.base_model)
-    sample = sample_for_review(scores, config.per_teacher, config.strata, config.bands, config.seed, config.beta)
-    return push_sample(sample, config.dataset, config.workspace, config.with_vectors)
+    car = config.car(*recorded_rank_config(config.scores))
+    logger.info("review push: %s", car.describe())
+    return sample_for_review(scores, config.per_teacher, config.strata, config.bands, config.seed, car.beta)
 
 
 def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

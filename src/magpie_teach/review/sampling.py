@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.scoring.metrics import DEFAULT_BETA, car
+from magpie_teach.scoring.metrics import car
+from magpie_teach.settings import DEFAULT_BETA
 
 REVIEW_COLUMNS = ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
 

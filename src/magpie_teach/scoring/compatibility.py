@@ -34,12 +34,11 @@ import pandas as pd
 from magpie_teach.artefacts import write_atomic
 from magpie_teach.chat import TokenizedExample, context_token_id, tokenize_conversation, unconditioned
 from magpie_teach.scoring.batching import plan_batches, windows
+from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_WINDOW = 2048
-DEFAULT_MAX_LENGTH = 4096
 
 
 class TokenNLLScorer:

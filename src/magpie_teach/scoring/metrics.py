@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.settings import DEFAULT_BETA
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BETA = 3.0
 DEFAULT_PERFORMANCE_COLUMNS = ("AE2_LC_WR", "ArenaHard_WR")
 """The paper's Average Performance: mean of AlpacaEval 2 length-controlled win rate and Arena-Hard win rate."""
 

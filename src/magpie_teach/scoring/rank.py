@@ -14,12 +14,16 @@ import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import short_name
+from magpie_teach.settings import CARSettings, ModelRunSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig:
+class RankConfig(CARSettings, ModelRunSettings):
+    """`rank`'s settings; CAR's (``beta``, ``reward_shift``) and the model run's (``max_length``, ``batch_tokens``,
+    ``dtype``, ``device``) are inherited from :mod:`magpie_teach.settings`."""
+
     data: str = field(
         metadata={
             "help": "Responses: a jsonl/parquet/csv file, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format)."
@@ -43,13 +47,6 @@ class RankConfig:
     )
     reference_model: str | None = field(
         default=None, metadata={"help": "Reference LM for perplexity/IFD baselines (GPT-2 in the paper)."}
-    )
-    beta: float = field(default=3.0, metadata={"help": "CAR = reward / (1 + beta * compat_loss)."})
-    reward_shift: str = field(
-        default="none",
-        metadata={
-            "help": "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."
-        },
     )
     sample: int | None = field(
         default=None, metadata={"help": "Score only N instructions, the same ones for every teacher."}
@@ -76,14 +73,6 @@ class RankConfig:
             "help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."
         },
     )
-    max_length: int = field(
-        default=4096, metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."}
-    )
-    batch_tokens: int = field(default=8192, metadata={"help": "Padded tokens per forward pass."})
-    dtype: str = field(
-        default="float32", metadata={"help": "Model dtype.", "choices": ["float32", "bfloat16", "float16", "auto"]}
-    )
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto."})
     cache: bool = field(default=True, metadata={"help": "Keep finished work under OUTPUT/.cache so a rerun resumes."})
 
     def __post_init__(self) -> None:
@@ -91,10 +80,8 @@ class RankConfig:
             raise ConfigError("give at least one --base-model")
         if (self.reward_model is None) == (self.reward_column is None):
             raise ConfigError("give exactly one of --reward-model and --reward-column")
-        if self.beta < 0:
-            raise ConfigError(f"--beta must be >= 0, got {self.beta}")
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        self.check_car()
+        self.check_run()
 
 
 @dataclass

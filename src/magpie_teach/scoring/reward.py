@@ -14,7 +14,8 @@ import numpy as np
 from magpie_teach.chat import build_messages, resolve_chat_template
 from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.batching import plan_batches, windows
-from magpie_teach.scoring.compatibility import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH, DEFAULT_WINDOW
+from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
+from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
 

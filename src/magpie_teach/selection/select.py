@@ -26,6 +26,7 @@ import pandas as pd
 
 from magpie_teach.artefacts import SFT_DATA as DATA_FILE
 from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.settings import CARChoice, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ STRATEGIES = ("teacher", "best-of-n", "grape", "mix")
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(RecordedCARSettings):
+    """`select`'s settings; CAR's ``beta`` and ``reward_shift`` default to the ones `rank` recorded with the scores
+    (:class:`magpie_teach.settings.RecordedCARSettings`)."""
+
     scores: str = field(
         metadata={
             "help": "A `rank` output folder, its scores.parquet, or a Hub data set ORG/NAME pushed with --kind scores."
@@ -59,8 +63,13 @@ class SelectConfig:
         default="car", metadata={"help": "With --strategy teacher: the metric that picks the best teacher."}
     )
     alpha: float = field(default=0.4, metadata={"help": "With --strategy mix: weight of the student log-likelihood."})
-    beta: float = field(default=3.0, metadata={"help": "CAR's beta, when --metric car picks the teacher."})
-    reward_shift: str = field(default="none", metadata={"help": "CAR's reward shift: none, auto or a number."})
+    rerank_after_filters: bool = field(
+        default=False,
+        metadata={
+            "help": "With --strategy teacher: pick the best teacher on the rows the filters keep (default: on all "
+            "scored rows, as `rank` ranked them)."
+        },
+    )
     keep_truncated: bool = field(default=False, metadata={"help": "Keep responses cut at the scoring max length."})
     min_reward: float | None = field(default=None, metadata={"help": "Drop responses with a lower reward."})
     max_tokens: int | None = field(
@@ -79,6 +88,7 @@ class SelectConfig:
             raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        self.check_car()
 
 
 @dataclass
@@ -146,20 +156,28 @@ def _filter(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, p
     return scores[reasons.isna()], dropped
 
 
-def _best_teacher(scores: pd.DataFrame, config: SelectConfig) -> tuple[str, float]:
+def _best_teacher(scores: pd.DataFrame, config: SelectConfig, car: CARChoice) -> tuple[str, float]:
     from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, aggregate
 
     if config.metric not in METRIC_DIRECTIONS:
         raise ConfigError(f"--metric {config.metric!r} is not one of {', '.join(METRIC_DIRECTIONS)}")
-    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    ranking = aggregate(scores, beta=car.beta, reward_shift=car.reward_shift)
     if config.metric not in ranking.columns:
         raise ConfigError(f"--metric {config.metric!r} is not in these scores (columns: {list(ranking.columns)})")
     best = ranking.sort_values(f"rank_{config.metric}").iloc[0]
     return str(best["teacher"]), float(best[config.metric])
 
 
-def select_responses(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Applies the filters then the strategy to one base model's scores; returns (selected, dropped)."""
+def select_responses(
+    scores: pd.DataFrame, config: SelectConfig, car: CARChoice | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Applies the filters then the strategy to one base model's scores; returns (selected, dropped).
+
+    With ``--strategy teacher`` and no ``--teacher``, the best teacher by ``--metric`` is decided on all the scored
+    rows, as `rank` ranked them (CAR with the settings CAR gives, by default `rank`'s own), so the filters change
+    which rows are kept, not which teacher is best; ``rerank_after_filters`` decides it on the kept rows instead.
+    """
+    car = car or config.car(None)
     kept, dropped = _filter(scores, config)
     if kept.empty:
         raise DataError(f"every response was filtered out ({dropped['reason'].value_counts().to_dict()})")
@@ -171,7 +189,7 @@ def select_responses(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.Dat
                 )
             teacher, metric, value = config.teacher, "teacher", np.nan
         else:
-            teacher, value = _best_teacher(scores, config)
+            teacher, value = _best_teacher(kept if config.rerank_after_filters else scores, config, car)
             metric = config.metric
         chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
         if (
@@ -217,7 +235,9 @@ def _select(config: SelectConfig) -> SelectResult:
     from magpie_teach.config import dump_config
 
     scores = load_scores(config.scores, config.base_model, config.revision)
-    chosen, dropped = select_responses(scores, config)
+    car = config.car(*artefacts.recorded_rank_config(config.scores, scores.attrs.get("revision")))
+    logger.info("select: %s", car.describe())
+    chosen, dropped = select_responses(scores, config, car)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
     keep += [c for c in ("generation_index",) if c in chosen.columns]
     dataset = chosen[keep].copy()
@@ -236,6 +256,7 @@ def _select(config: SelectConfig) -> SelectResult:
         "rows_per_teacher": {str(k): int(v) for k, v in dataset["teacher"].value_counts().sort_index().items()},
         "dropped_by_reason": {str(k): int(v) for k, v in dropped["reason"].value_counts().items()},
         "scores_revision": scores.attrs.get("revision"),
+        "car": dataclasses.asdict(car),
     }
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "select")

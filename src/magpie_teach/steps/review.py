@@ -13,6 +13,8 @@ from distilabel.mixins.runtime_parameters import RuntimeParameter
 from distilabel.steps import GlobalStep, StepInput
 from pydantic import Field
 
+from magpie_teach.settings import DEFAULT_BETA
+
 if TYPE_CHECKING:
     from distilabel.typing import StepOutput
 
@@ -32,7 +34,7 @@ class ReviewSampleToArgilla(GlobalStep):
     strata: list[str] = ["reward", "car"]
     bands: RuntimeParameter[int] = Field(default=3, description="Quantile bands per stratum metric.")
     seed: RuntimeParameter[int] = Field(default=0, description="Seed of the sample.")
-    beta: RuntimeParameter[float] = Field(default=3.0, description="CAR's beta.")
+    beta: RuntimeParameter[float] = Field(default=DEFAULT_BETA, description="CAR's beta.")
 
     @property
     def inputs(self) -> list[str]:

@@ -18,6 +18,7 @@ from distilabel.steps import GlobalStep, Step, StepInput
 from pydantic import Field, PrivateAttr
 
 from magpie_teach.errors import MagpieTeachError
+from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_BETA, DEFAULT_MAX_LENGTH, DEFAULT_REWARD_SHIFT
 
 if TYPE_CHECKING:
     from distilabel.typing import StepOutput
@@ -39,8 +40,12 @@ def _fork_safe_threads() -> None:
 
 class _ModelStep(Step):
     model: str = Field(description="Hub id or local folder of the model.")
-    max_length: RuntimeParameter[int] = Field(default=4096, description="Conversations are cut at this many tokens.")
-    batch_tokens: RuntimeParameter[int] = Field(default=8192, description="Padded tokens per forward pass.")
+    max_length: RuntimeParameter[int] = Field(
+        default=DEFAULT_MAX_LENGTH, description="Conversations are cut at this many tokens."
+    )
+    batch_tokens: RuntimeParameter[int] = Field(
+        default=DEFAULT_BATCH_TOKENS, description="Padded tokens per forward pass."
+    )
     dtype: RuntimeParameter[str] = Field(default="float32", description="float32, bfloat16, float16 or auto.")
     device: RuntimeParameter[str] = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
     response_column: str = Field(default="response", description="Column holding the response text.")
@@ -142,8 +147,8 @@ class CARScore(GlobalStep):
     Output columns: ``car``, ``rank_car``, ``teacher_reward``, ``teacher_compat_loss``.
     """
 
-    beta: RuntimeParameter[float] = Field(default=3.0, description="CAR's beta.")
-    reward_shift: RuntimeParameter[str] = Field(default="none", description="none, auto or a number.")
+    beta: RuntimeParameter[float] = Field(default=DEFAULT_BETA, description="CAR's beta.")
+    reward_shift: RuntimeParameter[str] = Field(default=DEFAULT_REWARD_SHIFT, description="none, auto or a number.")
 
     @property
     def inputs(self) -> list[str]:

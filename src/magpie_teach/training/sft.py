@@ -2,14 +2,16 @@
 
 A recipe is a flat YAML file of ``DataArguments``, TRL's ``SFTConfig`` and ``ModelConfig`` keys (as
 in TRL's and alignment-handbook's recipes); flags override it. An unknown key, a data set without a
-``messages`` column, or ``assistant_only_loss`` with a chat template that has no ``{% generation %}``
-markers each stop before training with an error naming the problem.
+``messages`` column, or ``assistant_only_loss`` with a chat template that TRL cannot mask (no
+``{% generation %}`` markers, and no training version of it in TRL) each stop before training with an
+error naming the problem.
 
 The chat template is decided by :func:`magpie_teach.chat.prepare_tokenizer`, the same function the
 compatibility loss uses, so training computes its loss on exactly the tokens that were scored:
 
-* ``assistant_only_loss: true`` (the template must have ``{% generation %}``): ``messages``, loss on
-  the marked tokens, exactly those the compatibility loss averages over;
+* ``assistant_only_loss: true`` (the template has ``{% generation %}``, its own or TRL's training
+  version of it): ``messages``, loss on the marked tokens, exactly those the compatibility loss averages
+  over;
 * ``assistant_only_loss: false``: the conversations become TRL's prompt-completion format, loss on
   the tokens after the generation prompt, exactly those scored for a template without markers.
   Either way the loss never covers the instruction.
@@ -171,9 +173,9 @@ def _write_model_card(trainer: Any, output_dir: Path, data_args: DataArguments, 
     card.write_text(text)
 
 
-def train(data_args: DataArguments, training_args: Any, model_args: Any) -> TrainResult:
-    """Runs SFT. Returns where the model was saved and the number of training tokens seen."""
-    from transformers.trainer_utils import get_last_checkpoint
+def build_trainer(data_args: DataArguments, training_args: Any, model_args: Any) -> tuple[Any, str | None]:
+    """The ``SFTTrainer`` that :func:`train` runs (and the data set revision it reads): the one place where the
+    chat template and the loss's token mask are decided for training."""
     from trl import SFTTrainer
 
     from magpie_teach.chat import has_generation_markers
@@ -184,9 +186,9 @@ def train(data_args: DataArguments, training_args: Any, model_args: Any) -> Trai
     markers = has_generation_markers(tokenizer.chat_template)
     if training_args.assistant_only_loss and not markers:
         raise ConfigError(
-            f"{model_args.model_name_or_path}: assistant_only_loss needs a chat template with {{% generation %}} markers, "
-            "and this one has none; set assistant_only_loss: false to train on the tokens after the generation "
-            "prompt (what the compatibility loss scores for this template)."
+            f"{model_args.model_name_or_path}: assistant_only_loss needs a chat template with {{% generation %}} "
+            "markers; this one has none and TRL has no training version of it. Set assistant_only_loss: false to "
+            "train on the tokens after the generation prompt (what the compatibility loss scores for this template)."
         )
     if not training_args.assistant_only_loss:
         dataset = _to_prompt_completion(dataset)
@@ -196,15 +198,23 @@ def train(data_args: DataArguments, training_args: Any, model_args: Any) -> Trai
         "attn_implementation": model_args.attn_implementation,
         **(training_args.model_init_kwargs or {}),
     }
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path, args=training_args, train_dataset=dataset, processing_class=tokenizer
+    )
+    return trainer, revision
+
+
+def train(data_args: DataArguments, training_args: Any, model_args: Any) -> TrainResult:
+    """Runs SFT. Returns where the model was saved and the number of training tokens seen."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is None and output_dir.is_dir():
         resume = get_last_checkpoint(str(output_dir))
         if resume:
             logger.warning("Resuming from %s", resume)
-    trainer = SFTTrainer(
-        model=model_args.model_name_or_path, args=training_args, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer, revision = build_trainer(data_args, training_args, model_args)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output_dir))
     _write_model_card(trainer, output_dir, data_args, revision)

@@ -21,12 +21,16 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.settings import RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ValidateConfig:
+class ValidateConfig(RecordedCARSettings):
+    """`validate`'s settings; CAR's ``beta`` and ``reward_shift`` default to the ones `rank` recorded with the
+    scores (:class:`magpie_teach.settings.RecordedCARSettings`)."""
+
     scores: str = field(metadata={"help": "A `rank` output folder or its scores.parquet."})
     output_dir: str = field(
         metadata={"help": "Where students, generations and correlations are written.", "flag": "--output"}
@@ -63,8 +67,6 @@ class ValidateConfig:
         metadata={"help": "Columns averaged into AP; repeat.", "flag": "--performance-column"},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the students' answers (greedy)."})
-    beta: float = field(default=3.0, metadata={"help": "CAR's beta."})
-    reward_shift: str = field(default="none", metadata={"help": "CAR's reward shift: none, auto or a number."})
     device: str = field(default="auto", metadata={"help": "Device for generation and reward scoring."})
 
     def __post_init__(self) -> None:
@@ -74,6 +76,7 @@ class ValidateConfig:
             )
         if self.eval_size < 1:
             raise ConfigError(f"--eval-size must be >= 1, got {self.eval_size}")
+        self.check_car()
 
 
 @dataclass
@@ -134,7 +137,7 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
 
 def validate(config: ValidateConfig) -> ValidateResult:
     """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
-    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.artefacts import recorded_rank_config, write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
     from magpie_teach.scoring.reward import score_reward
@@ -150,7 +153,9 @@ def validate(config: ValidateConfig) -> ValidateResult:
     if len(teachers) < 3:
         raise ConfigError(f"a rank correlation needs at least 3 teachers, got {teachers}")
     scores = scores[scores["teacher"].isin(teachers)]
-    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    car = config.car(*recorded_rank_config(config.scores))
+    logger.info("validate: %s", car.describe())
+    ranking = aggregate(scores, beta=car.beta, reward_shift=car.reward_shift)
 
     if config.performance:
         performance = load_performance(config.performance, config.performance_columns)

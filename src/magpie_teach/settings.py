@@ -1,0 +1,132 @@
+"""Settings shared by several verbs: one declaration, one default and one check each.
+
+Configs inherit them (as TRL's ``SFTConfig(_BaseConfig)`` does):
+
+* :class:`CARSettings` (``beta``, ``reward_shift``): the verbs that compute CAR from scratch, ``rank``
+  and ``generate``'s ``scoring:`` block;
+* :class:`RecordedCARSettings`: the verbs downstream of ``rank`` (``select``, ``review push``,
+  ``validate``). Left unset, they use the values ``rank`` recorded beside the scores (its
+  ``rank_config.yaml``), so they rank teachers exactly as ``rank`` did; :meth:`RecordedCARSettings.car`
+  says which values were used and where they came from;
+* :class:`ModelRunSettings` (``max_length``, ``batch_tokens``, ``dtype``, ``device``): every run of a model
+  over rows, with the scoring engine's defaults.
+
+Standard library only: ``magpie-teach --help`` imports these.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from magpie_teach.errors import ConfigError
+
+DEFAULT_BETA = 3.0
+DEFAULT_REWARD_SHIFT = "none"
+DEFAULT_MAX_LENGTH = 4096
+DEFAULT_BATCH_TOKENS = 8192
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+_BETA_HELP = "CAR = reward / (1 + beta * compat_loss)."
+_SHIFT_HELP = "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."
+
+
+def check_car(beta: float, reward_shift: str | float, where: str = "--") -> None:
+    """ConfigError unless beta >= 0 and reward_shift is 'none', 'auto' or a number; WHERE prefixes the key."""
+    if beta < 0:
+        raise ConfigError(f"{_key(where, 'beta')} must be >= 0, got {beta}")
+    if str(reward_shift) not in ("none", "auto"):
+        try:
+            float(reward_shift)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{_key(where, 'reward_shift')} {reward_shift!r}: expected 'none', 'auto' or a number"
+            ) from None
+
+
+@dataclass(kw_only=True)
+class CARSettings:
+    """CAR (Compatibility-Adjusted Reward) settings."""
+
+    beta: float = field(default=DEFAULT_BETA, metadata={"help": _BETA_HELP})
+    reward_shift: str = field(default=DEFAULT_REWARD_SHIFT, metadata={"help": _SHIFT_HELP})
+
+    def check_car(self, where: str = "--") -> None:
+        check_car(self.beta, self.reward_shift, where)
+
+
+@dataclass
+class CARChoice:
+    """The CAR settings a downstream verb used, and where they came from."""
+
+    beta: float
+    reward_shift: str
+    source: str  # "command line", the rank_config.yaml read, or "default (no rank_config.yaml)"
+
+    def describe(self) -> str:
+        return f"CAR with beta={self.beta:g}, reward shift {self.reward_shift} ({self.source})"
+
+
+@dataclass(kw_only=True)
+class RecordedCARSettings:
+    """CAR settings (default: those `rank` recorded with the scores)."""
+
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": f"{_BETA_HELP} Default: the beta `rank` recorded with the scores ({DEFAULT_BETA:g} if none)."
+        },
+    )
+    reward_shift: str | None = field(
+        default=None,
+        metadata={"help": "CAR's reward shift: none, auto or a number. Default: the one `rank` recorded."},
+    )
+
+    def check_car(self, where: str = "--") -> None:
+        check_car(
+            DEFAULT_BETA if self.beta is None else self.beta,
+            DEFAULT_REWARD_SHIFT if self.reward_shift is None else self.reward_shift,
+            where,
+        )
+
+    def car(self, recorded: dict[str, Any] | None, recorded_from: str = "rank_config.yaml") -> CARChoice:
+        """This run's CAR settings: each value given here, else the one RECORDED by `rank`, else the default."""
+        recorded = recorded or {}
+        given = [name for name in ("beta", "reward_shift") if getattr(self, name) is not None]
+        beta = self.beta if self.beta is not None else float(recorded.get("beta", DEFAULT_BETA))
+        shift = self.reward_shift if self.reward_shift is not None else str(recorded.get("reward_shift", "none"))
+        if len(given) == 2:
+            source = "command line"
+        elif recorded:
+            source = f"recorded by rank in {recorded_from}" + (
+                f"; {', '.join(given)} from the command line" if given else ""
+            )
+        else:
+            source = "defaults: no rank_config.yaml beside the scores" + (
+                f"; {', '.join(given)} from the command line" if given else ""
+            )
+        return CARChoice(beta, shift, source)
+
+
+@dataclass(kw_only=True)
+class ModelRunSettings:
+    """Model-run settings (the scoring engine's defaults)."""
+
+    max_length: int = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."},
+    )
+    batch_tokens: int = field(default=DEFAULT_BATCH_TOKENS, metadata={"help": "Padded tokens per forward pass."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": list(DTYPES)})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto."})
+
+    def check_run(self, where: str = "--") -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"{_key(where, 'max_length')} must be >= 2, got {self.max_length}")
+        if self.batch_tokens < 1:
+            raise ConfigError(f"{_key(where, 'batch_tokens')} must be >= 1, got {self.batch_tokens}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{_key(where, 'dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def _key(where: str, name: str) -> str:
+    """A setting's name as the user wrote it: ``--max-length`` on the command line, ``scoring.max_length`` in YAML."""
+    return f"--{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
