@@ -16,6 +16,7 @@ import pytest
 from magpie_teach.chat import has_generation_markers, tokenize_conversation
 from magpie_teach.errors import ConfigError
 from magpie_teach.modeling import load_tokenizer
+from tests.test_train import _trained_on as trained_on
 
 CONVERSATIONS = [
     ("What is the capital of France?", "Paris is the capital of France."),
@@ -65,13 +66,6 @@ def trl_masks(folder: Path, tmp_path: Path, assistant_only: bool) -> list[tuple[
     trainer = SFTTrainer(model=str(folder), args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tokenizer)  # fmt: skip
     return [(list(row["input_ids"]), trained_on(row)) for row in trainer.train_dataset]
-
-
-def trained_on(row: dict) -> list[bool]:
-    """The tokens a prepared TRL row puts in the loss: its labels not -100 (or, in older TRL, its masks)."""
-    if "labels" in row:
-        return [label != -100 for label in row["labels"]]
-    return [bool(m) for m in row.get("assistant_masks") or row["completion_mask"]]
 
 
 @pytest.mark.parametrize("family", PATCHED)

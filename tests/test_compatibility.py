@@ -116,7 +116,18 @@ def test_truncation_counted_and_loss_over_kept_tokens(tiny_suite):
     assert long.any()
     assert out.loc[long, "truncated"].all()
     assert (out.loc[long, "n_tokens"] < out.loc[long, "n_tokens_full"]).all()
-    assert out["compat_loss"].notna().all()
+    # a truncated row's loss is the mean over the response tokens kept within max_length: a plain forward pass
+    from magpie_teach.chat import tokenize_conversation
+
+    for i in np.flatnonzero(long.to_numpy()):
+        example = tokenize_conversation(tokenizer, PAIRS[i][0], PAIRS[i][1], max_length=40)
+        ids = torch.tensor([example.input_ids.tolist()])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        kept = [t for t in range(1, len(example.input_ids)) if example.loss_mask[t]]
+        reference = -np.mean([logprobs[t - 1, example.input_ids[t]].item() for t in kept])
+        assert out.loc[i, "n_tokens"] == len(kept)
+        assert out.loc[i, "compat_loss"] == pytest.approx(reference, abs=1e-5)
 
 
 def test_fallback_path_gives_the_same_numbers(tiny_suite, sample_rows):

@@ -112,3 +112,19 @@ def test_performance_file_errors_name_the_problem(tmp_path):
     path.write_text("teacher,base_model,AE2_LC_WR,ArenaHard_WR\nt1,b1,3,n/a\n")
     with pytest.raises(DataError, match=r"row 1, column 'ArenaHard_WR'"):
         load_performance(str(path))
+
+
+@pytest.mark.parametrize("reward_shift", ["auto", 2.5, "none"])
+def test_car_applies_the_reward_shift_and_rank_car_follows_car(reward_shift):
+    scores = _scores([-3.0, -2.0, -1.0] if reward_shift != "none" else [1.0, 2.0, 3.0])
+    table = aggregate(scores, beta=2.0, reward_shift=reward_shift)
+    means = scores.groupby("teacher")["reward"].mean()
+    expected_shift = {"auto": -means.min() + (means.max() - means.min()), 2.5: 2.5, "none": 0.0}[reward_shift]
+    np.testing.assert_allclose(table["car_reward_shift"], expected_shift)
+    for row in table.itertuples():
+        group = scores[(scores.teacher == row.teacher) & (scores.base_model == row.base_model)]
+        expected = (group["reward"].mean() + expected_shift) / (1 + 2.0 * group["compat_loss"].mean())
+        assert row.car == pytest.approx(expected)
+    for _, group in table.groupby("base_model"):
+        order = group.sort_values("car", ascending=False)["teacher"].tolist()
+        assert group.sort_values("rank_car")["teacher"].tolist() == order

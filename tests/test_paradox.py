@@ -16,8 +16,8 @@ def table6() -> str:
 
 def test_packaged_copy_equals_the_shared_table():
     shared = SHARED_DATA / "paper_table6_performance.csv"
-    if shared.exists():
-        assert PACKAGED.read_text() == shared.read_text()
+    assert shared.exists(), f"{shared} is missing: the checkout needs ../shared beside it (CI and sessions have it)"
+    assert PACKAGED.read_text() == shared.read_text()
     assert PACKAGED.read_text().startswith("# Source: Table 6 of arXiv 2411.07133")
 
 

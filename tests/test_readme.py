@@ -3,8 +3,6 @@ the CLI as built, and those that need only shipped files run for real."""
 
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
@@ -59,7 +57,9 @@ def test_readme_has_commands_for_every_subcommand():
 
 
 def run(*argv, cwd=REPO):
-    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], capture_output=True, text=True, cwd=cwd)
+    from tests.readme_commands import run_readme_command
+
+    result = run_readme_command(list(argv), capture_output=True, text=True, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -70,12 +70,12 @@ def test_readme_commands_on_shipped_files_run(tmp_path):
     assert ["report", "--performance", table, "--output", "runs/paper"] in commands()
     out = run("paradox", "--performance", table).stdout
     assert "Qwen2" in out
-    run("report", "--performance", table, "--output", str(tmp_path / "paper"))
-    assert (tmp_path / "paper" / "report.html").exists()
+    (tmp_path / "src").symlink_to(REPO / "src")  # the README names the table by its repo path
+    run("report", "--performance", table, "--output", "runs/paper", cwd=tmp_path)
+    assert (tmp_path / "runs" / "paper" / "report.html").exists()
     assert ["tiny", "--output", "outputs/models"] in commands()
     assert ["generate", "pipelines/configs/tiny_cpu.yaml", "--dry-run"] in commands()
-    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
-    (tmp_path / "src").symlink_to(REPO / "src")  # the shipped config names the sample by its repo path
+    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")  # the shipped config names the sample by its repo path
     run("tiny", "--output", "outputs/models", cwd=tmp_path)
     dry = run("generate", "pipelines/configs/tiny_cpu.yaml", "--dry-run", cwd=tmp_path).stdout
     assert "dry run: the config is valid" in dry

@@ -171,3 +171,17 @@ def test_validate_and_review_use_the_beta_rank_recorded(tmp_path, ranked_at_beta
 
     sample = review_sample(ReviewPushConfig(scores=str(ranked_at_beta_0), dataset="d", per_teacher=3))
     np.testing.assert_allclose(sample["car"], car(sample["reward"], sample["compat_loss"], 0.0))
+
+
+def test_max_tokens_drops_exactly_the_responses_over_the_limit(tmp_path, scores_file):
+    path, frame = scores_file
+    limit = int(frame["n_tokens_full"].median())
+    result = _run(tmp_path, path, strategy="best-of-n", max_tokens=limit, keep_truncated=True)
+    dropped = pd.read_parquet(result.output_dir / "dropped.parquet")
+    too_long = dropped[dropped["reason"] == "too_long"]
+    eligible = frame[frame["status"] == "ok"]  # failed rows are dropped first, for that reason
+    expected = eligible[eligible["n_tokens_full"] > limit]
+    assert len(expected) > 0
+    assert sorted(zip(too_long["id"], too_long["teacher"])) == sorted(zip(expected["id"], expected["teacher"]))
+    kept = frame.set_index(["id", "teacher"]).loc[list(zip(result.dataset["id"], result.dataset["teacher"]))]
+    assert (kept["n_tokens_full"] <= limit).all()

@@ -58,30 +58,32 @@ def test_resumes_from_the_last_checkpoint(tiny_suite, sft_data, tmp_path, caplog
     assert state["global_step"] == 6
 
 
-def test_trl_trains_on_exactly_the_tokens_the_compatibility_loss_scores(tiny_suite, sft_data, tmp_path):
-    from trl import SFTTrainer
+def _trained_on(row: dict) -> list[bool]:
+    """The tokens a prepared TRL row puts in the loss: its labels not -100 (or, in older TRL, its masks)."""
+    if "labels" in row:
+        return [label != -100 for label in row["labels"]]
+    return [bool(m) for m in row.get("assistant_masks") or row["completion_mask"]]
 
+
+def _assert_trains_on_the_scored_tokens(trainer, dataset, tokenizer, rows=5):
     from magpie_teach.chat import tokenize_conversation
-    from magpie_teach.modeling import load_tokenizer
-    from magpie_teach.training.sft import load_sft_dataset
 
-    data_args, training_args, _ = _args(tiny_suite, sft_data, tmp_path / "x")
-    dataset, _ = load_sft_dataset(data_args)
-    tokenizer = load_tokenizer(tiny_suite.base_small)
-    trainer = SFTTrainer(
-        model=tiny_suite.base_small, args=training_args, train_dataset=dataset, processing_class=tokenizer
-    )
-    for i in range(5):
-        processed = trainer.train_dataset[i]
-        trained = (
-            [t != -100 for t in processed["labels"]]
-            if "labels" in processed
-            else [bool(m) for m in processed["assistant_masks"]]
-        )
+    by_ids = {tuple(row["input_ids"]): _trained_on(row) for row in trainer.train_dataset}
+    for i in range(rows):
         messages = dataset[i]["messages"]
         ours = tokenize_conversation(tokenizer, messages[0]["content"], messages[1]["content"])
-        assert processed["input_ids"] == ours.input_ids.tolist()
-        assert trained == ours.loss_mask.tolist()
+        assert by_ids[tuple(ours.input_ids.tolist())] == ours.loss_mask.tolist()
+
+
+def test_trl_trains_on_exactly_the_tokens_the_compatibility_loss_scores(tiny_suite, sft_data, tmp_path):
+    """The trainer `train()` runs (built by the same `build_trainer`) masks exactly the scored tokens."""
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.training.sft import build_trainer, load_sft_dataset
+
+    args = _args(tiny_suite, sft_data, tmp_path / "x")
+    assert args[1].assistant_only_loss
+    trainer, _ = build_trainer(*args)
+    _assert_trains_on_the_scored_tokens(trainer, load_sft_dataset(args[0])[0], load_tokenizer(tiny_suite.base_small))
 
 
 def test_unknown_recipe_key_is_named_with_a_suggestion(tmp_path):
@@ -103,8 +105,13 @@ def test_data_without_messages_is_refused(tiny_suite, tmp_path):
         train(*_args(tiny_suite, str(tmp_path / "d"), tmp_path / "o"))
 
 
-def test_assistant_only_loss_needs_generation_markers(tiny_suite, sft_data, tmp_path):
+def test_a_template_trl_cannot_patch_trains_on_the_tokens_after_the_generation_prompt(tiny_suite, sft_data, tmp_path):
+    """A plain ChatML template (no markers, no TRL training version): assistant_only_loss is refused; without it
+    the trainer `train()` builds puts exactly the tokens the compatibility loss scores in the loss."""
     from transformers import AutoTokenizer
+
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.training.sft import build_trainer, load_sft_dataset
 
     model_dir = tmp_path / "plain"
     subprocess.run(["cp", "-r", tiny_suite.base_small, str(model_dir)], check=True)
@@ -115,11 +122,13 @@ def test_assistant_only_loss_needs_generation_markers(tiny_suite, sft_data, tmp_
         RECIPE,
         ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir", str(tmp_path / "o")],
     )
-    with pytest.raises(ConfigError, match="no.*generation.*markers|has none"):
+    with pytest.raises(ConfigError, match="has none and TRL has no training version"):
         train(*args)
-    # without assistant_only_loss the conversations train as prompt-completion: loss after the generation prompt
     args = parse_recipe(RECIPE, ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir",
                                  str(tmp_path / "o2"), "--assistant_only_loss", "false", "--max_steps", "2"])  # fmt: skip
+    trainer, _ = build_trainer(*args)
+    scoring = load_tokenizer(str(model_dir))
+    _assert_trains_on_the_scored_tokens(trainer, load_sft_dataset(args[0])[0], scoring)
     assert train(*args).train_tokens > 0
 
 
@@ -142,7 +151,16 @@ def test_runs_under_accelerate_launch_with_two_processes(tiny_suite, sft_data, t
     assert len(pd.read_parquet(Path(sft_data) / "data" / "train-00000-of-00001.parquet")) == 24
 
 
-@pytest.mark.parametrize("name", ["Qwen2-1.5B", "Gemma-2-2B", "Qwen2.5-3B", "Llama-3.2-3B", "Llama-3.1-Minitron-4B"])
+PAPER_BASE_MODELS = {  # the paper's five base models (PAPER.md), by their Hub ids
+    "Qwen2-1.5B": "Qwen/Qwen2-1.5B",
+    "Gemma-2-2B": "google/gemma-2-2b",
+    "Qwen2.5-3B": "Qwen/Qwen2.5-3B",
+    "Llama-3.2-3B": "meta-llama/Llama-3.2-3B",
+    "Llama-3.1-Minitron-4B": "nvidia/Llama-3.1-Minitron-4B-Width-Base",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_BASE_MODELS))
 def test_paper_recipes_parse_with_the_papers_settings(name):
     data_args, training_args, model_args = parse_recipe(
         f"recipes/{name}/sft/config_magpie.yaml",
@@ -152,7 +170,7 @@ def test_paper_recipes_parse_with_the_papers_settings(name):
     assert training_args.warmup_steps == 100 and training_args.max_length == 4096
     assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 4 == 32
     assert training_args.lr_scheduler_type.value == "cosine"
-    assert model_args.model_name_or_path.split("/")[-1].lower().startswith(name.split("-")[0].lower()[:4])
+    assert model_args.model_name_or_path == PAPER_BASE_MODELS[name]
 
 
 def test_recipe_value_errors_are_config_errors():

@@ -165,8 +165,24 @@ def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):
     before = pd.read_csv(out / "ranking.csv")
     assert list((out / ".cache" / "compat").glob("*/window-*.parquet"))
     assert list((out / ".cache" / "reward").glob("*/rewards.npz"))
-    result = run_cli(*args)
+    # the rerun, in a process that counts what it loads: the reward model must not be loaded (its scores are cached)
+    code = (
+        "import sys, json, magpie_teach.modeling as m\n"
+        "loaded = []\n"
+        "real = m.load_model\n"
+        "def counting(name, kind='causal-lm', *a, **k):\n"
+        "    loaded.append(kind)\n"
+        "    return real(name, kind, *a, **k)\n"
+        "m.load_model = counting\n"
+        "from magpie_teach.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('LOADED', json.dumps(loaded))\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    loaded = __import__("json").loads(result.stdout.split("LOADED ")[1].splitlines()[0])
+    assert "reward" not in loaded
     pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), before)
 
 
@@ -331,3 +347,46 @@ def test_a_mistyped_model_path_and_an_unreachable_hub_are_one_line_errors(tmp_pa
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith("magpie-teach rank: error: ") and expected in lines[0], lines[0]
         assert time.monotonic() - started < 60  # was: minutes of retries
+
+
+def _plain_nll(model, ids, mask) -> float:
+    """Mean NLL of the masked tokens of one sequence, from one forward pass (no batching, no padding)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    positions = [t for t in range(1, len(ids)) if mask[t]]
+    return float(-np.mean([logprobs[t - 1, ids[t]].item() for t in positions]))
+
+
+def test_ifd_and_ic_ifd_follow_their_formulas_and_a_plain_forward_pass(rank_run, tiny_suite, sample_rows):
+    from magpie_teach.chat import context_token_id, tokenize_conversation
+    from magpie_teach.modeling import load_model, load_tokenizer
+
+    out, _, _ = rank_run
+    scores = pd.read_parquet(out / "scores.parquet")
+    np.testing.assert_allclose(scores["ifd_self"], scores["compat_loss"] / scores["uncond_loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        scores["ic_ifd_self"], scores["compat_loss"] / (scores["instr_loss"] * scores["uncond_loss"]), rtol=1e-6
+    )
+    np.testing.assert_allclose(scores["ppl_self"], np.exp(scores["compat_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(scores["ppl_ref"], np.exp(scores["loss_ref"]), rtol=1e-6)
+    assert scores["ic_ifd_self"].nunique() > 1 and scores["ifd_self"].nunique() > 1
+
+    base = tiny_suite.base_small
+    model, tokenizer = load_model(base, device="cpu"), load_tokenizer(base)
+    row = sample_rows.iloc[5]
+    mine = scores[(scores.base_model == base) & (scores.id == row["id"]) & (scores.teacher == row["teacher"])].iloc[0]
+    example = tokenize_conversation(tokenizer, row["instruction"], row["response"])
+    start = context_token_id(tokenizer)
+    response_ids = example.input_ids[example.loss_mask].tolist()
+    instruction_ids = tokenizer(row["instruction"], add_special_tokens=False)["input_ids"]
+    compat = _plain_nll(model, example.input_ids.tolist(), example.loss_mask.tolist())
+    uncond = _plain_nll(model, [start, *response_ids], [False] + [True] * len(response_ids))
+    instr = _plain_nll(model, [start, *instruction_ids], [False] + [True] * len(instruction_ids))
+    assert mine["compat_loss"] == pytest.approx(compat, rel=1e-5)
+    assert mine["uncond_loss"] == pytest.approx(uncond, rel=1e-5)
+    assert mine["instr_loss"] == pytest.approx(instr, rel=1e-5)
+    assert mine["ifd_self"] == pytest.approx(compat / uncond, rel=1e-5)
+    assert mine["ic_ifd_self"] == pytest.approx(compat / (instr * uncond), rel=1e-5)

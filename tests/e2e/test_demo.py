@@ -4,6 +4,7 @@ every stage a real command; a rerun resumes instead of redoing."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -65,3 +66,34 @@ def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
     assert published[-1] == "demo/sft-data@v1.1.0" and published[0] == "demo/magpie-instructions@v1.0.0"
     relabelled = pd.read_parquet(out / "sft-data" / "data" / "train-00000-of-00001.parquet")
     assert set(relabelled["teacher"]) == {other}
+
+
+@pytest.mark.slow
+def test_the_demo_reward_model_trains_only_the_head_and_the_last_layers(tiny_suite, tmp_path):
+    """The real-model path's reward training (TRL's RewardTrainer on the shipped preference pairs), on a tiny
+    backbone: a one-output classifier that loads like any Hub model, the frozen layers equal to the backbone's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from magpie_teach.demo.models import preference_pairs, train_reward_model
+
+    out = train_reward_model(Path(tiny_suite.base_small), tmp_path / "reward", steps=2, trainable_layers=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(out)
+    backbone = AutoModelForCausalLM.from_pretrained(tiny_suite.base_small)
+    assert reward.config.num_labels == 1 and reward.config.pad_token_id is not None
+    last = backbone.config.num_hidden_layers - 1
+    trained = frozen = 0
+    for name, weight in backbone.model.named_parameters():
+        mine = dict(reward.base_model.named_parameters())[name]
+        if f"layers.{last}." in name:
+            trained += not torch.equal(mine, weight)
+        else:
+            assert torch.equal(mine, weight), name  # frozen: exactly the backbone's
+            frozen += 1
+    assert trained > 0 and frozen > 0
+    assert len(preference_pairs()) >= 100
+    assert not (tmp_path / "reward.tmp").exists()  # written atomically
+    # a second call finds the finished model and does not train again
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    train_reward_model(Path(tiny_suite.base_small), tmp_path / "reward", steps=2, trainable_layers=1)
+    assert (out / "model.safetensors").stat().st_mtime_ns == before

@@ -254,8 +254,10 @@ def test_the_same_pipeline_on_a_ray_cluster_gives_the_same_rows(tmp_path, ray_he
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_head, "DISTILABEL_LOG_LEVEL": "INFO"}
 
     def cli(*argv: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+        from tests.readme_commands import run_readme_command
+
+        result = run_readme_command(list(argv), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:]
         return result.stdout
 
@@ -360,9 +362,10 @@ def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_conte
         "output_dir": str(out),
         "instructions": {"magpie": {"model": tiny_suite.base_small, "num_rows": 6, "max_new_tokens": 8, "n_turns": 2,
                                     "categories": categories, "seed": 1}},
-        "teachers": [{"name": "small", "model": tiny_suite.base_small, "sampling": {"max_new_tokens": 8}}],
+        "teachers": [{"name": "small", "model": tiny_suite.base_small,
+                      "sampling": {"max_new_tokens": 8, "temperature": 0.0}}],
         "scoring": {"reward_model": tiny_suite.reward, "base_models": [tiny_suite.base_medium]},
-        "batch_size": 4,
+        "batch_size": 1,  # one prompt a batch: no padding, so a plain greedy generate gives the same tokens
     }  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -379,6 +382,22 @@ def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_conte
     assert settings["n_turns"] == 2 and settings["categories"]["math"]["weight"] == 3
     responses = pd.read_parquet(out / "responses.parquet")
     assert set(responses["context"]) <= set(complete["context"])
+    # the teacher answered the last user turn after the earlier turns: a plain greedy generate on the whole
+    # conversation (context + instruction) gives the same text
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_suite.base_small)
+    model = AutoModelForCausalLM.from_pretrained(tiny_suite.base_small).eval()
+    answered = responses[responses["status"] == "ok"]
+    assert len(answered) >= 3
+    for row in answered.itertuples():
+        messages = [*json.loads(row.context), {"role": "user", "content": row.instruction}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+        assert row.response == tokenizer.decode(new, skip_special_tokens=True), row.id
     scores = pd.read_parquet(out / "rank" / "scores.parquet")
     ok = responses[responses["status"] == "ok"]
     assert len(scores) == len(ok) and scores["context"].notna().all()
@@ -424,6 +443,17 @@ def test_a_failing_step_fails_the_run_loudly_and_keeps_what_finished(tmp_path, t
     assert process.returncode != 0, output[-3000:]
     assert "missing" in output and "medium" in output, output[-3000:]
     assert not (out / "responses.parquet").exists()
+    kept = {p: pd.read_parquet(p) for p in batches(out)}
+    stored = pd.concat(kept.values()) if kept else pd.DataFrame(columns=["teacher", "id"])
+    assert set(stored["teacher"]) == {"small"} and stored["id"].nunique() == 24  # the other teacher's work is kept
+    # the model fixed, a rerun generates only what is missing: the broken teacher's rows
+    values["teachers"][1]["model"] = tiny_suite.base_medium
+    path.write_text(yaml.safe_dump(values))
+    finish(generate(path))
+    assert all(p.exists() for p in kept)
+    new = pd.concat(pd.read_parquet(p) for p in batches(out) - set(kept))
+    assert set(new["teacher"]) == {"medium"} and new["id"].nunique() == 24
+    assert len(pd.read_parquet(out / "responses.parquet")) == 48
 
 
 @pytest.mark.slow

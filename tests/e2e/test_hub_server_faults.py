@@ -176,3 +176,25 @@ print(sorted(api.list_repo_files("lab/d", repo_type="dataset")))
     out = python(code, local_hub.env()).stdout.strip().splitlines()[-1]
     assert out == "['.gitattributes', 'keep.txt']"
     assert local_hub.git("lab/d", "rev-list", "--count", "main") == "4"
+
+
+def test_a_push_whose_client_times_out_publishes_no_tag_and_a_rerun_finishes(local_hub, ranked_sample):
+    import time
+
+    env = local_hub.env()
+    local_hub.fault(r"^POST /api/datasets/lab/slow/commit/", delay=6)  # the server holds the commit past the client
+    started = time.monotonic()
+    failed = cli("push", str(ranked_sample), "--repo-id", "lab/slow", "--timeout", "2", env=env)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    assert "Rerun the same command" in failed.stderr and "Traceback" not in failed.stderr
+    assert time.monotonic() - started < 30
+    assert local_hub.git("lab/slow", "tag") == ""  # nothing was published as a version
+    deadline = time.monotonic() + 20  # the held commit goes through once the server wakes up
+    while local_hub.git("lab/slow", "rev-list", "--count", "main") != "2" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    landed = local_hub.git("lab/slow", "rev-parse", "main")
+    rerun = cli("push", str(ranked_sample), "--repo-id", "lab/slow", env=env)
+    assert rerun.returncode == 0 and "tag v1.0.0" in rerun.stdout, rerun.stderr
+    # the rerun tagged the commit the first attempt made, instead of committing the same files again
+    assert local_hub.git("lab/slow", "rev-list", "--count", "main") == "2"
+    assert local_hub.git("lab/slow", "rev-parse", "v1.0.0^{commit}") == landed

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import spearmanr
@@ -122,13 +123,22 @@ def test_annotations_come_back_with_a_summary(pushed, argilla_server, env, ranke
     assert "n_tokens_full" in reviews.columns  # joined to the scored rows
     summary = pd.read_csv(tmp_path / "review_summary.csv").set_index("teacher")
     meta = pd.DataFrame([{"id": r.id, "teacher": r.metadata["teacher"], "car": r.metadata["car"],
-                          "rating": sum(ratings[r.id]) / 2} for r in records])  # fmt: skip
+                          "reward": r.metadata["reward"], "rating": sum(ratings[r.id]) / 2} for r in records])  # fmt: skip
+    checked = 0
     for teacher, group in meta.groupby("teacher"):
         assert summary.loc[teacher, "mean_rating"] == pytest.approx(group["rating"].mean())
-        if group["rating"].nunique() > 1 and len(group) >= 3:
-            assert summary.loc[teacher, "rho_rating_car"] == pytest.approx(
-                spearmanr(group["rating"], group["car"]).statistic
-            )
+        for metric in ("car", "reward"):
+            defined = len(group) >= 3 and group["rating"].nunique() > 1 and group[metric].nunique() > 1
+            expected = (
+                spearmanr(group["rating"], group[metric]).statistic if defined else np.nan
+            )  # the documented rule
+            got = summary.loc[teacher, f"rho_rating_{metric}"]
+            if np.isnan(expected):
+                assert np.isnan(got)
+            else:
+                assert got == pytest.approx(expected)
+                checked += 1
+    assert checked >= 2  # at least one teacher's ratings vary: both rhos were compared
     assert "annotator agreement: exact" in result.stdout
     assert reviews.loc[reviews["problems"].map(len) > 0, "problems"].iloc[0].tolist() == ["truncated"]
 

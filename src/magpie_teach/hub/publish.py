@@ -72,6 +72,10 @@ class PushConfig:
         metadata={"help": "License in the card's metadata (default 'other': responses follow the teachers' terms)."},
     )
     message: str | None = field(default=None, metadata={"help": "Commit message (default: 'magpie-teach: KIND TAG')."})  # fmt: skip
+    timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds a Hub request may wait for an answer before the push stops (and can be rerun)."},
+    )
 
 
 @dataclass
@@ -329,6 +333,7 @@ def _push(config: PushConfig) -> PushResult:
     source = Path(config.source)
     kind = detect_kind(source, config.kind)
     api = HfApi(token=hub_token())
+    _set_timeout(config.timeout)
 
     try:
         refs = api.list_repo_refs(config.repo_id, repo_type="dataset")
@@ -365,20 +370,24 @@ def _push(config: PushConfig) -> PushResult:
         else:
             api.create_repo(config.repo_id, repo_type="dataset", private=config.private, exist_ok=True)
             head = api.repo_info(config.repo_id, repo_type="dataset", revision=config.branch).sha
-        remote = set(api.list_repo_files(config.repo_id, repo_type="dataset", revision=head))
-        operations: list[Any] = [CommitOperationAdd(path, str(local)) for path, local in sorted(files.items())]
-        operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - {".gitattributes"})]
-        info = api.create_commit(
-            config.repo_id,
-            operations,
-            commit_message=config.message or f"magpie-teach: {kind} {tag}",
-            commit_description=f"Published by magpie-teach push from {source.name}/.",
-            repo_type="dataset",
-            revision=config.branch,
-            parent_commit=head,
-        )
-    commit = info.oid
-    unchanged = commit == head
+        if exists and same_files(api, config.repo_id, head, files):
+            # an earlier attempt committed exactly this artefact and stopped before tagging (its client timed out
+            # while the Hub finished the commit, say): tag that commit instead of committing the same files again
+            commit = head
+        else:
+            remote = set(api.list_repo_files(config.repo_id, repo_type="dataset", revision=head))
+            operations: list[Any] = [CommitOperationAdd(path, str(local)) for path, local in sorted(files.items())]
+            operations += [CommitOperationDelete(p) for p in sorted(remote - set(files) - {".gitattributes"})]
+            commit = api.create_commit(
+                config.repo_id,
+                operations,
+                commit_message=config.message or f"magpie-teach: {kind} {tag}",
+                commit_description=f"Published by magpie-teach push from {source.name}/.",
+                repo_type="dataset",
+                revision=config.branch,
+                parent_commit=head,
+            ).oid
+    unchanged = commit == head and tag in tags
     if tag in tags:  # --overwrite
         api.delete_tag(config.repo_id, tag=tag, repo_type="dataset")
     try:
@@ -389,6 +398,14 @@ def _push(config: PushConfig) -> PushResult:
         raise DataError(f"{config.repo_id}: commit {commit} vanished before tagging: {err}") from None
     url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{tag}"
     return PushResult(config.repo_id, tag, commit, kind, url, sorted(files), unchanged)
+
+
+def _set_timeout(seconds: float) -> None:
+    """Gives huggingface_hub's shared HTTP client a timeout (its default waits forever on a stalled server)."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    session.timeout = type(session.timeout)(seconds)
 
 
 def record_command(output_dir: str | Path, argv: list[str]) -> None:

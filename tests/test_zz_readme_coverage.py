@@ -1,0 +1,27 @@
+"""Collected last (by name): every `magpie-teach` command of the README was run, as written, by a test of this session.
+
+The record is what :func:`tests.readme_commands.run_readme_command` ran, not the tests' text. The README's
+GPU-scale commands (training the paper's recipes under accelerate) are the only ones left out, and only
+`train` and `validate` may be marked so. Needs the slow tests that run the README (the walkthrough, the
+Ray test, the generate commands), so it is slow itself: `make test` runs it, `make test-fast` deselects it.
+"""
+
+import pytest
+
+from tests.readme_commands import RAN
+from tests.test_readme import commented_commands
+
+
+def gpu_only(comment: str) -> bool:
+    return "GPU" in comment and "CPU" not in comment
+
+
+@pytest.mark.slow
+def test_every_readme_command_was_run_by_this_session():
+    missing = []
+    for argv, comment in commented_commands():
+        if gpu_only(comment):
+            assert argv[0] in ("train", "validate"), argv  # only training at scale is left to GPU machines
+        elif argv not in RAN:
+            missing.append(" ".join(argv))
+    assert not missing, f"README commands no test ran (run the whole suite): {missing}"
