@@ -23,9 +23,9 @@ def tiny_suite(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_path():
-    from magpie_teach.cli import _sample_path
+    from magpie_teach.artefacts import sample_responses_path
 
-    return _sample_path()
+    return sample_responses_path()
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "src" / "magpie_teach"
 FLOORS = [  # module prefixes per floor, ground first (ARCHITECTURE.md's table)
-    ("errors", "settings", "artefacts", "batch_store", "processes"),
-    ("config", "chat", "data", "modeling", "scoring", "selection", "tiny"),
+    ("errors", "settings", "processes"),
+    ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tiny"),
     ("steps", "hub", "review", "training", "report"),
     ("generation",),
     ("demo", "cli"),

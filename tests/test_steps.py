@@ -10,7 +10,7 @@ def _pipeline(name, rows, tiny_suite, reward_model=None):
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
 
-    from magpie_teach.steps.scoring import CARScore, CompatibilityScore, RewardScore
+    from magpie_teach.steps.score_steps import CARScore, CompatibilityScore, RewardScore
 
     with Pipeline(name=name) as pipeline:
         load = LoadDataFromDicts(data=rows, batch_size=20)
@@ -23,7 +23,7 @@ def _pipeline(name, rows, tiny_suite, reward_model=None):
 
 @pytest.mark.slow
 def test_pipeline_scores_equal_rank(tiny_suite, ranked_sample, sample_rows, tmp_path, monkeypatch):
-    from magpie_teach.steps.scoring import run_checked
+    from magpie_teach.steps.score_steps import run_checked
 
     monkeypatch.setenv("DISTILABEL_CACHE_DIR", str(tmp_path / "cache"))
     rows = sample_rows[["id", "instruction", "response", "teacher"]].to_dict("records")
@@ -44,7 +44,7 @@ def test_pipeline_scores_equal_rank(tiny_suite, ranked_sample, sample_rows, tmp_
 
 @pytest.mark.slow
 def test_a_failing_scoring_step_fails_the_run_loudly(tiny_suite, sample_rows, tmp_path, monkeypatch):
-    from magpie_teach.steps.scoring import run_checked
+    from magpie_teach.steps.score_steps import run_checked
 
     monkeypatch.setenv("DISTILABEL_CACHE_DIR", str(tmp_path / "cache"))
     rows = sample_rows[["id", "instruction", "response", "teacher"]].head(12).to_dict("records")

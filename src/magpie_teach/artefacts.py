@@ -8,15 +8,21 @@ report never mixes two runs.
 """
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from magpie_teach.errors import DataError
+from magpie_teach.errors import ConfigError, DataError
 
 # ---- file names, per kind of folder --------------------------------------------------------------
+INSTRUCTIONS = "instructions.parquet"
 RESPONSES = "responses.parquet"
+GENERATE_CONFIG = "generate_config.yaml"
+GENERATE_SUMMARY = "summary.json"
+COMMAND_FILE = "command.json"  # the command line that produced a folder, for its dataset card
 SCORES = "scores.parquet"
 RANKING = "ranking.csv"
 CORRELATIONS = "correlations.csv"
@@ -35,6 +41,62 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
 }
 LOCK = ".magpie-teach.lock"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one artefact kind publishes: its data file and the side files that describe it."""
+
+    config: str
+    data: str
+    summary: str | None
+    extras: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {  # what `push` publishes of each kind of folder
+    "instructions": Kind(GENERATE_CONFIG, INSTRUCTIONS, None),
+    "responses": Kind(GENERATE_CONFIG, RESPONSES, GENERATE_SUMMARY),
+    "scores": Kind(RANK_CONFIG, SCORES, RANK_SUMMARY, (RANKING, CORRELATIONS, RANK_DROPPED)),
+    "ranking": Kind(RANK_CONFIG, RANKING, RANK_SUMMARY, (CORRELATIONS, RANK_DROPPED)),
+    "sft": Kind(SELECT_CONFIG, SFT_DATA, SELECT_SUMMARY, (SELECT_DROPPED,)),
+}  # fmt: skip
+DEFAULT_KIND = {GENERATE_CONFIG: "responses", RANK_CONFIG: "ranking", SELECT_CONFIG: "sft"}
+
+
+def detect_kind(source: Path, kind: str | None) -> str:
+    """The kind of the output folder SOURCE (given, or found from its config file); DataError when it holds none."""
+    if not source.is_dir():
+        raise DataError(
+            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank or select."
+        )
+    if kind is None:
+        found = [DEFAULT_KIND[name] for name in DEFAULT_KIND if (source / name).exists()]
+        if not found:
+            raise DataError(
+                f"{source}: none of {', '.join(DEFAULT_KIND)} is there; push takes the output folder of "
+                "magpie-teach generate, rank or select."
+            )
+        kind = found[0]
+    spec = KINDS[kind]
+    for name in (spec.config, spec.data):
+        if not (source / name).exists():
+            raise DataError(f"{source}: {name} is missing, so it holds no {kind} artefact to publish.")
+    return kind
+
+
+def record_command(output_dir: str | Path, argv: list[str]) -> None:
+    """Writes OUTPUT/command.json (the argv of the command that produced the folder) for the card."""
+    from magpie_teach import __version__
+
+    path = Path(output_dir) / COMMAND_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"argv": list(argv), "magpie_teach_version": __version__}, indent=2)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(body))
+
+
+def slug(name: str) -> str:
+    """NAME as a file or folder name: letters, digits, '-', '.' and '_' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
 
 
 def _umask() -> int:
@@ -132,3 +194,73 @@ def recorded_rank_config(scores: str, commit: str | None = None) -> tuple[dict |
     except EntryNotFoundError:
         return None, where
     return yaml.safe_load(Path(local).read_text()), where
+
+
+# ---- readers ---------------------------------------------------------------------------------------------
+def sample_responses_path() -> str:
+    """The shipped sample of teacher responses (long format, three tiny teachers), for the demo and tests."""
+    from importlib import resources
+
+    return str(resources.files("magpie_teach") / "resources" / "sample_responses.jsonl")
+
+
+def load_scores(path: str, base_model: str | None, revision: str | None = None) -> Any:
+    """Per-example scores of one base model (a DataFrame) from a `rank` output folder, a scores parquet, or a Hub
+    data set published with `magpie-teach push --kind scores` (at ``revision``; the commit read is in ``attrs``)."""
+    import pandas as pd
+
+    file = Path(path) / SCORES if Path(path).is_dir() else Path(path)
+    if not file.exists() and path.count("/") == 1 and not path.startswith((".", "/")):
+        from magpie_teach.data import load_table
+
+        scores = load_table(path, revision=revision)
+        file = Path(f"{path}@{scores.attrs.get('revision')}")
+    elif not file.exists():
+        raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
+    else:
+        scores = pd.read_parquet(file)
+    commit = scores.attrs.get("revision")
+    missing = [
+        c
+        for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
+        if c not in scores.columns
+    ]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing}.")
+    bases = list(dict.fromkeys(scores["base_model"]))
+    if base_model is None:
+        if len(bases) > 1:
+            raise ConfigError(f"{file} holds scores for several base models; choose one with --base-model: {bases}")
+        base_model = bases[0]
+    if base_model not in bases:
+        from magpie_teach.scoring.metrics import short_name
+
+        short = [b for b in bases if short_name(b) == short_name(base_model)]
+        if len(short) != 1:
+            raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
+        base_model = short[0]
+    selected = scores[scores["base_model"] == base_model].reset_index(drop=True)
+    selected.attrs["revision"] = commit
+    return selected
+
+
+def read_rank_folder(rank_dir: str | os.PathLike) -> tuple[Any, Any, dict]:
+    """(ranking, correlations or None, summary) of a `rank` output folder (or `generate`'s OUTPUT/rank)."""
+    import pandas as pd
+
+    rank_dir = Path(rank_dir)
+    ranking_path = rank_dir / RANKING
+    if not ranking_path.exists():
+        raise DataError(f"{rank_dir}: no ranking.csv; give the output folder of `magpie-teach rank`.")
+    try:
+        ranking = pd.read_csv(ranking_path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{ranking_path}: unreadable: {err}") from err
+    missing = [c for c in ("teacher", "base_model", "car", "reward", "compat_loss") if c not in ranking]
+    if missing:
+        raise DataError(f"{ranking_path}: missing column(s) {missing}.")
+    corr_path = rank_dir / CORRELATIONS
+    corr = pd.read_csv(corr_path, index_col=0) if corr_path.exists() else None
+    summary_path = rank_dir / RANK_SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return ranking, corr, summary

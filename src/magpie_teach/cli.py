@@ -5,7 +5,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ _ARGV: list[str] = []  # the command line being run, recorded in OUTPUT/command.
 
 def _finish(args: argparse.Namespace, output_dir: str | Path, kind: str | None = None) -> None:
     """After a command that produced OUTPUT: record its command line, and publish it with --push-to-hub."""
-    from magpie_teach.hub.publish import record_command
+    from magpie_teach.artefacts import record_command
 
     record_command(output_dir, _ARGV)
     if getattr(args, "push_to_hub", None):
@@ -62,10 +61,6 @@ def _add_push_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--hub-tag", help="tag of the published version (default: the next minor version)")
     group.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
-
-
-def _sample_path() -> str:
-    return str(resources.files("magpie_teach") / "resources" / "sample_responses.jsonl")
 
 
 def _print_ranking(ranking, correlations=None) -> None:  # noqa: ANN001 - pandas stays a lazy import
@@ -104,18 +99,17 @@ def run_rank(args: argparse.Namespace) -> int:
 def run_paradox(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.artefacts import write_atomic
-    from magpie_teach.scoring.paradox import paradox_report
+    from magpie_teach.scoring.paradox import ParadoxConfig, paradox
 
-    pairs = paradox_report(args.performance, args.families, args.performance_column or ["AE2_LC_WR", "ArenaHard_WR"])
+    config = _config(args, ParadoxConfig)
+    pairs = paradox(config)
     with pd.option_context("display.width", 160, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
         for base, group in pairs.groupby("base_model", sort=False):
             print(f"\nbase model: {base}: {len(group)} pair(s) where the larger teacher is the worse teacher")
             print(group.drop(columns=["base_model"]).to_string(index=False))
     print(f"\n{len(pairs)} paradox pair(s) over {pairs['base_model'].nunique()} base model(s)")
-    if args.output:
-        write_atomic(args.output, lambda tmp: pairs.to_csv(tmp, index=False))
-        print(f"wrote {args.output}")
+    if config.output:
+        print(f"wrote {config.output}")
     return 0
 
 
@@ -210,10 +204,10 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"  {name}: {teacher}")
     print(f"wrote {config.output_dir}/responses.parquet")
     if "scoring" in summary:
-        import pandas as pd
+        from magpie_teach.artefacts import read_rank_folder
 
         rank_dir = summary["scoring"]["output"]
-        ranking = pd.read_csv(f"{rank_dir}/ranking.csv")
+        ranking, _, _ = read_rank_folder(rank_dir)
         print(
             ranking[["base_model", "teacher", "n", "car", "reward", "compat_loss", "rank_car"]].to_string(index=False)
         )
@@ -318,25 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_push_flags(rank_parser)
 
-    p = sub.add_parser(
+    from magpie_teach.scoring.paradox import ParadoxConfig
+
+    _config_command(
+        sub,
         "paradox",
+        ParadoxConfig,
+        run_paradox,
         help="within-family pairs where the larger teacher is the worse teacher",
         description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.",
     )
-    p.add_argument(
-        "--performance",
-        required=True,
-        help="CSV with teacher (or generator), base_model, benchmark columns, and family/size columns (or --families)",
-    )
-    p.add_argument("--families", help="CSV with teacher, family, size (overrides the performance file's)")
-    p.add_argument(
-        "--performance-column",
-        action="append",
-        metavar="COLUMN",
-        help="benchmark column averaged into AP; repeat (default: AE2_LC_WR and ArenaHard_WR)",
-    )
-    p.add_argument("--output", help="also write the pairs to this CSV")
-    p.set_defaults(func=run_paradox)
 
     from magpie_teach.selection.select import SelectConfig
     from magpie_teach.training.validate import ValidateConfig

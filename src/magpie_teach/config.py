@@ -93,16 +93,10 @@ def _check_keys(cls: type, values: dict[str, Any], where: str) -> None:
 
 def build_config(cls: type[C], cli_values: dict[str, Any], config_file: str | None = None) -> C:
     """YAML file values, overridden by the flags that were given, into a ``cls`` instance."""
-    import yaml
 
     values: dict[str, Any] = {}
     if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{config_file}: could not be read: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of keys to values at the top level.")
+        loaded = read_yaml_mapping(config_file)
         _check_keys(cls, loaded, config_file)
         values.update(loaded)
     values.update({k: v for k, v in cli_values.items() if v is not None})
@@ -186,6 +180,19 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError naming the file otherwise."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: could not be read: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
+    return loaded
 
 
 def dump_config(config: Any, path: str | Path) -> None:

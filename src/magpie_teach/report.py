@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import read_rank_folder
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.hub.cards import markdown_table
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, short_name
@@ -187,24 +187,6 @@ def paradox_figure(pairs: pd.DataFrame, out: Path) -> Path:
     return _save(fig, _figure_path(out, "paradox_pairs"))
 
 
-def _read_rank_dir(rank_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
-    ranking_path = rank_dir / "ranking.csv"
-    if not ranking_path.exists():
-        raise DataError(f"{rank_dir}: no ranking.csv; give the output folder of `magpie-teach rank`.")
-    try:
-        ranking = pd.read_csv(ranking_path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{ranking_path}: unreadable: {err}") from err
-    missing = [c for c in ("teacher", "base_model", "car", "reward", "compat_loss") if c not in ranking]
-    if missing:
-        raise DataError(f"{ranking_path}: missing column(s) {missing}.")
-    corr_path = rank_dir / "correlations.csv"
-    corr = pd.read_csv(corr_path, index_col=0) if corr_path.exists() else None
-    summary_path = rank_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return ranking, corr, summary
-
-
 def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     from magpie_teach.scoring.metrics import correlations, load_performance
     from magpie_teach.scoring.paradox import find_paradox_pairs
@@ -214,7 +196,7 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     sections: list[Section] = []
     ranking = corr = None
     if config.rank_dir is not None:
-        ranking, corr, summary = _read_rank_dir(Path(config.rank_dir))
+        ranking, corr, summary = read_rank_folder(Path(config.rank_dir))
         table_columns = ["base_model", "teacher", *[c for c in BASELINES if c in ranking], "n"]
         table = ranking.sort_values(["base_model", "car"], ascending=[True, False])[
             [c for c in table_columns if c in ranking]

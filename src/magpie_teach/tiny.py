@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,10 @@ LLAMA_SIZES = {
 
 def shipped_texts() -> list[str]:
     """The text the tiny tokenizer is trained on: the instructions and responses of the shipped sample."""
-    path = resources.files("magpie_teach") / "resources" / "sample_responses.jsonl"
+    from magpie_teach.artefacts import sample_responses_path
+
     texts = []
-    for line in path.read_text().splitlines():
+    for line in Path(sample_responses_path()).read_text().splitlines():
         row = json.loads(line)
         texts += [row["instruction"], row["response"]]
     return texts

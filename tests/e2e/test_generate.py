@@ -190,10 +190,10 @@ def test_instructions_need_exactly_one_source(tmp_path, tiny_suite):
 
 
 def test_progress_bars_follow_the_store(tmp_path, capsys):
-    from magpie_teach.generation.run import StoreProgress
-    from magpie_teach.generation.store import ResponseStore
+    from magpie_teach.batch_store import BatchStore
+    from magpie_teach.steps.pipelines import StoreProgress
 
-    store = ResponseStore(tmp_path / "store")
+    store = BatchStore(tmp_path / "store")
     with StoreProgress(store, {"a": 4}, interval=0.05, show=True):
         for i in range(3):
             store.write("a", pd.DataFrame({"id": [str(i)], "teacher": ["a"], "generation_index": [0]}))

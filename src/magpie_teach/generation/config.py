@@ -217,14 +217,9 @@ def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
 
 
 def load_generate_config(path: str) -> GenerateConfig:
-    import yaml
+    from magpie_teach.config import from_dict, read_yaml_mapping
 
-    from magpie_teach.config import from_dict
-
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: could not be read: {err}") from err
+    values = read_yaml_mapping(path)
     try:
         return with_absolute_paths(from_dict(GenerateConfig, values))
     except ConfigError as err:

@@ -12,15 +12,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from magpie_teach.errors import DataError, MagpieTeachError
 from magpie_teach.generation.config import GenerateConfig
+from magpie_teach.steps.pipelines import StoreProgress, scratch_cache, without_distilabel_cache
 
 if TYPE_CHECKING:
-    from magpie_teach.generation.store import ResponseStore
+    from magpie_teach.batch_store import BatchStore
 
 logger = logging.getLogger(__name__)
 
@@ -33,38 +34,11 @@ class GeneratePlan:
     todo: dict[str, pd.DataFrame] = field(default_factory=dict)  # per teacher: instructions not yet stored
 
 
-def response_store(config: GenerateConfig) -> "ResponseStore":
+def response_store(config: GenerateConfig) -> "BatchStore":
     """The run's batch store under OUTPUT/store (the resume point)."""
-    from magpie_teach.generation.store import ResponseStore
+    from magpie_teach.batch_store import BatchStore
 
-    return ResponseStore(Path(config.output_dir) / "store")
-
-
-def scratch_cache(config: GenerateConfig, name: str) -> str:
-    """A fresh distilabel cache folder for one run, under OUTPUT/.distilabel-cache/NAME.
-
-    The response store is what makes runs resumable; distilabel's own cache is scratch. It is wiped
-    before every run because distilabel re-reads its cached ``pipeline.yaml`` even with
-    ``use_cache=False``, and a run killed while writing that file leaves it empty and unreadable.
-    """
-    import shutil
-
-    path = Path(config.output_dir) / ".distilabel-cache" / name
-    shutil.rmtree(path, ignore_errors=True)
-    return str(path)
-
-
-def without_distilabel_cache(pipeline: Any) -> Any:
-    """Switches off distilabel's per-batch cache writes on ``pipeline`` and returns it.
-
-    After every batch it routes, distilabel saves the whole pipeline (the rows a ``LoadDataFromDicts``
-    step holds included) and its batch manager to its cache folder: work that grows with the data
-    set, paid on every batch (it was the pipeline's main overhead against calling the backend
-    directly). The response store is this project's resume point and distilabel's cache is wiped
-    before each run (see :func:`scratch_cache`), so nothing reads what those writes would keep.
-    """
-    pipeline._cache = lambda: None
-    return pipeline
+    return BatchStore(Path(config.output_dir) / "store")
 
 
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
@@ -99,7 +73,9 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
         },
     )
     multi = spec.n_turns > 1
-    with Pipeline(name="magpie-teach-instructions", cache_dir=scratch_cache(config, "instructions")) as pipeline:
+    with Pipeline(
+        name="magpie-teach-instructions", cache_dir=scratch_cache(config.output_dir, "instructions")
+    ) as pipeline:
         MagpieInstructions(
             llm=llm, num_rows=spec.num_rows, batch_size=config.batch_size, n_turns=spec.n_turns,
             only_instruction=not multi, end_with_user=multi, include_system_prompt=False,
@@ -199,15 +175,14 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     from distilabel.steps.tasks import ChatGeneration, TextGeneration
 
     from magpie_teach.chat import build_messages
-    from magpie_teach.generation.llms import BatchedTransformersLLM
-    from magpie_teach.modeling import resolve_device
+    from magpie_teach.generation.llms import build_teacher_llm
     from magpie_teach.steps.generation import ResponseFormat
 
     store = response_store(config)
     busy = [t for t in config.teachers if not work.todo[t.name].empty]
     threads = max(1, (os.cpu_count() or 1) // max(len(busy), 1))  # teachers run in parallel processes
     parameters: dict = {}
-    with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config, "generate")) as pipeline:
+    with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config.output_dir, "generate")) as pipeline:
         for i, teacher in enumerate(config.teachers):
             todo = work.todo[teacher.name]
             if todo.empty:
@@ -218,24 +193,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 for record in records:
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
-            device = resolve_device(teacher.device)
-            if teacher.backend == "vllm":
-                from magpie_teach.generation.llms import VLLMTeacher
-
-                llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
-                                  max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0)  # fmt: skip
-                gpus = teacher.tensor_parallel_size if device.startswith("cuda") else None
-            elif teacher.backend == "openai":
-                from magpie_teach.generation.llms import OpenAITeacher
-
-                llm = OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
-                                    timeout=teacher.timeout, max_retries=teacher.max_retries, concurrency=teacher.concurrency,
-                                    seed=teacher.sampling.seed)  # fmt: skip
-                gpus = None
-            else:
-                llm = BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None,
-                                             seed=teacher.sampling.seed)  # fmt: skip
-                gpus = None
+            llm, gpus = build_teacher_llm(teacher, threads)
             generate = (ChatGeneration if multi_turn else TextGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
@@ -262,72 +220,6 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 }
             }
     return pipeline, parameters
-
-
-def progress_line(name: str, done: int, total: int, elapsed: float) -> str:
-    """``name: done/total rows (pct), rate rows/s, ETA h:mm:ss`` for logs that are not a terminal."""
-    import datetime
-
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "unknown"
-    return f"{name}: {done}/{total} rows ({100 * done / max(total, 1):.0f}%), {rate:.2f} rows/s, ETA {eta}"
-
-
-class StoreProgress:
-    """One progress bar per store folder (a teacher, or a scoring stage): rows stored, rate, ETA, fed by
-    polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
-    shows only on a terminal."""
-
-    def __init__(
-        self, store: "ResponseStore", totals: dict[str, int], interval: float = 1.0, show: bool | None = None
-    ):
-        import threading
-
-        self.store = store
-        self.totals = totals
-        self.seen: dict[str, dict] = {name: {} for name in totals}
-        self.start = {name: self.store.count(name, self.seen[name]) for name in totals}
-        self.done = {name: 0 for name in totals}
-        self.interval = interval
-        self.log_every = 60.0
-        self.disable = None if show is None else not show
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import sys
-        import time
-
-        from tqdm.auto import tqdm
-
-        bars = {
-            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
-        }
-        # not on a terminal (a cluster job's log): a line per store folder every `log_every` seconds instead
-        lines = self.disable is None and not sys.stderr.isatty()
-        started, last_line = time.monotonic(), time.monotonic()
-        while True:
-            done = self.stop.wait(self.interval)
-            for name, bar in bars.items():
-                self.done[name] = self.store.count(name, self.seen[name]) - self.start[name]
-                bar.update(self.done[name] - bar.n)  # a disabled bar keeps n at 0: its count is in self.done
-            if lines and (done or time.monotonic() - last_line >= self.log_every):
-                last_line = time.monotonic()
-                for name in bars:
-                    print(progress_line(name, self.done[name], self.totals[name], last_line - started), file=sys.stderr,
-                          flush=True)  # fmt: skip
-            if done:
-                break
-        for bar in bars.values():
-            bar.close()
-
-    def __enter__(self) -> "StoreProgress":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
@@ -390,7 +282,7 @@ def _generate(config: GenerateConfig) -> dict:
         )
     write_atomic(out / "responses.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
     if config.scoring is not None:
-        from magpie_teach.generation.scoring import score_responses
+        from magpie_teach.generation.score_stage import score_responses
 
         summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows, StoreProgress)}
     write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))

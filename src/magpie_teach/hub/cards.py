@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, Kind
 from magpie_teach.errors import DataError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "dataset_cards"
@@ -87,3 +89,113 @@ def yaml_or_json(path: Path) -> dict:
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise DataError(f"{path}: unreadable: {err}") from err
     return loaded or {}
+
+
+# ---- what each kind's card says ------------------------------------------------------------------------
+def _command(source: Path) -> str:
+    record = yaml_or_json(source / COMMAND_FILE)
+    argv = record.get("argv")
+    return shlex.join(["magpie-teach", *argv]) if argv else "Python API (no command recorded)"
+
+
+def _read_data(source: Path, spec: Kind):  # noqa: ANN202 - pandas stays a lazy import
+    import pandas as pd
+
+    path = source / spec.data
+    try:
+        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - any reader error names the file
+        raise DataError(f"{path}: unreadable: {err}") from err
+
+
+def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict, dict, Any]:
+    """(template context, DatasetCardData fields, data frame) for one artefact."""
+    from magpie_teach import __version__
+
+    spec = KINDS[kind]
+    config = yaml_or_json(source / spec.config)
+    summary = yaml_or_json(source / spec.summary) if spec.summary else {}
+    frame = _read_data(source, spec)
+    context: dict[str, Any] = {
+        "kind": kind,
+        "repo_id": repo_id,
+        "tag": tag,
+        "n_rows": len(frame),
+        "columns": list(frame.columns),
+        "version": __version__,
+        "command": _command(source),
+        "citation": CITATION,
+        "summary": summary,
+    }
+    tags = ["magpie-teach", "synthetic", kind]
+    if kind in ("instructions", "responses"):
+        instructions = config.get("instructions") or {}
+        magpie = instructions.get("magpie")
+        if kind == "instructions":
+            context["magpie"] = magpie
+            context["pretty_name"] = "Magpie instructions"
+        if magpie:
+            text = (
+                f"Generated Magpie-style by `{magpie.get('model')}` (pre-query template `{magpie.get('template')}`)."
+            )
+        elif instructions.get("path"):
+            rev = summary.get("instructions_revision") or instructions.get("revision")
+            text = f"Loaded from `{instructions['path']}`" + (f" at revision `{rev}`" if rev else "") + "."
+        else:
+            text = ""
+        context["instructions_source"] = text
+        context["filters"] = summary.get("counts") or {}
+        teachers = []
+        for t in config.get("teachers") or []:
+            sampling = t.get("sampling") or {}
+            teachers.append({
+                "name": t.get("name"), "model": t.get("model"), "backend": t.get("backend", "transformers"),
+                "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"),
+                "max_new_tokens": sampling.get("max_new_tokens"), "num_generations": t.get("num_generations", 1),
+            })  # fmt: skip
+        context["teachers"] = teachers
+        context["teacher_counts"] = summary.get("teachers") or {}
+        context["n_instructions"] = int(frame["id"].nunique()) if "id" in frame else len(frame)
+        context.setdefault("pretty_name", "Multi-teacher responses")
+        if magpie:
+            tags.append("magpie")
+    elif kind in ("scores", "ranking"):
+        ranking = frame if kind == "ranking" else _read_csv_if(source / "ranking.csv")
+        context.update(
+            data_source=config.get("data"),
+            data_revision=summary.get("resolved_revision") or config.get("revision"),
+            base_models=config.get("base_models") or [],
+            reward=f"`{config['reward_model']}`" if config.get("reward_model") else
+                   (f"precomputed column `{config['reward_column']}`" if config.get("reward_column") else None),
+            reference_model=config.get("reference_model"),
+            beta=config.get("beta"),
+            counts=summary.get("counts") or {},
+            dropped={k: v for k, v in (summary.get("counts") or {}).items() if not k.startswith(("rows_", "truncated[", "reward_truncated"))},
+            ranking=ranking_markdown(ranking) if ranking is not None and len(ranking) else None,
+            pretty_name="Teacher ranking (CAR)" if kind == "ranking" else "Scored multi-teacher responses",
+        )  # fmt: skip
+    elif kind == "sft":
+        context.update(
+            strategy=config.get("strategy") or summary.get("strategy"),
+            base_model=summary.get("base_model"),
+            scores_source=config.get("scores"),
+            rows_per_teacher=summary.get("rows_per_teacher") or {},
+            dropped=summary.get("dropped_by_reason") or {},
+            pretty_name="SFT data selected by magpie-teach",
+        )
+        tags.append("sft")
+    card_data = {
+        "license": None,  # set by the caller
+        "task_categories": ["text-generation"],
+        "size_categories": [size_category(len(frame))],
+        "pretty_name": context["pretty_name"],
+        "tags": tags,
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+    }
+    return context, card_data, frame
+
+
+def _read_csv_if(path: Path):  # noqa: ANN202
+    import pandas as pd
+
+    return pd.read_csv(path) if path.exists() else None

@@ -10,40 +10,17 @@ skipped) and, if the commit had landed, only creates the tag.
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, SFT_DATA, detect_kind
 from magpie_teach.errors import ConfigError, DataError, network_errors
 from magpie_teach.hub import cards
 
-COMMAND_FILE = "command.json"
 SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What one artefact kind publishes: its data file and the side files that describe it."""
-
-    config: str
-    data: str
-    summary: str | None
-    extras: tuple[str, ...] = ()
-
-
-KINDS: dict[str, Kind] = {
-    "instructions": Kind("generate_config.yaml", "instructions.parquet", None),
-    "responses": Kind("generate_config.yaml", "responses.parquet", "summary.json"),
-    "scores": Kind("rank_config.yaml", "scores.parquet", "summary.json", ("ranking.csv", "correlations.csv", "dropped.csv")),
-    "ranking": Kind("rank_config.yaml", "ranking.csv", "summary.json", ("correlations.csv", "dropped.csv")),
-    "sft": Kind("select_config.yaml", "data/train-00000-of-00001.parquet", "selection_summary.json", ("dropped.parquet",)),
-}  # fmt: skip
-DEFAULT_KIND = {"generate_config.yaml": "responses", "rank_config.yaml": "ranking", "select_config.yaml": "sft"}
-DATA_PATH = "data/train-00000-of-00001.parquet"
 
 
 @dataclass
@@ -119,149 +96,20 @@ def next_tag(existing: list[str]) -> str:
     return f"v{major}.{minor + 1}.0"
 
 
-def detect_kind(source: Path, kind: str | None) -> str:
-    if not source.is_dir():
-        raise DataError(
-            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank or select."
-        )
-    if kind is None:
-        found = [DEFAULT_KIND[name] for name in DEFAULT_KIND if (source / name).exists()]
-        if not found:
-            raise DataError(
-                f"{source}: none of {', '.join(DEFAULT_KIND)} is there; push takes the output folder of "
-                "magpie-teach generate, rank or select."
-            )
-        kind = found[0]
-    spec = KINDS[kind]
-    for name in (spec.config, spec.data):
-        if not (source / name).exists():
-            raise DataError(f"{source}: {name} is missing, so it holds no {kind} artefact to publish.")
-    return kind
-
-
-def _command(source: Path) -> str:
-    record = cards.yaml_or_json(source / COMMAND_FILE)
-    argv = record.get("argv")
-    return shlex.join(["magpie-teach", *argv]) if argv else "Python API (no command recorded)"
-
-
-def _read_data(source: Path, spec: Kind):  # noqa: ANN202 - pandas stays a lazy import
-    import pandas as pd
-
-    path = source / spec.data
-    try:
-        return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-    except Exception as err:  # noqa: BLE001 - any reader error names the file
-        raise DataError(f"{path}: unreadable: {err}") from err
-
-
-def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict, dict, Any]:
-    """(template context, DatasetCardData fields, data frame) for one artefact."""
-    from magpie_teach import __version__
-
-    spec = KINDS[kind]
-    config = cards.yaml_or_json(source / spec.config)
-    summary = cards.yaml_or_json(source / spec.summary) if spec.summary else {}
-    frame = _read_data(source, spec)
-    context: dict[str, Any] = {
-        "kind": kind,
-        "repo_id": repo_id,
-        "tag": tag,
-        "n_rows": len(frame),
-        "columns": list(frame.columns),
-        "version": __version__,
-        "command": _command(source),
-        "citation": cards.CITATION,
-        "summary": summary,
-    }
-    tags = ["magpie-teach", "synthetic", kind]
-    if kind in ("instructions", "responses"):
-        instructions = config.get("instructions") or {}
-        magpie = instructions.get("magpie")
-        if kind == "instructions":
-            context["magpie"] = magpie
-            context["pretty_name"] = "Magpie instructions"
-        if magpie:
-            text = (
-                f"Generated Magpie-style by `{magpie.get('model')}` (pre-query template `{magpie.get('template')}`)."
-            )
-        elif instructions.get("path"):
-            rev = summary.get("instructions_revision") or instructions.get("revision")
-            text = f"Loaded from `{instructions['path']}`" + (f" at revision `{rev}`" if rev else "") + "."
-        else:
-            text = ""
-        context["instructions_source"] = text
-        context["filters"] = summary.get("counts") or {}
-        teachers = []
-        for t in config.get("teachers") or []:
-            sampling = t.get("sampling") or {}
-            teachers.append({
-                "name": t.get("name"), "model": t.get("model"), "backend": t.get("backend", "transformers"),
-                "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"),
-                "max_new_tokens": sampling.get("max_new_tokens"), "num_generations": t.get("num_generations", 1),
-            })  # fmt: skip
-        context["teachers"] = teachers
-        context["teacher_counts"] = summary.get("teachers") or {}
-        context["n_instructions"] = int(frame["id"].nunique()) if "id" in frame else len(frame)
-        context.setdefault("pretty_name", "Multi-teacher responses")
-        if magpie:
-            tags.append("magpie")
-    elif kind in ("scores", "ranking"):
-        ranking = frame if kind == "ranking" else _read_csv_if(source / "ranking.csv")
-        context.update(
-            data_source=config.get("data"),
-            data_revision=summary.get("resolved_revision") or config.get("revision"),
-            base_models=config.get("base_models") or [],
-            reward=f"`{config['reward_model']}`" if config.get("reward_model") else
-                   (f"precomputed column `{config['reward_column']}`" if config.get("reward_column") else None),
-            reference_model=config.get("reference_model"),
-            beta=config.get("beta"),
-            counts=summary.get("counts") or {},
-            dropped={k: v for k, v in (summary.get("counts") or {}).items() if not k.startswith(("rows_", "truncated[", "reward_truncated"))},
-            ranking=cards.ranking_markdown(ranking) if ranking is not None and len(ranking) else None,
-            pretty_name="Teacher ranking (CAR)" if kind == "ranking" else "Scored multi-teacher responses",
-        )  # fmt: skip
-    elif kind == "sft":
-        context.update(
-            strategy=config.get("strategy") or summary.get("strategy"),
-            base_model=summary.get("base_model"),
-            scores_source=config.get("scores"),
-            rows_per_teacher=summary.get("rows_per_teacher") or {},
-            dropped=summary.get("dropped_by_reason") or {},
-            pretty_name="SFT data selected by magpie-teach",
-        )
-        tags.append("sft")
-    card_data = {
-        "license": None,  # set by the caller
-        "task_categories": ["text-generation"],
-        "size_categories": [cards.size_category(len(frame))],
-        "pretty_name": context["pretty_name"],
-        "tags": tags,
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
-    }
-    return context, card_data, frame
-
-
-def _read_csv_if(path: Path):  # noqa: ANN202
-    import pandas as pd
-
-    return pd.read_csv(path) if path.exists() else None
-
-
 def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir: Path) -> dict[str, Path]:
     """Writes what will be committed (path in repo -> local file); the source folder is only read."""
     spec = KINDS[kind]
     workdir.mkdir(parents=True, exist_ok=True)
-    context, card_data, frame = build_context(source, kind, repo_id, tag)
+    context, card_data, frame = cards.build_context(source, kind, repo_id, tag)
     card_data["license"] = license
     files: dict[str, Path] = {}
     data = source / spec.data
     if data.suffix == ".parquet":
-        files[DATA_PATH] = data
+        files[SFT_DATA] = data
     else:
         converted = workdir / "train.parquet"
         frame.to_parquet(converted, index=False)
-        files[DATA_PATH] = converted
+        files[SFT_DATA] = converted
     card = workdir / "README.md"
     card.write_text(cards.render(kind, context, card_data, str(source)), encoding="utf-8")
     files["README.md"] = card
@@ -406,14 +254,3 @@ def _set_timeout(seconds: float) -> None:
 
     session = get_session()
     session.timeout = type(session.timeout)(seconds)
-
-
-def record_command(output_dir: str | Path, argv: list[str]) -> None:
-    """Writes OUTPUT/command.json (the argv of the command that produced the folder) for the card."""
-    from magpie_teach import __version__
-    from magpie_teach.artefacts import write_atomic
-
-    path = Path(output_dir) / COMMAND_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"argv": list(argv), "magpie_teach_version": __version__}, indent=2)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(body))

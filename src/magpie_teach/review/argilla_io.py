@@ -199,9 +199,8 @@ def push_for_review(config: ReviewPushConfig) -> dict:
 def review_sample(config: ReviewPushConfig) -> pd.DataFrame:
     """The rows `review push` sends: :func:`magpie_teach.review.sampling.sample_for_review` over the scores, with
     the per-example CAR at the beta `rank` recorded (unless ``config.beta`` is given)."""
-    from magpie_teach.artefacts import recorded_rank_config
+    from magpie_teach.artefacts import load_scores, recorded_rank_config
     from magpie_teach.review.sampling import sample_for_review
-    from magpie_teach.selection.select import load_scores
 
     scores = load_scores(config.scores, config.base_model)
     car = config.car(*recorded_rank_config(config.scores))
@@ -261,7 +260,7 @@ def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, 
         ],
     )
     if config.scores and len(reviews):
-        from magpie_teach.selection.select import load_scores
+        from magpie_teach.artefacts import load_scores
 
         scores = pd.concat([load_scores(config.scores, b) for b in reviews["base_model"].unique()])
         scored = scores.drop(columns=[c for c in ("reward", "compat_loss") if c in reviews.columns])

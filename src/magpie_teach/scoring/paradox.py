@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -94,3 +95,32 @@ def paradox_report(
         except (OSError, ValueError) as err:
             raise DataError(f"{families_path}: could not be read as CSV: {err}") from err
     return find_paradox_pairs(performance, families, source=performance_path)
+
+
+@dataclass
+class ParadoxConfig:
+    performance: str = field(
+        metadata={
+            "help": "CSV with teacher (or generator), base_model, benchmark columns, and family/size columns "
+            "(or --families)."
+        }
+    )
+    families: str | None = field(
+        default=None, metadata={"help": "CSV with teacher, family, size (overrides the performance file's)."}
+    )
+    performance_columns: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
+        metadata={"help": "Benchmark column averaged into AP; repeat.", "flag": "--performance-column"},
+    )
+    output: str | None = field(default=None, metadata={"help": "Also write the pairs to this CSV."})
+
+
+def paradox(config: ParadoxConfig) -> pd.DataFrame:
+    """The Larger Models' Paradox pairs of CONFIG's performance table (see :func:`find_paradox_pairs`); written to
+    ``config.output`` as CSV (atomically) when given."""
+    from magpie_teach.artefacts import write_atomic
+
+    pairs = paradox_report(config.performance, config.families, config.performance_columns)
+    if config.output:
+        write_atomic(config.output, lambda tmp: pairs.to_csv(tmp, index=False))
+    return pairs

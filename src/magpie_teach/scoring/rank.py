@@ -102,7 +102,9 @@ def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> 
     if path.is_dir():  # a rebuilt local model must not reuse old scores
         stamp += [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors"))]
     key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
-    name = "".join(c if c.isalnum() or c in "-._" else "_" for c in short_name(model))
+    from magpie_teach.artefacts import slug
+
+    name = slug(short_name(model))
     return Path(config.output_dir) / ".cache" / stage / f"{name}-{key}"
 
 

@@ -99,44 +99,6 @@ class SelectResult:
     output_dir: Path
 
 
-def load_scores(path: str, base_model: str | None, revision: str | None = None) -> pd.DataFrame:
-    """Per-example scores of one base model from a `rank` output folder, a scores parquet, or a Hub data set
-    published with `magpie-teach push --kind scores` (at ``revision``; the commit read is in ``attrs``)."""
-    file = Path(path) / "scores.parquet" if Path(path).is_dir() else Path(path)
-    if not file.exists() and path.count("/") == 1 and not path.startswith((".", "/")):
-        from magpie_teach.data import load_table
-
-        scores = load_table(path, revision=revision)
-        file = Path(f"{path}@{scores.attrs.get('revision')}")
-    elif not file.exists():
-        raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
-    else:
-        scores = pd.read_parquet(file)
-    commit = scores.attrs.get("revision")
-    missing = [
-        c
-        for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
-        if c not in scores.columns
-    ]
-    if missing:
-        raise DataError(f"{file}: missing column(s) {missing}.")
-    bases = list(dict.fromkeys(scores["base_model"]))
-    if base_model is None:
-        if len(bases) > 1:
-            raise ConfigError(f"{file} holds scores for several base models; choose one with --base-model: {bases}")
-        base_model = bases[0]
-    if base_model not in bases:
-        from magpie_teach.scoring.metrics import short_name
-
-        short = [b for b in bases if short_name(b) == short_name(base_model)]
-        if len(short) != 1:
-            raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
-        base_model = short[0]
-    selected = scores[scores["base_model"] == base_model].reset_index(drop=True)
-    selected.attrs["revision"] = commit
-    return selected
-
-
 def _filter(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     reasons = pd.Series(None, index=scores.index, dtype=object)
     checks = []
@@ -234,7 +196,7 @@ def _select(config: SelectConfig) -> SelectResult:
     from magpie_teach.chat import build_messages
     from magpie_teach.config import dump_config
 
-    scores = load_scores(config.scores, config.base_model, config.revision)
+    scores = artefacts.load_scores(config.scores, config.base_model, config.revision)
     car = config.car(*artefacts.recorded_rank_config(config.scores, scores.attrs.get("revision")))
     logger.info("select: %s", car.describe())
     chosen, dropped = select_responses(scores, config, car)

@@ -1,6 +1,6 @@
 """`ResponseFormat`: turns distilabel ``TextGeneration`` output into the long format and stores each batch.
 
-Every batch it receives is written to the :class:`magpie_teach.generation.store.ResponseStore` before
+Every batch it receives is written to the :class:`magpie_teach.batch_store.BatchStore` before
 it is passed on, which makes it the resume point of a generation run. Rows whose generation is
 missing or empty are kept with ``status="failed"`` and a ``reason``; they are never scored as
 responses.
@@ -42,7 +42,7 @@ class ResponseFormat(Step):
     def process(self, inputs: StepInput) -> "StepOutput":
         import pandas as pd
 
-        from magpie_teach.generation.store import ResponseStore
+        from magpie_teach.batch_store import BatchStore
 
         rows = []
         for row in inputs:  # TextGeneration runs with group_generations: a row's generations arrive together
@@ -64,7 +64,7 @@ class ResponseFormat(Step):
                         **{k: row[k] for k in ("context", "category") if k in row},
                     }
                 )  # fmt: skip
-        ResponseStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
+        BatchStore(self.store_dir).write(self.teacher, pd.DataFrame(rows))
         yield rows
 
 

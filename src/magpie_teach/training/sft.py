@@ -89,17 +89,13 @@ def resolve_recipe(recipe: str) -> Path:
 
 def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, Any, Any]:
     """(DataArguments, SFTConfig, ModelConfig) from a recipe file and ``--key value`` overrides."""
-    import yaml
     from trl import TrlParser
+
+    from magpie_teach.config import read_yaml_mapping
 
     recipe = str(resolve_recipe(recipe))
 
-    try:
-        values = yaml.safe_load(Path(recipe).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{recipe}: could not be read: {err}") from err
-    if not isinstance(values, dict):
-        raise ConfigError(f"{recipe}: expected a mapping of keys to values.")
+    values = read_yaml_mapping(recipe)
     known = {f.name for cls in _argument_classes() for f in fields(cls)}
     unknown = [k for k in values if k not in known]
     if unknown:

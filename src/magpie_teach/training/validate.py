@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import slug
 from magpie_teach.errors import ConfigError
 from magpie_teach.settings import RecordedCARSettings
 
@@ -86,10 +87,6 @@ class ValidateResult:
     output_dir: Path
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
-
-
 def generate_answers(model_path: str, instructions: list[str], max_new_tokens: int, device: str) -> list[str]:
     """Greedy answers of a (fine-tuned) model, rendered with its chat template."""
     import torch
@@ -117,10 +114,10 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
     from magpie_teach.selection.select import SelectConfig, select
     from magpie_teach.training.sft import parse_recipe, train
 
-    student = out / "students" / _slug(teacher)
+    student = out / "students" / slug(teacher)
     if (student / "config.json").exists() and (student / "model.safetensors").exists():
         return student
-    data = out / "data" / _slug(teacher)
+    data = out / "data" / slug(teacher)
     select(
         SelectConfig(scores=config.scores, output_dir=str(data), base_model=base, teacher=teacher, exclude_ids=heldout)
     )
@@ -137,11 +134,10 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
 
 def validate(config: ValidateConfig) -> ValidateResult:
     """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
-    from magpie_teach.artefacts import recorded_rank_config, write_atomic
+    from magpie_teach.artefacts import load_scores, recorded_rank_config, write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
     from magpie_teach.scoring.reward import score_reward
-    from magpie_teach.selection.select import load_scores
 
     out = Path(config.output_dir)
     scores = load_scores(config.scores, config.base_model)
@@ -169,7 +165,7 @@ def validate(config: ValidateConfig) -> ValidateResult:
         rows = []
         for teacher in teachers:
             student = _train_student(config, teacher, base, heldout, out)
-            path = out / "generations" / f"{_slug(teacher)}.parquet"
+            path = out / "generations" / f"{slug(teacher)}.parquet"
             if path.exists():
                 answers = pd.read_parquet(path)["response"].tolist()
             else:

@@ -1,8 +1,8 @@
 """The scoring stage of `magpie-teach generate` (a ``scoring:`` block in the config).
 
 After the teachers have answered, a second distilabel pipeline scores every ``ok`` response: one
-branch runs :class:`~magpie_teach.steps.scoring.RewardScore`, one branch per base model
-:class:`~magpie_teach.steps.scoring.CompatibilityScore`; each finished batch is stored (like the
+branch runs :class:`~magpie_teach.steps.score_steps.RewardScore`, one branch per base model
+:class:`~magpie_teach.steps.score_steps.CompatibilityScore`; each finished batch is stored (like the
 responses) so a killed run resumes without rescoring. CAR and the baselines are then aggregated by
 the engine's own functions into ``OUTPUT/rank/``, a folder laid out exactly like `magpie-teach rank`'s
 output (``ranking.csv``, ``scores.parquet``, ``summary.json``, ``rank_config.yaml``): `report`,
@@ -16,49 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from distilabel.steps import Step, StepInput
-from pydantic import Field
 
+from magpie_teach.batch_store import BATCH_KEY as KEY
 from magpie_teach.errors import MagpieTeachError
 
 if TYPE_CHECKING:
-    from distilabel.typing import StepOutput
-
     from magpie_teach.generation.config import GenerateConfig
     from magpie_teach.scoring.rank import RankConfig
 
-KEY = ["teacher", "id", "generation_index"]
 REWARD_COLUMNS = ["reward", "reward_truncated"]
-
-
-class StoreScores(Step):
-    """Stores each batch's key and score columns in the run's score store (the resume point of scoring).
-
-    A batch with a null score (distilabel's trace of an upstream step that raised) is refused, so a
-    failed batch is never taken for a finished one."""
-
-    store_dir: str = Field(description="Folder of the score store.")
-    stage: str = Field(description="Sub-folder: `reward` or `compat-N`.")
-    columns: list[str] = Field(description="Score columns to store.")
-
-    @property
-    def inputs(self) -> list[str]:
-        return [*KEY, *self.columns]
-
-    @property
-    def outputs(self) -> list[str]:
-        return []
-
-    def process(self, inputs: StepInput) -> "StepOutput":
-        from magpie_teach.generation.store import ResponseStore
-
-        frame = pd.DataFrame(inputs)[[*KEY, *self.columns]]
-        nulls = frame[self.columns].isna().any(axis=1)
-        if nulls.any():
-            first = frame.loc[nulls, KEY].iloc[0].to_dict()
-            raise MagpieTeachError(f"{self.stage}: {int(nulls.sum())} row(s) came without scores (first: {first})")
-        ResponseStore(self.store_dir).write(self.stage, frame)
-        yield inputs
 
 
 def rank_config(config: "GenerateConfig") -> "RankConfig":
@@ -104,11 +70,11 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
 
+    from magpie_teach.batch_store import BatchStore
     from magpie_teach.data import text_columns, validated_responses
-    from magpie_teach.generation.run import scratch_cache, without_distilabel_cache
-    from magpie_teach.generation.store import ResponseStore
     from magpie_teach.scoring.rank import example_scores, write_rank_outputs
-    from magpie_teach.steps.scoring import CompatibilityScore, RewardScore, run_checked
+    from magpie_teach.steps.pipelines import scratch_cache, without_distilabel_cache
+    from magpie_teach.steps.score_steps import CompatibilityScore, RewardScore, StoreScores, run_checked
 
     spec = config.scoring
     ranked = rank_config(config)
@@ -116,12 +82,12 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
     loaded = validated_responses(responses, source, drop_invalid=True)  # failed generations never get scored
     rows = loaded.rows
-    store = ResponseStore(Path(ranked.output_dir) / ".store")
+    store = BatchStore(Path(ranked.output_dir) / ".store")
     stages = _stages(config)
     todo = {stage: _todo(rows, _done(store, stage)) for stage in stages}
     if any(len(t) for t in todo.values()):
         texts = text_columns(rows)
-        with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config, "score")) as pipeline:
+        with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config.output_dir, "score")) as pipeline:
             for i, (stage, (kind, model, columns)) in enumerate(stages.items()):
                 if todo[stage].empty:
                     continue

@@ -5,7 +5,9 @@
 * :class:`CompatibilityScore` - the base model's compatibility loss per row, with L(y), token counts
   and the truncation flag (``magpie_teach.scoring.compatibility.score_compatibility``);
 * :class:`CARScore` - a global step: per (teacher, base model) metrics from
-  ``magpie_teach.scoring.metrics.aggregate`` (CAR and its rank), written onto each row.
+  ``magpie_teach.scoring.metrics.aggregate`` (CAR and its rank), written onto each row;
+* :class:`StoreScores` - writes each batch's scores to a :class:`~magpie_teach.batch_store.BatchStore`
+  (the resume point of ``generate``'s scoring stage).
 
 distilabel replaces the outputs of a normal step that raises with ``None`` and carries on; run
 pipelines with :func:`run_checked`, which fails loudly when any scoring column holds a null.
@@ -17,6 +19,7 @@ from distilabel.mixins.runtime_parameters import RuntimeParameter
 from distilabel.steps import GlobalStep, Step, StepInput
 from pydantic import Field, PrivateAttr
 
+from magpie_teach.batch_store import BATCH_KEY, BatchStore
 from magpie_teach.errors import MagpieTeachError
 from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_BETA, DEFAULT_MAX_LENGTH, DEFAULT_REWARD_SHIFT
 
@@ -191,3 +194,33 @@ def run_checked(pipeline: Any, **kwargs: Any) -> Any:
                         f"row(s) (first: row {nulls[0]}); a scoring step failed - see the log above"
                     )
     return distiset
+
+
+class StoreScores(Step):
+    """Stores each batch's key and score columns in the run's score store (the resume point of scoring).
+
+    A batch with a null score (distilabel's trace of an upstream step that raised) is refused, so a
+    failed batch is never taken for a finished one."""
+
+    store_dir: str = Field(description="Folder of the score store.")
+    stage: str = Field(description="Sub-folder: `reward` or `compat-N`.")
+    columns: list[str] = Field(description="Score columns to store.")
+
+    @property
+    def inputs(self) -> list[str]:
+        return [*BATCH_KEY, *self.columns]
+
+    @property
+    def outputs(self) -> list[str]:
+        return []
+
+    def process(self, inputs: StepInput) -> "StepOutput":
+        import pandas as pd
+
+        frame = pd.DataFrame(inputs)[[*BATCH_KEY, *self.columns]]
+        nulls = frame[self.columns].isna().any(axis=1)
+        if nulls.any():
+            first = frame.loc[nulls, BATCH_KEY].iloc[0].to_dict()
+            raise MagpieTeachError(f"{self.stage}: {int(nulls.sum())} row(s) came without scores (first: {first})")
+        BatchStore(self.store_dir).write(self.stage, frame)
+        yield inputs

@@ -1,0 +1,103 @@
+"""distilabel plumbing shared by the project's pipelines (``generate``, its scoring stage, ``probe``).
+
+* :func:`scratch_cache` and :func:`without_distilabel_cache`: distilabel's own cache is per-run scratch; the
+  :class:`~magpie_teach.batch_store.BatchStore` is the resume point;
+* :class:`StoreProgress`: progress bars (on a terminal) or periodic lines with rate and ETA (in a log), fed by
+  polling the batch store while distilabel runs the steps in their own processes.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from magpie_teach.batch_store import BatchStore
+
+
+def scratch_cache(output_dir: str | Path, name: str) -> str:
+    """A fresh distilabel cache folder for one run, under OUTPUT_DIR/.distilabel-cache/NAME.
+
+    The response store is what makes runs resumable; distilabel's own cache is scratch. It is wiped
+    before every run because distilabel re-reads its cached ``pipeline.yaml`` even with
+    ``use_cache=False``, and a run killed while writing that file leaves it empty and unreadable.
+    """
+    import shutil
+
+    path = Path(output_dir) / ".distilabel-cache" / name
+    shutil.rmtree(path, ignore_errors=True)
+    return str(path)
+
+
+def without_distilabel_cache(pipeline: Any) -> Any:
+    """Switches off distilabel's per-batch cache writes on ``pipeline`` and returns it.
+
+    After every batch it routes, distilabel saves the whole pipeline (the rows a ``LoadDataFromDicts``
+    step holds included) and its batch manager to its cache folder: work that grows with the data
+    set, paid on every batch (it was the pipeline's main overhead against calling the backend
+    directly). The response store is this project's resume point and distilabel's cache is wiped
+    before each run (see :func:`scratch_cache`), so nothing reads what those writes would keep.
+    """
+    pipeline._cache = lambda: None
+    return pipeline
+
+
+def progress_line(name: str, done: int, total: int, elapsed: float) -> str:
+    """``name: done/total rows (pct), rate rows/s, ETA h:mm:ss`` for logs that are not a terminal."""
+    import datetime
+
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "unknown"
+    return f"{name}: {done}/{total} rows ({100 * done / max(total, 1):.0f}%), {rate:.2f} rows/s, ETA {eta}"
+
+
+class StoreProgress:
+    """One progress bar per store folder (a teacher, or a scoring stage): rows stored, rate, ETA, fed by
+    polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
+    shows only on a terminal."""
+
+    def __init__(self, store: BatchStore, totals: dict[str, int], interval: float = 1.0, show: bool | None = None):
+        import threading
+
+        self.store = store
+        self.totals = totals
+        self.seen: dict[str, dict] = {name: {} for name in totals}
+        self.start = {name: self.store.count(name, self.seen[name]) for name in totals}
+        self.done = {name: 0 for name in totals}
+        self.interval = interval
+        self.log_every = 60.0
+        self.disable = None if show is None else not show
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import sys
+        import time
+
+        from tqdm.auto import tqdm
+
+        bars = {
+            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
+        }
+        # not on a terminal (a cluster job's log): a line per store folder every `log_every` seconds instead
+        lines = self.disable is None and not sys.stderr.isatty()
+        started, last_line = time.monotonic(), time.monotonic()
+        while True:
+            done = self.stop.wait(self.interval)
+            for name, bar in bars.items():
+                self.done[name] = self.store.count(name, self.seen[name]) - self.start[name]
+                bar.update(self.done[name] - bar.n)  # a disabled bar keeps n at 0: its count is in self.done
+            if lines and (done or time.monotonic() - last_line >= self.log_every):
+                last_line = time.monotonic()
+                for name in bars:
+                    print(progress_line(name, self.done[name], self.totals[name], last_line - started), file=sys.stderr,
+                          flush=True)  # fmt: skip
+            if done:
+                break
+        for bar in bars.values():
+            bar.close()
+
+    def __enter__(self) -> "StoreProgress":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
