@@ -59,7 +59,7 @@ quality: install
 
 # All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
 test: install argilla-server olah browser vllm
-	$(PY) -m pytest -m "not gpu and not real_hub" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not real_hub" --durations=15 $(PYTEST_ARGS)
 
 test-fast: install argilla-server olah browser
 	$(PY) -m pytest -m "not gpu and not slow and not real_hub" $(PYTEST_ARGS)

@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"magpie-teach {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(_commands=sub.choices)  # for the did-you-mean of a misspelt flag (see `_parse`)
 
     rank_parser = _config_command(
         sub,
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send a stratified sample of scored responses to an Argilla 2.x server for rating, and bring the annotations back with a summary of how reward and CAR agree with people. The server comes from ARGILLA_API_URL and ARGILLA_API_KEY.",
     )
     review_sub = review.add_subparsers(dest="review_command", metavar="{push,pull}", required=True)
+    review.set_defaults(_subcommand="review_command", _subcommands=review_sub.choices)
     _config_command(
         review_sub,
         "push",
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         help="responses from several teachers with distilabel (resumable)",
-        description="Answer instructions with every teacher of a YAML config (transformers backend in this version), storing each finished batch so that a killed run resumes where it stopped. --dry-run validates the config and prints the plan.",
+        description="Answer instructions with every teacher of a YAML config (backends: transformers, vllm, or any OpenAI-compatible server), storing each finished batch so that a killed run resumes where it stopped. --dry-run validates the config and prints the plan.",
     )
     p.add_argument("config_file", metavar="CONFIG", help="generation YAML (see pipelines/configs/)")
     p.add_argument(
@@ -439,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub = sub.add_parser("hub", help="the local Hub-compatible server", description="The local Hub-compatible server.")
     hub_sub = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND", required=True)
+    hub.set_defaults(_subcommand="hub_command", _subcommands=hub_sub.choices)
     p = hub_sub.add_parser(
         "serve",
         help="serve the local hub on 127.0.0.1",
@@ -484,10 +487,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, except that an unknown flag is reported by the subcommand it was given to, with its usage
+    and the closest flag it has (argparse reports it from the top-level parser, with the top-level usage)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    target = parser
+    if getattr(args, "command", None) in getattr(args, "_commands", {}):
+        target = args._commands[args.command]
+        if getattr(args, "_subcommands", None) and getattr(args, args._subcommand, None) in args._subcommands:
+            target = args._subcommands[getattr(args, args._subcommand)]
+    flags = [flag for flag in target._option_string_actions if flag.startswith("--")]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+            hints.append(f"{word}" + (f" (did you mean {close[0]}?)" if close else ""))
+        else:
+            hints.append(word)
+    target.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args  # not reached: error() exits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -495,6 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "push" or getattr(args, "push_to_hub", None):
         from magpie_teach.hub.target import choose_target
 
+        if args.command == "push":  # the arguments' errors come before the notice of where the push goes
+            from magpie_teach.hub.publish import PushConfig
+
+            try:
+                _config(args, PushConfig)
+            except MagpieTeachError as err:
+                print(f"magpie-teach push: error: {err}", file=sys.stderr)
+                return 2
         choose_target()  # before huggingface_hub is imported: it reads HF_ENDPOINT once
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

@@ -390,3 +390,38 @@ def test_ifd_and_ic_ifd_follow_their_formulas_and_a_plain_forward_pass(rank_run,
     assert mine["instr_loss"] == pytest.approx(instr, rel=1e-5)
     assert mine["ifd_self"] == pytest.approx(compat / uncond, rel=1e-5)
     assert mine["ic_ifd_self"] == pytest.approx(compat / (instr * uncond), rel=1e-5)
+
+
+def test_the_non_positive_reward_warning_is_printed_once(tmp_path, tiny_suite):
+    zoo = pd.DataFrame({"uuid": [f"u{i}" for i in range(4)], "instruction": [f"Question {i}?" for i in range(4)]})
+    for t, teacher in enumerate(("a-it", "b-it")):
+        zoo[teacher] = [{"content": f"Answer {i} by {teacher}.", "rm": -1.0 - t - 0.1 * i} for i in range(4)]
+    zoo.to_parquet(tmp_path / "zoo.parquet")
+    result = run_cli("rank", "--data", str(tmp_path / "zoo.parquet"), "--base-model", tiny_suite.base_small,
+                     "--reward-column", "rm", "--output", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("CAR assumes positive rewards") == 1, result.stderr
+
+
+def test_a_misspelt_flag_gets_the_subcommands_usage_and_the_closest_flag():
+    result = run_cli("rank", "--base-modle", "x")
+    assert result.returncode == 2
+    assert "usage: magpie-teach rank" in result.stderr
+    assert (
+        "magpie-teach rank: error: unrecognized arguments: --base-modle (did you mean --base-model?)" in result.stderr
+    )
+    nested = run_cli("review", "push", "runs/rank", "--datset", "d")
+    assert (
+        "magpie-teach review push: error: unrecognized arguments: --datset (did you mean --dataset?)" in nested.stderr
+    )
+
+
+def test_push_reports_argument_errors_before_saying_where_it_would_publish(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")}
+    env["MAGPIE_TEACH_HUB_ROOT"] = str(tmp_path / "hub")
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "push", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "magpie-teach push: error: missing required option(s): --repo-id"

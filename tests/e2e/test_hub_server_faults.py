@@ -36,25 +36,31 @@ def request(hub, method: str, path: str, body: bytes | dict | None = None, heade
         connection.close()
 
 
-@pytest.fixture
-def hub_with_decoys(local_hub, tmp_path):
-    """A hub holding one dataset repo, and decoys outside its root: a folder with a .git, and a bare repo."""
+@pytest.fixture(scope="module")
+def hub_with_decoys(tmp_path_factory):
+    """A hub (one for this module's tests) holding one dataset repo, and decoys outside its root: a folder with a
+    .git, and a bare repo. Each test leaves the repo as it found it (it asserts so)."""
+    from tests.hub.local import LocalHub
+
+    tmp_path = tmp_path_factory.mktemp("decoys")
+    hub = LocalHub(tmp_path / "hub").start()
     code = f"from huggingface_hub import HfApi; HfApi().create_repo({REPO!r}, repo_type='dataset')"
-    python(code, local_hub.env())
+    python(code, hub.env())
     decoy = tmp_path / "victim"
     (decoy / ".git").mkdir(parents=True)
     (decoy / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     bare = tmp_path / "elsewhere" / "repo.git"
     subprocess.run(["git", "init", "--bare", "--quiet", str(bare)], check=True)
-    return local_hub, [decoy / ".git" / "HEAD", bare / "HEAD"]
+    yield hub, tmp_path, [decoy / ".git" / "HEAD", bare / "HEAD"]
+    hub.stop()
 
 
 def _inside_root(hub, tmp_path) -> list[Path]:
     return sorted(p for p in tmp_path.rglob("*") if hub.root not in p.parents and p != hub.root)
 
 
-def test_no_request_field_reaches_outside_the_root(hub_with_decoys, tmp_path):
-    hub, decoys = hub_with_decoys
+def test_no_request_field_reaches_outside_the_root(hub_with_decoys):
+    hub, tmp_path, decoys = hub_with_decoys
     root = hub.root
     depth = len(root.relative_to(tmp_path).parts) + 2  # repos/datasets/ below the root
     up = "/".join([".."] * depth)
@@ -122,7 +128,7 @@ def test_no_request_field_reaches_outside_the_root(hub_with_decoys, tmp_path):
     ],
 )  # fmt: skip
 def test_malformed_requests_get_a_client_error_with_a_message(hub_with_decoys, method, path, body, headers, status):
-    hub, _ = hub_with_decoys
+    hub, _, _ = hub_with_decoys
     head = hub.git(REPO, "rev-parse", "main")
     got, answer_headers, payload = request(hub, method, path, body, headers)
     assert got == status, payload
