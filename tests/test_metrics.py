@@ -128,3 +128,20 @@ def test_car_applies_the_reward_shift_and_rank_car_follows_car(reward_shift):
     for _, group in table.groupby("base_model"):
         order = group.sort_values("car", ascending=False)["teacher"].tolist()
         assert group.sort_values("rank_car")["teacher"].tolist() == order
+
+
+def test_reward_shift_boundaries():
+    import warnings
+
+    means = pd.Series({"t1": 0.0, "t2": 0.5, "t3": 2.0})  # a mean of exactly 0 is not positive
+    with pytest.warns(UserWarning, match="mean reward <= 0 for t1 "):
+        assert resolve_reward_shift(means, None) == 0.0
+    assert resolve_reward_shift(means, "auto") == pytest.approx(2.0)  # -min + (max - min)
+    small = pd.Series({"t1": 0.25, "t2": 0.5, "t3": 1.0})  # positive, if below 1: no warning, no shift
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_reward_shift(small, None) == 0.0
+        assert resolve_reward_shift(small, "none") == 0.0
+    assert resolve_reward_shift(small, "auto") == 0.0
+    equal = pd.Series({"t1": -1.0, "t2": -1.0})
+    assert resolve_reward_shift(equal, "auto") == pytest.approx(2.0)  # spread 0: the lowest lands at 1

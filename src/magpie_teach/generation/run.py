@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from magpie_teach import artefacts
 from magpie_teach.errors import DataError, MagpieTeachError
 from magpie_teach.generation.config import GenerateConfig
 from magpie_teach.steps.pipelines import StoreProgress, scratch_cache, without_distilabel_cache
@@ -56,7 +57,7 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import MagpieInstructions
 
-    path = Path(config.output_dir) / "instructions.parquet"
+    path = Path(config.output_dir) / artefacts.INSTRUCTIONS
     if path.exists():
         return pd.read_parquet(path)
     spec = config.instructions.magpie
@@ -151,7 +152,7 @@ def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
 
 def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
     magpie = config.instructions.magpie
-    if dry_run and magpie is not None and not (Path(config.output_dir) / "instructions.parquet").exists():
+    if dry_run and magpie is not None and not (Path(config.output_dir) / artefacts.INSTRUCTIONS).exists():
         counts = {
             "instructions_in": magpie.num_rows,
             "instructions_used": magpie.num_rows,
@@ -245,7 +246,7 @@ def _generate(config: GenerateConfig) -> dict:
     failure = None
     out = Path(config.output_dir)
     summary["instructions_revision"] = work.instructions.attrs.get("revision")
-    dump_config(config, out / "generate_config.yaml")
+    dump_config(config, out / artefacts.GENERATE_CONFIG)
     if any(work.remaining.values()):
         pipeline, parameters = build_pipeline(config, work)
         if config.ray is not None:
@@ -274,16 +275,16 @@ def _generate(config: GenerateConfig) -> dict:
         }
     missing = {name: t["missing"] for name, t in summary["teachers"].items() if t["missing"]}
     if missing or failure:  # a step failed inside distilabel: what it did not store is missing, never a row of nulls
-        write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        write_atomic(out / artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         raise MagpieTeachError(
             f"generation left rows missing {missing}: {failure or 'a pipeline step failed'} (see the log above); "
             f"finished batches are kept in {out / 'store'}, and rerunning the same command generates only what "
             "is missing"
         )
-    write_atomic(out / "responses.parquet", lambda tmp: rows.to_parquet(tmp, index=False))
+    write_atomic(out / artefacts.RESPONSES, lambda tmp: rows.to_parquet(tmp, index=False))
     if config.scoring is not None:
         from magpie_teach.generation.score_stage import score_responses
 
         summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows, StoreProgress)}
-    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    write_atomic(out / artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary

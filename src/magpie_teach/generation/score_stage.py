@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from magpie_teach.artefacts import RESPONSES
 from magpie_teach.batch_store import BATCH_KEY as KEY
 from magpie_teach.errors import MagpieTeachError
 
@@ -40,7 +41,7 @@ def rank_config(config: "GenerateConfig") -> "RankConfig":
         f.name: getattr(spec, f.name) for cls in (CARSettings, ModelRunSettings) for f in dataclasses.fields(cls)
     }
     return RankConfig(
-        data=str(out / "responses.parquet"), output_dir=str(out / "rank"), base_models=list(spec.base_models),
+        data=str(out / RESPONSES), output_dir=str(out / "rank"), base_models=list(spec.base_models),
         reward_model=spec.reward_model, drop_invalid=True, **shared,
     )  # fmt: skip
 

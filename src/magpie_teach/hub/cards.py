@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from magpie_teach.artefacts import COMMAND_FILE, KINDS, Kind
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, RANKING, Kind
 from magpie_teach.errors import DataError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "dataset_cards"
@@ -160,7 +160,7 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
         if magpie:
             tags.append("magpie")
     elif kind in ("scores", "ranking"):
-        ranking = frame if kind == "ranking" else _read_csv_if(source / "ranking.csv")
+        ranking = frame if kind == "ranking" else _read_csv_if(source / RANKING)
         context.update(
             data_source=config.get("data"),
             data_revision=summary.get("resolved_revision") or config.get("revision"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magpie_teach.artefacts import slug
+from magpie_teach.artefacts import RANKING, slug
 from magpie_teach.errors import ConfigError
 from magpie_teach.settings import RecordedCARSettings
 
@@ -183,5 +183,5 @@ def validate(config: ValidateConfig) -> ValidateResult:
     corr = correlations(ranking, students)
     write_atomic(out / "students.csv", lambda tmp: students.to_csv(tmp, index=False))
     write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
-    write_atomic(out / "ranking.csv", lambda tmp: ranking.to_csv(tmp, index=False))
+    write_atomic(out / RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
     return ValidateResult(students, corr, out)
