@@ -64,3 +64,14 @@ def test_finish_removes_only_the_kinds_files_this_run_did_not_write(tmp_path):
 
 def test_slug_keeps_safe_characters_only():
     assert slug("Qwen/Qwen2.5-3B Instruct:v1") == "Qwen_Qwen2.5-3B_Instruct_v1"
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
+    with pytest.raises(DataError, match="bad input"):
+        with locked(tmp_path / "new" / "out"):
+            raise DataError("bad input")
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "kept").mkdir()
+    with locked(tmp_path / "kept"):
+        pass
+    assert (tmp_path / "kept").exists()  # a folder that was there stays

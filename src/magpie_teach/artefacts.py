@@ -128,11 +128,13 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
     """Holds FOLDER's lock for the block (created if needed); DataError at once if another process holds it.
 
     The lock is an ``flock`` on ``FOLDER/.magpie-teach.lock``: the kernel releases it when its holder
-    exits by any means, so a killed run never leaves the folder locked.
+    exits by any means, so a killed run never leaves the folder locked. A run that wrote nothing (it
+    stopped on bad input) leaves no folder behind when it had to create one.
     """
     import fcntl
 
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the whole block
     try:
@@ -151,6 +153,9 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
         handle.flush()
         yield folder
     finally:
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:
+            (folder / LOCK).unlink()  # still locked by this handle: no other run can have taken it
+            folder.rmdir()
         handle.close()
 
 

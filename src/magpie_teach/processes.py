@@ -4,9 +4,9 @@ distilabel runs each step in worker processes. When the main process of ``genera
 SIGKILL (a user's ``kill -9``, a scheduler, the OOM killer) it cannot clean up, and the workers, each
 holding a model, would run on. :func:`reap_descendants` starts a small watcher process in its own
 session (so a Ctrl-C to the terminal's process group does not reach it) that records the caller's
-descendants every ``interval`` seconds and, once the caller has exited by any means (its end of a pipe
-closes, or it is seen gone; forked workers may hold the pipe open), stops every recorded process that is still the same process (pid and start time): SIGTERM,
-then SIGKILL after ``grace`` seconds.
+descendants every ``interval`` seconds and, once the caller is gone (seen as a zombie or vanished) or
+the block ends (a byte or EOF on its pipe), stops every recorded process that is still the same
+process (pid and start time): SIGTERM, then SIGKILL after ``grace`` seconds.
 """
 
 import contextlib
