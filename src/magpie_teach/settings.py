@@ -9,7 +9,10 @@ Configs inherit them (as TRL's ``SFTConfig(_BaseConfig)`` does):
   ``rank_config.yaml``), so they rank teachers exactly as ``rank`` did; :meth:`RecordedCARSettings.car`
   says which values were used and where they came from;
 * :class:`ModelRunSettings` (``max_length``, ``batch_tokens``, ``dtype``, ``device``): every run of a model
-  over rows, with the scoring engine's defaults.
+  over rows, with the scoring engine's defaults;
+* :class:`ConfidenceSettings` (``bootstrap``, ``confidence``, ``bootstrap_seed``): the verbs that rank teachers
+  from scores (``rank``, ``generate``'s ``scoring:`` block), for the intervals of
+  :mod:`magpie_teach.scoring.confidence`.
 
 Standard library only: ``magpie-teach --help`` imports these.
 """
@@ -24,6 +27,9 @@ DEFAULT_REWARD_SHIFT = "none"
 DEFAULT_MAX_LENGTH = 4096
 DEFAULT_BATCH_TOKENS = 8192
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_BOOTSTRAP_SEED = 0
 
 _BETA_HELP = "CAR = reward / (1 + beta * compat_loss)."
 _SHIFT_HELP = "Affine shift of rewards before CAR: 'none' (warn on non-positive mean rewards), 'auto', or a number."
@@ -125,6 +131,28 @@ class ModelRunSettings:
             raise ConfigError(f"{_key(where, 'batch_tokens')} must be >= 1, got {self.batch_tokens}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"{_key(where, 'dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(kw_only=True)
+class ConfidenceSettings:
+    """How sure a ranking is: a paired bootstrap over instructions (see :mod:`magpie_teach.scoring.confidence`)."""
+
+    bootstrap: int = field(
+        default=DEFAULT_BOOTSTRAP,
+        metadata={"help": "Bootstrap replicates for the intervals and p_best (0 turns them off)."},
+    )
+    confidence: float = field(
+        default=DEFAULT_CONFIDENCE, metadata={"help": "Level of the intervals, and of 'separated' in summary.json."}
+    )
+    bootstrap_seed: int = field(
+        default=DEFAULT_BOOTSTRAP_SEED, metadata={"help": "Seed of the bootstrap (same seed, same intervals)."}
+    )
+
+    def check_confidence(self, where: str = "--") -> None:
+        if self.bootstrap < 0:
+            raise ConfigError(f"{_key(where, 'bootstrap')} must be >= 0 (0 turns it off), got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"{_key(where, 'confidence')} must be between 0 and 1 (e.g. 0.95), got {self.confidence}")
 
 
 def _key(where: str, name: str) -> str:

@@ -65,10 +65,8 @@ def test_output_is_the_long_format(uninterrupted):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after_batches", [1, 9])
-def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(
-    tmp_path, tiny_suite, sample_path, uninterrupted, kill_after_batches
-):
+def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(tmp_path, tiny_suite, sample_path, uninterrupted):
+    kill_after_batches = 4  # of 16: a kill mid-run, with finished batches to keep
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out)
     process = generate(config)
@@ -238,7 +236,7 @@ def ray_head(tmp_path):
         assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
         time.sleep(0.5)
     yield f"127.0.0.1:{port}"
-    stop_group(process)
+    stop_group(process, grace=5)  # a head asked to stop takes ~30 s to say goodbye to its workers; the test is done
     shutil.rmtree(temp, ignore_errors=True)
 
 

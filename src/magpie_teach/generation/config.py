@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import CARSettings, ModelRunSettings
+from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -66,9 +66,9 @@ class MagpieCategory:
 
 
 @dataclass
-class ScoringConfig(CARSettings, ModelRunSettings):
-    """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers). CAR's and the
-    model run's settings are inherited from :mod:`magpie_teach.settings`, with rank's defaults."""
+class ScoringConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
+    """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers). CAR's, the
+    bootstrap's and the model run's settings are inherited from :mod:`magpie_teach.settings`, with rank's defaults."""
 
     reward_model: str
     base_models: list[str]
@@ -79,6 +79,7 @@ class ScoringConfig(CARSettings, ModelRunSettings):
         if len(set(self.base_models)) != len(self.base_models):
             raise ConfigError(f"scoring.base_models: repeated entries in {self.base_models}")
         self.check_car("scoring.")
+        self.check_confidence("scoring.")
         self.check_run("scoring.")
 
 

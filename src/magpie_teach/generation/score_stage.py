@@ -33,12 +33,14 @@ def rank_config(config: "GenerateConfig") -> "RankConfig":
     import dataclasses
 
     from magpie_teach.scoring.rank import RankConfig
-    from magpie_teach.settings import CARSettings, ModelRunSettings
+    from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
 
     spec = config.scoring
     out = Path(config.output_dir)
     shared = {
-        f.name: getattr(spec, f.name) for cls in (CARSettings, ModelRunSettings) for f in dataclasses.fields(cls)
+        f.name: getattr(spec, f.name)
+        for cls in (CARSettings, ConfidenceSettings, ModelRunSettings)
+        for f in dataclasses.fields(cls)
     }
     return RankConfig(
         data=str(out / RESPONSES), output_dir=str(out / "rank"), base_models=list(spec.base_models),

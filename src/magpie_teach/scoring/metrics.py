@@ -164,6 +164,24 @@ def short_name(name: str) -> str:
     return str(name).rstrip("/").split("/")[-1]
 
 
+def match_performance(group: pd.DataFrame, performance: pd.DataFrame, base: str, warn: bool = False) -> pd.DataFrame:
+    """One base model's ranking rows joined with their AP (column ``ap``), teachers and base models matched by
+    exact name, else by their last path component; ConfigError when fewer than 3 teachers match."""
+    perf = performance.assign(_t=performance["teacher"].map(short_name), _b=performance["base_model"].map(short_name))
+    merged = group.assign(_t=group["teacher"].map(short_name), _b=short_name(base)).merge(
+        perf[["_t", "_b", "ap"]], on=["_t", "_b"], how="inner"
+    )
+    if len(merged) < 3:
+        raise ConfigError(
+            f"base model {base!r}: only {len(merged)} teacher(s) have performance numbers; at least 3 are needed "
+            f"(teachers: {sorted(group['teacher'])}; performance base models: {sorted(perf['_b'].unique())})."
+        )
+    unmatched = sorted(set(group["teacher"].map(short_name)) - set(merged["_t"]))
+    if unmatched and warn:
+        logger.warning("base model %s: no performance numbers for %s", base, unmatched)
+    return merged
+
+
 def correlations(
     ranking: pd.DataFrame, performance: pd.DataFrame, metrics: Sequence[str] | None = None
 ) -> pd.DataFrame:
@@ -178,20 +196,9 @@ def correlations(
     from scipy.stats import spearmanr
 
     metrics = [m for m in (metrics or METRIC_DIRECTIONS) if m in ranking.columns]
-    perf = performance.assign(_t=performance["teacher"].map(short_name), _b=performance["base_model"].map(short_name))
     result: dict[str, dict[str, float]] = {}
     for base, group in ranking.groupby("base_model", sort=False):
-        merged = group.assign(_t=group["teacher"].map(short_name), _b=short_name(base)).merge(
-            perf[["_t", "_b", "ap"]], on=["_t", "_b"], how="inner"
-        )
-        if len(merged) < 3:
-            raise ConfigError(
-                f"base model {base!r}: only {len(merged)} teacher(s) have performance numbers; at least 3 are needed "
-                f"(teachers: {sorted(group['teacher'])}; performance base models: {sorted(perf['_b'].unique())})."
-            )
-        unmatched = sorted(set(group["teacher"].map(short_name)) - set(merged["_t"]))
-        if unmatched:
-            logger.warning("base model %s: no performance numbers for %s", base, unmatched)
+        merged = match_performance(group, performance, str(base), warn=True)
         column = {}
         for metric in metrics:
             sign = 1.0 if METRIC_DIRECTIONS[metric] else -1.0

@@ -14,15 +14,16 @@ import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import short_name
-from magpie_teach.settings import CARSettings, ModelRunSettings
+from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig(CARSettings, ModelRunSettings):
-    """`rank`'s settings; CAR's (``beta``, ``reward_shift``) and the model run's (``max_length``, ``batch_tokens``,
-    ``dtype``, ``device``) are inherited from :mod:`magpie_teach.settings`."""
+class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
+    """`rank`'s settings; CAR's (``beta``, ``reward_shift``), the bootstrap's (``bootstrap``, ``confidence``,
+    ``bootstrap_seed``) and the model run's (``max_length``, ``batch_tokens``, ``dtype``, ``device``) are
+    inherited from :mod:`magpie_teach.settings`."""
 
     data: str = field(
         metadata={
@@ -81,6 +82,7 @@ class RankConfig(CARSettings, ModelRunSettings):
         if (self.reward_model is None) == (self.reward_column is None):
             raise ConfigError("give exactly one of --reward-model and --reward-column")
         self.check_car()
+        self.check_confidence()
         self.check_run()
 
 
@@ -92,6 +94,8 @@ class RankResult:
     dropped: pd.DataFrame
     counts: dict[str, int]
     output_dir: Path
+    confidence: list = field(default_factory=list)
+    """Per base model, a :class:`magpie_teach.scoring.confidence.BaseModelConfidence` (empty with bootstrap 0)."""
 
 
 def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> Path | None:
@@ -233,6 +237,15 @@ def write_rank_outputs(
     files = artefacts.RunOutputs(out, "rank")
     ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
     corr = correlations(ranking, performance) if performance is not None else None
+    verdicts: list = []
+    if config.bootstrap:
+        from magpie_teach.scoring.confidence import add_rho_intervals, bootstrap_ranking, spearman_intervals
+
+        settings = {"n_replicates": config.bootstrap, "confidence": config.confidence, "seed": config.bootstrap_seed}
+        ranking, verdicts = bootstrap_ranking(scores, ranking, **settings)
+        if corr is not None:
+            metrics = [m for m in corr.index if m != "n_teachers"]
+            corr = add_rho_intervals(corr, spearman_intervals(ranking, performance, metrics, **settings))
     files.write(artefacts.SCORES, lambda tmp: scores.to_parquet(tmp, index=False))
     files.write(artefacts.RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
     if corr is not None:
@@ -249,12 +262,20 @@ def write_rank_outputs(
         "fingerprint": loaded.fingerprint,
         "counts": counts,
     }
+    if verdicts:
+        summary["confidence"] = {
+            "level": config.confidence,
+            "replicates": config.bootstrap,
+            "seed": config.bootstrap_seed,
+            "base_models": [verdict.to_json() for verdict in verdicts],
+            "sentences": [verdict.sentence(config.confidence) for verdict in verdicts],
+        }
     files.write(artefacts.RANK_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     # a Hub source is recorded by the commit that was read, so that rerunning this config reads the same bytes
     dump_config(dataclasses.replace(config, revision=loaded.revision), out / artefacts.RANK_CONFIG)
     files.written.add(artefacts.RANK_CONFIG)
     files.finish()  # an earlier run's files this run did not write (dropped.csv, correlations.csv) go
-    return RankResult(ranking, scores, corr, loaded.dropped, counts, out)
+    return RankResult(ranking, scores, corr, loaded.dropped, counts, out, verdicts)
 
 
 def rank(config: RankConfig) -> RankResult:

@@ -1,0 +1,269 @@
+"""How sure a ranking is: a paired bootstrap over instructions, p(best), and the beta range of the top teacher.
+
+The bootstrap is *paired*: each replicate draws one multiset of instructions (with replacement) and every
+teacher is measured on exactly that multiset, so a difference between two teachers is not blurred by which
+instructions each happened to get. The protocol, which a reference can reproduce with numpy alone:
+
+* per base model, the instructions are the distinct ``id`` values in order of first appearance;
+* ``rng = numpy.random.default_rng(seed)``, and replicate ``b`` is ``rng.integers(0, n, size=n)`` (drawn in
+  blocks of replicates, which gives the same numbers as one draw);
+* a teacher's replicate mean is the mean of its per-example values over the drawn instructions (an instruction
+  drawn twice counts twice; an instruction the teacher has no response for is left out of its mean);
+* CAR of a replicate is ``(mean reward + shift) / (1 + beta * mean compat_loss)`` with the ranking's shift
+  (``car_reward_shift``), so the interval is about the data, not about the shift rule;
+* intervals are percentile intervals (``numpy.quantile``, linear) at ``(1 - confidence) / 2`` and
+  ``(1 + confidence) / 2``; ``p_best`` is the share of replicates in which a teacher has the highest CAR, a
+  tie shared equally between the tied teachers, so it sums to 1 per base model.
+
+Every base model uses the same seed, so the same instructions are drawn for every base model too.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, car
+from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE, ConfidenceSettings
+INTERVAL_METRICS = ("car", "reward", "compat_loss")
+"""Metrics that get a bootstrap interval (``<metric>_ci_low``, ``<metric>_ci_high`` in ``ranking.csv``)."""
+
+_BLOCK_CELLS = 4_000_000  # replicates x instructions drawn at once: bounds memory on a 100K-instruction grid
+
+
+def draw_counts(n_items: int, n_replicates: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Blocks of a (replicates x items) matrix: how often each item is drawn in each replicate."""
+    block = max(1, _BLOCK_CELLS // max(n_items, 1))
+    for start in range(0, n_replicates, block):
+        rows = min(block, n_replicates - start)
+        idx = rng.integers(0, n_items, size=(rows, n_items))
+        flat = idx + n_items * np.arange(rows)[:, None]
+        yield np.bincount(flat.ravel(), minlength=rows * n_items).reshape(rows, n_items).astype(np.float64)
+
+
+def replicate_means(
+    values: dict[str, np.ndarray], present: np.ndarray, n_replicates: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Paired bootstrap means: ``values[name]`` and ``present`` are (teachers x items); returns, per name, a
+    (replicates x teachers) matrix of the teachers' means over each replicate's drawn items."""
+    rng = np.random.default_rng(seed)
+    weights = present.astype(np.float64)
+    sums = {name: np.where(present, value, 0.0).T for name, value in values.items()}  # items x teachers
+    out: dict[str, list[np.ndarray]] = {name: [] for name in values}
+    for counts in draw_counts(present.shape[1], n_replicates, rng):
+        denominator = counts @ weights.T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for name, table in sums.items():
+                out[name].append((counts @ table) / denominator)
+    return {name: np.vstack(blocks) for name, blocks in out.items()}
+
+
+def _quantiles(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    alpha = (1.0 - confidence) / 2.0
+    with np.errstate(invalid="ignore"):
+        low = np.nanquantile(samples, alpha, axis=0) if samples.size else np.array([])
+        high = np.nanquantile(samples, 1.0 - alpha, axis=0) if samples.size else np.array([])
+    return low, high
+
+
+def share_of_firsts(values: np.ndarray) -> np.ndarray:
+    """(replicates x teachers) -> per teacher, the share of replicates in which it is highest; ties share."""
+    best = values == np.nanmax(values, axis=1, keepdims=True)
+    return (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+def top_beta_range(reward: np.ndarray, compat_loss: np.ndarray, leader: int) -> tuple[float, float]:
+    """The betas (>= 0) over which teacher ``leader`` keeps the highest CAR, computed exactly.
+
+    ``reward`` is the shifted mean reward R and ``compat_loss`` the mean loss L of each teacher. Multiplied by
+    the positive denominators, CAR_i(b) > CAR_j(b) is ``(R_i - R_j) + b * (R_i * L_j - R_j * L_i) > 0``, linear
+    in b, so the set of betas where the leader beats every other teacher is an interval whose ends are crossing
+    points ``b = (R_j - R_i) / (R_i * L_j - R_j * L_i)``. Returns (low, high); ``high`` is ``inf`` when no
+    teacher ever overtakes the leader at larger betas. Ties count as not overtaken.
+    """
+    low, high = 0.0, math.inf
+    r_i, l_i = float(reward[leader]), float(compat_loss[leader])
+    for j in range(len(reward)):
+        if j == leader:
+            continue
+        constant = r_i - float(reward[j])
+        slope = r_i * float(compat_loss[j]) - float(reward[j]) * l_i
+        if slope == 0:
+            continue  # the gap has one sign for every beta: the leader at `beta` stays ahead of j
+        crossing = -constant / slope
+        if slope > 0:  # ahead of j for b > crossing
+            low = max(low, crossing)
+        else:  # ahead of j for b < crossing
+            high = min(high, crossing)
+    return max(low, 0.0), high
+
+
+@dataclass
+class BaseModelConfidence:
+    """What the bootstrap says about one base model's ranking (one entry of ``summary.json``'s ``confidence``)."""
+
+    base_model: str
+    n_instructions: int
+    leader: str
+    runner_up: str | None
+    p_best: float
+    separated: bool
+    """The leader's CAR is above every other teacher's in the paired interval of their difference."""
+    difference_ci: tuple[float, float] | None
+    """The paired interval of CAR(leader) - CAR(runner-up)."""
+    beta_range: tuple[float, float]
+
+    def to_json(self) -> dict:
+        high = self.beta_range[1]
+        return {
+            "base_model": self.base_model,
+            "n_instructions": self.n_instructions,
+            "leader": self.leader,
+            "runner_up": self.runner_up,
+            "p_best": self.p_best,
+            "separated": self.separated,
+            "difference_ci": list(self.difference_ci) if self.difference_ci else None,
+            "beta_range": [self.beta_range[0], None if math.isinf(high) else high],
+        }
+
+    def sentence(self, confidence: float) -> str:
+        """One sentence a reader can act on."""
+        low, high = self.beta_range
+        betas = f"beta >= {low:.3g}" if math.isinf(high) else f"beta in [{low:.3g}, {high:.3g}]"
+        if self.runner_up is None:
+            return f"{self.leader} is the only teacher scored for {self.base_model}."
+        if self.separated:
+            return (
+                f"{self.leader} is the best teacher for {self.base_model} with probability {self.p_best:.2f} on "
+                f"{self.n_instructions} instructions (ahead of every other teacher at {confidence:.0%} confidence); "
+                f"the top stays the same for {betas}."
+            )
+        return (
+            f"{self.leader} leads for {self.base_model} with probability {self.p_best:.2f} on "
+            f"{self.n_instructions} instructions, but {self.runner_up} is not separated from it at "
+            f"{confidence:.0%} confidence: score more instructions to decide (the top stays the same for {betas})."
+        )
+
+
+def bootstrap_ranking(
+    scores: pd.DataFrame,
+    ranking: pd.DataFrame,
+    n_replicates: int = DEFAULT_BOOTSTRAP,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_BOOTSTRAP_SEED,
+) -> tuple[pd.DataFrame, list[BaseModelConfidence]]:
+    """Adds ``<metric>_ci_low``/``_ci_high`` (for :data:`INTERVAL_METRICS`) and ``p_best`` to ``ranking`` (from
+    :func:`magpie_teach.scoring.metrics.aggregate`), and returns the per-base-model verdicts."""
+    ConfidenceSettings(bootstrap=n_replicates, confidence=confidence).check_confidence()
+    ranking = ranking.copy()
+    verdicts = []
+    for base, rows in ranking.groupby("base_model", sort=False):
+        beta = float(rows["car_beta"].iloc[0])
+        shift = float(rows["car_reward_shift"].iloc[0])
+        teachers = rows["teacher"].tolist()
+        subset = scores[scores["base_model"] == base]
+        ids = pd.unique(subset["id"])
+        grid = {
+            metric: subset.pivot_table(index="teacher", columns="id", values=metric, aggfunc="mean")
+            .reindex(index=teachers, columns=ids)
+            .to_numpy(dtype=np.float64)
+            for metric in ("reward", "compat_loss")
+        }
+        present = ~np.isnan(grid["reward"]) & ~np.isnan(grid["compat_loss"])
+        means = replicate_means(grid, present, n_replicates, seed)
+        samples = {**means, "car": car(means["reward"] + shift, means["compat_loss"], beta)}
+        for metric in INTERVAL_METRICS:
+            low, high = _quantiles(samples[metric], confidence)
+            ranking.loc[rows.index, f"{metric}_ci_low"] = low
+            ranking.loc[rows.index, f"{metric}_ci_high"] = high
+        p_best = share_of_firsts(samples["car"])
+        ranking.loc[rows.index, "p_best"] = p_best
+        verdicts.append(_verdict(str(base), rows, samples["car"], p_best, len(ids), confidence))
+    return ranking, verdicts
+
+
+def _verdict(
+    base: str, rows: pd.DataFrame, car_samples: np.ndarray, p_best: np.ndarray, n: int, confidence: float
+) -> BaseModelConfidence:
+    point = rows["car"].to_numpy(dtype=np.float64)
+    order = np.argsort(-point, kind="stable")
+    leader = int(order[0])
+    teachers = rows["teacher"].tolist()
+    shifted = rows["reward"].to_numpy(dtype=np.float64) + float(rows["car_reward_shift"].iloc[0])
+    beta_range = top_beta_range(shifted, rows["compat_loss"].to_numpy(dtype=np.float64), leader)
+    if len(order) < 2:
+        return BaseModelConfidence(base, n, teachers[leader], None, float(p_best[leader]), True, None, beta_range)
+    differences = car_samples[:, [leader]] - car_samples  # replicates x teachers
+    low, high = _quantiles(differences, confidence)
+    others = [j for j in range(len(teachers)) if j != leader]
+    separated = bool(all(low[j] > 0 for j in others)) if len(car_samples) else False
+    runner_up = int(order[1])
+    interval = (float(low[runner_up]), float(high[runner_up])) if len(car_samples) else None
+    return BaseModelConfidence(
+        base, n, teachers[leader], teachers[runner_up], float(p_best[leader]), separated, interval, beta_range
+    )
+
+
+def spearman_intervals(
+    ranking: pd.DataFrame,
+    performance: pd.DataFrame,
+    metrics: Sequence[str],
+    n_replicates: int = DEFAULT_BOOTSTRAP,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_BOOTSTRAP_SEED,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per base model and metric, a percentile interval of Spearman rho with AP over teachers drawn with
+    replacement (replicates in which a side is constant have no rho and are left out)."""
+    from scipy.stats import rankdata
+
+    from magpie_teach.scoring.metrics import match_performance
+
+    result: dict[str, dict[str, tuple[float, float]]] = {}
+    for base, group in ranking.groupby("base_model", sort=False):
+        merged = match_performance(group, performance, str(base))
+        n = len(merged)
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n, size=(n_replicates, n))
+        ap = merged["ap"].to_numpy(dtype=np.float64)[idx]
+        column = {}
+        for metric in metrics:
+            sign = 1.0 if METRIC_DIRECTIONS[metric] else -1.0
+            values = sign * merged[metric].to_numpy(dtype=np.float64)[idx]
+            rho = _row_spearman(rankdata(values, axis=1), rankdata(ap, axis=1))
+            low, high = _quantiles(rho[:, None], confidence)
+            column[metric] = (float(low[0]), float(high[0]))
+        result[str(base)] = column
+    return result
+
+
+def _row_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ranks, row by row; NaN where a row is constant."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (x * y).sum(axis=1) / denominator, np.nan)
+
+
+CI_SUFFIXES = (" ci_low", " ci_high")
+"""``correlations.csv`` columns ``<base model> ci_low`` / ``<base model> ci_high`` hold the interval of each rho."""
+
+
+def add_rho_intervals(table: pd.DataFrame, intervals: dict[str, dict[str, tuple[float, float]]]) -> pd.DataFrame:
+    """``correlations.csv`` with, after each base model's column, its rho intervals."""
+    columns: dict[str, pd.Series] = {}
+    for column in table.columns:
+        columns[column] = table[column]
+        if column in intervals:
+            for k, suffix in enumerate(CI_SUFFIXES):
+                columns[column + suffix] = pd.Series(
+                    {metric: bounds[k] for metric, bounds in intervals[column].items()}, dtype=float
+                ).reindex(table.index)
+    return pd.DataFrame(columns, index=table.index)
+
+
+def rho_columns(table: pd.DataFrame) -> list[str]:
+    """The point-estimate columns of ``correlations.csv`` (base models and ``mean``), without the intervals."""
+    return [c for c in table.columns if not str(c).endswith(CI_SUFFIXES)]

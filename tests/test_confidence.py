@@ -1,0 +1,229 @@
+"""The bootstrap of `rank`: intervals against a plain numpy reference, coverage on data with a known truth,
+p_best, the exact beta range against brute force, and the Spearman intervals."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from magpie_teach.errors import ConfigError
+from magpie_teach.scoring.confidence import (
+    add_rho_intervals,
+    bootstrap_ranking,
+    rho_columns,
+    share_of_firsts,
+    spearman_intervals,
+    top_beta_range,
+)
+from magpie_teach.scoring.metrics import aggregate, correlations
+
+
+def synthetic_scores(means: dict[str, tuple[float, float]], n: int, seed: int, bases=("m",)) -> pd.DataFrame:
+    """Per-example scores whose true per-teacher means are ``means[teacher] = (reward, compat_loss)``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for base in bases:
+        for teacher, (reward, loss) in means.items():
+            rewards = rng.normal(reward, 1.0, n)
+            losses = rng.gamma(4.0, loss / 4.0, n)  # positive, mean `loss`
+            rows += [
+                {"teacher": teacher, "base_model": base, "id": f"i{k}", "reward": rewards[k],
+                 "compat_loss": losses[k], "n_tokens_full": 10, "truncated": False}
+                for k in range(n)
+            ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def reference_bootstrap(scores, teachers, beta, shift, replicates, seed, confidence):
+    """The documented protocol, one replicate at a time with plain numpy."""
+    ids = list(dict.fromkeys(scores["id"]))
+    value = {
+        (t, i): (r, l) for t, i, r, l in zip(scores["teacher"], scores["id"], scores["reward"], scores["compat_loss"])
+    }
+    rng = np.random.default_rng(seed)
+    car_samples, reward_samples, loss_samples = [], [], []
+    for _ in range(replicates):
+        drawn = [ids[k] for k in rng.integers(0, len(ids), size=len(ids))]
+        rewards, losses = [], []
+        for teacher in teachers:
+            kept = [value[(teacher, i)] for i in drawn if (teacher, i) in value]
+            rewards.append(np.mean([r for r, _ in kept]))
+            losses.append(np.mean([l for _, l in kept]))
+        reward_samples.append(rewards)
+        loss_samples.append(losses)
+        car_samples.append([(r + shift) / (1 + beta * l) for r, l in zip(rewards, losses)])
+    alpha = (1 - confidence) / 2
+    out = {}
+    for name, samples in (("car", car_samples), ("reward", reward_samples), ("compat_loss", loss_samples)):
+        samples = np.array(samples)
+        out[name] = (np.quantile(samples, alpha, axis=0), np.quantile(samples, 1 - alpha, axis=0))
+    car = np.array(car_samples)
+    firsts = np.zeros(len(teachers))
+    for row in car:
+        best = np.flatnonzero(row == row.max())
+        firsts[best] += 1 / len(best)
+    out["p_best"] = firsts / replicates
+    return out
+
+
+@pytest.mark.parametrize("drop_one", [False, True])
+def test_intervals_and_p_best_equal_a_plain_numpy_reference(drop_one):
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.8, 0.9), "c": (1.5, 1.4)}, n=30, seed=3)
+    if drop_one:  # a teacher without a response for one instruction is measured on what it has
+        scores = scores[~((scores["teacher"] == "b") & (scores["id"] == "i7"))].reset_index(drop=True)
+    ranking = aggregate(scores, beta=2.0, reward_shift=0.5)
+    # 1300 replicates over 30 instructions: more than one block is drawn when the block size is small
+    result, _ = bootstrap_ranking(scores, ranking, n_replicates=1300, confidence=0.9, seed=11)
+    reference = reference_bootstrap(scores, list(ranking["teacher"]), 2.0, 0.5, 1300, 11, 0.9)
+    for metric in ("car", "reward", "compat_loss"):
+        np.testing.assert_allclose(result[f"{metric}_ci_low"], reference[metric][0], rtol=1e-10)
+        np.testing.assert_allclose(result[f"{metric}_ci_high"], reference[metric][1], rtol=1e-10)
+    np.testing.assert_allclose(result["p_best"], reference["p_best"], rtol=1e-12)
+    assert math.isclose(result["p_best"].sum(), 1.0)
+
+
+def test_replicates_drawn_in_blocks_equal_one_draw(monkeypatch):
+    import magpie_teach.scoring.confidence as confidence
+
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.9, 1.0)}, n=50, seed=1)
+    ranking = aggregate(scores)
+    whole, _ = bootstrap_ranking(scores, ranking, n_replicates=200, seed=5)
+    monkeypatch.setattr(confidence, "_BLOCK_CELLS", 50 * 7)  # blocks of 7 replicates
+    blocks, _ = bootstrap_ranking(scores, ranking, n_replicates=200, seed=5)
+    pd.testing.assert_frame_equal(whole, blocks)
+
+
+@pytest.mark.slow
+def test_intervals_cover_the_true_mean_in_at_least_92_percent_of_200_seeded_data_sets():
+    # percentile intervals run a little narrow on small samples: measured over 600 data sets of this kind,
+    # coverage is 94.2% (reward), 93.8% (loss), 94.5% (CAR); over 1000 data sets of 80 instructions and 400
+    # replicates, 93.0%, 93.8%, 93.8%
+    truth = {"a": (2.0, 1.2), "b": (1.5, 0.8)}
+    beta = 3.0
+    hits = {"reward": 0, "compat_loss": 0, "car": 0}
+    for seed in range(200):
+        scores = synthetic_scores(truth, n=200, seed=seed)
+        ranking, _ = bootstrap_ranking(scores, aggregate(scores, beta=beta), n_replicates=1000, seed=seed)
+        row = ranking.set_index("teacher").loc["a"]
+        true = {"reward": truth["a"][0], "compat_loss": truth["a"][1]}
+        true["car"] = true["reward"] / (1 + beta * true["compat_loss"])
+        for metric in hits:
+            hits[metric] += row[f"{metric}_ci_low"] <= true[metric] <= row[f"{metric}_ci_high"]
+    assert all(count >= 184 for count in hits.values()), hits  # 92% of 200
+
+
+def test_a_clear_winner_is_separated_and_equal_teachers_are_not():
+    clear = synthetic_scores({"best": (4.0, 1.0), "worse": (2.0, 1.0), "worst": (1.0, 1.0)}, n=60, seed=0)
+    _, (verdict,) = bootstrap_ranking(clear, aggregate(clear), n_replicates=500)
+    assert verdict.leader == "best" and verdict.separated and verdict.p_best > 0.99
+    assert verdict.difference_ci[0] > 0 and verdict.runner_up == "worse"
+    assert "is the best teacher for m with probability" in verdict.sentence(0.95)
+    same = synthetic_scores({"x": (2.0, 1.0), "y": (2.0, 1.0), "z": (2.0, 1.0)}, n=60, seed=0)
+    _, (verdict,) = bootstrap_ranking(same, aggregate(same), n_replicates=500)
+    assert not verdict.separated and verdict.difference_ci[0] < 0 < verdict.difference_ci[1]
+    assert "score more instructions to decide" in verdict.sentence(0.95)
+
+
+def test_the_same_seed_gives_the_same_intervals_and_another_seed_others():
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.9, 1.1), "c": (1.0, 1.0)}, n=25, seed=2)
+    ranking = aggregate(scores)
+    first, _ = bootstrap_ranking(scores, ranking, n_replicates=300, seed=1)
+    again, _ = bootstrap_ranking(scores, ranking, n_replicates=300, seed=1)
+    other, _ = bootstrap_ranking(scores, ranking, n_replicates=300, seed=2)
+    pd.testing.assert_frame_equal(first, again)
+    assert not np.allclose(first["car_ci_low"], other["car_ci_low"])
+
+
+def test_every_base_model_gets_its_own_intervals_and_verdict():
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.0, 1.0), "c": (1.5, 0.2)}, n=20, seed=4, bases=("m1", "m2"))
+    scores.loc[scores["base_model"] == "m2", "compat_loss"] *= 3  # m2 finds every teacher harder
+    ranking, verdicts = bootstrap_ranking(scores, aggregate(scores), n_replicates=200)
+    assert [v.base_model for v in verdicts] == ["m1", "m2"]
+    for base, group in ranking.groupby("base_model"):
+        assert math.isclose(group["p_best"].sum(), 1.0)
+        assert (group["compat_loss_ci_low"] <= group["compat_loss"]).all()
+        assert (group["compat_loss"] <= group["compat_loss_ci_high"]).all()
+    m1, m2 = (ranking[ranking["base_model"] == b].set_index("teacher") for b in ("m1", "m2"))
+    assert (m2["compat_loss_ci_low"] > m1["compat_loss_ci_high"]).all()
+
+
+def test_ties_share_a_first_place():
+    values = np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 1.0], [0.0, 3.0, 3.0], [5.0, 5.0, 5.0]])
+    np.testing.assert_allclose(share_of_firsts(values), [(0.5 + 1 + 0 + 1 / 3) / 4, (0.5 + 0 + 0.5 + 1 / 3) / 4,
+                                                         (0 + 0 + 0.5 + 1 / 3) / 4])  # fmt: skip
+
+
+def test_the_top_beta_range_equals_brute_force_over_a_fine_grid():
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0.0, 40.0, 400_001)  # steps of 1e-4
+    checked = 0
+    for _ in range(60):
+        n = int(rng.integers(2, 6))
+        reward = rng.uniform(0.5, 3.0, n)
+        loss = rng.uniform(0.2, 2.5, n)
+        beta = float(rng.uniform(0, 10))
+        leader = int(np.argmax(reward / (1 + beta * loss)))
+        low, high = top_beta_range(reward, loss, leader)
+        cars = reward[None, :] / (1 + grid[:, None] * loss[None, :])
+        on_top = np.argmax(cars, axis=1) == leader
+        assert on_top[np.searchsorted(grid, beta)]
+        # the set where the leader is on top is one interval, and its ends are the computed ones
+        inside = grid[on_top]
+        assert np.all(np.diff(np.flatnonzero(on_top)) == 1)
+        assert abs(inside.min() - low) <= 1e-4
+        if math.isinf(high):
+            assert inside.max() == grid[-1] or n == 1
+        elif high < 40:
+            assert abs(inside.max() - high) <= 1e-4
+        checked += 1
+    assert checked == 60
+
+
+def test_a_leader_that_wins_at_every_beta_has_an_open_range():
+    reward, loss = np.array([3.0, 2.0, 1.0]), np.array([0.5, 1.0, 2.0])  # best reward and lowest loss
+    assert top_beta_range(reward, loss, 0) == (0.0, math.inf)
+    # a higher-reward, higher-loss teacher leads for small betas, up to the closed-form crossing
+    reward, loss = np.array([3.0, 2.0]), np.array([2.0, 1.0])
+    crossing = (2.0 - 3.0) / (3.0 * 1.0 - 2.0 * 2.0)
+    assert top_beta_range(reward, loss, 0) == (0.0, crossing)
+    assert top_beta_range(reward, loss, 1) == (crossing, math.inf)
+
+
+def test_spearman_intervals_equal_resampled_scipy_rho():
+    teachers = [f"t{k}" for k in range(8)]
+    rng = np.random.default_rng(7)
+    ranking = pd.DataFrame({"teacher": teachers, "base_model": "m", "car": rng.normal(size=8),
+                            "reward": rng.normal(size=8), "compat_loss": rng.normal(size=8)})  # fmt: skip
+    performance = pd.DataFrame({"teacher": teachers, "base_model": "m", "ap": ranking["car"] + rng.normal(0, 0.5, 8)})
+    intervals = spearman_intervals(ranking, performance, ["car", "compat_loss"], n_replicates=300, seed=3)
+    draw = np.random.default_rng(3).integers(0, 8, size=(300, 8))
+    for metric, sign in (("car", 1), ("compat_loss", -1)):
+        rhos = []
+        for idx in draw:
+            x, y = sign * ranking[metric].to_numpy()[idx], performance["ap"].to_numpy()[idx]
+            rhos.append(spearmanr(x, y).statistic if len(set(x)) > 1 and len(set(y)) > 1 else np.nan)
+        expected = np.nanquantile(rhos, [0.025, 0.975])
+        np.testing.assert_allclose(intervals["m"][metric], expected, rtol=1e-10)
+
+
+def test_correlations_csv_keeps_its_layout_with_intervals_beside_each_base_model():
+    teachers = [f"t{k}" for k in range(5)]
+    ranking = pd.DataFrame({"teacher": teachers * 2, "base_model": ["m1"] * 5 + ["m2"] * 5,
+                            "car": np.arange(10.0), "reward": np.arange(10.0)[::-1]})  # fmt: skip
+    performance = pd.DataFrame({"teacher": teachers * 2, "base_model": ["m1"] * 5 + ["m2"] * 5, "ap": np.arange(10.0)})
+    table = correlations(ranking, performance, ["car", "reward"])
+    with_ci = add_rho_intervals(table, spearman_intervals(ranking, performance, ["car", "reward"], n_replicates=50))
+    assert list(with_ci.columns) == ["m1", "m1 ci_low", "m1 ci_high", "m2", "m2 ci_low", "m2 ci_high", "mean"]
+    assert rho_columns(with_ci) == ["m1", "m2", "mean"]
+    pd.testing.assert_frame_equal(with_ci[rho_columns(with_ci)], table)
+    assert with_ci.loc["car", "m1 ci_low"] == 1.0 and with_ci.loc["reward", "m2 ci_high"] == -1.0
+
+
+def test_bootstrap_settings_are_checked():
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.0, 1.0)}, n=5, seed=0)
+    with pytest.raises(ConfigError, match="--confidence must be between 0 and 1"):
+        bootstrap_ranking(scores, aggregate(scores), confidence=95)
+    with pytest.raises(ConfigError, match="--bootstrap must be >= 0"):
+        bootstrap_ranking(scores, aggregate(scores), n_replicates=-1)
