@@ -40,7 +40,8 @@ def reference_bootstrap(scores, teachers, beta, shift, replicates, seed, confide
     """The documented protocol, one replicate at a time with plain numpy."""
     ids = list(dict.fromkeys(scores["id"]))
     value = {
-        (t, i): (r, l) for t, i, r, l in zip(scores["teacher"], scores["id"], scores["reward"], scores["compat_loss"])
+        (t, i): (r, loss)
+        for t, i, r, loss in zip(scores["teacher"], scores["id"], scores["reward"], scores["compat_loss"])
     }
     rng = np.random.default_rng(seed)
     car_samples, reward_samples, loss_samples = [], [], []
@@ -50,10 +51,10 @@ def reference_bootstrap(scores, teachers, beta, shift, replicates, seed, confide
         for teacher in teachers:
             kept = [value[(teacher, i)] for i in drawn if (teacher, i) in value]
             rewards.append(np.mean([r for r, _ in kept]))
-            losses.append(np.mean([l for _, l in kept]))
+            losses.append(np.mean([loss for _, loss in kept]))
         reward_samples.append(rewards)
         loss_samples.append(losses)
-        car_samples.append([(r + shift) / (1 + beta * l) for r, l in zip(rewards, losses)])
+        car_samples.append([(r + shift) / (1 + beta * loss) for r, loss in zip(rewards, losses)])
     alpha = (1 - confidence) / 2
     out = {}
     for name, samples in (("car", car_samples), ("reward", reward_samples), ("compat_loss", loss_samples)):
@@ -141,7 +142,7 @@ def test_every_base_model_gets_its_own_intervals_and_verdict():
     scores.loc[scores["base_model"] == "m2", "compat_loss"] *= 3  # m2 finds every teacher harder
     ranking, verdicts = bootstrap_ranking(scores, aggregate(scores), n_replicates=200)
     assert [v.base_model for v in verdicts] == ["m1", "m2"]
-    for base, group in ranking.groupby("base_model"):
+    for _, group in ranking.groupby("base_model"):
         assert math.isclose(group["p_best"].sum(), 1.0)
         assert (group["compat_loss_ci_low"] <= group["compat_loss"]).all()
         assert (group["compat_loss"] <= group["compat_loss_ci_high"]).all()

@@ -152,7 +152,9 @@ class ConfidenceSettings:
         if self.bootstrap < 0:
             raise ConfigError(f"{_key(where, 'bootstrap')} must be >= 0 (0 turns it off), got {self.bootstrap}")
         if not 0 < self.confidence < 1:
-            raise ConfigError(f"{_key(where, 'confidence')} must be between 0 and 1 (e.g. 0.95), got {self.confidence}")
+            raise ConfigError(
+                f"{_key(where, 'confidence')} must be between 0 and 1 (e.g. 0.95), got {self.confidence}"
+            )
 
 
 def _key(where: str, name: str) -> str:

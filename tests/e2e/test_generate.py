@@ -65,7 +65,9 @@ def test_output_is_the_long_format(uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(tmp_path, tiny_suite, sample_path, uninterrupted):
+def test_sigkill_then_rerun_gives_the_same_rows_and_keeps_finished_batches(
+    tmp_path, tiny_suite, sample_path, uninterrupted
+):
     kill_after_batches = 4  # of 16: a kill mid-run, with finished batches to keep
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, out)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, car
 from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE, ConfidenceSettings
+
 INTERVAL_METRICS = ("car", "reward", "compat_loss")
 """Metrics that get a bootstrap interval (``<metric>_ci_low``, ``<metric>_ci_high`` in ``ranking.csv``)."""
 
