@@ -39,17 +39,16 @@ def synthetic_scores(means: dict[str, tuple[float, float]], n: int, seed: int, b
 def reference_bootstrap(scores, teachers, beta, shift, replicates, seed, confidence):
     """The documented protocol, one replicate at a time with plain numpy."""
     ids = list(dict.fromkeys(scores["id"]))
-    value = {
-        (t, i): (r, loss)
-        for t, i, r, loss in zip(scores["teacher"], scores["id"], scores["reward"], scores["compat_loss"])
-    }
+    value: dict = {}  # (teacher, id) -> [(reward, loss) of each of its responses]
+    for t, i, r, loss in zip(scores["teacher"], scores["id"], scores["reward"], scores["compat_loss"]):
+        value.setdefault((t, i), []).append((r, loss))
     rng = np.random.default_rng(seed)
     car_samples, reward_samples, loss_samples = [], [], []
     for _ in range(replicates):
         drawn = [ids[k] for k in rng.integers(0, len(ids), size=len(ids))]
         rewards, losses = [], []
         for teacher in teachers:
-            kept = [value[(teacher, i)] for i in drawn if (teacher, i) in value]
+            kept = [pair for i in drawn for pair in value.get((teacher, i), [])]
             rewards.append(np.mean([r for r, _ in kept]))
             losses.append(np.mean([loss for _, loss in kept]))
         reward_samples.append(rewards)
@@ -69,11 +68,15 @@ def reference_bootstrap(scores, teachers, beta, shift, replicates, seed, confide
     return out
 
 
-@pytest.mark.parametrize("drop_one", [False, True])
-def test_intervals_and_p_best_equal_a_plain_numpy_reference(drop_one):
+@pytest.mark.parametrize("grid", ["complete", "one_missing", "best_of_n"])
+def test_intervals_and_p_best_equal_a_plain_numpy_reference(grid):
     scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.8, 0.9), "c": (1.5, 1.4)}, n=30, seed=3)
-    if drop_one:  # a teacher without a response for one instruction is measured on what it has
+    if grid == "one_missing":  # a teacher without a response for one instruction is measured on what it has
         scores = scores[~((scores["teacher"] == "b") & (scores["id"] == "i7"))].reset_index(drop=True)
+    if grid == "best_of_n":  # a second response of teacher a to some instructions: every response counts
+        extra = scores[(scores["teacher"] == "a") & scores["id"].isin(["i1", "i2", "i9"])].copy()
+        extra["reward"] += 5.0
+        scores = pd.concat([scores, extra], ignore_index=True)
     ranking = aggregate(scores, beta=2.0, reward_shift=0.5)
     # 1300 replicates over 30 instructions: more than one block is drawn when the block size is small
     result, _ = bootstrap_ranking(scores, ranking, n_replicates=1300, confidence=0.9, seed=11)

@@ -185,3 +185,68 @@ def test_max_tokens_drops_exactly_the_responses_over_the_limit(tmp_path, scores_
     assert sorted(zip(too_long["id"], too_long["teacher"])) == sorted(zip(expected["id"], expected["teacher"]))
     kept = frame.set_index(["id", "teacher"]).loc[list(zip(result.dataset["id"], result.dataset["teacher"]))]
     assert (kept["n_tokens_full"] <= limit).all()
+
+
+def _two_teacher_scores(tmp_path, gap: float, n: int, confidence: float | None = None):
+    """A rank-layout folder: teacher 'lead' has mean reward 2 + gap, 'other' 2 (noise sd 1, loss 1)."""
+    from magpie_teach.config import dump_config
+    from magpie_teach.scoring.rank import RankConfig
+
+    rng = np.random.default_rng(1)
+    rows = [{"id": f"q{i}", "instruction": f"Q{i}?", "response": f"{t} {i}", "teacher": t, "base_model": "base",
+             "reward": float(mean + rng.normal()), "compat_loss": 1.0, "n_tokens_full": 10, "truncated": False}
+            for i in range(n) for t, mean in (("lead", 2.0 + gap), ("other", 2.0))]  # fmt: skip
+    folder = tmp_path / f"rank-{gap}-{n}"
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(folder / "scores.parquet")
+    extra = {"confidence": confidence} if confidence else {}
+    dump_config(RankConfig(data="x", output_dir=str(folder), base_models=["base"], reward_column="r", **extra),
+                folder / "rank_config.yaml")  # fmt: skip
+    return folder
+
+
+def test_require_decided_refuses_an_undecided_best_teacher_and_records_the_decision(tmp_path, caplog):
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+
+    close = _two_teacher_scores(tmp_path, gap=0.1, n=10)
+    scores = pd.read_parquet(close / "scores.parquet")
+    _, (verdict,) = bootstrap_ranking(scores, aggregate(scores))
+    assert not verdict.separated  # the reference: rank's bootstrap with rank's default settings
+    with pytest.raises(DataError, match="--require-decided: .* is not separated from it at 95% confidence"):
+        _run(tmp_path / "a", close, require_decided=True)
+    assert not (tmp_path / "a" / "out").exists()
+    result = _run(tmp_path / "b", close)  # without the flag: a warning, and the choice is made
+    assert "score more instructions to decide" in caplog.text
+    assert result.summary["decision"]["separated"] is False
+    assert result.summary["decision"]["leader"] == verdict.leader == result.dataset["teacher"].iloc[0]
+    assert result.summary["decision"]["p_best"] == pytest.approx(verdict.p_best)
+
+    clear = _two_teacher_scores(tmp_path, gap=3.0, n=40)
+    result = _run(tmp_path / "c", clear, require_decided=True)
+    assert result.summary["decision"]["separated"] is True and set(result.dataset["teacher"]) == {"lead"}
+
+
+def test_the_decision_uses_the_confidence_rank_recorded(tmp_path):
+    """A gap separated at 50% confidence but not at 99%: the level recorded by rank decides."""
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+
+    folders = {
+        level: _two_teacher_scores(tmp_path / str(level), gap=0.6, n=12, confidence=level) for level in (0.5, 0.99)
+    }
+    scores = pd.read_parquet(folders[0.5] / "scores.parquet")
+    separated = {level: bootstrap_ranking(scores, aggregate(scores), confidence=level)[1][0].separated
+                 for level in folders}  # fmt: skip
+    assert separated == {0.5: True, 0.99: False}  # the data set is one where the level matters
+    for level, folder in folders.items():
+        result = _run(tmp_path / f"out-{level}", folder)
+        assert result.summary["decision"]["separated"] is separated[level]
+        assert result.summary["decision"]["confidence"] == level
+
+
+def test_require_decided_needs_a_choice_by_car():
+    with pytest.raises(ConfigError, match="--require-decided applies to --strategy teacher"):
+        SelectConfig(scores="x", output_dir="y", strategy="best-of-n", require_decided=True)
+    with pytest.raises(ConfigError, match="--require-decided applies"):
+        SelectConfig(scores="x", output_dir="y", teacher="a", require_decided=True)

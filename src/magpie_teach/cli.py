@@ -63,18 +63,36 @@ def _add_push_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
 
 
-def _print_ranking(ranking, correlations=None) -> None:  # noqa: ANN001 - pandas stays a lazy import
+def _print_ranking(ranking, correlations=None, confidence=None) -> None:  # noqa: ANN001 - pandas stays lazy
     import pandas as pd
 
+    ranking = ranking.copy()
+    if "car_ci_low" in ranking.columns:  # the interval beside the value it belongs to
+        ranking.insert(ranking.columns.get_loc("car") + 1, "car_ci",
+                       [f"[{low:.4g}, {high:.4g}]" for low, high in zip(ranking["car_ci_low"], ranking["car_ci_high"])])  # fmt: skip
     columns = [
         c
-        for c in ("teacher", "n", "car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "n_truncated")
+        for c in (
+            "teacher",
+            "n",
+            "car",
+            "car_ci",
+            "p_best",
+            "reward",
+            "compat_loss",
+            "length",
+            "ppl_self",
+            "ifd_self",
+            "n_truncated",
+        )  # fmt: skip
         if c in ranking.columns
     ]
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         for base, group in ranking.groupby("base_model", sort=False):
             print(f"\nbase model: {base}  (ranked by CAR, beta={group['car_beta'].iloc[0]:g})")
             print(group.sort_values("rank_car")[columns].to_string(index=False))
+        for sentence in (confidence or {}).get("sentences", []):
+            print(sentence)
         if correlations is not None:
             print("\nSpearman rho of each metric with AP (higher is better):")
             print(correlations.to_string())
@@ -85,7 +103,7 @@ def run_rank(args: argparse.Namespace) -> int:
 
     config = _config(args, RankConfig)
     result = rank(config)
-    _print_ranking(result.ranking, result.correlations)
+    _print_ranking(result.ranking, result.correlations, result.summary.get("confidence"))
     dropped = {k: v for k, v in result.counts.items() if k not in ("rows_in", "rows_kept")}
     print(
         f"\nrows in: {result.counts['rows_in']}, kept: {result.counts['rows_kept']}"
@@ -207,10 +225,8 @@ def run_generate(args: argparse.Namespace) -> int:
         from magpie_teach.artefacts import read_rank_folder
 
         rank_dir = summary["scoring"]["output"]
-        ranking, _, _ = read_rank_folder(rank_dir)
-        print(
-            ranking[["base_model", "teacher", "n", "car", "reward", "compat_loss", "rank_car"]].to_string(index=False)
-        )
+        ranking, _, rank_summary = read_rank_folder(rank_dir)
+        _print_ranking(ranking, None, rank_summary.get("confidence"))
         print(f"wrote {rank_dir}/ (ranking.csv, scores.parquet: read by report, select and push like a rank output)")
     _finish(args, config.output_dir)
     return 0

@@ -292,7 +292,8 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(values))
     printed = finish(generate(path))
-    assert "rank_car" in printed and "wrote " + str(out / "rank") in printed
+    assert "p_best" in printed and "wrote " + str(out / "rank") in printed
+    assert sum("the top stays the same for beta" in line for line in printed.splitlines()) == 2  # one per base model
     scored = pd.read_parquet(out / "rank" / "scores.parquet")
     responses = pd.read_parquet(out / "responses.parquet")
     assert len(responses) == 8 + 16  # 8 greedy + 8 x 2 sampled generations

@@ -8,7 +8,8 @@ instructions each happened to get. The protocol, which a reference can reproduce
 * ``rng = numpy.random.default_rng(seed)``, and replicate ``b`` is ``rng.integers(0, n, size=n)`` (drawn in
   blocks of replicates, which gives the same numbers as one draw);
 * a teacher's replicate mean is the mean of its per-example values over the drawn instructions (an instruction
-  drawn twice counts twice; an instruction the teacher has no response for is left out of its mean);
+  drawn twice counts twice; with best-of-N, each of its responses counts, as in the point estimate; an
+  instruction the teacher has no response for is left out of its mean);
 * CAR of a replicate is ``(mean reward + shift) / (1 + beta * mean compat_loss)`` with the ranking's shift
   (``car_reward_shift``), so the interval is about the data, not about the shift rule;
 * intervals are percentile intervals (``numpy.quantile``, linear) at ``(1 - confidence) / 2`` and
@@ -45,19 +46,20 @@ def draw_counts(n_items: int, n_replicates: int, rng: np.random.Generator) -> It
 
 
 def replicate_means(
-    values: dict[str, np.ndarray], present: np.ndarray, n_replicates: int, seed: int
+    sums: dict[str, np.ndarray], counts: np.ndarray, n_replicates: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Paired bootstrap means: ``values[name]`` and ``present`` are (teachers x items); returns, per name, a
-    (replicates x teachers) matrix of the teachers' means over each replicate's drawn items."""
+    """Paired bootstrap means. ``sums[name]`` is (teachers x items): the sum of a teacher's values on an item (its
+    responses to one instruction, several with best-of-N), ``counts`` how many values that is (0: none). Returns,
+    per name, a (replicates x teachers) matrix of each teacher's mean over the values of each replicate's items."""
     rng = np.random.default_rng(seed)
-    weights = present.astype(np.float64)
-    sums = {name: np.where(present, value, 0.0).T for name, value in values.items()}  # items x teachers
-    out: dict[str, list[np.ndarray]] = {name: [] for name in values}
-    for counts in draw_counts(present.shape[1], n_replicates, rng):
-        denominator = counts @ weights.T
+    weights = counts.astype(np.float64).T  # items x teachers
+    tables = {name: np.nan_to_num(value).T for name, value in sums.items()}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in sums}
+    for drawn in draw_counts(counts.shape[1], n_replicates, rng):
+        denominator = drawn @ weights
         with np.errstate(invalid="ignore", divide="ignore"):
-            for name, table in sums.items():
-                out[name].append((counts @ table) / denominator)
+            for name, table in tables.items():
+                out[name].append((drawn @ table) / denominator)
     return {name: np.vstack(blocks) for name, blocks in out.items()}
 
 
@@ -166,14 +168,13 @@ def bootstrap_ranking(
         teachers = rows["teacher"].tolist()
         subset = scores[scores["base_model"] == base]
         ids = pd.unique(subset["id"])
-        grid = {
-            metric: subset.pivot_table(index="teacher", columns="id", values=metric, aggfunc="mean")
-            .reindex(index=teachers, columns=ids)
-            .to_numpy(dtype=np.float64)
+        cells = subset.groupby(["teacher", "id"], sort=False)[["reward", "compat_loss"]]
+        sums = {
+            metric: cells.sum()[metric].unstack().reindex(index=teachers, columns=ids).to_numpy(dtype=np.float64)
             for metric in ("reward", "compat_loss")
         }
-        present = ~np.isnan(grid["reward"]) & ~np.isnan(grid["compat_loss"])
-        means = replicate_means(grid, present, n_replicates, seed)
+        counts = cells.size().unstack().reindex(index=teachers, columns=ids).fillna(0).to_numpy(dtype=np.float64)
+        means = replicate_means(sums, counts, n_replicates, seed)
         samples = {**means, "car": car(means["reward"] + shift, means["compat_loss"], beta)}
         for metric in INTERVAL_METRICS:
             low, high = _quantiles(samples[metric], confidence)

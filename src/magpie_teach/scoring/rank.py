@@ -94,8 +94,8 @@ class RankResult:
     dropped: pd.DataFrame
     counts: dict[str, int]
     output_dir: Path
-    confidence: list = field(default_factory=list)
-    """Per base model, a :class:`magpie_teach.scoring.confidence.BaseModelConfidence` (empty with bootstrap 0)."""
+    summary: dict = field(default_factory=dict)
+    """``summary.json``: with the bootstrap on, its ``confidence`` holds the verdict per base model."""
 
 
 def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> Path | None:
@@ -275,7 +275,7 @@ def write_rank_outputs(
     dump_config(dataclasses.replace(config, revision=loaded.revision), out / artefacts.RANK_CONFIG)
     files.written.add(artefacts.RANK_CONFIG)
     files.finish()  # an earlier run's files this run did not write (dropped.csv, correlations.csv) go
-    return RankResult(ranking, scores, corr, loaded.dropped, counts, out, verdicts)
+    return RankResult(ranking, scores, corr, loaded.dropped, counts, out, summary)
 
 
 def rank(config: RankConfig) -> RankResult:

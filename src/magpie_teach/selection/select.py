@@ -26,7 +26,7 @@ import pandas as pd
 
 from magpie_teach.artefacts import SFT_DATA as DATA_FILE
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.settings import CARChoice, RecordedCARSettings
+from magpie_teach.settings import DEFAULT_BOOTSTRAP, CARChoice, ConfidenceSettings, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ class SelectConfig(RecordedCARSettings):
             "scored rows, as `rank` ranked them)."
         },
     )
+    require_decided: bool = field(
+        default=False,
+        metadata={
+            "help": "With --strategy teacher and --metric car: stop unless the best teacher is ahead of every other "
+            "at rank's bootstrap confidence (its summary.json 'separated'); without it, an undecided choice is a warning."
+        },
+    )
     keep_truncated: bool = field(default=False, metadata={"help": "Keep responses cut at the scoring max length."})
     min_reward: float | None = field(default=None, metadata={"help": "Drop responses with a lower reward."})
     max_tokens: int | None = field(
@@ -86,6 +93,10 @@ class SelectConfig(RecordedCARSettings):
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.require_decided and (self.strategy != "teacher" or self.teacher is not None or self.metric != "car"):
+            raise ConfigError(
+                "--require-decided applies to --strategy teacher choosing by --metric car (no --teacher)"
+            )
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
         self.check_car()
@@ -130,16 +141,41 @@ def _best_teacher(scores: pd.DataFrame, config: SelectConfig, car: CARChoice) ->
     return str(best["teacher"]), float(best[config.metric])
 
 
+def _decision(scores: pd.DataFrame, car: CARChoice, bootstrap: ConfidenceSettings, require: bool) -> dict:
+    """The bootstrap's verdict on the best teacher by CAR (see :mod:`magpie_teach.scoring.confidence`)."""
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+
+    replicates = bootstrap.bootstrap or DEFAULT_BOOTSTRAP  # rank ran without one: the decision still needs one
+    _, (verdict,) = bootstrap_ranking(
+        scores, aggregate(scores, beta=car.beta, reward_shift=car.reward_shift), replicates, bootstrap.confidence,
+        bootstrap.bootstrap_seed,
+    )  # fmt: skip
+    sentence = verdict.sentence(bootstrap.confidence)
+    if not verdict.separated:
+        if require:
+            raise DataError(f"--require-decided: {sentence}")
+        logger.warning("%s", sentence)
+    return {**verdict.to_json(), "confidence": bootstrap.confidence, "replicates": replicates}
+
+
 def select_responses(
-    scores: pd.DataFrame, config: SelectConfig, car: CARChoice | None = None
+    scores: pd.DataFrame,
+    config: SelectConfig,
+    car: CARChoice | None = None,
+    bootstrap: ConfidenceSettings | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Applies the filters then the strategy to one base model's scores; returns (selected, dropped).
 
     With ``--strategy teacher`` and no ``--teacher``, the best teacher by ``--metric`` is decided on all the scored
     rows, as `rank` ranked them (CAR with the settings CAR gives, by default `rank`'s own), so the filters change
     which rows are kept, not which teacher is best; ``rerank_after_filters`` decides it on the kept rows instead.
+    Choosing by CAR, the paired bootstrap of `rank` (``bootstrap``: rank's recorded settings) says whether the
+    choice is decided; it goes in ``selected.attrs["decision"]``, and an undecided one stops the run only with
+    ``require_decided``.
     """
     car = car or config.car(None)
+    decision = None
     kept, dropped = _filter(scores, config)
     if kept.empty:
         raise DataError(f"every response was filtered out ({dropped['reason'].value_counts().to_dict()})")
@@ -151,8 +187,11 @@ def select_responses(
                 )
             teacher, metric, value = config.teacher, "teacher", np.nan
         else:
-            teacher, value = _best_teacher(kept if config.rerank_after_filters else scores, config, car)
+            ranked_on = kept if config.rerank_after_filters else scores
+            teacher, value = _best_teacher(ranked_on, config, car)
             metric = config.metric
+            if metric == "car":
+                decision = _decision(ranked_on, car, bootstrap or ConfidenceSettings(), config.require_decided)
         chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
         if (
             chosen["id"].duplicated().any()
@@ -177,6 +216,8 @@ def select_responses(
         ranked = ranked.sort_values(["id", "selection_score", "teacher"], ascending=[True, False, True])
         chosen = ranked.drop_duplicates("id", keep="first")
     chosen = chosen.sort_values("id").reset_index(drop=True)
+    if decision is not None:
+        chosen.attrs["decision"] = decision
     return chosen, dropped
 
 
@@ -197,9 +238,12 @@ def _select(config: SelectConfig) -> SelectResult:
     from magpie_teach.config import dump_config
 
     scores = artefacts.load_scores(config.scores, config.base_model, config.revision)
-    car = config.car(*artefacts.recorded_rank_config(config.scores, scores.attrs.get("revision")))
+    recorded = artefacts.recorded_rank_config(config.scores, scores.attrs.get("revision"))
+    car = config.car(*recorded)
     logger.info("select: %s", car.describe())
-    chosen, dropped = select_responses(scores, config, car)
+    names = [f.name for f in dataclasses.fields(ConfidenceSettings)]
+    bootstrap = ConfidenceSettings(**{k: v for k, v in (recorded[0] or {}).items() if k in names})
+    chosen, dropped = select_responses(scores, config, car, bootstrap)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
     keep += [c for c in ("generation_index",) if c in chosen.columns]
     dataset = chosen[keep].copy()
@@ -220,6 +264,8 @@ def _select(config: SelectConfig) -> SelectResult:
         "scores_revision": scores.attrs.get("revision"),
         "car": dataclasses.asdict(car),
     }
+    if "decision" in chosen.attrs:
+        summary["decision"] = chosen.attrs["decision"]
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "select")
     files.write(DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
