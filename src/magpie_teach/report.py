@@ -99,13 +99,23 @@ def ranking_figure(ranking: pd.DataFrame, out: Path) -> Path:
     for ax, base in zip(axes.flat, bases):
         group = ranking[ranking["base_model"] == base].sort_values("car")
         colors = ["#d1495b" if i == len(group) - 1 else "#8da9c4" for i in range(len(group))]
-        ax.barh(group["teacher"].map(short_name), group["car"], color=colors)
+        errors = None
+        if "car_ci_low" in group:  # the bootstrap interval of each teacher's CAR
+            errors = np.vstack([group["car"] - group["car_ci_low"], group["car_ci_high"] - group["car"]]).clip(0)
+        ax.barh(group["teacher"].map(short_name), group["car"], color=colors, xerr=errors, capsize=3,
+                error_kw={"elinewidth": 0.8, "ecolor": "#333333"})  # fmt: skip
+        if "p_best" in group:
+            right = (group["car_ci_high"] if "car_ci_high" in group else group["car"]).max()
+            for y, p_best in enumerate(group["p_best"]):
+                ax.annotate(f"p(best)={p_best:.2f}", (right, y), xytext=(6, 0), textcoords="offset points",
+                            va="center", fontsize=7, color="#555555", annotation_clip=False)  # fmt: skip
         ax.set_title(f"base: {short_name(base)}", fontsize=10)
         ax.set_xlabel("CAR (higher is better)")
         ax.tick_params(axis="y", labelsize=8)
     for ax in list(axes.flat)[len(bases) :]:
         ax.axis("off")
-    fig.suptitle("Teachers ranked by Compatibility-Adjusted Reward (best in red)", fontsize=11)
+    intervals = " with bootstrap intervals" if "car_ci_low" in ranking else ""
+    fig.suptitle(f"Teachers ranked by Compatibility-Adjusted Reward{intervals} (best in red)", fontsize=11)
     fig.tight_layout()
     return _save(fig, _figure_path(out, "ranking"))
 
@@ -149,7 +159,9 @@ def reward_vs_loss_figure(ranking: pd.DataFrame, out: Path) -> Path:
 def correlation_figure(corr: pd.DataFrame, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    table = corr.drop(index=[i for i in corr.index if i == "n_teachers"])
+    from magpie_teach.scoring.confidence import rho_columns
+
+    table = corr.drop(index=[i for i in corr.index if i == "n_teachers"])[rho_columns(corr)]
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2.5, 0.42 * table.shape[0] + 1.4))
     image = ax.imshow(table.to_numpy(dtype=float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), [short_name(c) for c in table.columns], rotation=35, ha="right", fontsize=8)
@@ -197,7 +209,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     ranking = corr = None
     if config.rank_dir is not None:
         ranking, corr, summary = read_rank_folder(Path(config.rank_dir))
-        table_columns = ["base_model", "teacher", *[c for c in BASELINES if c in ranking], "n"]
+        table_columns = ["base_model", "teacher", "car", "car_ci_low", "car_ci_high", "p_best",
+                         *[c for c in BASELINES if c in ranking and c != "car"], "n"]  # fmt: skip
         table = ranking.sort_values(["base_model", "car"], ascending=[True, False])[
             [c for c in table_columns if c in ranking]
         ]
@@ -207,6 +220,13 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
             + "; ".join(f"**{short_name(b)}** -> {short_name(t)}" for b, t in best.itertuples(index=False))
             + "."
         )
+        confidence = summary.get("confidence")
+        if confidence:
+            text += " " + " ".join(confidence.get("sentences", []))
+            text += (
+                f" Intervals: {confidence['level']:.0%} paired bootstrap over instructions ({confidence['replicates']} "
+                "replicates); p_best is the share of replicates in which a teacher has the highest CAR."
+            )
         source = summary.get("source")
         if source:
             text += (

@@ -1,6 +1,7 @@
 """`magpie-teach report`: Markdown + PNG and a self-contained HTML page, rendered in headless Chromium."""
 
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -57,6 +58,11 @@ def test_report_of_a_ranking_renders_in_chromium_with_its_figures(ranked_sample,
     ranking = pd.read_csv(ranked_sample / "ranking.csv")
     best = ranking.loc[ranking["car"].idxmax(), "teacher"]
     assert f"-> {best}" in markdown
+    # the bootstrap's verdict per base model, and the intervals and p_best beside each teacher
+    summary = json.loads((ranked_sample / "summary.json").read_text())
+    assert summary["confidence"]["sentences"] and all(s in markdown for s in summary["confidence"]["sentences"])
+    header = next(line for line in markdown.splitlines() if line.startswith("| base_model | teacher | car"))
+    assert header.startswith("| base_model | teacher | car | car_ci_low | car_ci_high | p_best |")
     page = (out / "report.html").read_text()
     assert 'src="http' not in page and "<script" not in page  # self-contained, static
     inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', page)

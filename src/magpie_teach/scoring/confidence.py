@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, car
+from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, car, short_name
 from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE, ConfidenceSettings
 
 INTERVAL_METRICS = ("car", "reward", "compat_loss")
@@ -132,21 +132,22 @@ class BaseModelConfidence:
         }
 
     def sentence(self, confidence: float) -> str:
-        """One sentence a reader can act on."""
+        """One sentence a reader can act on (models by their last path component)."""
         low, high = self.beta_range
         betas = f"beta >= {low:.3g}" if math.isinf(high) else f"beta in [{low:.3g}, {high:.3g}]"
+        leader, base = short_name(self.leader), short_name(self.base_model)
         if self.runner_up is None:
-            return f"{self.leader} is the only teacher scored for {self.base_model}."
+            return f"{leader} is the only teacher scored for {base}."
         if self.separated:
             return (
-                f"{self.leader} is the best teacher for {self.base_model} with probability {self.p_best:.2f} on "
+                f"{leader} is the best teacher for {base} with probability {self.p_best:.2f} on "
                 f"{self.n_instructions} instructions (ahead of every other teacher at {confidence:.0%} confidence); "
                 f"the top stays the same for {betas}."
             )
         return (
-            f"{self.leader} leads for {self.base_model} with probability {self.p_best:.2f} on "
-            f"{self.n_instructions} instructions, but {self.runner_up} is not separated from it at "
-            f"{confidence:.0%} confidence: score more instructions to decide (the top stays the same for {betas})."
+            f"{leader} leads for {base} with probability {self.p_best:.2f} on {self.n_instructions} instructions, "
+            f"but {short_name(self.runner_up)} is not separated from it at {confidence:.0%} confidence: score more "
+            f"instructions to decide (the top stays the same for {betas})."
         )
 
 
