@@ -1,5 +1,6 @@
 """Whole commands, run as a user runs them."""
 
+import json
 import subprocess
 import sys
 
@@ -123,10 +124,24 @@ def test_rank_writes_the_contracted_outputs(rank_run, tiny_suite):
     for row in ranking.itertuples():
         assert row.compat_loss == pytest.approx(means[(row.teacher, row.base_model)])
     corr = pd.read_csv(out / "correlations.csv", index_col="metric")
-    assert list(corr.columns) == [tiny_suite.base_small, tiny_suite.base_medium, "mean"]
-    assert corr.loc["car", "mean"] == pytest.approx(corr.loc["car"].iloc[:2].mean())
+    small, medium = tiny_suite.base_small, tiny_suite.base_medium
+    assert list(corr.columns) == [small, f"{small} ci_low", f"{small} ci_high", medium, f"{medium} ci_low",
+                                  f"{medium} ci_high", "mean"]  # fmt: skip
+    assert corr.loc["car", "mean"] == pytest.approx((corr.loc["car", small] + corr.loc["car", medium]) / 2)
     assert "ranked by CAR" in result.stdout and "Spearman" in result.stdout
     assert (out / "rank_config.yaml").exists() and (out / "summary.json").exists()
+    # the bootstrap (default 1000 replicates, seed 0) over the per-example scores written beside the ranking
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+
+    expected, verdicts = bootstrap_ranking(scores, aggregate(scores), 1000, 0.95, 0)
+    key = ["base_model", "teacher"]
+    columns = [f"{m}_ci_{end}" for m in ("car", "reward", "compat_loss") for end in ("low", "high")] + ["p_best"]
+    pd.testing.assert_frame_equal(ranking.sort_values(key)[columns].reset_index(drop=True),
+                                  expected.sort_values(key)[columns].reset_index(drop=True), rtol=1e-9)  # fmt: skip
+    confidence = json.loads((out / "summary.json").read_text())["confidence"]
+    assert confidence["base_models"] == [json.loads(json.dumps(v.to_json())) for v in verdicts]
+    assert confidence["sentences"] and all(sentence in result.stdout for sentence in confidence["sentences"])
 
 
 def test_rank_scores_match_the_engine_called_directly(rank_run, tiny_suite, sample_rows):
@@ -211,9 +226,13 @@ def test_rank_with_reward_column_and_sample(tmp_path, tiny_suite):
             "1",
             "--output",
             str(tmp_path / "o"),
+            "--bootstrap",
+            "0",
         ]
     )
     assert code == 0
+    assert "p_best" not in pd.read_csv(tmp_path / "o" / "ranking.csv").columns  # --bootstrap 0 turns it off
+    assert "confidence" not in json.loads((tmp_path / "o" / "summary.json").read_text())
     scores = pd.read_parquet(tmp_path / "o" / "scores.parquet")
     ids = scores.groupby("teacher")["id"].apply(lambda s: tuple(sorted(s)))
     assert ids.nunique() == 1 and len(ids.iloc[0]) == 4
