@@ -151,6 +151,25 @@ class BaseModelConfidence:
         )
 
 
+def paired_samples(scores: pd.DataFrame, rows: pd.DataFrame, n_replicates: int, seed: int) -> dict[str, np.ndarray]:
+    """Bootstrap replicates of one base model's teachers: ``scores`` are its per-example scores, ``rows`` its
+    ranking rows (their order is the column order; ``car_beta`` and ``car_reward_shift`` give CAR). Returns, for
+    each of :data:`INTERVAL_METRICS`, a (replicates x teachers) matrix."""
+    beta = float(rows["car_beta"].iloc[0])
+    shift = float(rows["car_reward_shift"].iloc[0])
+    teachers = rows["teacher"].tolist()
+    ids = pd.unique(scores["id"])
+    cells = scores.groupby(["teacher", "id"], sort=False)[["reward", "compat_loss"]]
+    totals = cells.sum()
+    sums = {
+        metric: totals[metric].unstack().reindex(index=teachers, columns=ids).to_numpy(dtype=np.float64)
+        for metric in ("reward", "compat_loss")
+    }
+    counts = cells.size().unstack().reindex(index=teachers, columns=ids).fillna(0).to_numpy(dtype=np.float64)
+    means = replicate_means(sums, counts, n_replicates, seed)
+    return {**means, "car": car(means["reward"] + shift, means["compat_loss"], beta)}
+
+
 def bootstrap_ranking(
     scores: pd.DataFrame,
     ranking: pd.DataFrame,
@@ -164,19 +183,9 @@ def bootstrap_ranking(
     ranking = ranking.copy()
     verdicts = []
     for base, rows in ranking.groupby("base_model", sort=False):
-        beta = float(rows["car_beta"].iloc[0])
-        shift = float(rows["car_reward_shift"].iloc[0])
-        teachers = rows["teacher"].tolist()
         subset = scores[scores["base_model"] == base]
         ids = pd.unique(subset["id"])
-        cells = subset.groupby(["teacher", "id"], sort=False)[["reward", "compat_loss"]]
-        sums = {
-            metric: cells.sum()[metric].unstack().reindex(index=teachers, columns=ids).to_numpy(dtype=np.float64)
-            for metric in ("reward", "compat_loss")
-        }
-        counts = cells.size().unstack().reindex(index=teachers, columns=ids).fillna(0).to_numpy(dtype=np.float64)
-        means = replicate_means(sums, counts, n_replicates, seed)
-        samples = {**means, "car": car(means["reward"] + shift, means["compat_loss"], beta)}
+        samples = paired_samples(subset, rows, n_replicates, seed)
         for metric in INTERVAL_METRICS:
             low, high = _quantiles(samples[metric], confidence)
             ranking.loc[rows.index, f"{metric}_ci_low"] = low
