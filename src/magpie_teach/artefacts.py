@@ -34,11 +34,15 @@ SFT_README = "README.md"
 SELECT_SUMMARY = "selection_summary.json"
 SELECT_DROPPED = "dropped.parquet"
 SELECT_CONFIG = "select_config.yaml"
+PROBE_SUMMARY = "probe_summary.json"
+PROBE_ROUNDS = "probe_rounds.csv"
+PROBE_RANK = "rank"  # the probe's rank-layout folder of everything it scored
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "rank": (SCORES, RANKING, CORRELATIONS, RANK_DROPPED, RANK_SUMMARY, RANK_CONFIG),
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
+    "probe": (PROBE_SUMMARY, PROBE_ROUNDS),
 }
 LOCK = ".magpie-teach.lock"
 

@@ -232,6 +232,44 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_probe(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from magpie_teach.config import build_config
+    from magpie_teach.errors import ConfigError
+    from magpie_teach.generation.probing import ReplayConfig, describe, probe_generate, probe_replay
+    from magpie_teach.settings import ProbeSettings
+
+    if args.config_file and args.replay:
+        raise ConfigError("give a generate YAML with a probe: block, or --replay DATA, not both")
+    if args.config_file:
+        from magpie_teach.generation.config import load_generate_config
+
+        probe_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
+        extra = [f.name for f in dataclasses.fields(ReplayConfig)
+                 if f.name not in probe_fields and getattr(args, f.name) not in (None, [])]  # fmt: skip
+        if extra:
+            raise ConfigError(
+                f"{', '.join('--' + e.replace('_', '-') for e in extra)}: with a YAML config, models and data come "
+                "from its scoring: and instructions: blocks (the flags of the probe: block may override it)"
+            )
+        overrides = {name: getattr(args, name) for name in probe_fields if getattr(args, name) is not None}
+        config = load_generate_config(args.config_file)
+        summary = probe_generate(config, overrides, dry_run=args.dry_run)
+        output = config.output_dir
+    else:
+        config = build_config(ReplayConfig, {f.name: getattr(args, f.name) for f in dataclasses.fields(ReplayConfig)})
+        summary = probe_replay(config, dry_run=args.dry_run)
+        output = config.output_dir
+    if args.dry_run:
+        print("\n".join(summary["plan"]))
+        print("dry run: the config is valid; nothing was generated")
+        return 0
+    print("\n".join(describe(summary)))
+    print(f"wrote {output}/probe_summary.json, probe_rounds.csv and {output}/rank/ (read by report, select and push)")
+    return 0
+
+
 def run_push(args: argparse.Namespace) -> int:
     from magpie_teach.hub.publish import PushConfig, push
 
@@ -415,6 +453,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_generate)
 
     _add_push_flags(p)
+
+    from magpie_teach.config import add_dataclass_arguments
+    from magpie_teach.generation.probing import ReplayConfig
+
+    p = sub.add_parser(
+        "probe",
+        help="a budgeted teacher search: stop generating for teachers that have lost",
+        description=(
+            "Generate and score in rounds of growing size (start, x growth, up to max_instructions), only for the "
+            "teachers still in the race, and stop when each base model has one teacher left, when the survivors are "
+            "within epsilon of each other, or when the budget is spent. A teacher is eliminated for a base model when "
+            "its leader is better at the chosen confidence, corrected (Bonferroni) for every comparison in every "
+            "round. CONFIG is a generate YAML with scoring: and probe: blocks; --replay DATA replays responses "
+            "already generated to measure what a probe would have spent."
+        ),
+        epilog=(
+            "examples:\n  magpie-teach probe pipelines/configs/tiny_cpu_probe.yaml --dry-run\n"
+            "  magpie-teach probe --replay zoo.parquet --reward-column ArmoRM-Llama3-8B-v0.1 "
+            "--base-model Qwen/Qwen2-1.5B --output runs/probe"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config_file", metavar="CONFIG", nargs="?", help="generate YAML with scoring: and probe: blocks")
+    p.add_argument("--dry-run", action="store_true", help="print the budget of the full grid and the first rounds")
+    add_dataclass_arguments(p, ReplayConfig)
+    p.set_defaults(func=run_probe)
 
     from magpie_teach.hub.publish import PushConfig
 

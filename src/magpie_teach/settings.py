@@ -12,7 +12,9 @@ Configs inherit them (as TRL's ``SFTConfig(_BaseConfig)`` does):
   over rows, with the scoring engine's defaults;
 * :class:`ConfidenceSettings` (``bootstrap``, ``confidence``, ``bootstrap_seed``): the verbs that rank teachers
   from scores (``rank``, ``generate``'s ``scoring:`` block), for the intervals of
-  :mod:`magpie_teach.scoring.confidence`.
+  :mod:`magpie_teach.scoring.confidence`;
+* :class:`ProbeSettings`: the ``probe:`` block of a `generate` YAML and `probe --replay`'s flags (the rounds of
+  :mod:`magpie_teach.scoring.probe`).
 
 Standard library only: ``magpie-teach --help`` imports these.
 """
@@ -155,6 +157,52 @@ class ConfidenceSettings:
             raise ConfigError(
                 f"{_key(where, 'confidence')} must be between 0 and 1 (e.g. 0.95), got {self.confidence}"
             )
+
+
+PROBE_METRICS = ("car", "reward", "compat_loss")
+
+
+@dataclass(kw_only=True)
+class ProbeSettings:
+    """The ``probe:`` block of a `generate` YAML (and `probe --replay`'s flags)."""
+
+    start: int = field(default=32, metadata={"help": "Instructions in the first round."})
+    growth: float = field(default=2.0, metadata={"help": "Each round covers this many times more instructions."})
+    max_instructions: int | None = field(
+        default=None, metadata={"help": "Budget: the most instructions a teacher answers (default: all there are)."}
+    )
+    confidence: float = field(
+        default=DEFAULT_CONFIDENCE,
+        metadata={"help": "Chance of never eliminating the truly best teacher (Bonferroni over teachers and rounds)."},
+    )
+    epsilon: float = field(
+        default=0.01,
+        metadata={"help": "Indifference margin, relative to the leader's value: survivors this close are a tie."},
+    )
+    metric: str = field(
+        default="car", metadata={"help": "The metric teachers race on.", "choices": list(PROBE_METRICS)}
+    )
+    bootstrap: int = field(default=DEFAULT_BOOTSTRAP, metadata={"help": "Bootstrap replicates per round."})
+    seed: int = field(default=0, metadata={"help": "Seed of the instruction order and of the bootstrap."})
+
+    def validate(self, where: str = "probe.") -> None:
+        def key(name: str) -> str:
+            return _key(where, name)
+
+        if self.start < 2:
+            raise ConfigError(f"{key('start')} must be >= 2, got {self.start}")
+        if self.growth <= 1:
+            raise ConfigError(f"{key('growth')} must be > 1, got {self.growth}")
+        if self.max_instructions is not None and self.max_instructions < self.start:
+            raise ConfigError(f"{key('max_instructions')} ({self.max_instructions}) is below start ({self.start})")
+        if not 0 < self.confidence < 1:
+            raise ConfigError(f"{key('confidence')} must be between 0 and 1, got {self.confidence}")
+        if self.epsilon < 0:
+            raise ConfigError(f"{key('epsilon')} must be >= 0, got {self.epsilon}")
+        if self.metric not in PROBE_METRICS:
+            raise ConfigError(f"{key('metric')} {self.metric!r} is not one of {', '.join(PROBE_METRICS)}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"{key('bootstrap')} must be >= 100 for the probe's decisions, got {self.bootstrap}")
 
 
 def _key(where: str, name: str) -> str:

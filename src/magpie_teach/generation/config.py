@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
+from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings, ProbeSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -154,6 +154,7 @@ class GenerateConfig:
     batch_size: int = 8
     scoring: ScoringConfig | None = None
     ray: RayConfig | None = None
+    probe: ProbeSettings | None = None  # read by `magpie-teach probe` (`generate` generates the full grid)
 
     def __post_init__(self) -> None:
         if (self.instructions.path is None) == (self.instructions.magpie is None):
@@ -164,6 +165,8 @@ class GenerateConfig:
             self.instructions.magpie.validate()
         if self.scoring is not None:
             self.scoring.validate()
+        if self.probe is not None:
+            self.probe.validate()
         names = [t.name for t in self.teachers]
         if not names:
             raise ConfigError("teachers: at least one teacher is needed")

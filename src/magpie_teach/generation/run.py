@@ -223,6 +223,26 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     return pipeline, parameters
 
 
+def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
+    """Generates ``work.todo`` into the response store (with progress); returns why the pipeline failed, if it did
+    (what finished is stored either way). `generate` and each round of `probe` run their teachers here."""
+    if not any(work.remaining.values()):
+        return None
+    pipeline, parameters = build_pipeline(config, work)
+    if config.ray is not None:
+        pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
+    pipeline = without_distilabel_cache(pipeline)
+    totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
+    with StoreProgress(response_store(config), totals):
+        try:
+            pipeline.run(use_cache=False, parameters=parameters)
+        except Exception as err:  # noqa: BLE001 - the caller reports it with what was kept and what is missing
+            failure = f"{type(err).__name__}: {err}"
+            logger.error("the generation pipeline failed: %s", failure)
+            return failure
+    return None
+
+
 def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
     if dry_run:
@@ -243,24 +263,10 @@ def _generate(config: GenerateConfig) -> dict:
 
     work = plan(config)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
-    failure = None
     out = Path(config.output_dir)
     summary["instructions_revision"] = work.instructions.attrs.get("revision")
     dump_config(config, out / artefacts.GENERATE_CONFIG)
-    if any(work.remaining.values()):
-        pipeline, parameters = build_pipeline(config, work)
-        if config.ray is not None:
-            pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
-        pipeline = without_distilabel_cache(pipeline)
-        totals = {
-            t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]
-        }
-        with StoreProgress(response_store(config), totals):
-            try:
-                pipeline.run(use_cache=False, parameters=parameters)
-            except Exception as err:  # noqa: BLE001 - reported below with what was kept and what is missing
-                failure = f"{type(err).__name__}: {err}"
-                logger.error("the generation pipeline failed: %s", failure)
+    failure = run_pipeline(config, work)
     rows = response_store(config).read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
     rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)

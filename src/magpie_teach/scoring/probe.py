@@ -24,61 +24,15 @@ every base model is decided, or when the budget (``max_instructions``, or every 
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
-from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.confidence import paired_samples
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, aggregate
-from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_CONFIDENCE
-
-PROBE_METRICS = ("car", "reward", "compat_loss")
-
-
-@dataclass(kw_only=True)
-class ProbeSettings:
-    """The ``probe:`` block of a `generate` YAML (and `probe --replay`'s flags)."""
-
-    start: int = field(default=32, metadata={"help": "Instructions in the first round."})
-    growth: float = field(default=2.0, metadata={"help": "Each round covers this many times more instructions."})
-    max_instructions: int | None = field(
-        default=None, metadata={"help": "Budget: the most instructions a teacher answers (default: all there are)."}
-    )
-    confidence: float = field(
-        default=DEFAULT_CONFIDENCE,
-        metadata={"help": "Chance of never eliminating the truly best teacher (Bonferroni over teachers and rounds)."},
-    )
-    epsilon: float = field(
-        default=0.01,
-        metadata={"help": "Indifference margin, relative to the leader's value: survivors this close are a tie."},
-    )
-    metric: str = field(
-        default="car", metadata={"help": "The metric teachers race on.", "choices": list(PROBE_METRICS)}
-    )
-    bootstrap: int = field(default=DEFAULT_BOOTSTRAP, metadata={"help": "Bootstrap replicates per round."})
-    seed: int = field(default=0, metadata={"help": "Seed of the instruction order and of the bootstrap."})
-
-    def validate(self, where: str = "probe.") -> None:
-        def key(name: str) -> str:
-            return f"--{name.replace('_', '-')}" if where == "--" else f"{where}{name}"
-
-        if self.start < 2:
-            raise ConfigError(f"{key('start')} must be >= 2, got {self.start}")
-        if self.growth <= 1:
-            raise ConfigError(f"{key('growth')} must be > 1, got {self.growth}")
-        if self.max_instructions is not None and self.max_instructions < self.start:
-            raise ConfigError(f"{key('max_instructions')} ({self.max_instructions}) is below start ({self.start})")
-        if not 0 < self.confidence < 1:
-            raise ConfigError(f"{key('confidence')} must be between 0 and 1, got {self.confidence}")
-        if self.epsilon < 0:
-            raise ConfigError(f"{key('epsilon')} must be >= 0, got {self.epsilon}")
-        if self.metric not in PROBE_METRICS:
-            raise ConfigError(f"{key('metric')} {self.metric!r} is not one of {', '.join(PROBE_METRICS)}")
-        if self.bootstrap < 100:
-            raise ConfigError(f"{key('bootstrap')} must be >= 100 for the probe's decisions, got {self.bootstrap}")
+from magpie_teach.settings import ProbeSettings
 
 
 def round_sizes(n_available: int, settings: ProbeSettings) -> list[int]:

@@ -293,9 +293,9 @@ def rank(config: RankConfig) -> RankResult:
 
 
 def _rank(config: RankConfig) -> RankResult:
-    from magpie_teach.data import load_responses, sample_instructions, text_columns
+    from magpie_teach.data import load_responses, sample_instructions
     from magpie_teach.modeling import check_model_source
-    from magpie_teach.scoring.metrics import ic_ifd, ifd, load_performance
+    from magpie_teach.scoring.metrics import load_performance
 
     for flag, models in (("--base-model", config.base_models), ("--reward-model", [config.reward_model]),
                          ("--reference-model", [config.reference_model])):  # fmt: skip
@@ -319,10 +319,23 @@ def _rank(config: RankConfig) -> RankResult:
     fingerprint = hashlib.sha1(
         (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
     ).hexdigest()[:16]
+    scores = score_rows(config, rows, fingerprint)
+    first = scores[scores["base_model"] == config.base_models[0]]
+    counts["reward_truncated"] = int(first["reward_truncated"].sum())
+    for base in config.base_models:
+        counts[f"truncated[{base}]"] = int(scores.loc[scores["base_model"] == base, "truncated"].sum())
+    return write_rank_outputs(config, scores, loaded, counts, performance)
+
+
+def score_rows(config: RankConfig, rows: pd.DataFrame, fingerprint: str = "") -> pd.DataFrame:
+    """Per-example scores of validated long-format ``rows`` under every base model of ``config`` (the rows of
+    ``scores.parquet``): the reward (model or column), each base model's losses, the reference model's
+    baselines. `rank` scores its data here, and `probe` each round's new responses."""
+    from magpie_teach.data import text_columns
+    from magpie_teach.scoring.metrics import ic_ifd, ifd
+
     base_rows = rows[text_columns(rows)].copy()
     base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
-    counts["reward_truncated"] = int(base_rows["reward_truncated"].sum())
-
     reference = None
     if config.reference_model:
         ref = _lm_scores(config, config.reference_model, rows, fingerprint)
@@ -340,5 +353,4 @@ def _rank(config: RankConfig) -> RankResult:
         if reference is not None:
             frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
         frames.append(frame)
-        counts[f"truncated[{base}]"] = int(frame["truncated"].sum())
-    return write_rank_outputs(config, pd.concat(frames, ignore_index=True), loaded, counts, performance)
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,349 @@
+"""`magpie-teach probe`: a budgeted teacher search that stops generating for teachers that have lost.
+
+Two ways to feed the rounds of :func:`magpie_teach.scoring.probe.run_probe`:
+
+* ``probe CONFIG``: a `generate` YAML with a ``scoring:`` and a ``probe:`` block. Each round generates the next
+  instructions for the teachers still in the race, through `generate`'s own pipeline and response store
+  (OUTPUT/store: nothing is generated twice, and a later `generate` of the same YAML reuses it), and scores them
+  with `rank`'s engine;
+* ``probe --replay DATA``: responses already generated (long or Generator-Zoo layout) are revealed in the same
+  rounds, to measure what a probe would have spent.
+
+Scores of revealed responses are stored per base model under OUTPUT/.probe (a killed probe resumes without
+scoring again). Outputs: ``probe_summary.json``, ``probe_rounds.csv``, and OUTPUT/rank, a `rank`-layout folder of
+every response the probe scored (a teacher eliminated early has fewer instructions: its ``n``), which `report`,
+`select` and `push` read.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from magpie_teach import artefacts
+from magpie_teach.errors import ConfigError, MagpieTeachError
+from magpie_teach.scoring.probe import ProbeResult, round_sizes, run_probe
+from magpie_teach.settings import CARSettings, ModelRunSettings, ProbeSettings
+
+if TYPE_CHECKING:
+    from magpie_teach.generation.config import GenerateConfig
+    from magpie_teach.scoring.rank import RankConfig
+
+logger = logging.getLogger(__name__)
+
+RULE = (
+    "Bonferroni over the (teachers - 1) comparisons with the leader in each planned round: a one-sided z test on "
+    "the paired bootstrap's standard error of the lead, at level (1 - confidence) / ((teachers - 1) * rounds)"
+)
+
+
+@dataclass
+class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings):
+    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the model run's are
+    inherited."""
+
+    replay: str | None = field(
+        default=None,
+        metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Output folder.", "flag": "--output"})
+    base_models: list[str] = field(
+        default_factory=list, metadata={"help": "Base model; repeat for several.", "flag": "--base-model"}
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model."})
+    reward_column: str | None = field(default=None, metadata={"help": "A precomputed reward column instead."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
+    teachers: list[str] = field(
+        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
+    )
+    drop_invalid: bool = field(
+        default=False, metadata={"help": "Drop instructions with invalid rows instead of failing (as rank does)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.replay or not self.output_dir:
+            raise ConfigError("give a generate YAML with a probe: block, or --replay DATA --output DIR")
+        if not self.base_models:
+            raise ConfigError("give at least one --base-model")
+        if (self.reward_model is None) == (self.reward_column is None):
+            raise ConfigError("give exactly one of --reward-model and --reward-column")
+        self.validate("--")
+        self.check_car()
+        self.check_run()
+
+
+class ScoreStore:
+    """Per-example scores of revealed responses, one batch store stage per base model, so a rerun scores only
+    what it has not scored yet."""
+
+    def __init__(self, out: Path, rank_config: "RankConfig"):
+        from magpie_teach.batch_store import BatchStore
+
+        self.store = BatchStore(out / ".probe" / "scores")
+        self.config = rank_config
+        self.stages = {
+            base: f"base-{i}-{hashlib.sha1(base.encode()).hexdigest()[:8]}"
+            for i, base in enumerate(rank_config.base_models)
+        }
+
+    def scores(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Scores of ``rows`` (validated responses) under every base model, scoring only the new ones."""
+        from magpie_teach.batch_store import BATCH_KEY
+        from magpie_teach.scoring.rank import score_rows
+
+        stored = {base: self.store.read(stage) for base, stage in self.stages.items()}
+        first = stored[self.config.base_models[0]]
+        done = rows[BATCH_KEY].merge(first[BATCH_KEY].assign(_done=True), on=BATCH_KEY, how="left")["_done"]
+        todo = rows[done.isna().to_numpy()]
+        if len(todo):
+            fresh = score_rows(self.config, todo.reset_index(drop=True))
+            for base, stage in self.stages.items():  # the first base model last: it marks the rows done
+                if base != self.config.base_models[0]:
+                    self.store.write(stage, fresh[fresh["base_model"] == base])
+            self.store.write(
+                self.stages[self.config.base_models[0]], fresh[fresh["base_model"] == self.config.base_models[0]]
+            )
+            stored = {base: self.store.read(stage) for base, stage in self.stages.items()}
+        keys = rows[BATCH_KEY]
+        return pd.concat(
+            [keys.merge(frame, on=BATCH_KEY, how="inner") for frame in stored.values()], ignore_index=True
+        )
+
+
+def _with_generation_index(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows if "generation_index" in rows.columns else rows.assign(generation_index=0)
+
+
+class _Progress:
+    """One line per round: the round, the survivors and the spend (on a terminal and in a log alike)."""
+
+    def __init__(self, n_teachers: int, sizes: list[int], full: int, generations: dict[str, int]):
+        self.n_teachers, self.sizes, self.full, self.generations = n_teachers, sizes, full, generations
+        self.start = time.monotonic()
+
+    def __call__(self, k: int, size: int, survivors: list[str], revealed: dict[str, int]) -> None:
+        used = sum(n * self.generations.get(t, 1) for t, n in revealed.items())
+        elapsed = time.monotonic() - self.start
+        race = (
+            f"{len(survivors)} of {self.n_teachers} teachers still in the race"
+            + (f": {', '.join(survivors)}" if len(survivors) <= 6 else "")
+            if survivors
+            else "every base model decided"
+        )
+        print(
+            f"round {k}/{len(self.sizes)}: {size} instructions; {race}; {used:,} of {self.full:,} responses "
+            f"({used / self.full:.1%} of the grid); {elapsed:.0f} s",
+            flush=True,
+        )
+
+
+def _write_outputs(
+    out: Path,
+    result: ProbeResult,
+    rank_config: "RankConfig",
+    settings: ProbeSettings,
+    generations: dict[str, int],
+    tokens: dict[str, int],
+    source: str,
+    n_available: int,
+) -> dict:
+    from magpie_teach.data import LoadedResponses
+    from magpie_teach.scoring.rank import write_rank_outputs
+
+    teachers = list(result.revealed)
+    budget = result.sizes[-1]
+    used = sum(n * generations.get(t, 1) for t, n in result.revealed.items())
+    full = sum(budget * generations.get(t, 1) for t in teachers)
+    summary = {
+        "decisions": result.decisions,
+        "responses_used": used,
+        "responses_full": full,
+        "share_of_full_grid": used / full if full else float("nan"),
+        "instructions_per_teacher": result.revealed,
+        "tokens_generated": tokens,
+        "rounds_planned": len(result.sizes),
+        "rounds_run": result.finished_round,
+        "round_sizes": result.sizes,
+        "stopped_because": result.stop_reason,
+        "instructions_available": n_available,
+        "rule": RULE,
+        "settings": dataclasses.asdict(settings),
+        "source": source,
+    }
+    files = artefacts.RunOutputs(out, "probe")
+    files.write(artefacts.PROBE_ROUNDS, lambda tmp: result.rounds.to_csv(tmp, index=False))
+    scores = result.scores
+    loaded = LoadedResponses(scores.drop_duplicates(["teacher", "id", "generation_index"]), pd.DataFrame(), source)
+    counts = {"rows_scored": int(len(scores) // max(len(rank_config.base_models), 1))}
+    write_rank_outputs(rank_config, scores, loaded, counts)
+    files.write(artefacts.PROBE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    files.finish()
+    return summary
+
+
+def _replay_rank_config(config: ReplayConfig) -> "RankConfig":
+    from magpie_teach.scoring.rank import RankConfig
+
+    shared = {
+        f.name: getattr(config, f.name) for cls in (CARSettings, ModelRunSettings) for f in dataclasses.fields(cls)
+    }
+    return RankConfig(
+        data=config.replay, output_dir=str(Path(config.output_dir) / artefacts.PROBE_RANK), base_models=list(config.base_models),
+        reward_model=config.reward_model, reward_column=config.reward_column, revision=config.revision,
+        split=config.split, teachers=list(config.teachers), drop_invalid=config.drop_invalid, cache=False,
+        bootstrap=config.bootstrap, confidence=config.confidence, bootstrap_seed=config.seed, **shared,
+    )  # fmt: skip
+
+
+def plan_text(sizes: list[int], teachers: dict[str, int], max_new_tokens: dict[str, int] | None = None) -> list[str]:
+    """The budget in advance: generations (and a token bound) of the full grid and of the probe's first rounds."""
+    full = sum(sizes[-1] * g for g in teachers.values())
+
+    def tokens(n: int) -> str:
+        if not max_new_tokens:
+            return ""
+        bound = sum(n * g * max_new_tokens[t] for t, g in teachers.items())
+        return f", at most {bound:,} generated tokens"
+
+    lines = [
+        f"full grid: {len(teachers)} teachers x {sizes[-1]:,} instructions = {full:,} generations{tokens(sizes[-1])}"
+    ]
+    previous = 0
+    for k, size in enumerate(sizes[:3], start=1):
+        new = sum((size - previous) * g for g in teachers.values())
+        lines.append(
+            f"probe round {k}/{len(sizes)}: {size:,} instructions; at most {new:,} new generations if every teacher is "
+            f"still in the race{tokens(size - previous)}"
+        )
+        previous = size
+    return lines
+
+
+def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
+    """Replays responses already generated in the probe's rounds; returns ``probe_summary.json``'s content."""
+    from magpie_teach.data import load_responses
+
+    loaded = load_responses(config.replay, revision=config.revision, split=config.split,
+                            reward_column=config.reward_column, drop_invalid=config.drop_invalid,
+                            teachers=config.teachers or None)  # fmt: skip
+    rows = _with_generation_index(loaded.rows)
+    teachers = list(dict.fromkeys(rows["teacher"]))
+    ids = list(pd.unique(rows["id"]))
+    sizes = round_sizes(len(ids), config)
+    generations = rows.groupby("teacher")[["id"]].size().floordiv(len(ids)).clip(lower=1).to_dict()
+    if dry_run:
+        return {"plan": plan_text(sizes, generations), "sizes": sizes}
+    from magpie_teach.modeling import check_model_source
+
+    for model in [*config.base_models, config.reward_model]:
+        if model:
+            check_model_source(model, "--base-model" if model in config.base_models else "--reward-model")
+    out = Path(config.output_dir)
+    with artefacts.locked(out):
+        rank_config = _replay_rank_config(config)
+        store = ScoreStore(out, rank_config)
+        indexed = rows.set_index(["teacher", "id"]).sort_index()
+
+        def reveal(who: list[str], new: list) -> pd.DataFrame:
+            wanted = indexed.loc[indexed.index.isin(pd.MultiIndex.from_product([who, new]))].reset_index()
+            return store.scores(wanted)
+
+        full = sum(sizes[-1] * generations.get(t, 1) for t in teachers)
+        result = run_probe(ids, teachers, list(config.base_models), reveal, config, config.beta, config.reward_shift,
+                           on_round=_Progress(len(teachers), sizes, full, generations))  # fmt: skip
+        used = rows.merge(result.scores[["teacher", "id", "generation_index"]].drop_duplicates(), how="inner")
+        tokens = used.groupby("teacher")["n_tokens"].sum().astype(int).to_dict() if "n_tokens" in used else {}
+        return _write_outputs(out, result, rank_config, config, generations, tokens, config.replay, len(ids))
+
+
+def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = None, dry_run: bool = False) -> dict:
+    """The probe of a `generate` YAML with ``scoring:`` and ``probe:`` blocks (``overrides``: flags given)."""
+    from magpie_teach.generation.run import GeneratePlan, load_instructions, response_store, run_pipeline
+    from magpie_teach.generation.score_stage import rank_config as scoring_rank_config
+
+    if config.scoring is None:
+        raise ConfigError("probe: the config needs a scoring: block (reward_model and base_models)")
+    settings = dataclasses.replace(config.probe or ProbeSettings(), **(overrides or {}))
+    settings.validate()
+    if config.instructions.magpie is not None:
+        raise ConfigError("probe: instructions must come from a file or Hub data set (generate Magpie ones first)")
+    instructions, counts = load_instructions(config)
+    ids = list(instructions["id"])
+    sizes = round_sizes(len(ids), settings)
+    generations = {t.name: t.num_generations for t in config.teachers}
+    if dry_run:
+        caps = {t.name: t.sampling.max_new_tokens for t in config.teachers}
+        return {"plan": plan_text(sizes, generations, caps), "sizes": sizes}
+    from magpie_teach.processes import reap_descendants
+
+    out = Path(config.output_dir)
+    with artefacts.locked(out), reap_descendants():
+        rank_config = dataclasses.replace(
+            scoring_rank_config(config), output_dir=str(out / artefacts.PROBE_RANK), bootstrap=settings.bootstrap,
+            confidence=settings.confidence, bootstrap_seed=settings.seed, cache=False,
+        )  # fmt: skip
+        store = ScoreStore(out, rank_config)
+        responses = response_store(config)
+        by_id = instructions.set_index("id", drop=False)
+        failed: dict[str, int] = {}
+
+        def reveal(who: list[str], new: list) -> pd.DataFrame:
+            wanted = by_id.loc[new].reset_index(drop=True)
+            todo = {t.name: (wanted[~wanted["id"].isin(responses.done_ids(t.name))] if t.name in who
+                             else wanted.iloc[:0]) for t in config.teachers}  # fmt: skip
+            work = GeneratePlan(wanted, counts, {n: len(r) for n, r in todo.items()}, todo)
+            failure = run_pipeline(config, work)
+            rows = responses.read()
+            rows = rows[rows["teacher"].isin(who) & rows["id"].isin(new)]
+            missing = {t: len(new) * generations[t] - int((rows["teacher"] == t).sum()) for t in who}
+            missing = {t: n for t, n in missing.items() if n}
+            if missing or failure:
+                raise MagpieTeachError(
+                    f"probe: generation left rows missing {missing}: {failure or 'a pipeline step failed'}; finished "
+                    f"batches are kept in {out / 'store'}, and rerunning the same command resumes"
+                )
+            bad = rows["status"] != "ok"
+            for teacher, n in rows.loc[bad, "teacher"].value_counts().items():
+                failed[str(teacher)] = failed.get(str(teacher), 0) + int(n)
+            rows = rows[~bad].merge(wanted.drop(columns=["instruction"], errors="ignore"), on="id", how="left")
+            return store.scores(_with_generation_index(rows))
+
+        teachers = [t.name for t in config.teachers]
+        full = sum(sizes[-1] * g for g in generations.values())
+        result = run_probe(ids, teachers, list(config.scoring.base_models), reveal, settings, config.scoring.beta,
+                           config.scoring.reward_shift, on_round=_Progress(len(teachers), sizes, full, generations))  # fmt: skip
+        stored = responses.read()
+        used = stored.merge(result.scores[["teacher", "id", "generation_index"]].drop_duplicates(), how="inner")
+        tokens = used.groupby("teacher")["n_tokens"].sum().astype(int).to_dict()
+        summary = _write_outputs(out, result, rank_config, settings, generations, tokens, str(config.instructions.path),
+                                 len(ids))  # fmt: skip
+        summary["failed_generations"] = failed
+        return summary
+
+
+def describe(summary: dict) -> list[str]:
+    """What a user reads at the end: the decision per base model and the spend."""
+    lines = []
+    for decision in summary["decisions"]:
+        state = "decided" if decision["decided"] else "not decided"
+        lines.append(
+            f"{decision['base_model']}: {decision['teacher']} ({state}: {decision['reason']}; p_best "
+            f"{decision['confidence']:.2f}; candidates left: {', '.join(decision['candidates'])})"
+        )
+    share = summary["share_of_full_grid"]
+    lines.append(
+        f"spent {summary['responses_used']:,} of {summary['responses_full']:,} responses "
+        f"({share:.1%} of the full grid) in {summary['rounds_run']} of {summary['rounds_planned']} rounds; "
+        f"stopped: {summary['stopped_because']}"
+    )
+    if math.isfinite(share) and summary.get("tokens_generated"):
+        lines.append("tokens per teacher: " + ", ".join(f"{t} {n:,}" for t, n in summary["tokens_generated"].items()))
+    return lines
