@@ -235,9 +235,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_probe(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from magpie_teach.config import build_config
+    from magpie_teach.config import build_config, flag_name
     from magpie_teach.errors import ConfigError
-    from magpie_teach.generation.probing import ReplayConfig, describe, probe_generate, probe_replay
+    from magpie_teach.generation.config import ReplayConfig
+    from magpie_teach.generation.probing import describe, probe_generate, probe_replay
     from magpie_teach.settings import ProbeSettings
 
     if args.config_file and args.replay:
@@ -246,11 +247,11 @@ def run_probe(args: argparse.Namespace) -> int:
         from magpie_teach.generation.config import load_generate_config
 
         probe_fields = {f.name for f in dataclasses.fields(ProbeSettings)}
-        extra = [f.name for f in dataclasses.fields(ReplayConfig)
+        extra = [flag_name(f) for f in dataclasses.fields(ReplayConfig)
                  if f.name not in probe_fields and getattr(args, f.name) not in (None, [])]  # fmt: skip
         if extra:
             raise ConfigError(
-                f"{', '.join('--' + e.replace('_', '-') for e in extra)}: with a YAML config, models and data come "
+                f"{', '.join(extra)}: with a YAML config, models and data come "
                 "from its scoring: and instructions: blocks (the flags of the probe: block may override it)"
             )
         overrides = {name: getattr(args, name) for name in probe_fields if getattr(args, name) is not None}
@@ -455,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push_flags(p)
 
     from magpie_teach.config import add_dataclass_arguments
-    from magpie_teach.generation.probing import ReplayConfig
+    from magpie_teach.generation.config import ReplayConfig
 
     p = sub.add_parser(
         "probe",

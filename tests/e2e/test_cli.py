@@ -10,7 +10,7 @@ import pytest
 
 from magpie_teach.cli import build_parser, main
 
-SUBCOMMANDS = ["rank", "paradox", "select", "train", "validate", "tiny", "demo"]
+SUBCOMMANDS = ["rank", "paradox", "select", "train", "validate", "tiny", "demo", "probe"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -228,3 +228,39 @@ def load_generate_config(path: str) -> GenerateConfig:
         return with_absolute_paths(from_dict(GenerateConfig, values))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+@dataclass
+class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings):
+    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the model run's are
+    inherited."""
+
+    replay: str | None = field(
+        default=None,
+        metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Output folder.", "flag": "--output"})
+    base_models: list[str] = field(
+        default_factory=list, metadata={"help": "Base model; repeat for several.", "flag": "--base-model"}
+    )
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model."})
+    reward_column: str | None = field(default=None, metadata={"help": "A precomputed reward column instead."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
+    teachers: list[str] = field(
+        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
+    )
+    drop_invalid: bool = field(
+        default=False, metadata={"help": "Drop instructions with invalid rows instead of failing (as rank does)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.replay or not self.output_dir:
+            raise ConfigError("give a generate YAML with a probe: block, or --replay DATA --output DIR")
+        if not self.base_models:
+            raise ConfigError("give at least one --base-model")
+        if (self.reward_model is None) == (self.reward_column is None):
+            raise ConfigError("give exactly one of --reward-model and --reward-column")
+        self.validate("--")
+        self.check_car()
+        self.check_run()

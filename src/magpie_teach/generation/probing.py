@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ import pandas as pd
 
 from magpie_teach import artefacts
 from magpie_teach.errors import ConfigError, MagpieTeachError
+from magpie_teach.generation.config import ReplayConfig
 from magpie_teach.scoring.probe import ProbeResult, round_sizes, run_probe
 from magpie_teach.settings import CARSettings, ModelRunSettings, ProbeSettings
 
@@ -42,42 +42,6 @@ RULE = (
     "Bonferroni over the (teachers - 1) comparisons with the leader in each planned round: a one-sided z test on "
     "the paired bootstrap's standard error of the lead, at level (1 - confidence) / ((teachers - 1) * rounds)"
 )
-
-
-@dataclass
-class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings):
-    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the model run's are
-    inherited."""
-
-    replay: str | None = field(
-        default=None,
-        metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
-    )
-    output_dir: str | None = field(default=None, metadata={"help": "Output folder.", "flag": "--output"})
-    base_models: list[str] = field(
-        default_factory=list, metadata={"help": "Base model; repeat for several.", "flag": "--base-model"}
-    )
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model."})
-    reward_column: str | None = field(default=None, metadata={"help": "A precomputed reward column instead."})
-    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
-    teachers: list[str] = field(
-        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
-    )
-    drop_invalid: bool = field(
-        default=False, metadata={"help": "Drop instructions with invalid rows instead of failing (as rank does)."}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.replay or not self.output_dir:
-            raise ConfigError("give a generate YAML with a probe: block, or --replay DATA --output DIR")
-        if not self.base_models:
-            raise ConfigError("give at least one --base-model")
-        if (self.reward_model is None) == (self.reward_column is None):
-            raise ConfigError("give exactly one of --reward-model and --reward-column")
-        self.validate("--")
-        self.check_car()
-        self.check_run()
 
 
 class ScoreStore:
@@ -154,6 +118,7 @@ def _write_outputs(
     tokens: dict[str, int],
     source: str,
     n_available: int,
+    failed: dict[str, int] | None = None,
 ) -> dict:
     from magpie_teach.data import LoadedResponses
     from magpie_teach.scoring.rank import write_rank_outputs
@@ -168,6 +133,7 @@ def _write_outputs(
         "responses_full": full,
         "share_of_full_grid": used / full if full else float("nan"),
         "instructions_per_teacher": result.revealed,
+        "failed_generations": failed or {},
         "tokens_generated": tokens,
         "rounds_planned": len(result.sizes),
         "rounds_run": result.finished_round,
@@ -323,10 +289,8 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
         stored = responses.read()
         used = stored.merge(result.scores[["teacher", "id", "generation_index"]].drop_duplicates(), how="inner")
         tokens = used.groupby("teacher")["n_tokens"].sum().astype(int).to_dict()
-        summary = _write_outputs(out, result, rank_config, settings, generations, tokens, str(config.instructions.path),
-                                 len(ids))  # fmt: skip
-        summary["failed_generations"] = failed
-        return summary
+        return _write_outputs(out, result, rank_config, settings, generations, tokens, str(config.instructions.path),
+                              len(ids), failed)  # fmt: skip
 
 
 def describe(summary: dict) -> list[str]:
