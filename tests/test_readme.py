@@ -99,7 +99,7 @@ def test_readme_generate_commands_run(tmp_path):
     responses = pd.read_parquet(tmp_path / "outputs" / "generate-tiny" / "responses.parquet")
     assert set(responses["teacher"]) == {"tiny-greedy", "tiny-sampled"}
     printed = run("generate", "pipelines/configs/tiny_cpu_magpie_scored.yaml", cwd=tmp_path).stdout
-    assert "rank_car" in printed
+    assert "p_best" in printed and "ranked by CAR" in printed
     ranking = pd.read_csv(tmp_path / "outputs" / "generate-magpie" / "rank" / "ranking.csv")
     assert set(ranking["teacher"]) == {"tiny-greedy", "tiny-best-of-2"} and ranking["base_model"].nunique() == 2
     run("report", "outputs/generate-magpie/rank", "--output", "outputs/generate-magpie/report", cwd=tmp_path)

@@ -17,6 +17,7 @@ import yaml
 from magpie_teach.artefacts import read_rank_folder
 from magpie_teach.scoring.probe import instruction_order
 from tests.conftest import REPO
+from tests.readme_commands import run_readme_command
 
 KEY = ["teacher", "id", "generation_index"]
 
@@ -50,14 +51,27 @@ def stored_rows(store: Path) -> tuple[int, pd.DataFrame]:
     return len(everything), everything.drop_duplicates(KEY)
 
 
+def readme_folder(tmp_path: Path, tiny_suite) -> Path:
+    """A folder where the README's probe commands run as written: the shipped configs, and the tiny models where
+    `magpie-teach tiny --output outputs/models` puts them."""
+    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
+    (tmp_path / "src").symlink_to(REPO / "src")
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "models").symlink_to(Path(tiny_suite.base_small).parent)
+    return tmp_path
+
+
 @pytest.mark.slow
-def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_sigkill(
-    tmp_path, tiny_suite, sample_path
-):
-    config = probe_config(tmp_path, tiny_suite, sample_path)
-    out = tmp_path / "probe"
-    process = subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", "probe", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_sigkill(tmp_path, tiny_suite):
+    """The README's probe commands on the shipped tiny config: killed during its first round, then run again."""
+    folder = readme_folder(tmp_path, tiny_suite)
+    command = ["probe", "pipelines/configs/tiny_cpu_probe.yaml"]
+    dry = run_readme_command([*command, "--dry-run"], cwd=folder, capture_output=True, text=True)
+    assert dry.returncode == 0 and "full grid: 3 teachers x 24 instructions = 72 generations" in dry.stdout
+    out = folder / "outputs" / "probe-tiny"
+    assert not out.exists()
+    process = run_readme_command(command, background=True, cwd=folder, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
     while not list((out / "store").glob("*/batch-*.parquet")) and process.poll() is None:
         assert time.monotonic() < deadline, "no batch stored within 240 s"
@@ -67,7 +81,7 @@ def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_
     before = {p: p.stat().st_mtime_ns for p in (out / "store").glob("*/batch-*.parquet")}
     assert before and not (out / "probe_summary.json").exists()
 
-    result = cli("probe", str(config), timeout=400)
+    result = run_readme_command(command, cwd=folder, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "round 1/3: 8 instructions" in result.stdout
     # what was stored before the kill is kept as it was, and no response was generated twice
@@ -81,8 +95,8 @@ def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_
     assert decision["teacher"] == "tiny-greedy" and decision["decided"]
     assert decision["candidates"] == ["tiny-greedy"]
     # each teacher answered exactly the first instructions of the probe's order, as many as its rounds needed
-    ids = yaml.safe_load(config.read_text())
-    instructions = pd.read_json(sample_path, lines=True).drop_duplicates("instruction")
+    ids = yaml.safe_load((folder / command[1]).read_text())
+    instructions = pd.read_json(REPO / ids["instructions"]["path"], lines=True).drop_duplicates("instruction")
     from magpie_teach.data import instruction_id
 
     order = instruction_order([instruction_id(t) for t in instructions["instruction"]], ids["probe"].get("seed", 0))
@@ -105,7 +119,7 @@ def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_
 
     # a rerun of the finished probe generates and scores nothing again, and decides the same
     files = {p: p.stat().st_mtime_ns for p in [*out.glob("store/*/batch-*"), *out.glob(".probe/**/batch-*")]}
-    again = cli("probe", str(config), timeout=300)
+    again = cli(*command, cwd=folder, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in [*out.glob("store/*/batch-*"), *out.glob(".probe/**/batch-*")]} == files
     assert json.loads((out / "probe_summary.json").read_text())["decisions"] == summary["decisions"]
