@@ -231,3 +231,54 @@ def test_bootstrap_settings_are_checked():
         bootstrap_ranking(scores, aggregate(scores), confidence=95)
     with pytest.raises(ConfigError, match="--bootstrap must be >= 0"):
         bootstrap_ranking(scores, aggregate(scores), n_replicates=-1)
+
+
+def test_intervals_belong_to_their_teacher_whatever_the_row_order():
+    scores = synthetic_scores({"a": (3.0, 1.0), "b": (1.0, 1.0), "c": (2.0, 0.5)}, n=40, seed=8)
+    ranking = aggregate(scores)
+    straight, _ = bootstrap_ranking(scores, ranking, n_replicates=300)
+    # the ranking sorted by CAR, the scores shuffled: each teacher keeps its own interval and p_best
+    shuffled = scores.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    shuffled = shuffled.set_index("id").loc[list(dict.fromkeys(scores["id"]))].reset_index()  # same id order
+    sorted_ranking = ranking.sort_values("car").reset_index(drop=True)
+    resorted, _ = bootstrap_ranking(shuffled, sorted_ranking, n_replicates=300)
+    columns = ["car_ci_low", "car_ci_high", "reward_ci_low", "compat_loss_ci_high", "p_best"]
+    pd.testing.assert_frame_equal(straight.set_index("teacher").sort_index()[columns],
+                                  resorted.set_index("teacher").sort_index()[columns], rtol=1e-12)  # fmt: skip
+
+
+def test_the_verdict_names_its_teachers_counts_and_beta_range():
+    # a: high reward, high loss; b: lower reward, low loss. At beta 1, a leads; it stays first up to the crossing
+    scores = synthetic_scores({"a": (4.0, 2.0), "b": (2.0, 0.5)}, n=50, seed=6)
+    ranking = aggregate(scores, beta=0.2, reward_shift=1.5)
+    _, (verdict,) = bootstrap_ranking(scores, ranking, n_replicates=200)
+    assert verdict.n_instructions == 50 and verdict.runner_up is not None
+    rows = ranking.set_index("teacher")
+    reward, loss = (rows["reward"] + 1.5).to_numpy(), rows["compat_loss"].to_numpy()
+    assert verdict.leader == rows["car"].idxmax()
+    leader = list(rows.index).index(verdict.leader)
+    assert verdict.beta_range == top_beta_range(reward, loss, leader)  # the shifted rewards
+    low, high = verdict.beta_range
+    assert math.isfinite(high) and low <= 0.2 <= high
+    sentence = verdict.sentence(0.9)
+    assert (
+        sentence.startswith(f"{verdict.leader} ") and f"for m with probability {verdict.p_best:.2f} on 50" in sentence
+    )
+    assert f"beta in [{low:.3g}, {high:.3g}]" in sentence
+    if not verdict.separated:
+        assert f"but {verdict.runner_up} is not separated" in sentence
+    models = scores.assign(teacher="org/" + scores["teacher"], base_model="models/base")
+    _, (named,) = bootstrap_ranking(models, aggregate(models, beta=0.2, reward_shift=1.5), n_replicates=200)
+    assert named.sentence(0.9).startswith(f"{verdict.leader} ") and " for base with" in named.sentence(0.9)
+
+
+def test_a_single_teacher_and_two_teachers_get_their_verdicts():
+    one = synthetic_scores({"solo": (2.0, 1.0)}, n=10, seed=0)
+    _, (verdict,) = bootstrap_ranking(one, aggregate(one), n_replicates=50)
+    assert verdict.runner_up is None and verdict.p_best == 1.0 and verdict.difference_ci is None
+    assert verdict.sentence(0.95) == "solo is the only teacher scored for m."
+    two = synthetic_scores({"x": (3.0, 1.0), "y": (1.0, 1.0)}, n=30, seed=0)
+    _, (verdict,) = bootstrap_ranking(two, aggregate(two), n_replicates=200)
+    assert (verdict.leader, verdict.runner_up, verdict.separated) == ("x", "y", True)
+    with pytest.raises(ConfigError, match="at least one replicate"):
+        bootstrap_ranking(two, aggregate(two), n_replicates=0)

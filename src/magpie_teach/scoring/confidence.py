@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, car, short_name
 from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE, ConfidenceSettings
 
@@ -65,10 +66,7 @@ def replicate_means(
 
 def _quantiles(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     alpha = (1.0 - confidence) / 2.0
-    with np.errstate(invalid="ignore"):
-        low = np.nanquantile(samples, alpha, axis=0) if samples.size else np.array([])
-        high = np.nanquantile(samples, 1.0 - alpha, axis=0) if samples.size else np.array([])
-    return low, high
+    return np.nanquantile(samples, alpha, axis=0), np.nanquantile(samples, 1.0 - alpha, axis=0)
 
 
 def share_of_firsts(values: np.ndarray) -> np.ndarray:
@@ -180,6 +178,8 @@ def bootstrap_ranking(
     """Adds ``<metric>_ci_low``/``_ci_high`` (for :data:`INTERVAL_METRICS`) and ``p_best`` to ``ranking`` (from
     :func:`magpie_teach.scoring.metrics.aggregate`), and returns the per-base-model verdicts."""
     ConfidenceSettings(bootstrap=n_replicates, confidence=confidence).check_confidence()
+    if n_replicates < 1:
+        raise ConfigError("the bootstrap needs at least one replicate (--bootstrap 0 turns it off instead)")
     ranking = ranking.copy()
     verdicts = []
     for base, rows in ranking.groupby("base_model", sort=False):
@@ -210,9 +210,9 @@ def _verdict(
     differences = car_samples[:, [leader]] - car_samples  # replicates x teachers
     low, high = _quantiles(differences, confidence)
     others = [j for j in range(len(teachers)) if j != leader]
-    separated = bool(all(low[j] > 0 for j in others)) if len(car_samples) else False
+    separated = bool(all(low[j] > 0 for j in others))
     runner_up = int(order[1])
-    interval = (float(low[runner_up]), float(high[runner_up])) if len(car_samples) else None
+    interval = (float(low[runner_up]), float(high[runner_up]))
     return BaseModelConfidence(
         base, n, teachers[leader], teachers[runner_up], float(p_best[leader]), separated, interval, beta_range
     )
