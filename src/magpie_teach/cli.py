@@ -216,6 +216,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if config.scoring is not None:
         print(f"  then scoring: reward {config.scoring.reward_model}, base models {config.scoring.base_models}")
     if args.dry_run:
+        teachers = {t.name: t for t in config.teachers}
+        left = {name: n * teachers[name].num_generations for name, n in summary["remaining"].items()}
+        tokens = sum(n * teachers[name].sampling.max_new_tokens for name, n in left.items())
+        print(f"to generate: {sum(left.values()):,} generations, at most {tokens:,} generated tokens (max_new_tokens)")
+        if config.probe is not None:
+            print("with a probe: block, `magpie-teach probe CONFIG --dry-run` shows what its first rounds cost")
         print("dry run: the config is valid; nothing was generated")
         return 0
     for name, teacher in summary["teachers"].items():

@@ -101,6 +101,7 @@ def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
     result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(config), "--dry-run"],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and "small: 24 instruction(s) to generate" in result.stdout
+    assert "to generate: 48 generations, at most 768 generated tokens" in result.stdout  # 2 x 24 x 16 tokens
     assert not (tmp_path / "out" / "store").exists()
     text = config.read_text().replace("max_new_tokens", "max_new_tokenz", 1)
     config.write_text(text)
