@@ -145,3 +145,76 @@ def test_reward_shift_boundaries():
     assert resolve_reward_shift(small, "auto") == 0.0
     equal = pd.Series({"t1": -1.0, "t2": -1.0})
     assert resolve_reward_shift(equal, "auto") == pytest.approx(2.0)  # spread 0: the lowest lands at 1
+
+
+def _ranking(base: str, teachers: list[str], car_values: list[float], **columns) -> pd.DataFrame:
+    return pd.DataFrame({"teacher": teachers, "base_model": base, "car": car_values, **columns})
+
+
+def test_correlations_match_by_last_path_component_and_only_on_matched_teachers(caplog):
+    ranking = _ranking("models/Qwen2-1.5B", ["org/t1", "org/t2", "org/t3", "org/t4"], [0.1, 0.4, 0.3, 0.9])
+    performance = pd.DataFrame({"teacher": ["t1", "t2", "t3", "other"], "base_model": "Qwen2-1.5B",
+                                "ap": [1.0, 3.0, 2.0, 9.0]})  # fmt: skip
+    with caplog.at_level("WARNING"):
+        table = correlations(ranking, performance, ["car"])
+    assert "base model models/Qwen2-1.5B: no performance numbers for ['t4']" in caplog.text
+    assert table.loc["car", "models/Qwen2-1.5B"] == pytest.approx(spearmanr([0.1, 0.4, 0.3], [1, 3, 2]).statistic)
+    assert table.loc["n_teachers", "models/Qwen2-1.5B"] == 3.0 and math.isnan(table.loc["n_teachers", "mean"])
+    assert table.index.name == "metric"  # correlations.csv's first column header
+
+
+def test_correlations_need_three_matched_teachers():
+    ranking = _ranking("b", ["t1", "t2", "t3"], [0.1, 0.2, 0.3])
+    performance = pd.DataFrame({"teacher": ["t1", "t2", "x"], "base_model": "b", "ap": [1.0, 2.0, 3.0]})
+    with pytest.raises(ConfigError, match=r"base model 'b': only 2 teacher\(s\) have performance numbers"):
+        correlations(ranking, performance, ["car"])
+
+
+def test_a_constant_metric_has_no_rho_and_the_other_metrics_still_do():
+    ranking = _ranking("b", ["t1", "t2", "t3", "t4"], [0.1, 0.4, 0.3, 0.2], length=[5.0, 5.0, 5.0, 5.0],
+                       reward=[1.0, 1.0, 2.0, 2.0], compat_loss=[1.0, 2.0, 3.0, 4.0])  # fmt: skip
+    performance = pd.DataFrame({"teacher": ["t1", "t2", "t3", "t4"], "base_model": "b", "ap": [1.0, 4.0, 3.0, 2.0]})
+    table = correlations(ranking, performance, ["length", "car", "reward", "compat_loss"])
+    assert math.isnan(table.loc["length", "b"])  # listed first: the metrics after it are still computed
+    assert table.loc["car", "b"] == pytest.approx(1.0)
+    # two distinct values are enough for a rho
+    assert table.loc["reward", "b"] == pytest.approx(spearmanr([1, 1, 2, 2], [1, 4, 3, 2]).statistic)
+    assert table.loc["compat_loss", "b"] == pytest.approx(spearmanr([-1, -2, -3, -4], [1, 4, 3, 2]).statistic)
+    flat = performance.assign(ap=2.0)  # a constant AP: no rho for any metric
+    assert table.shape == correlations(ranking, flat, ["length", "car", "reward", "compat_loss"]).shape
+    assert correlations(ranking, flat, ["car", "reward"]).loc[["car", "reward"], "b"].isna().all()
+
+
+def test_performance_files_with_comments_a_generator_column_and_their_errors(tmp_path):
+    path = tmp_path / "perf.csv"
+    path.write_text("# Source: a comment line\ngenerator,base_model,AE2_LC_WR,ArenaHard_WR\ng1,b,2,4\ng2,b,1,1\n")
+    table = load_performance(str(path))
+    assert table["teacher"].tolist() == ["g1", "g2"] and table["ap"].tolist() == [3.0, 1.0]
+    both = tmp_path / "both.csv"  # a teacher column wins over a generator column
+    both.write_text("teacher,generator,base_model,AE2_LC_WR,ArenaHard_WR\nt1,g1,b,2,4\n")
+    assert load_performance(str(both))["teacher"].tolist() == ["t1"]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("teacher,base_model,AE2_LC_WR,ArenaHard_WR\nt1,b,1,1\nt2,b,1,1\nt1,b,2,2\n")
+    with pytest.raises(DataError, match=r"\(teacher, base_model\) = \('t1', 'b'\) appears twice"):
+        load_performance(str(twice))
+    same_teacher = tmp_path / "ok.csv"  # the same teacher under two base models is not a duplicate
+    same_teacher.write_text("teacher,base_model,AE2_LC_WR,ArenaHard_WR\nt1,b1,1,1\nt1,b2,1,1\n")
+    assert len(load_performance(str(same_teacher))) == 2
+    with pytest.raises(DataError, match=f"{tmp_path / 'missing.csv'}: could not be read as CSV"):
+        load_performance(str(tmp_path / "missing.csv"))
+
+
+def test_aggregate_ranks_are_integers_and_reference_metrics_use_the_reference_loss():
+    scores = _scores([1.0, 2.0, 3.0])
+    scores["loss_ref"] = scores["compat_loss"] * 2 + 0.5
+    scores["ifd_ref"] = scores["loss_ref"] / 4.0
+    scores["ic_ifd_ref"] = scores["loss_ref"] / 8.0
+    table = aggregate(scores)
+    assert str(table["rank_car"].dtype) == "Int64" and str(table["rank_ppl_ref"].dtype) == "Int64"
+    for row in table.itertuples():
+        group = scores[(scores.teacher == row.teacher) & (scores.base_model == row.base_model)]
+        assert row.ppl_ref == pytest.approx(math.exp(group["loss_ref"].mean()))
+        assert row.ifd_ref == pytest.approx(group["ifd_ref"].mean())
+        assert row.ic_ifd_ref == pytest.approx(group["ic_ifd_ref"].mean())
+        assert row.ppl_self == pytest.approx(math.exp(group["compat_loss"].mean()))
+    assert list(table.index) == list(range(len(table)))
