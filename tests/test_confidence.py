@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 
 from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.confidence import (
+    BaseModelConfidence,
     add_rho_intervals,
     bootstrap_ranking,
     rho_columns,
@@ -282,3 +283,15 @@ def test_a_single_teacher_and_two_teachers_get_their_verdicts():
     assert (verdict.leader, verdict.runner_up, verdict.separated) == ("x", "y", True)
     with pytest.raises(ConfigError, match="at least one replicate"):
         bootstrap_ranking(two, aggregate(two), n_replicates=0)
+
+
+def test_the_verdict_in_summary_json():
+    scores = synthetic_scores({"a": (3.0, 0.5), "b": (1.0, 1.0)}, n=30, seed=0)
+    _, (verdict,) = bootstrap_ranking(scores, aggregate(scores), n_replicates=100)
+    entry = verdict.to_json()
+    assert entry == {"base_model": "m", "n_instructions": 30, "leader": "a", "runner_up": "b",
+                     "p_best": verdict.p_best, "separated": verdict.separated,
+                     "difference_ci": list(verdict.difference_ci), "beta_range": [0.0, None]}  # fmt: skip
+    assert math.isinf(verdict.beta_range[1])  # no upper end: null in JSON
+    bounded = BaseModelConfidence("m", 5, "a", "b", 0.5, False, (-1.0, 1.0), (0.5, 2.0))
+    assert bounded.to_json()["beta_range"] == [0.5, 2.0] and bounded.to_json()["difference_ci"] == [-1.0, 1.0]
