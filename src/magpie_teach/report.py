@@ -22,7 +22,7 @@ import pandas as pd
 from magpie_teach.artefacts import read_rank_folder
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.hub.cards import markdown_table
-from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, short_name
+from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIRECTIONS, short_name
 
 BASELINES = ["car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "ppl_ref", "ifd_ref"]
 METRIC_LABELS = {
@@ -209,17 +209,16 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     ranking = corr = None
     if config.rank_dir is not None:
         ranking, corr, summary = read_rank_folder(Path(config.rank_dir))
-        table_columns = ["base_model", "teacher", "car", "car_ci_low", "car_ci_high", "p_best",
-                         *[c for c in BASELINES if c in ranking and c != "car"], "n"]  # fmt: skip
-        table = ranking.sort_values(["base_model", "car"], ascending=[True, False])[
-            [c for c in table_columns if c in ranking]
-        ]
+        ranking = ranking.sort_values(["base_model", "car"], ascending=[True, False], kind="stable")
         best = ranking.loc[ranking.groupby("base_model", sort=False)["car"].idxmax(), ["base_model", "teacher"]]
         text = (
             "Best teacher by CAR: "
             + "; ".join(f"**{short_name(b)}** -> {short_name(t)}" for b, t in best.itertuples(index=False))
             + "."
         )
+        disagreement = metric_disagreement(ranking)
+        if disagreement:
+            text += " " + disagreement
         confidence = summary.get("confidence")
         if confidence:
             text += " " + " ".join(confidence.get("sentences", []))
@@ -227,24 +226,33 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
                 f" Intervals: {confidence['level']:.0%} paired bootstrap over instructions ({confidence['replicates']} "
                 "replicates); p_best is the share of replicates in which a teacher has the highest CAR."
             )
-        source = summary.get("source")
-        if source:
-            text += (
-                f" Responses: `{source}`"
-                + (
-                    f" @ `{summary.get('resolved_revision') or summary.get('revision')}`"
-                    if summary.get("resolved_revision") or summary.get("revision")
-                    else ""
-                )
-                + "."
-            )
-        sections.append(Section("Teacher ranking per base model", text, ranking_figure(ranking, out), table))
+        sections.append(Section("Setup", setup_text(Path(config.rank_dir), ranking, summary)))
+        table_columns = ["base_model", "teacher", "car", "car_ci_low", "car_ci_high", "p_best",
+                         *[c for c in BASELINES if c in ranking and c != "car"], "n"]  # fmt: skip
+        table = ranking[[c for c in table_columns if c in ranking]]
+        legend = (
+            "Higher is better for car, p_best, reward, length and IFD; lower is better for compat_loss and PPL "
+            "(the arrow in each header). The best value per base model is in bold."
+        )
+        sections.append(Section("Teacher ranking per base model", text + "\n\n" + legend,
+                                ranking_figure(ranking, out), table))  # fmt: skip
         sections.append(Section(
             "Reward against compatibility",
             "Each point is a teacher. A teacher is a good fit when its responses score high with the reward model "
             "*and* are easy for the base model to learn (low loss). Dashed lines join points of equal CAR.",
             reward_vs_loss_figure(ranking, out),
         ))  # fmt: skip
+        next_steps = [
+            f"`magpie-teach select --scores {_shareable(config.rank_dir)} --base-model {short_name(b)} --output "
+            f"sft-{slug_name(short_name(b))}` builds the SFT data of {short_name(t)} for {short_name(b)}."
+            for b, t in best.itertuples(index=False)
+        ]
+        if config.performance is None:
+            next_steps.append(
+                "`--performance FILE` (benchmark results of students, e.g. the paper's Table 6) adds how well each "
+                "metric predicts them (Spearman) and the Larger Models' Paradox pairs to this page."
+            )
+        sections.append(Section("What next", " ".join(next_steps)))
     performance = load_performance(config.performance, config.performance_columns) if config.performance else None
     if performance is not None and ranking is not None and corr is None:
         corr = correlations(ranking, performance)
@@ -261,7 +269,7 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
         ]
         sections.append(Section(
             "Best teacher per base model (measured)",
-            f"From `{config.performance}`: the teacher whose responses gave the highest AP "
+            f"From `{_shareable(config.performance)}`: the teacher whose responses gave the highest AP "
             f"(mean of {', '.join(config.performance_columns)}).",
             table=best.rename(columns={"teacher": "best teacher", "ap": "AP"}).round(2),
         ))  # fmt: skip
@@ -279,12 +287,114 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     return sections
 
 
+def metric_disagreement(ranking: pd.DataFrame) -> str:
+    """The paper's point when it shows: the teacher reward alone would pick against the one CAR picks."""
+    parts = []
+    for base, group in ranking.groupby("base_model", sort=False):
+        by_reward = group.loc[group["reward"].idxmax()]
+        by_car = group.loc[group["car"].idxmax()]
+        if by_reward["teacher"] != by_car["teacher"]:
+            parts.append(
+                f"For {short_name(base)}, reward alone would pick {short_name(by_reward['teacher'])} "
+                f"(reward {by_reward['reward']:.4g}); CAR picks {short_name(by_car['teacher'])} "
+                f"(reward {by_car['reward']:.4g}), because its responses are easier for {short_name(base)} to learn "
+                f"(compatibility loss {by_car['compat_loss']:.4g} against {by_reward['compat_loss']:.4g})."
+            )
+    if not parts:
+        return "Reward alone and CAR pick the same teacher for every base model here."
+    return " ".join(parts)
+
+
+def _shareable(path: str | Path) -> str:
+    """A path as a reader of a shared page can use it: relative to the working folder when under it, else its name."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
+def slug_name(name: str) -> str:
+    from magpie_teach.artefacts import slug
+
+    return slug(name)
+
+
+def setup_text(rank_dir: Path, ranking: pd.DataFrame, summary: dict) -> str:
+    """What was ranked and how: teachers, reward, base models, CAR's settings, instructions, the command."""
+    import json
+
+    from magpie_teach.artefacts import COMMAND_FILE, recorded_rank_config
+
+    recorded, _ = recorded_rank_config(str(rank_dir))
+    recorded = recorded or {}
+    teachers = ", ".join(short_name(t) for t in dict.fromkeys(ranking["teacher"]))
+    bases = ", ".join(short_name(b) for b in dict.fromkeys(ranking["base_model"]))
+    reward = (
+        f"reward model {short_name(recorded['reward_model'])}" if recorded.get("reward_model")
+        else f"reward column {recorded['reward_column']}" if recorded.get("reward_column") else "reward"
+    )  # fmt: skip
+    beta = float(ranking["car_beta"].iloc[0]) if "car_beta" in ranking else recorded.get("beta")
+    shift = float(ranking["car_reward_shift"].iloc[0]) if "car_reward_shift" in ranking else 0.0
+    n = sorted(set(ranking["n"].astype(int))) if "n" in ranking else []
+    lines = [
+        f"Teachers: {teachers}.",
+        f"Base models: {bases}; {reward}.",
+        f"CAR = (reward + {shift:g}) / (1 + beta x compatibility loss) with beta = {beta:g}.",
+        "Responses scored per teacher and base model: " + ", ".join(map(str, n)) + "."
+        + (f" Source: {short_name(summary['source'])}." if summary.get("source") else ""),
+    ]  # fmt: skip
+    command = rank_dir / COMMAND_FILE
+    if command.exists():
+        argv = json.loads(command.read_text()).get("argv", [])
+        lines.append(
+            f"Command: `magpie-teach {' '.join(_shareable(a) if Path(a).is_absolute() else a for a in argv)}`."
+        )
+    return " ".join(lines)
+
+
 NAME_COLUMNS = ("base_model", "teacher", "best teacher", "smaller", "larger")
 
 
 def _short_names(frame: pd.DataFrame) -> pd.DataFrame:
     """Model columns shown by their last path component (a local folder reads like its Hub name)."""
     return frame.assign(**{c: frame[c].map(lambda v: short_name(str(v))) for c in NAME_COLUMNS if c in frame})
+
+
+DIRECTIONS = {**METRIC_DIRECTIONS, "p_best": True}
+"""Metric -> higher is better: an arrow in each table header, and the best value per base model in bold."""
+
+
+def _display(table: pd.DataFrame, bold: tuple[str, str]) -> pd.DataFrame:
+    """A table's cells as text: numbers to 4 significant digits, model names short, the best value of each metric
+    per base model wrapped in ``bold`` (a teacher ranking), a direction arrow in each metric's header."""
+    shown = _short_names(table)
+    ranked = {"teacher", "base_model"} <= set(table.columns) and table["teacher"].nunique() > 1
+    cells = {}
+    for column in shown.columns:
+        values = shown[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            text = values.map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+        else:
+            text = values.map(lambda v: html.escape(str(v)) if bold[0] == "<b>" else str(v))
+        if ranked and column in DIRECTIONS and pd.api.types.is_numeric_dtype(values):
+            groups = table.groupby("base_model")[column]
+            target = groups.transform("max") if DIRECTIONS[column] else groups.transform("min")
+            text = text.where(table[column] != target, bold[0] + text + bold[1])
+        name = short_name(str(column)) if "/" in str(column) else str(column)  # a base model's column: its name
+        cells[f"{name} {'↑' if DIRECTIONS[column] else '↓'}" if column in DIRECTIONS else name] = text
+    return pd.DataFrame(cells, index=shown.index)
+
+
+def _inline_html(text: str) -> str:
+    """The Markdown of a section's text as HTML: **bold**, *emphasis*, `code`."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return "</p><p>".join(text.split("\n\n"))
 
 
 def render_markdown(title: str, sections: list[Section], out: Path) -> str:
@@ -296,7 +406,7 @@ def render_markdown(title: str, sections: list[Section], out: Path) -> str:
         if section.figure is not None:
             parts.append(f"![{section.title}]({section.figure.relative_to(out).as_posix()})\n")
         if section.table is not None:
-            parts.append(markdown_table(_short_names(section.table)) + "\n")
+            parts.append(markdown_table(_display(section.table, ("**", "**"))) + "\n")
     parts.append(
         "Made with magpie-teach (Xu et al., *Stronger Models are Not Always Stronger Teachers for Instruction Tuning*, NAACL 2025).\n"
     )
@@ -315,15 +425,12 @@ def render_html(title: str, sections: list[Section]) -> str:
     for section in sections:
         body.append(f"<section><h2>{html.escape(section.title)}</h2>")
         if section.text:
-            text = html.escape(section.text)
-            while "**" in text:
-                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
-            body.append(f"<p>{text.replace('`', '')}</p>")
+            body.append(f"<p>{_inline_html(section.text)}</p>")
         if section.figure is not None:
             data = base64.b64encode(section.figure.read_bytes()).decode()
             body.append(f'<img alt="{html.escape(section.title)}" src="data:image/png;base64,{data}">')
         if section.table is not None:
-            body.append(_short_names(section.table).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+            body.append(_display(section.table, ("<b>", "</b>")).to_html(index=False, escape=False, border=0))
         body.append("</section>")
     body.append("<footer>Made with magpie-teach (Xu et al., NAACL 2025).</footer>")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

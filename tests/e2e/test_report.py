@@ -62,9 +62,24 @@ def test_report_of_a_ranking_renders_in_chromium_with_its_figures(ranked_sample,
     summary = json.loads((ranked_sample / "summary.json").read_text())
     assert summary["confidence"]["sentences"] and all(s in markdown for s in summary["confidence"]["sentences"])
     header = next(line for line in markdown.splitlines() if line.startswith("| base_model | teacher | car"))
-    assert header.startswith("| base_model | teacher | car | car_ci_low | car_ci_high | p_best |")
+    assert header.startswith("| base_model | teacher | car ↑ | car_ci_low | car_ci_high | p_best ↑ |")
+    # the setup, the metrics' disagreement (computed here from the ranking), what next, and no local paths
+    assert "## Setup" in markdown and "Teachers: tiny-teacher-" in markdown and "with beta = 3." in markdown
+    by_reward = ranking.loc[ranking["reward"].idxmax(), "teacher"]
+    if by_reward != best:
+        assert f"reward alone would pick {by_reward}" in markdown and f"CAR picks {best}" in markdown
+    else:
+        assert "Reward alone and CAR pick the same teacher for every base model here." in markdown
+    assert "`magpie-teach select --scores " in markdown and "--base-model tiny-llama-s" in markdown
+    assert str(ranked_sample.parent) not in markdown and str(tmp_path) not in markdown
+    # the best CAR is bold in its row, and nowhere else in that column
+    row = next(line for line in markdown.splitlines() if f"| {best} |" in line)
+    assert row.split(" | ")[2].startswith("**")
     page = (out / "report.html").read_text()
     assert 'src="http' not in page and "<script" not in page  # self-contained, static
+    text = re.sub(r"<[^>]+>", "", re.sub(r'src="data:[^"]+"', "", page))  # what a reader sees
+    assert "**" not in text and "`" not in text and "*and*" not in text  # no Markdown leaks into the page
+    assert "<em>and</em>" in page and "<code>magpie-teach select --scores" in page
     inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(inlined) == 3 and all(base64.b64decode(data)[:4] == b"\x89PNG" for data in inlined)
 
