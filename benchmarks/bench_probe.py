@@ -143,7 +143,10 @@ def main() -> None:
     parser.add_argument("--instructions", type=int, default=20000, help="instructions in a pool (the full grid)")
     parser.add_argument("--pools", default="clear,close,zoo19,dense19")
     args = parser.parse_args()
-    rows = [bench(name, args.seeds, args.instructions) for name in args.pools.split(",")]
+    rows = []
+    for name in args.pools.split(","):
+        rows.append(bench(name, args.seeds, args.instructions))
+        print(rows[-1], flush=True)  # each pool as it finishes; the table at the end
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table.to_string(index=False))
