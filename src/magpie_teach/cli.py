@@ -208,13 +208,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from magpie_teach.generation.run import generate
 
     config = load_generate_config(args.config_file)
-    summary = generate(config, dry_run=args.dry_run)
+    summary = generate(config, dry_run=True)  # the plan is printed before any progress line
     counts = summary["counts"]
     print(f"instructions: {counts['instructions_used']} used of {counts['instructions_in']} ({counts})")
     for name, todo in summary["remaining"].items():
         print(f"  {name}: {todo} instruction(s) to generate")
     if config.scoring is not None:
         print(f"  then scoring: reward {config.scoring.reward_model}, base models {config.scoring.base_models}")
+    sys.stdout.flush()
+    if not args.dry_run:
+        summary = generate(config)
     if args.dry_run:
         teachers = {t.name: t for t in config.teachers}
         left = {name: n * teachers[name].num_generations for name, n in summary["remaining"].items()}

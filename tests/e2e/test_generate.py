@@ -294,6 +294,7 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     path.write_text(yaml.safe_dump(values))
     printed = finish(generate(path))
     assert "p_best" in printed and "wrote " + str(out / "rank") in printed
+    assert printed.index("instruction(s) to generate") < printed.index("rows/s")  # the plan, then the progress
     assert sum("the top stays the same for beta" in line for line in printed.splitlines()) == 2  # one per base model
     scored = pd.read_parquet(out / "rank" / "scores.parquet")
     responses = pd.read_parquet(out / "responses.parquet")
