@@ -156,3 +156,90 @@ def test_probe_rounds_hold_intervals_around_each_value():
     expected = means["reward"] / (1 + 3 * means["compat_loss"])
     assert rounds.set_index("teacher")["value"].to_dict() == pytest.approx(expected.to_dict())
     assert np.isnan(rounds.set_index("teacher").loc["a", "lead_z"])
+
+
+def test_the_correction_covers_every_comparison_in_every_planned_round():
+    scores, ids = pool({"a": (3.0, 1.0), "b": (1.0, 1.0), "c": (1.0, 1.0), "d": (1.0, 1.0)}, n=100, seed=0)
+    settings = ProbeSettings(start=10, confidence=0.9)
+    result = run_probe(ids, ["a", "b", "c", "d"], ["m"], Revealer(scores), settings, beta=3.0)
+    assert len(result.sizes) == 5  # 10, 20, 40, 80, 100
+    assert result.z == pytest.approx(NormalDist().inv_cdf(1 - 0.1 / (3 * 5)))
+
+
+def test_rounds_record_what_each_round_saw_and_leads_in_standard_errors():
+    from magpie_teach.scoring.confidence import bootstrap_ranking, paired_samples
+    from magpie_teach.scoring.metrics import aggregate
+
+    means = {"a": (2.0, 1.0), "b": (1.7, 1.0), "c": (1.0, 1.2)}
+    scores, ids = pool(means, n=200, seed=4)
+    settings = ProbeSettings(start=20, seed=7, bootstrap=400, confidence=0.8)
+    seen = []
+    result = run_probe(ids, list(means), ["m"], Revealer(scores), settings, beta=1.5,
+                       on_round=lambda k, n, survivors, revealed: seen.append((k, n, list(survivors), revealed)))  # fmt: skip
+    rounds = result.rounds
+    assert (rounds["instructions"] == [result.sizes[k - 1] for k in rounds["round"]]).all()
+    for k, n, survivors, revealed in seen:
+        assert n == result.sizes[k - 1]
+        assert survivors == sorted(rounds.loc[(rounds["round"] == k) & (rounds["status"] != "eliminated"), "teacher"],
+                                   key=list(means).index) or not survivors  # fmt: skip
+        assert all(revealed[t] == n for t in survivors)
+    assert result.survivors == seen[-1][2]
+    # round 1, recomputed here: every teacher on the first 20 instructions of the order, bootstrap seed = seed + 1
+    first = scores[scores["id"].isin(instruction_order(ids, 7)[:20])]
+    ranking = aggregate(first, beta=1.5).reset_index(drop=True)
+    samples = paired_samples(first, ranking, 400, 8)["car"]
+    expected, _ = bootstrap_ranking(first, ranking, n_replicates=400, confidence=0.8, seed=8)
+    got = rounds[rounds["round"] == 1].set_index("teacher")
+    lead = int(ranking["car"].idxmax())
+    for j, teacher in enumerate(ranking["teacher"]):
+        assert got.loc[teacher, "value"] == pytest.approx(ranking.loc[j, "car"])
+        assert got.loc[teacher, "ci_low"] == pytest.approx(expected.loc[j, "car_ci_low"])
+        assert got.loc[teacher, "ci_high"] == pytest.approx(expected.loc[j, "car_ci_high"])
+        assert got.loc[teacher, "p_best"] == pytest.approx(expected.loc[j, "p_best"])
+        if j != lead:
+            differences = samples[:, lead] - samples[:, j]
+            gap = ranking.loc[lead, "car"] - ranking.loc[j, "car"]
+            assert got.loc[teacher, "lead_z"] == pytest.approx(gap / np.std(differences, ddof=1))
+    # the whole record of revealed scores is there, one row per revealed response
+    assert len(result.scores) == sum(result.revealed.values())
+    decision = result.decisions[0]
+    assert set(decision) == {"base_model", "teacher", "confidence", "decided", "reason", "candidates"}
+    last = rounds[rounds["round"] == result.finished_round].set_index("teacher")
+    assert decision["confidence"] == pytest.approx(last.loc[decision["teacher"], "p_best"])
+
+
+def test_the_epsilon_rule_is_relative_to_the_leaders_value():
+    twins = {"x": (1.0, 1.0), "y": (1.0, 1.0)}  # CAR 0.25: a margin of 0.2 is 0.05 in CAR units
+    scores, ids = pool(twins, n=8000, seed=3)
+    for epsilon in (0.2, 0.6):
+        result = run_probe(ids, list(twins), ["m"], Revealer(scores), ProbeSettings(start=500, epsilon=epsilon),
+                           beta=3.0)  # fmt: skip
+        rounds = result.rounds
+        for k, group in rounds.groupby("round"):
+            group = group.set_index("teacher")
+            leader = group[group["status"] == "leader"].index[0]
+            other = group.drop(index=leader)
+            gap = group.loc[leader, "value"] - other["value"]
+            bound = gap + result.z * gap / other["lead_z"]
+            within = bool((bound < epsilon * abs(group.loc[leader, "value"])).all())
+            decided_here = k == result.finished_round and result.decisions[0]["decided"]
+            assert within == decided_here, (epsilon, k, bound.tolist())
+    assert result.decisions[0]["decided"]  # at epsilon 0.6 the twins are a tie early
+
+
+def test_a_probe_on_compatibility_loss_keeps_the_lowest_loss_and_a_shift_reaches_car():
+    scores, ids = pool({"easy": (2.0, 0.5), "hard": (2.0, 2.0), "mid": (2.0, 1.0)}, n=200, seed=1)
+    result = run_probe(ids, ["easy", "hard", "mid"], ["m"], Revealer(scores), ProbeSettings(start=16, metric="compat_loss"),
+                       beta=3.0)  # fmt: skip
+    assert result.decisions[0]["teacher"] == "easy"
+    leader = result.rounds[result.rounds["status"] == "leader"]
+    assert (leader["teacher"] == "easy").all() and (leader["p_best"] > 0.9).all()
+    negative = scores.assign(reward=scores["reward"] - 5.0)  # every mean reward below 0: CAR needs a shift
+    shifted = run_probe(ids, ["easy", "hard", "mid"], ["m"], Revealer(negative), ProbeSettings(start=16), beta=3.0,
+                        reward_shift=6.0)  # fmt: skip
+    assert shifted.decisions[0]["teacher"] == "easy"
+    first = shifted.rounds[shifted.rounds["round"] == 1].set_index("teacher")
+    subset = negative[negative["id"].isin(instruction_order(ids, 0)[:16])]
+    means = subset.groupby("teacher")[["reward", "compat_loss"]].mean()
+    expected = (means["reward"] + 6.0) / (1 + 3.0 * means["compat_loss"])
+    assert first["value"].to_dict() == pytest.approx(expected.to_dict())

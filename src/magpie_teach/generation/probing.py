@@ -141,6 +141,7 @@ def _write_outputs(
         "stopped_because": result.stop_reason,
         "instructions_available": n_available,
         "rule": RULE,
+        "elimination_z": result.z,
         "settings": dataclasses.asdict(settings),
         "source": source,
     }

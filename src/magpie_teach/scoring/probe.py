@@ -65,6 +65,8 @@ class ProbeResult:
     finished_round: int
     stop_reason: str
     survivors: list[str]
+    z: float
+    """The corrected normal quantile a lead must exceed, in standard errors, to eliminate."""
 
 
 @dataclass
@@ -130,7 +132,7 @@ def run_probe(
         for base, state in states.items()
     ]  # fmt: skip
     return ProbeResult(decisions, pd.DataFrame(rounds), pd.concat(frames, ignore_index=True), revealed, sizes,
-                       finished, stop, survivors)  # fmt: skip
+                       finished, stop, survivors, z)  # fmt: skip
 
 
 def _judge(
