@@ -125,10 +125,14 @@ def test_a_clear_winner_is_separated_and_equal_teachers_are_not():
     assert verdict.leader == "best" and verdict.separated and verdict.p_best > 0.99
     assert verdict.difference_ci[0] > 0 and verdict.runner_up == "worse"
     assert "is the best teacher for m with probability" in verdict.sentence(0.95)
+    if verdict.beta_range[1] == math.inf:
+        assert verdict.sentence(0.95).endswith(f"the top stays the same for beta >= {verdict.beta_range[0]:.3g}.")
     same = synthetic_scores({"x": (2.0, 1.0), "y": (2.0, 1.0), "z": (2.0, 1.0)}, n=60, seed=0)
     _, (verdict,) = bootstrap_ranking(same, aggregate(same), n_replicates=500)
     assert not verdict.separated and verdict.difference_ci[0] < 0 < verdict.difference_ci[1]
     assert "score more instructions to decide" in verdict.sentence(0.95)
+    assert f"{verdict.leader} leads for m" in verdict.sentence(0.95)
+    assert f"but {verdict.runner_up} is not separated from it at 95% confidence" in verdict.sentence(0.95)
 
 
 def test_the_same_seed_gives_the_same_intervals_and_another_seed_others():
@@ -277,10 +281,13 @@ def test_a_single_teacher_and_two_teachers_get_their_verdicts():
     one = synthetic_scores({"solo": (2.0, 1.0)}, n=10, seed=0)
     _, (verdict,) = bootstrap_ranking(one, aggregate(one), n_replicates=50)
     assert verdict.runner_up is None and verdict.p_best == 1.0 and verdict.difference_ci is None
+    assert verdict.n_instructions == 10 and verdict.separated is True
     assert verdict.sentence(0.95) == "solo is the only teacher scored for m."
     two = synthetic_scores({"x": (3.0, 1.0), "y": (1.0, 1.0)}, n=30, seed=0)
     _, (verdict,) = bootstrap_ranking(two, aggregate(two), n_replicates=200)
     assert (verdict.leader, verdict.runner_up, verdict.separated) == ("x", "y", True)
+    _, (single,) = bootstrap_ranking(two, aggregate(two), n_replicates=1)  # one replicate is a (poor) bootstrap
+    assert single.p_best in (0.0, 1.0)
     with pytest.raises(ConfigError, match="at least one replicate"):
         bootstrap_ranking(two, aggregate(two), n_replicates=0)
 
