@@ -38,6 +38,7 @@ RUN_ELSEWHERE = {  # first words of the command -> the test that runs it as writ
     ("generate", "pipelines/configs/tiny_cpu_ray.yaml"): "tests/e2e/test_generate.py (Ray head on 127.0.0.1)",
     ("paradox",): "tests/test_readme.py",
     ("report", "--performance"): "tests/test_readme.py",
+    ("probe", "pipelines/configs/tiny_cpu_probe.yaml"): "tests/e2e/test_probe.py (killed and resumed)",
 }
 
 
