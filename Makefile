@@ -68,8 +68,12 @@ quality: install
 	$(VENV)/bin/ruff format --check .
 
 # All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
+# Two pytest-xdist workers (a test file stays on one worker, so its module fixtures are built once), then the
+# README-coverage test, which reads what both workers ran.
 test: install argilla-server olah browser vllm
-	$(PY) -m pytest -m "not gpu and not real_hub" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not real_hub" -n 2 --dist loadfile --durations=15 \
+		--ignore=tests/test_zz_readme_coverage.py $(PYTEST_ARGS)
+	MAGPIE_TEACH_KEEP_README_RECORD=1 $(PY) -m pytest -q tests/test_zz_readme_coverage.py
 
 test-fast: install argilla-server olah browser
 	$(PY) -m pytest -m "not gpu and not slow and not real_hub" $(PYTEST_ARGS)

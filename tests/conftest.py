@@ -14,6 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A test run starts a fresh record of the README commands it runs (the xdist controller does it, before the
+    workers start), unless `make test` asks to keep the record for the coverage test it runs last."""
+    from tests.readme_commands import RECORD
+
+    if not hasattr(session.config, "workerinput") and not os.environ.get("MAGPIE_TEACH_KEEP_README_RECORD"):
+        RECORD.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     from magpie_teach.tiny import build_tiny_suite

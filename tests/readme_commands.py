@@ -1,14 +1,27 @@
 """The one way tests run a README command: it records the argv it ran, and the coverage test reads that record.
 
-``tests/test_zz_readme_coverage.py`` (collected last) checks that every `magpie-teach` command of the README was run
-through :func:`run_readme_command` in this session, or is marked GPU-scale in its README comment.
+``tests/test_zz_readme_coverage.py`` checks that every `magpie-teach` command of the README was run through
+:func:`run_readme_command` by this test run, or is marked GPU-scale in its README comment. The record is a file
+(:data:`RECORD`, one JSON line per command), so that the commands run by every pytest-xdist worker count; a
+session starts it afresh (``tests/conftest.py``), except the one `make test` runs the coverage test in after the
+others (``MAGPIE_TEACH_KEEP_README_RECORD=1``).
 """
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+RECORD = Path(__file__).resolve().parents[1] / ".pytest-readme-record.jsonl"
 RAN: list[list[str]] = []
+
+
+def recorded() -> list[list[str]]:
+    """Every argv run through :func:`run_readme_command` by this test run (all workers)."""
+    if not RECORD.exists():
+        return list(RAN)
+    return [json.loads(line) for line in RECORD.read_text().splitlines() if line.strip()]
 
 
 def run_readme_command(argv: list[str], *, background: bool = False, **kwargs: Any) -> Any:
@@ -18,5 +31,7 @@ def run_readme_command(argv: list[str], *, background: bool = False, **kwargs: A
 
     assert list(argv) in commands(), f"not a README command as written: magpie-teach {' '.join(argv)}"
     RAN.append(list(argv))
+    with open(RECORD, "a") as record:  # one short line per write: appends from two workers do not interleave
+        record.write(json.dumps(list(argv)) + "\n")
     command = [sys.executable, "-m", "magpie_teach.cli", *argv]
     return subprocess.Popen(command, **kwargs) if background else subprocess.run(command, **kwargs)

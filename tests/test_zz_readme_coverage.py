@@ -1,14 +1,15 @@
-"""Collected last (by name): every `magpie-teach` command of the README was run, as written, by a test of this session.
+"""Every `magpie-teach` command of the README was run, as written, by a test of this test run.
 
-The record is what :func:`tests.readme_commands.run_readme_command` ran, not the tests' text. The README's
-GPU-scale commands (training the paper's recipes under accelerate) are the only ones left out, and only
-`train` and `validate` may be marked so. Needs the slow tests that run the README (the walkthrough, the
-Ray test, the generate commands), so it is slow itself: `make test` runs it, `make test-fast` deselects it.
+The record is what :func:`tests.readme_commands.run_readme_command` ran (every xdist worker's), not the tests'
+text. The README's GPU-scale commands (training the paper's recipes under accelerate) are the only ones left out,
+and only `train` and `validate` may be marked so. Needs the slow tests that run the README (the walkthrough, the
+Ray test, the generate commands), so it is slow itself: `make test` runs it after all the others, in a session of
+its own; a plain `pytest` collects it last (by name).
 """
 
 import pytest
 
-from tests.readme_commands import RAN
+from tests.readme_commands import recorded
 from tests.test_readme import commented_commands
 
 
@@ -17,11 +18,12 @@ def gpu_only(comment: str) -> bool:
 
 
 @pytest.mark.slow
-def test_every_readme_command_was_run_by_this_session():
+def test_every_readme_command_was_run_by_this_test_run():
     missing = []
+    ran = recorded()
     for argv, comment in commented_commands():
         if gpu_only(comment):
             assert argv[0] in ("train", "validate"), argv  # only training at scale is left to GPU machines
-        elif argv not in RAN:
+        elif argv not in ran:
             missing.append(" ".join(argv))
     assert not missing, f"README commands no test ran (run the whole suite): {missing}"
