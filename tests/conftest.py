@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+LONGEST_FILES_FIRST = ("test_demo.py", "test_generate.py", "test_walkthrough.py", "test_probe.py", "test_readme.py",
+                       "test_openai.py", "test_vllm.py", "test_review.py", "test_cli.py")  # fmt: skip
+"""Test files that take minutes, longest first: two xdist workers (a file each) then finish close together."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first (a stable sort: tests keep their order within a file, and the rest theirs)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A test run starts a fresh record of the README commands it runs (the xdist controller does it, before the
     workers start), unless `make test` asks to keep the record for the coverage test it runs last."""
