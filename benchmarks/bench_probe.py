@@ -12,7 +12,7 @@ base model. The truth is CAR of the true means (beta 3). The probe reveals the p
 * close: 4 teachers, the top two 0.4% apart (within epsilon: either is a right answer), the rest 10%+ behind;
 * zoo19: the Generator-Zoo's 19 teachers under two of the paper's base models (Gemma-2-2B, Llama-3.2-3B), true
   CAR proportional to the AP the paper measured (the shipped Table 6; the best at CAR 0.6), mean losses drawn
-  once (seeded) in [0.8, 1.4]: the best teacher leads by 9.2% and 3.3%;
+  once (seeded) in [0.8, 1.4]: the best teacher leads the second by 10.1% and 3.4%;
 * dense19: 19 teachers and 2 base models with different best teachers, random means with four teachers within
   5% of the best and a 3% lead: harder than the paper's spread.
 
