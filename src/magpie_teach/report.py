@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from magpie_teach.artefacts import read_rank_folder
+from magpie_teach.artefacts import read_rank_folder, slug
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.hub.cards import markdown_table
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIRECTIONS, short_name
@@ -244,7 +244,7 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
         ))  # fmt: skip
         next_steps = [
             f"`magpie-teach select --scores {_shareable(config.rank_dir)} --base-model {short_name(b)} --output "
-            f"sft-{slug_name(short_name(b))}` builds the SFT data of {short_name(t)} for {short_name(b)}."
+            f"sft-{slug(short_name(b))}` builds the SFT data of {short_name(t)} for {short_name(b)}."
             for b, t in best.itertuples(index=False)
         ]
         if config.performance is None:
@@ -312,12 +312,6 @@ def _shareable(path: str | Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return path.name
-
-
-def slug_name(name: str) -> str:
-    from magpie_teach.artefacts import slug
-
-    return slug(name)
 
 
 def setup_text(rank_dir: Path, ranking: pd.DataFrame, summary: dict) -> str:

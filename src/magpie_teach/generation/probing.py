@@ -61,12 +61,11 @@ class ScoreStore:
     def scores(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Scores of ``rows`` (validated responses) under every base model, scoring only the new ones."""
         from magpie_teach.batch_store import BATCH_KEY
+        from magpie_teach.generation.score_stage import rows_not_stored
         from magpie_teach.scoring.rank import score_rows
 
         stored = {base: self.store.read(stage) for base, stage in self.stages.items()}
-        first = stored[self.config.base_models[0]]
-        done = rows[BATCH_KEY].merge(first[BATCH_KEY].assign(_done=True), on=BATCH_KEY, how="left")["_done"]
-        todo = rows[done.isna().to_numpy()]
+        todo = rows_not_stored(rows, stored[self.config.base_models[0]])
         if len(todo):
             fresh = score_rows(self.config, todo.reset_index(drop=True))
             for base, stage in self.stages.items():  # the first base model last: it marks the rows done

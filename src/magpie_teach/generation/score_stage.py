@@ -63,7 +63,8 @@ def _done(store: Any, stage: str) -> pd.DataFrame:
     return stored if len(stored) else pd.DataFrame(columns=KEY)
 
 
-def _todo(rows: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+def rows_not_stored(rows: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``rows`` whose key is not in ``done`` (a batch store's read): what is left to score."""
     marked = rows.merge(done[KEY].assign(_done=True), on=KEY, how="left")
     return rows[marked["_done"].isna().to_numpy()]
 
@@ -87,7 +88,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     rows = loaded.rows
     store = BatchStore(Path(ranked.output_dir) / ".store")
     stages = _stages(config)
-    todo = {stage: _todo(rows, _done(store, stage)) for stage in stages}
+    todo = {stage: rows_not_stored(rows, _done(store, stage)) for stage in stages}
     if any(len(t) for t in todo.values()):
         texts = text_columns(rows)
         with Pipeline(name="magpie-teach-score", cache_dir=scratch_cache(config.output_dir, "score")) as pipeline:
@@ -115,7 +116,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
                     "and rerunning the same command scores only the rest"
                 ) from err
     stored = {stage: _done(store, stage) for stage in stages}  # each stage's store read once
-    missing = {stage: len(_todo(rows, done)) for stage, done in stored.items()}
+    missing = {stage: len(rows_not_stored(rows, done)) for stage, done in stored.items()}
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
 

@@ -64,7 +64,7 @@ def replicate_means(
     return {name: np.vstack(blocks) for name, blocks in out.items()}
 
 
-def _quantiles(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
     alpha = (1.0 - confidence) / 2.0
     return np.nanquantile(samples, alpha, axis=0), np.nanquantile(samples, 1.0 - alpha, axis=0)
 
@@ -187,7 +187,7 @@ def bootstrap_ranking(
         ids = pd.unique(subset["id"])
         samples = paired_samples(subset, rows, n_replicates, seed)
         for metric in INTERVAL_METRICS:
-            low, high = _quantiles(samples[metric], confidence)
+            low, high = percentile_interval(samples[metric], confidence)
             ranking.loc[rows.index, f"{metric}_ci_low"] = low
             ranking.loc[rows.index, f"{metric}_ci_high"] = high
         p_best = share_of_firsts(samples["car"])
@@ -208,7 +208,7 @@ def _verdict(
     if len(order) < 2:
         return BaseModelConfidence(base, n, teachers[leader], None, float(p_best[leader]), True, None, beta_range)
     differences = car_samples[:, [leader]] - car_samples  # replicates x teachers
-    low, high = _quantiles(differences, confidence)
+    low, high = percentile_interval(differences, confidence)
     others = [j for j in range(len(teachers)) if j != leader]
     separated = bool(all(low[j] > 0 for j in others))
     runner_up = int(order[1])
@@ -244,7 +244,7 @@ def spearman_intervals(
             sign = 1.0 if METRIC_DIRECTIONS[metric] else -1.0
             values = sign * merged[metric].to_numpy(dtype=np.float64)[idx]
             rho = _row_spearman(rankdata(values, axis=1), rankdata(ap, axis=1))
-            low, high = _quantiles(rho[:, None], confidence)
+            low, high = percentile_interval(rho[:, None], confidence)
             column[metric] = (float(low[0]), float(high[0]))
         result[str(base)] = column
     return result

@@ -30,7 +30,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from magpie_teach.scoring.confidence import paired_samples
+from magpie_teach.scoring.confidence import paired_samples, percentile_interval, share_of_firsts
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, aggregate
 from magpie_teach.settings import ProbeSettings
 
@@ -154,10 +154,8 @@ def _judge(
     values = sign * samples[settings.metric]  # replicates x teachers, higher is better
     point = sign * ranking[settings.metric].to_numpy(dtype=np.float64)
     lead = int(np.argmax(point))
-    best = values == np.nanmax(values, axis=1, keepdims=True)
-    p_best = (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
-    alpha = (1 - settings.confidence) / 2
-    low, high = np.nanquantile(samples[settings.metric], [alpha, 1 - alpha], axis=0)
+    p_best = share_of_firsts(values)
+    low, high = percentile_interval(samples[settings.metric], settings.confidence)
     eliminated, within = [], True
     lead_z = np.full(len(point), np.nan)
     for j in range(len(point)):
