@@ -51,6 +51,28 @@ def test_best_of_n_and_grape_and_mix_pick_the_argmax_per_instruction(tmp_path, s
         assert result.summary["dropped_by_reason"] == {"truncated": 1, "failed": 1}
 
 
+def test_responses_stopped_at_the_generation_cap_are_dropped_under_their_own_reason(tmp_path, scores_file):
+    path, frame = scores_file
+    frame = frame.assign(hit_max_new_tokens=False)
+    frame.loc[[2, 5, 8], "hit_max_new_tokens"] = True
+    frame.loc[0, "hit_max_new_tokens"] = True  # also cut at the scoring max_length: counted once, as the first reason
+    frame.to_parquet(path)
+    valid = _valid(frame)
+    result = _run(tmp_path / "default", path, strategy="best-of-n")
+    dropped = result.dropped
+    assert result.summary["dropped_by_reason"] == {"hit_max_new_tokens": 4, "failed": 1}
+    assert set(dropped.loc[dropped["reason"] == "hit_max_new_tokens", "response"]) == set(
+        frame.loc[[0, 2, 5, 8], "response"]
+    )
+    expected = valid[~valid["hit_max_new_tokens"]]
+    assert (
+        result.dataset.set_index("id")["teacher"].to_dict()
+        == expected.loc[expected.groupby("id")["reward"].idxmax()].set_index("id")["teacher"].to_dict()
+    )
+    kept = _run(tmp_path / "kept", path, strategy="best-of-n", keep_capped=True)
+    assert kept.summary["dropped_by_reason"] == {"truncated": 1, "failed": 1}
+
+
 def test_whole_teacher_by_car_matches_a_hand_computed_car(tmp_path, scores_file):
     path, frame = scores_file
     means = frame.groupby("teacher")[["reward", "compat_loss"]].mean()

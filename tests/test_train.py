@@ -37,7 +37,8 @@ def _args(tiny_suite, data, out, *extra):
 
 def test_trains_saves_and_names_the_data_in_the_model_card(tiny_suite, sft_data, tmp_path):
     result = train(*_args(tiny_suite, sft_data, tmp_path / "student"))
-    assert result.train_tokens > 0
+    assert result.train_tokens > 0 and result.train_tokens == result.total_tokens
+    assert result.steps == 6 and result.resumed_from is None
     assert (tmp_path / "student" / "model.safetensors").exists()
     card = (tmp_path / "student" / "README.md").read_text()
     assert sft_data in card and result.dataset_revision in card and result.dataset_revision.startswith("sha1:")
@@ -49,13 +50,20 @@ def test_trains_saves_and_names_the_data_in_the_model_card(tiny_suite, sft_data,
 
 
 def test_resumes_from_the_last_checkpoint(tiny_suite, sft_data, tmp_path, caplog):
-    train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "3"))
+    first = train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "3"))
     assert (tmp_path / "s" / "checkpoint-3").exists()
     with caplog.at_level("WARNING", logger="magpie_teach.training.sft"):
-        train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "6"))
+        second = train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "6"))
     assert any("Resuming from" in r.message and "checkpoint-3" in r.message for r in caplog.records)
     state = json.loads((tmp_path / "s" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    # what the resumed run reports is its own work: steps 4-6 and their tokens, not the first run's as well
+    assert second.steps == 3 and second.resumed_from.endswith("checkpoint-3")
+    assert second.total_tokens == state["num_input_tokens_seen"]
+    assert second.train_tokens == state["num_input_tokens_seen"] - first.total_tokens > 0
+    assert "trained 3 step(s)" in second.sentence() and "resumed from checkpoint-3" in second.sentence()
+    again = train(*_args(tiny_suite, sft_data, tmp_path / "s", "--max_steps", "6"))  # nothing left to train
+    assert again.steps == 0 and again.train_tokens == 0 and "tokens/s" not in again.sentence()
 
 
 def _trained_on(row: dict) -> list[bool]:

@@ -15,7 +15,16 @@ from magpie_teach.artefacts import slug, write_atomic
 
 BATCH_KEY = ["teacher", "id", "generation_index"]
 """One stored row: a teacher's generation for an instruction (and, in a scoring stage, its scores)."""
-EMPTY_COLUMNS = [*BATCH_KEY, "instruction", "response", "n_tokens", "truncated", "status", "reason", "settings"]
+EMPTY_COLUMNS = [
+    *BATCH_KEY,
+    "instruction",
+    "response",
+    "n_tokens",
+    "hit_max_new_tokens",
+    "status",
+    "reason",
+    "settings",
+]
 """The columns of an empty read of responses (a store with no batch yet)."""
 
 

@@ -153,8 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
     from magpie_teach.training.sft import parse_recipe, train
 
     result = train(*parse_recipe(args.recipe, args.overrides))
-    seconds = max(result.train_runtime, 1e-9)
-    print(f"trained on {result.train_tokens} tokens in {seconds:.1f}s ({result.train_tokens / seconds:.0f} tokens/s)")
+    print(result.sentence())
     print(f"saved {result.output_dir} (data revision {result.dataset_revision})")
     return 0
 

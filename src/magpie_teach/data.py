@@ -223,6 +223,15 @@ def response_key(frame: pd.DataFrame) -> list[str]:
     return ["id", "teacher", "generation_index"] if "generation_index" in frame.columns else ["id", "teacher"]
 
 
+GENERATION_FLAGS = ("hit_max_new_tokens",)
+"""Per-response flags written by `generate` that scoring carries into ``scores.parquet`` (`select` filters on them)."""
+
+
+def carried_columns(frame: pd.DataFrame) -> list[str]:
+    """The :data:`GENERATION_FLAGS` ``frame`` has."""
+    return [column for column in GENERATION_FLAGS if column in frame.columns]
+
+
 def text_columns(frame: pd.DataFrame) -> list[str]:
     """The response key, then the texts a response is scored on: instruction, earlier turns (``context``,
     multi-turn rows only) and response."""

@@ -144,6 +144,24 @@ def test_rank_writes_the_contracted_outputs(rank_run, tiny_suite):
     assert confidence["sentences"] and all(sentence in result.stdout for sentence in confidence["sentences"])
 
 
+def test_rank_reports_each_stages_progress_with_rate_and_eta_in_a_log(rank_run, tiny_suite, sample_rows):
+    """Not on a terminal (run_cli captures stderr), every scoring stage prints where it starts and where it ends."""
+    import re
+
+    _, _, result = rank_run
+    n_rows, n_instructions = len(sample_rows), sample_rows["id"].nunique()
+    stages = {"reward": n_rows}
+    for model in (tiny_suite.base_small, tiny_suite.base_medium, tiny_suite.reference):
+        name = model.rstrip("/").split("/")[-1]
+        stages.update({f"compat {name}": n_rows, f"L(x) {name}": n_instructions})
+    for stage, total in stages.items():
+        prefix = re.escape(f"{stage}: ")
+        assert re.search(rf"^{prefix}0/{total} ex \(0%\), 0\.00 ex/s, ETA unknown$", result.stderr, re.M), stage
+        assert re.search(rf"^{prefix}{total}/{total} ex \(100%\), [0-9.]+ ex/s, ETA 0:00:00$", result.stderr, re.M), (
+            stage
+        )
+
+
 def test_rank_scores_match_the_engine_called_directly(rank_run, tiny_suite, sample_rows):
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.compatibility import score_compatibility

@@ -58,10 +58,10 @@ def uninterrupted(tmp_path_factory, tiny_suite, sample_path):
 def test_output_is_the_long_format(uninterrupted):
     assert set(uninterrupted["teacher"]) == {"small", "medium"}
     assert uninterrupted.groupby("teacher").size().tolist() == [24, 24]  # the 24 distinct instructions, once each
-    for column in ("id", "instruction", "response", "n_tokens", "truncated", "status", "reason", "settings"):
+    for column in ("id", "instruction", "response", "n_tokens", "hit_max_new_tokens", "status", "reason", "settings"):
         assert column in uninterrupted.columns
     assert (uninterrupted["status"] == "ok").all()
-    assert (uninterrupted["truncated"] == (uninterrupted["n_tokens"] >= 16)).all()
+    assert (uninterrupted["hit_max_new_tokens"] == (uninterrupted["n_tokens"] >= 16)).all()
 
 
 @pytest.mark.slow
@@ -303,6 +303,16 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     kept = responses[~responses["id"].isin(failed)]
     assert len(scored) == 2 * len(kept) and len(kept) >= 12  # 2 base models
     assert sorted(scored.groupby("teacher")["generation_index"].max()) == [0, 1]
+    # generate's generation-cap flag travels into the scores (rank's below carries it the same way: equal frames)
+    index = ["id", "teacher", "generation_index"]
+    capped = kept.set_index(index)["hit_max_new_tokens"]
+    assert (
+        capped.any()
+        and (scored.set_index(index)["hit_max_new_tokens"] == capped.reindex(scored.set_index(index).index)).all()
+    )
+    ranking = pd.read_csv(out / "rank" / "ranking.csv").set_index(["teacher", "base_model"])
+    per_teacher = kept.groupby("teacher")["hit_max_new_tokens"].sum()
+    assert (ranking["n_hit_max_new_tokens"] == ranking.index.get_level_values("teacher").map(per_teacher)).all()
 
     reference = tmp_path / "rank"
     result = subprocess.run(

@@ -1,7 +1,8 @@
 """`magpie-teach generate CONFIG [--dry-run]`: responses from several teachers, resumable.
 
 The output is the long format the scoring engine reads (``responses.parquet``: ``id``,
-``instruction``, ``teacher``, ``response``, ``generation_index``, ``n_tokens``, ``truncated``,
+``instruction``, ``teacher``, ``response``, ``generation_index``, ``n_tokens``, ``hit_max_new_tokens``
+(the response stopped at the teacher's ``max_new_tokens``: likely cut off),
 ``status``, ``reason``, ``settings``) plus ``summary.json`` with counts per teacher. Instructions come
 from a file or a Hub data set (an ``instruction`` column, or ShareGPT-style ``conversations``),
 with exact repeats removed and an optional seeded sample, both counted.
@@ -276,7 +277,7 @@ def _generate(config: GenerateConfig) -> dict:
             "rows": len(mine),
             "ok": int((mine["status"] == "ok").sum()),
             "failed": int((mine["status"] != "ok").sum()),
-            "truncated": int(mine["truncated"].sum()),
+            "hit_max_new_tokens": int(mine["hit_max_new_tokens"].sum()),
             "missing": len(work.instructions) * teacher.num_generations - len(mine),
         }
     missing = {name: t["missing"] for name, t in summary["teachers"].items() if t["missing"]}

@@ -75,7 +75,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     from distilabel.steps import LoadDataFromDicts
 
     from magpie_teach.batch_store import BatchStore
-    from magpie_teach.data import text_columns, validated_responses
+    from magpie_teach.data import carried_columns, text_columns, validated_responses
     from magpie_teach.scoring.rank import example_scores, write_rank_outputs
     from magpie_teach.steps.pipelines import scratch_cache, without_distilabel_cache
     from magpie_teach.steps.score_steps import CompatibilityScore, RewardScore, StoreScores, run_checked
@@ -120,7 +120,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     if any(missing.values()):
         raise MagpieTeachError(f"scoring left rows unscored {missing}; rerun the same command to finish them")
 
-    base_rows = rows[text_columns(rows)].merge(
+    base_rows = rows[text_columns(rows) + carried_columns(rows)].merge(
         stored["reward"][[*KEY, *REWARD_COLUMNS]], on=KEY, how="left", validate="one_to_one"
     )
     counts = dict(loaded.counts)

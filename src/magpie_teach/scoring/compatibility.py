@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,10 +166,10 @@ def _run_windows(
     show_progress: bool | None,
 ) -> pd.DataFrame:
     """Tokenizes and scores ``items`` one window at a time, resuming from finished windows in ``cache_dir``."""
-    from tqdm.auto import tqdm
+    from magpie_teach.progress import Progress
 
     frames = []
-    progress = tqdm(total=n_items, desc=desc, unit="ex", disable=None if show_progress is None else not show_progress)
+    progress = Progress(n_items, desc, show=show_progress)
     for index, chunk in enumerate(windows(items, window)):
         named = make_examples(chunk)
         path = None
@@ -192,7 +193,7 @@ def _run_windows(
             write_atomic(path, frame.to_parquet)
         frames.append(frame)
         progress.update(len(chunk))
-        progress.set_postfix(tok_per_s=f"{scorer.real_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+        progress.set_postfix(tok_per_s=f"{scorer.real_tokens / max(time.monotonic() - progress.started, 1e-9):.0f}")
     progress.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

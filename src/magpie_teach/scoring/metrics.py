@@ -97,7 +97,8 @@ def aggregate(
 
     ``reward`` is the mean per-example reward, ``compat_loss`` the mean per-example compatibility
     loss, ``car`` = :func:`car` of those two, ``length`` the mean response length in base-model
-    tokens, ``ppl_*`` = exp of the mean loss, ``ifd_*``/``ic_ifd_*`` means of the per-example values.
+    tokens, ``n_truncated`` the conversations cut at the scoring ``max_length``, ``n_hit_max_new_tokens`` (when the
+    data has `generate`'s flag) the responses that stopped at the teacher's generation cap, ``ppl_*`` = exp of the mean loss, ``ifd_*``/``ic_ifd_*`` means of the per-example values.
     """
     grouped = scores.groupby(["teacher", "base_model"], sort=False)
     table = grouped.agg(
@@ -106,6 +107,7 @@ def aggregate(
         compat_loss=("compat_loss", "mean"),
         length=("n_tokens_full", "mean"),
         n_truncated=("truncated", "sum"),
+        **({"n_hit_max_new_tokens": ("hit_max_new_tokens", "sum")} if "hit_max_new_tokens" in scores.columns else {}),
     ).reset_index()
     for suffix in ("self", "ref"):
         if f"ifd_{suffix}" in scores.columns:

@@ -331,10 +331,10 @@ def score_rows(config: RankConfig, rows: pd.DataFrame, fingerprint: str = "") ->
     """Per-example scores of validated long-format ``rows`` under every base model of ``config`` (the rows of
     ``scores.parquet``): the reward (model or column), each base model's losses, the reference model's
     baselines. `rank` scores its data here, and `probe` each round's new responses."""
-    from magpie_teach.data import text_columns
+    from magpie_teach.data import carried_columns, text_columns
     from magpie_teach.scoring.metrics import ic_ifd, ifd
 
-    base_rows = rows[text_columns(rows)].copy()
+    base_rows = rows[text_columns(rows) + carried_columns(rows)].copy()
     base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
     reference = None
     if config.reference_model:

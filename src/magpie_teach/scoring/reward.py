@@ -38,7 +38,8 @@ def score_reward(
         (rewards, truncated): float64 scores and a flag per pair for conversations cut at ``max_length``.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from magpie_teach.progress import Progress
 
     if model.config.num_labels != 1:
         raise ConfigError(f"The reward model has {model.config.num_labels} outputs; one is needed.")
@@ -49,9 +50,7 @@ def score_reward(
     device = next(model.parameters()).device
     rewards = np.zeros(len(instructions), dtype=np.float64)
     truncated = np.zeros(len(instructions), dtype=bool)
-    progress = tqdm(
-        total=len(instructions), desc="reward", unit="ex", disable=None if show_progress is None else not show_progress
-    )
+    progress = Progress(len(instructions), "reward", show=show_progress)
     offset = 0
     contexts = contexts if contexts is not None else [None] * len(instructions)
     for chunk in windows(zip(instructions, responses, contexts), window):

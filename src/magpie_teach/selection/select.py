@@ -11,7 +11,9 @@ Strategies (one row per instruction in the output):
   reward min-max normalised over the candidate responses (a = ``--alpha``, 0.4 by default; PerSyn).
 
 Filters, applied first, each counted and kept with its reason: failed responses (a ``status``
-column other than ``ok``), truncated responses (``--keep-truncated`` keeps them), ``--min-reward``,
+column other than ``ok``), responses that stopped at `generate`'s ``max_new_tokens`` (``hit_max_new_tokens``,
+likely cut off mid-answer; ``--keep-capped`` keeps them), conversations cut at the scoring ``max_length``
+(``truncated``; ``--keep-truncated`` keeps them), ``--min-reward``,
 ``--max-tokens`` (response tokens under the base model).
 """
 
@@ -77,7 +79,20 @@ class SelectConfig(RecordedCARSettings):
             "at rank's bootstrap confidence (its summary.json 'separated'); without it, an undecided choice is a warning."
         },
     )
-    keep_truncated: bool = field(default=False, metadata={"help": "Keep responses cut at the scoring max length."})
+    keep_capped: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep responses that stopped at generate's max_new_tokens (column hit_max_new_tokens: likely cut "
+            "off mid-answer); they are dropped as 'hit_max_new_tokens' by default."
+        },
+    )
+    keep_truncated: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep conversations cut at the scoring --max-length (column truncated); dropped as 'truncated' "
+            "by default."
+        },
+    )
     min_reward: float | None = field(default=None, metadata={"help": "Drop responses with a lower reward."})
     max_tokens: int | None = field(
         default=None, metadata={"help": "Drop responses longer than this many base-model tokens."}
@@ -115,6 +130,8 @@ def _filter(scores: pd.DataFrame, config: SelectConfig) -> tuple[pd.DataFrame, p
     checks = []
     if "status" in scores.columns:
         checks.append(("failed", scores["status"].fillna("failed") != "ok"))
+    if not config.keep_capped and "hit_max_new_tokens" in scores.columns:
+        checks.append(("hit_max_new_tokens", scores["hit_max_new_tokens"].fillna(False).astype(bool)))
     if not config.keep_truncated and "truncated" in scores.columns:
         checks.append(("truncated", scores["truncated"].astype(bool)))
     if config.min_reward is not None:

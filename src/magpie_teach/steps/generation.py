@@ -20,7 +20,9 @@ class ResponseFormat(Step):
     teacher: str = Field(description="Teacher name written to each row.")
     model: str = Field(description="The teacher model (its tokenizer counts response tokens).")
     settings: str = Field(description="JSON of the teacher's backend and sampling settings.")
-    max_new_tokens: int = Field(description="A response of this many tokens is flagged truncated.")
+    max_new_tokens: int = Field(
+        description="A response of this many tokens is flagged hit_max_new_tokens (stopped by the cap, likely cut off)."
+    )
     store_dir: str = Field(description="Folder of the response store.")
 
     _tokenizer: Any = PrivateAttr(default=None)
@@ -37,7 +39,16 @@ class ResponseFormat(Step):
 
     @property
     def outputs(self) -> list[str]:
-        return ["teacher", "response", "generation_index", "n_tokens", "truncated", "status", "reason", "settings"]
+        return [
+            "teacher",
+            "response",
+            "generation_index",
+            "n_tokens",
+            "hit_max_new_tokens",
+            "status",
+            "reason",
+            "settings",
+        ]
 
     def process(self, inputs: StepInput) -> "StepOutput":
         import pandas as pd
@@ -57,7 +68,7 @@ class ResponseFormat(Step):
                     {
                         "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
                         "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
-                        "truncated": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
+                        "hit_max_new_tokens": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
                         "reason": None if ok else ("empty completion" if isinstance(text, str)
                                                    else error if isinstance(error, str) else "no completion (backend error)"),
                         "settings": self.settings,

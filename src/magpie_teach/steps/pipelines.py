@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie_teach.batch_store import BatchStore
+from magpie_teach.progress import log_every, logs_lines, progress_line
 
 
 def scratch_cache(output_dir: str | Path, name: str) -> str:
@@ -39,15 +40,6 @@ def without_distilabel_cache(pipeline: Any) -> Any:
     return pipeline
 
 
-def progress_line(name: str, done: int, total: int, elapsed: float) -> str:
-    """``name: done/total rows (pct), rate rows/s, ETA h:mm:ss`` for logs that are not a terminal."""
-    import datetime
-
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = datetime.timedelta(seconds=round((total - done) / rate)) if rate > 0 else "unknown"
-    return f"{name}: {done}/{total} rows ({100 * done / max(total, 1):.0f}%), {rate:.2f} rows/s, ETA {eta}"
-
-
 class StoreProgress:
     """One progress bar per store folder (a teacher, or a scoring stage): rows stored, rate, ETA, fed by
     polling the store while distilabel runs the pipeline in its own processes. Like every bar here it
@@ -62,8 +54,8 @@ class StoreProgress:
         self.start = {name: self.store.count(name, self.seen[name]) for name in totals}
         self.done = {name: 0 for name in totals}
         self.interval = interval
-        self.log_every = 60.0
-        self.disable = None if show is None else not show
+        self.log_every = log_every()
+        self.show = show
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,10 +66,11 @@ class StoreProgress:
         from tqdm.auto import tqdm
 
         bars = {
-            name: tqdm(total=total, desc=name, unit="row", disable=self.disable) for name, total in self.totals.items()
+            name: tqdm(total=total, desc=name, unit="row", disable=None if self.show is None else not self.show)
+            for name, total in self.totals.items()
         }
         # not on a terminal (a cluster job's log): a line per store folder every `log_every` seconds instead
-        lines = self.disable is None and not sys.stderr.isatty()
+        lines = logs_lines(self.show)
         started, last_line = time.monotonic(), time.monotonic()
         while True:
             done = self.stop.wait(self.interval)

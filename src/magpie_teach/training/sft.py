@@ -22,6 +22,7 @@ A run resumes from the last checkpoint in ``output_dir`` when there is one.
 
 import difflib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,11 +47,35 @@ class DataArguments:
 
 @dataclass
 class TrainResult:
+    """What one `train` call did: ``train_tokens`` and ``steps`` count this run only (a resumed run starts at
+    ``resumed_from``'s step and tokens); ``total_tokens`` counts from the first step."""
+
     output_dir: Path
     train_tokens: int
     train_runtime: float
     metrics: dict = field(default_factory=dict)
     dataset_revision: str | None = None
+    steps: int = 0
+    total_tokens: int = 0
+    resumed_from: str | None = None
+
+    def sentence(self) -> str:
+        seconds = max(self.train_runtime, 1e-9)
+        text = f"trained {self.steps} step(s) on {self.train_tokens} tokens in {seconds:.1f}s"
+        if self.steps:
+            text += f" ({self.train_tokens / seconds:.0f} tokens/s)"
+        if self.resumed_from:
+            text += f"; resumed from {Path(self.resumed_from).name}, {self.total_tokens} tokens in all"
+        return text
+
+
+def _checkpoint_progress(checkpoint: str | None) -> tuple[int, int]:
+    """(step, tokens seen) recorded in a checkpoint's trainer_state.json; (0, 0) without one."""
+    path = Path(str(checkpoint)) / "trainer_state.json" if checkpoint else None
+    if path is None or not path.is_file():
+        return 0, 0
+    state = json.loads(path.read_text())
+    return int(state.get("global_step", 0)), int(state.get("num_input_tokens_seen", 0) or 0)
 
 
 def _argument_classes() -> tuple[type, ...]:
@@ -210,6 +235,7 @@ def train(data_args: DataArguments, training_args: Any, model_args: Any) -> Trai
         resume = get_last_checkpoint(str(output_dir))
         if resume:
             logger.warning("Resuming from %s", resume)
+    start_step, start_tokens = _checkpoint_progress(resume)
     trainer, revision = build_trainer(data_args, training_args, model_args)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output_dir))
@@ -219,5 +245,12 @@ def train(data_args: DataArguments, training_args: Any, model_args: Any) -> Trai
     if hasattr(trainer, "end"):
         trainer.end()
     return TrainResult(
-        output_dir, tokens, float(result.metrics.get("train_runtime", 0.0)), dict(result.metrics), revision
+        output_dir,
+        tokens - start_tokens,
+        float(result.metrics.get("train_runtime", 0.0)),
+        dict(result.metrics),
+        revision,
+        steps=int(trainer.state.global_step) - start_step,
+        total_tokens=tokens,
+        resumed_from=str(resume) if resume else None,
     )
