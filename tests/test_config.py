@@ -66,3 +66,31 @@ def test_flat_configs_from_yaml_and_flags(tmp_path):
     config.write_text("- a\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         build_config(Flat, {}, str(config))
+
+
+def test_a_commands_yaml_takes_the_flag_spelling_too_and_help_names_the_yaml_key(tmp_path):
+    import argparse
+
+    from magpie_teach.config import add_dataclass_arguments
+    from magpie_teach.scoring.rank import RankConfig
+
+    config = tmp_path / "rank.yaml"
+    config.write_text("data: d.parquet\noutput: out\nbase-model: [m1, m2]\nreward_model: r\nbootstrap-seed: 7\n")
+    built = build_config(RankConfig, {}, str(config))
+    assert (built.output_dir, built.base_models, built.reward_model, built.bootstrap_seed) == (
+        "out",
+        ["m1", "m2"],
+        "r",
+        7,
+    )
+    config.write_text("data: d.parquet\noutput: out\noutput_dir: other\nbase_models: [m]\n")
+    with pytest.raises(ConfigError, match="'output' and 'output_dir' both set 'output_dir'; keep one"):
+        build_config(RankConfig, {}, str(config))
+    config.write_text("data: d.parquet\noutput: out\nbase_model: [m]\nbase_modle: [x]\n")
+    with pytest.raises(ConfigError, match="unknown key 'base_modle'; did you mean 'base_models'"):
+        build_config(RankConfig, {}, str(config))
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, RankConfig)
+    text = " ".join(parser.format_help().split())
+    assert "[YAML key output_dir]" in text and "[YAML key base_models]" in text
+    assert "[YAML key data]" not in text  # a flag spelt like its key needs no note

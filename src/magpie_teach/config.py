@@ -1,7 +1,9 @@
 """One config system: stdlib dataclasses, loaded from YAML and overridden by command-line flags.
 
 Each field has a type, a default and ``metadata={"help": ...}``; ``metadata["flag"]`` renames its
-flag (``base_models`` -> ``--base-model``, given once per value). An unknown YAML key is an error
+flag (``base_models`` -> ``--base-model``, given once per value). A command's YAML file takes either
+spelling at its top level (``output_dir`` or ``output``, ``base_models`` or ``base_model``), and
+``--help`` names the YAML key beside a flag spelt differently. An unknown YAML key is an error
 naming its path with a did-you-mean. Secrets never live in configs: they come from the environment.
 """
 
@@ -32,6 +34,28 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
+def flag_key(f: dataclasses.Field) -> str:
+    """The flag's spelling as a YAML key: ``--base-model`` -> ``base_model``."""
+    return flag_name(f).lstrip("-").replace("-", "_")
+
+
+def _accept_flag_spellings(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """VALUES with top-level keys spelt like their flags (``output``, ``base-model``) renamed to the field names."""
+    aliases = {}
+    for f in dataclasses.fields(cls):
+        for alias in (flag_key(f), flag_key(f).replace("_", "-"), f.name.replace("_", "-")):
+            if alias != f.name:
+                aliases[alias] = f.name
+    renamed: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name in renamed:
+            raise ConfigError(f"{where}: {spelt[name]!r} and {key!r} both set {name!r}; keep one")
+        renamed[name], spelt[name] = value, key
+    return renamed
+
+
 def _owner(cls: type, name: str) -> type:
     """The class in CLS's hierarchy that declares field NAME (CLS itself, or a shared settings base)."""
     return next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
@@ -58,6 +82,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         help_text = f.metadata.get("help", "")
+        if flag_key(f) != f.name and not f.metadata.get("positional"):
+            help_text += f" [YAML key {f.name}]"
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text += " (required)"
         elif default not in (None, [], False):
@@ -96,7 +122,7 @@ def build_config(cls: type[C], cli_values: dict[str, Any], config_file: str | No
 
     values: dict[str, Any] = {}
     if config_file:
-        loaded = read_yaml_mapping(config_file)
+        loaded = _accept_flag_spellings(cls, read_yaml_mapping(config_file), config_file)
         _check_keys(cls, loaded, config_file)
         values.update(loaded)
     values.update({k: v for k, v in cli_values.items() if v is not None})

@@ -64,6 +64,44 @@ def test_push_is_one_tagged_commit_that_loads_back(local_hub, ranked_sample):
     assert config["beta"] == 3.0
 
 
+def _folder_sha256(folder):
+    """The published digest of a local model folder, computed here: its files' relative paths and contents."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def test_a_push_publishes_no_local_path_and_names_local_models_by_content(
+    local_hub, ranked_sample, tiny_suite, sample_path
+):
+    """The publisher's disk layout stays home: the data, the card and the side files name a local model folder
+    by its name and content hash, the data file by its name and hash; the local folder keeps its full paths."""
+    import hashlib
+    from pathlib import Path
+
+    result = cli("push", str(ranked_sample), "--repo-id", "lab/private-paths", env=local_hub.env())
+    assert result.returncode == 0, result.stderr
+    local = [tiny_suite.base_small, tiny_suite.reward, str(sample_path), str(ranked_sample), str(Path.home())]
+    base = f"{Path(tiny_suite.base_small).name}@sha256:{_folder_sha256(tiny_suite.base_small)}"
+    reward = f"{Path(tiny_suite.reward).name}@sha256:{_folder_sha256(tiny_suite.reward)}"
+    data = f"{Path(sample_path).name}@sha256:{hashlib.sha256(Path(sample_path).read_bytes()).hexdigest()[:12]}"
+    texts = {}
+    for path in ("README.md", "magpie_teach/rank_config.yaml", "magpie_teach/summary.json"):
+        texts[path] = read_remote(local_hub, "lab/private-paths", "v1.0.0", path)
+        assert not [p for p in local if p in texts[path]], path
+    assert base in texts["README.md"] and reward in texts["README.md"]
+    config = yaml.safe_load(texts["magpie_teach/rank_config.yaml"])
+    assert config["base_models"] == [base] and config["reward_model"] == reward and config["data"] == data
+    assert config["output_dir"] == ranked_sample.name
+    loaded = load(local_hub, "lab/private-paths", "v1.0.0")
+    assert set(loaded["base_model"]) == {base}
+    assert set(pd.read_csv(ranked_sample / "ranking.csv")["base_model"]) == {tiny_suite.base_small}  # kept locally
+
+
 def test_versions_are_immutable_and_reruns_do_not_republish(local_hub, ranked_sample, tmp_path):
     env = local_hub.env()
     assert cli("push", str(ranked_sample), "--repo-id", "lab/r", env=env).returncode == 0

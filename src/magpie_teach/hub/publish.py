@@ -97,25 +97,45 @@ def next_tag(existing: list[str]) -> str:
 
 
 def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir: Path) -> dict[str, Path]:
-    """Writes what will be committed (path in repo -> local file); the source folder is only read."""
+    """Writes what will be committed (path in repo -> local file); the source folder is only read. Local paths
+    in what is published become public names (:mod:`magpie_teach.hub.provenance`); the folder keeps them."""
+    import pandas as pd
+
+    from magpie_teach.hub.provenance import Publisher, collect_strings
+
     spec = KINDS[kind]
     workdir.mkdir(parents=True, exist_ok=True)
     context, card_data, frame = cards.build_context(source, kind, repo_id, tag)
     card_data["license"] = license
+    side = [
+        name for name in (spec.config, spec.summary, COMMAND_FILE, *spec.extras) if name and (source / name).exists()
+    ]
+    publisher = Publisher()
+    for name in side:
+        if Path(name).suffix in (".json", ".yaml", ".yml"):
+            publisher.learn(collect_strings(cards.yaml_or_json(source / name)))
     files: dict[str, Path] = {}
     data = source / spec.data
-    if data.suffix == ".parquet":
+    public = publisher.rewrite_frame(frame)
+    if data.suffix == ".parquet" and public is None:
         files[SFT_DATA] = data
     else:
         converted = workdir / "train.parquet"
-        frame.to_parquet(converted, index=False)
+        (frame if public is None else public).to_parquet(converted, index=False)
         files[SFT_DATA] = converted
+    for name in side:  # side files: local paths replaced in the published copy
+        path, copy = source / name, workdir / "side" / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            rewritten = publisher.rewrite_frame(table)
+            (table if rewritten is None else rewritten).to_parquet(copy, index=False)
+        else:
+            copy.write_text(publisher.rewrite(path.read_text(encoding="utf-8")), encoding="utf-8")
+        files[f"magpie_teach/{name}"] = copy
     card = workdir / "README.md"
-    card.write_text(cards.render(kind, context, card_data, str(source)), encoding="utf-8")
+    card.write_text(publisher.rewrite(cards.render(kind, context, card_data, str(source))), encoding="utf-8")
     files["README.md"] = card
-    for name in (spec.config, spec.summary, COMMAND_FILE, *spec.extras):
-        if name and (source / name).exists():
-            files[f"magpie_teach/{name}"] = source / name
     return files
 
 

@@ -1,0 +1,118 @@
+"""What a published artefact says about where its models and files came from, without the publisher's disk.
+
+Local output folders keep the paths a run was given (``/home/me/.cache/models/gemma-3-270m``): they are
+what a rerun needs. A push rewrites every local path it finds in what it publishes (the data's model
+columns, the config, summary and command files, the card) to a name a reader can use:
+
+* a model folder (it has a ``config.json``) or any other local file -> ``NAME@sha256:DIGEST``, DIGEST the
+  first 12 hex digits of a hash over the folder's files (relative path and content) or the file's content,
+  so two publishers of the same weights name them alike and a changed folder gets another name;
+* any other local folder (an output folder, say) -> its name.
+
+A Hub id (``Qwen/Qwen2-1.5B``) is not a local path and stays as it is: the Hub records its commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MODEL_COLUMNS = ("base_model", "teacher", "model", "settings")
+"""Data columns that may hold a local path (directly or inside JSON): rewritten in the published copy."""
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file's content, or of a folder's files (relative path, then content), hidden files left out."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )  # fmt: skip
+    for file in files:
+        if file is not path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def is_local_path(value: str) -> bool:
+    """A string naming something on this disk: absolute, or relative with a separator, and existing."""
+    if not value or len(value) > 4096 or "\n" in value:
+        return False
+    if not (os.path.isabs(value) or value.startswith(("./", "../", "~")) or os.sep in value):
+        return False
+    try:
+        return Path(value).expanduser().exists()
+    except OSError:
+        return False
+
+
+def public_name(value: str) -> str:
+    """The published name of local path VALUE (see the module docstring)."""
+    path = Path(value).expanduser()
+    name = path.resolve().name
+    if path.is_file() or (path / "config.json").is_file():
+        return f"{name}@sha256:{_digest(path)}"
+    return name
+
+
+def collect_strings(value: Any) -> Iterable[str]:
+    """Every string inside a (nested) JSON/YAML value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from collect_strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from collect_strings(item)
+
+
+class Publisher:
+    """Collects the local paths of what is about to be published and rewrites them (one digest per path)."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def learn(self, values: Iterable[str]) -> None:
+        for value in values:
+            if value not in self.names and is_local_path(value):
+                self.names[value] = public_name(value)
+                resolved = str(Path(value).expanduser().resolve())
+                self.names.setdefault(resolved, self.names[value])
+
+    def learn_json_strings(self, values: Iterable[str]) -> None:
+        """Learns the paths inside JSON texts (a data column of settings, say)."""
+        for text in values:
+            try:
+                self.learn(collect_strings(json.loads(text)))
+            except (TypeError, ValueError):
+                self.learn([text])
+
+    def rewrite(self, text: str) -> str:
+        """TEXT with every known local path replaced by its public name (longest first, so no prefix is cut)."""
+        for local in sorted(self.names, key=len, reverse=True):
+            if local in text:
+                text = text.replace(local, self.names[local])
+        return text
+
+    def rewrite_frame(self, frame: Any) -> Any:
+        """A copy of ``frame`` with :data:`MODEL_COLUMNS` rewritten (each distinct value once); None if unchanged."""
+        changed = {}
+        for column in MODEL_COLUMNS:
+            if column not in frame.columns or frame[column].dtype.kind not in "OT":  # object or pandas' str dtype
+                continue
+            values = frame[column].dropna().unique()
+            if column == "settings":
+                self.learn_json_strings(v for v in values if isinstance(v, str))
+            else:
+                self.learn(v for v in values if isinstance(v, str))
+            mapping = {v: self.rewrite(v) for v in values if isinstance(v, str)}
+            if any(k != v for k, v in mapping.items()):
+                changed[column] = frame[column].map(lambda v, m=mapping: m.get(v, v) if isinstance(v, str) else v)
+        return frame.assign(**changed) if changed else None
