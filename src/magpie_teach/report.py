@@ -120,40 +120,103 @@ def ranking_figure(ranking: pd.DataFrame, out: Path) -> Path:
     return _save(fig, _figure_path(out, "ranking"))
 
 
-def reward_vs_loss_figure(ranking: pd.DataFrame, out: Path) -> Path:
-    """Mean reward against mean compatibility loss per teacher, with CAR iso-lines r = c (1 + beta L)."""
+# where a point's label may go, tried in order: close first, then further out in eight directions (points)
+_LABEL_OFFSETS = [(dx * r, dy * r) for r in (4, 9, 15, 22, 30, 40, 52) for dx, dy in
+                  ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1.4), (0, -1.4))]  # fmt: skip
+
+
+def text_box(annotation, renderer):  # noqa: ANN001, ANN201 - matplotlib objects
+    """An annotation's text box in display units, without its leader line."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)  # an annotation places its text when drawn or measured
+    return Text.get_window_extent(annotation, renderer)
+
+
+def place_labels(ax, xs, ys, labels, obstacles=(), fontsize: float = 7) -> list:  # noqa: ANN001 - matplotlib
+    """Labels each point (data coordinates) at the first offset of :data:`_LABEL_OFFSETS` where the label's text box
+    stays inside the axes and overlaps no label placed before it, no point's marker and no box in ``obstacles``
+    (display units); a label
+    away from its point gets a thin leader line. Call it once the axes' limits and the layout are final.
+    Returns the annotations (the last candidate is kept when every offset collides)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marker = 4.0 * ax.figure.dpi / 72  # half the marker's width, in display units
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    taken = [Bbox.from_extents(px - marker, py - marker, px + marker, py + marker) for px, py in points]
+    taken += list(obstacles)
+    placed = []
+    for x, y, label in zip(xs, ys, labels):
+        for i, (dx, dy) in enumerate(_LABEL_OFFSETS):
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+            far = abs(dx) + abs(dy) > 12
+            annotation = ax.annotate(
+                label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha, va=va,
+                arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5, "shrinkA": 0, "shrinkB": 3} if far else None,
+            )  # fmt: skip
+            box = text_box(annotation, renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (inside and not any(box.overlaps(other) for other in taken)) or i == len(_LABEL_OFFSETS) - 1:
+                break
+            annotation.remove()
+        taken.append(box)
+        placed.append(annotation)
+    return placed
+
+
+def reward_vs_loss_axes(ranking: pd.DataFrame):  # noqa: ANN201 - a matplotlib Figure
+    """The reward-vs-loss figure (see :func:`reward_vs_loss_figure`), not yet saved: the tests read its labels."""
     import matplotlib.pyplot as plt
 
     bases = list(dict.fromkeys(ranking["base_model"]))
     rows, cols = _grid(len(bases))
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    panels = []
     for ax, base in zip(axes.flat, bases):
         group = ranking[ranking["base_model"] == base]
         beta = float(group["car_beta"].iloc[0]) if "car_beta" in group else 3.0
         shift = float(group["car_reward_shift"].iloc[0]) if "car_reward_shift" in group else 0.0
-        reward = group["reward"] + shift
         lo, hi = group["compat_loss"].min(), group["compat_loss"].max()
         pad = max((hi - lo) * 0.25, 0.05)
         losses = np.linspace(max(lo - pad, 0), hi + pad, 100)
-        for level in np.quantile(group["car"], [0.0, 0.5, 1.0]):
-            ax.plot(losses, level * (1 + beta * losses) - shift, color="#bbbbbb", lw=0.8, ls="--", zorder=1)
-            ax.annotate(
-                f"CAR={level:.3g}", (losses[-1], level * (1 + beta * losses[-1]) - shift), fontsize=7, color="#888888"
-            )
-        ax.scatter(group["compat_loss"], reward - shift, s=40, color="#2e4057", zorder=2)
         r_lo, r_hi = group["reward"].min(), group["reward"].max()
+        # the view: the data with a margin, never narrower than 10% of the rewards' size, so that a small gap
+        # between teachers does not fill the whole height
         r_pad = max((r_hi - r_lo) * 0.3, abs(r_hi) * 0.05, 1e-3)
-        ax.set_ylim(r_lo - r_pad, r_hi + r_pad)  # the data, not the iso-lines, sets the view
-        for _, row in group.iterrows():
-            ax.annotate(short_name(row["teacher"]), (row["compat_loss"], row["reward"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        y_lo, y_hi = r_lo - r_pad, r_hi + r_pad
+        levels = []
+        for level in np.quantile(group["car"], [0.0, 0.5, 1.0]):
+            line = level * (1 + beta * losses) - shift
+            ax.plot(losses, line, color="#bbbbbb", lw=0.8, ls="--", zorder=1)
+            inside = np.flatnonzero((line >= y_lo) & (line <= y_hi))
+            if len(inside):  # the value where the line leaves the view, so that it is always readable
+                levels.append((losses[inside[-1]], line[inside[-1]], level))
+        ax.scatter(group["compat_loss"], group["reward"], s=40, color="#2e4057", zorder=2)
+        ax.set_xlim(losses[0], losses[-1])
+        ax.set_ylim(y_lo, y_hi)  # the data, not the iso-lines, sets the view
         ax.set_xlabel(f"compatibility loss of {short_name(base)} (lower is better)")
-        ax.set_ylabel("mean reward")
-        ax.set_title(f"base: {short_name(base)}  (beta={beta:g})", fontsize=10)
+        ax.set_ylabel("mean reward (higher is better)")
+        ax.set_title(f"base: {short_name(base)}  (beta={beta:g}; dashed: equal CAR)", fontsize=10)
+        panels.append((ax, group, levels))
     for ax in list(axes.flat)[len(bases) :]:
         ax.axis("off")
-    fig.tight_layout()
-    return _save(fig, _figure_path(out, "reward_vs_compat_loss"))
+    fig.tight_layout()  # before the labels: their placement is computed in the final layout
+    renderer = fig.canvas.get_renderer()
+    for ax, group, levels in panels:
+        iso = [ax.annotate(f"CAR={level:.3g}", (x, y), xytext=(-2, 2), textcoords="offset points", ha="right",
+                           va="bottom", fontsize=6.5, color="#888888") for x, y, level in levels]  # fmt: skip
+        place_labels(ax, group["compat_loss"].to_numpy(), group["reward"].to_numpy(),
+                     [short_name(t) for t in group["teacher"]], [a.get_window_extent(renderer) for a in iso])  # fmt: skip
+    return fig
+
+
+def reward_vs_loss_figure(ranking: pd.DataFrame, out: Path) -> Path:
+    """Mean reward against mean compatibility loss per teacher, with CAR iso-lines r = c (1 + beta L) labelled with
+    their values, and teacher labels placed so that none covers another or a point."""
+    return _save(reward_vs_loss_axes(ranking), _figure_path(out, "reward_vs_compat_loss"))
 
 
 def correlation_figure(corr: pd.DataFrame, out: Path) -> Path:

@@ -125,3 +125,46 @@ def test_report_from_the_papers_table_shows_its_paradox_pairs_and_best_teachers(
 def test_report_needs_an_input():
     result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True)
     assert result.returncode == 2 and "give a `rank` output folder, --performance FILE, or both" in result.stderr
+
+
+def test_scatter_labels_cover_no_other_label_nor_point_and_each_equal_car_line_shows_its_value():
+    """Twelve teachers in two tight clusters per base model (the Zoo's families sit this close): the labels spread
+    out; bounding boxes read from the drawn figure."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.text import Text
+
+    matplotlib.use("Agg")
+    from magpie_teach.report import reward_vs_loss_axes
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for base in ("org/base-a", "org/base-b"):
+        for i in range(12):
+            cluster = i % 2
+            rows.append({"teacher": f"org/teacher-{i}-instruct", "base_model": base, "car_beta": 3.0,
+                         "reward": 1.0 + cluster + rng.normal(0, 1e-3), "car_reward_shift": 0.5,
+                         "compat_loss": 1.5 + 0.5 * cluster + rng.normal(0, 1e-3)})  # fmt: skip
+    ranking = pd.DataFrame(rows)
+    ranking["car"] = (ranking["reward"] + 0.5) / (1 + 3.0 * ranking["compat_loss"])
+    fig = reward_vs_loss_axes(ranking)
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        labels = [t for t in ax.texts if t.get_text().startswith("teacher-")]
+        iso = [t for t in ax.texts if t.get_text().startswith("CAR=")]
+        assert len(labels) == 12 and len(iso) == 3
+        boxes = []
+        for label in labels:  # the texts' boxes (a leader line may cross)
+            label.update_positions(renderer)
+            boxes.append(Text.get_window_extent(label, renderer))
+        iso_boxes = [t.get_window_extent(renderer) for t in iso]
+        points = ax.transData.transform(ax.collections[0].get_offsets())
+        frame = ax.get_window_extent(renderer)
+        for i, box in enumerate(boxes):
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            assert not any(box.overlaps(other) for other in boxes[i + 1 :] + iso_boxes)
+            assert not any(box.contains(x, y) for x, y in points)
+        for text in iso:  # the value printed is the CAR of the line it sits on: (r + shift) / (1 + beta L)
+            x, y = text.xy
+            assert float(text.get_text()[4:]) == pytest.approx((y + 0.5) / (1 + 3.0 * x), rel=5e-3)
+            assert ax.get_ylim()[0] <= y <= ax.get_ylim()[1]
