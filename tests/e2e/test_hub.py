@@ -377,7 +377,7 @@ def test_select_push_to_hub_publishes_sft_data_with_its_command(local_hub, ranke
     assert "| teacher | rows |" in card
 
 
-def test_select_reads_published_scores_by_tag_and_records_the_commit(local_hub, ranked_sample, tmp_path):
+def test_select_reads_published_scores_by_tag_and_records_the_commit(local_hub, ranked_sample, tiny_suite, tmp_path):
     env = local_hub.env()
     pushed = cli("push", str(ranked_sample), "--repo-id", "lab/scores", "--kind", "scores", env=env)
     assert pushed.returncode == 0, pushed.stderr
@@ -393,7 +393,14 @@ def test_select_reads_published_scores_by_tag_and_records_the_commit(local_hub, 
         ).returncode
         == 0
     )
+    from pathlib import Path
+
     from_hub = pd.read_parquet(out / "data" / "train-00000-of-00001.parquet")
-    pd.testing.assert_frame_equal(from_hub, pd.read_parquet(local / "data" / "train-00000-of-00001.parquet"))
+    expected = pd.read_parquet(local / "data" / "train-00000-of-00001.parquet")
+    # the published scores name the local base model by its name and content hash, the local ones by its path
+    expected["base_model"] = expected["base_model"].replace(
+        tiny_suite.base_small, f"{Path(tiny_suite.base_small).name}@sha256:{_folder_sha256(tiny_suite.base_small)}"
+    )
+    pd.testing.assert_frame_equal(from_hub, expected)
     assert yaml.safe_load((out / "select_config.yaml").read_text())["revision"] == commit
     assert json.loads((out / "selection_summary.json").read_text())["scores_revision"] == commit
