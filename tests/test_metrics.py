@@ -157,7 +157,7 @@ def test_correlations_match_by_last_path_component_and_only_on_matched_teachers(
                                 "ap": [1.0, 3.0, 2.0, 9.0]})  # fmt: skip
     with caplog.at_level("WARNING"):
         table = correlations(ranking, performance, ["car"])
-    assert "base model models/Qwen2-1.5B: no performance numbers for ['t4']" in caplog.text
+    assert "base model models/Qwen2-1.5B: no performance numbers for ['org/t4']" in caplog.text
     assert table.loc["car", "models/Qwen2-1.5B"] == pytest.approx(spearmanr([0.1, 0.4, 0.3], [1, 3, 2]).statistic)
     assert table.loc["n_teachers", "models/Qwen2-1.5B"] == 3.0 and math.isnan(table.loc["n_teachers", "mean"])
     assert table.index.name == "metric"  # correlations.csv's first column header

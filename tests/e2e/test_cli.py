@@ -280,6 +280,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_suite):
     assert result.returncode == 2 and "exactly one of --reward-model and --reward-column" in result.stderr
 
 
+def test_rank_matches_performance_names_before_any_model_loads(
+    rank_run, tmp_path, tiny_suite, sample_path, performance_file
+):
+    _, _, result = rank_run
+    for base in (tiny_suite.base_small, tiny_suite.base_medium):
+        name = base.rstrip("/").split("/")[-1]
+        assert f"performance: {base} = {name!r} in the table: 3 teacher(s) matched" in result.stderr
+    assert result.stderr.index("performance: ") < result.stderr.index("reward: 0/")  # before the first stage
+    # a base model the table does not name stops the run at once: one line, nothing scored, no model loaded
+    out = tmp_path / "unmatched"
+    result = run_cli("rank", "--data", sample_path, "--base-model", tiny_suite.base_large, "--reward-model", tiny_suite.reward,
+                     "--performance", str(performance_file), "--output", str(out))  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "base model" in result.stderr and "(key 'tiny-llama-l') matches no base model" in result.stderr
+    assert not (out / "scores.parquet").exists() and not (out / ".cache").exists()
+
+
 def test_yaml_config_with_a_misspelt_key(tmp_path, sample_path):
     config = tmp_path / "rank.yaml"
     config.write_text(f"data: {sample_path}\nbase_models: [x]\nreward_colum: r\n")

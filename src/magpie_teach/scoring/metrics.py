@@ -133,10 +133,17 @@ def aggregate(
     return table[first + [c for c in table.columns if c not in first]]
 
 
-def load_performance(path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COLUMNS) -> pd.DataFrame:
+def load_performance(
+    path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COLUMNS, aliases: str | None = None
+) -> pd.DataFrame:
     """Reads a performance table (teacher, base_model and benchmark columns; ``#`` lines are comments)
-    and adds ``ap``, the mean of ``columns``. A ``generator`` column is accepted for ``teacher``."""
+    and adds ``ap``, the mean of ``columns``. A ``generator`` column is accepted for ``teacher``. The name
+    aliases its rows are matched with (the shipped ones, then the file ``aliases``) ride along in
+    ``attrs['aliases']`` (see :mod:`magpie_teach.scoring.names`)."""
     from magpie_teach.errors import DataError
+    from magpie_teach.scoring.names import load_aliases
+
+    alias_map = load_aliases(aliases)
 
     try:
         frame = pd.read_csv(path, comment="#")
@@ -158,6 +165,7 @@ def load_performance(path: str, columns: Sequence[str] = DEFAULT_PERFORMANCE_COL
         raise DataError(
             f"{path}: (teacher, base_model) = ({first['teacher']!r}, {first['base_model']!r}) appears twice."
         )
+    frame.attrs["aliases"] = alias_map
     return frame
 
 
@@ -168,9 +176,16 @@ def short_name(name: str) -> str:
 
 def match_performance(group: pd.DataFrame, performance: pd.DataFrame, base: str, warn: bool = False) -> pd.DataFrame:
     """One base model's ranking rows joined with their AP (column ``ap``), teachers and base models matched by
-    exact name, else by their last path component; ConfigError when fewer than 3 teachers match."""
-    perf = performance.assign(_t=performance["teacher"].map(short_name), _b=performance["base_model"].map(short_name))
-    merged = group.assign(_t=group["teacher"].map(short_name), _b=short_name(base)).merge(
+    their keys (:mod:`magpie_teach.scoring.names`: Hub organisation, case and the paper's spellings aside, then
+    the aliases of ``performance.attrs``); ConfigError when fewer than 3 teachers match."""
+    from magpie_teach.scoring.names import key, load_aliases
+
+    aliases = performance.attrs.get("aliases") or load_aliases()
+    perf = performance.assign(
+        _t=performance["teacher"].map(lambda n: key(n, aliases)),
+        _b=performance["base_model"].map(lambda n: key(n, aliases)),
+    )
+    merged = group.assign(_t=group["teacher"].map(lambda n: key(n, aliases)), _b=key(base, aliases)).merge(
         perf[["_t", "_b", "ap"]], on=["_t", "_b"], how="inner"
     )
     if len(merged) < 3:
@@ -178,7 +193,7 @@ def match_performance(group: pd.DataFrame, performance: pd.DataFrame, base: str,
             f"base model {base!r}: only {len(merged)} teacher(s) have performance numbers; at least 3 are needed "
             f"(teachers: {sorted(group['teacher'])}; performance base models: {sorted(perf['_b'].unique())})."
         )
-    unmatched = sorted(set(group["teacher"].map(short_name)) - set(merged["_t"]))
+    unmatched = sorted(set(group["teacher"]) - set(merged["teacher"]))
     if unmatched and warn:
         logger.warning("base model %s: no performance numbers for %s", base, unmatched)
     return merged
@@ -189,8 +204,8 @@ def correlations(
 ) -> pd.DataFrame:
     """Spearman rho between each metric (oriented so that higher is better) and AP, per base model, plus the mean.
 
-    Teachers and base models match by exact name, else by their last path component (so a local
-    folder ``models/Qwen2-1.5B`` matches ``Qwen2-1.5B`` in the performance table).
+    Teachers and base models match by their keys (:mod:`magpie_teach.scoring.names`: a local folder
+    ``models/Qwen2-1.5B`` or the Hub id ``Qwen/Qwen2-1.5B`` matches ``Qwen2-1.5B`` in the performance table).
 
     Returns:
         The paper's Table 4 layout: one row per metric, one column per base model, and ``mean``.

@@ -5,6 +5,7 @@ import gc
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,13 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
     performance_columns: list[str] = field(
         default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"],
         metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
+    )
+    aliases: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML of 'name: name in the performance table' for spellings the matching rules miss (added to "
+            "the shipped aliases of the paper's models; rules: Hub organisation, case, 'Meta-' and '-Base' aside)."
+        },
     )
     revision: str | None = field(
         default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub data set."}
@@ -302,7 +310,9 @@ def _rank(config: RankConfig) -> RankResult:
         for model in filter(None, models):
             check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
 
-    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
+    performance = None
+    if config.performance:
+        performance = load_performance(config.performance, config.performance_columns, config.aliases)
     loaded = load_responses(
         config.data,
         revision=config.revision,
@@ -313,6 +323,12 @@ def _rank(config: RankConfig) -> RankResult:
     )
     rows = loaded.rows
     counts = dict(loaded.counts)
+    if performance is not None:  # names are matched now, before any model loads
+        from magpie_teach.scoring.names import match_names
+
+        teachers = sorted(rows["teacher"].unique())
+        for match in match_names(teachers, config.base_models, performance, f"--performance {config.performance}"):
+            print(f"performance: {match.line()}", file=sys.stderr, flush=True)
     if config.sample is not None:
         rows = sample_instructions(rows, config.sample, config.seed)
         counts["rows_sampled"] = len(rows)
