@@ -84,6 +84,7 @@ def _print_ranking(ranking, correlations=None, confidence=None) -> None:  # noqa
             "ppl_self",
             "ifd_self",
             "n_truncated",
+            "n_hit_max_new_tokens",
         )  # fmt: skip
         if c in ranking.columns
     ]

@@ -102,6 +102,7 @@ _NOISE = (
     "INFO",
     "WARNING",
     "DEBUG",
+    "{'",  # trainers' per-step log dicts
 )
 
 
@@ -206,7 +207,7 @@ def demo(config: DemoConfig) -> dict:
     hub_url = start_local_hub(out / "hub", port=0)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
     env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("MAGPIE_TEACH_PROGRESS_EVERY", "20")  # the stages' progress lines, on the screen through Runner
+    env.setdefault("MAGPIE_TEACH_PROGRESS_EVERY", "30")  # the stages' progress lines, on the screen through Runner
     run = Runner(out, env)
     org = config.org
 
