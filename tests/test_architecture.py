@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "src" / "magpie_teach"
 FLOORS = [  # module prefixes per floor, ground first (ARCHITECTURE.md's table)
-    ("errors", "settings", "processes"),
+    ("errors", "settings", "processes", "progress"),
     ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tiny"),
     ("steps", "hub", "review", "training", "report"),
     ("generation",),

