@@ -206,8 +206,9 @@ def reward_vs_loss_axes(ranking: pd.DataFrame):  # noqa: ANN201 - a matplotlib F
     fig.tight_layout()  # before the labels: their placement is computed in the final layout
     renderer = fig.canvas.get_renderer()
     for ax, group, levels in panels:
-        iso = [ax.annotate(f"CAR={level:.3g}", (x, y), xytext=(-2, 2), textcoords="offset points", ha="right",
-                           va="bottom", fontsize=6.5, color="#888888") for x, y, level in levels]  # fmt: skip
+        # below and left of where the line leaves the view (the top or the right edge): inside the axes
+        iso = [ax.annotate(f"CAR={level:.3g}", (x, y), xytext=(-3, -2), textcoords="offset points", ha="right",
+                           va="top", fontsize=6.5, color="#888888") for x, y, level in levels]  # fmt: skip
         place_labels(ax, group["compat_loss"].to_numpy(), group["reward"].to_numpy(),
                      [short_name(t) for t in group["teacher"]], [a.get_window_extent(renderer) for a in iso])  # fmt: skip
     return fig

@@ -164,7 +164,22 @@ def test_scatter_labels_cover_no_other_label_nor_point_and_each_equal_car_line_s
             assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             assert not any(box.overlaps(other) for other in boxes[i + 1 :] + iso_boxes)
             assert not any(box.contains(x, y) for x, y in points)
+        for box in iso_boxes:
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
         for text in iso:  # the value printed is the CAR of the line it sits on: (r + shift) / (1 + beta L)
             x, y = text.xy
             assert float(text.get_text()[4:]) == pytest.approx((y + 0.5) / (1 + 3.0 * x), rel=5e-3)
             assert ax.get_ylim()[0] <= y <= ax.get_ylim()[1]
+    # the demo's geometry: a small reward gap, a wide loss range, so the equal-CAR lines leave through the top
+    demo = pd.DataFrame({"teacher": ["greedy", "t0.7", "t1.2"], "base_model": "b", "car_beta": 3.0,
+                         "car_reward_shift": 0.0, "reward": [2.62, 2.65, 2.79], "compat_loss": [1.0, 1.3, 6.5]})  # fmt: skip
+    demo["car"] = demo["reward"] / (1 + 3.0 * demo["compat_loss"])
+    fig = reward_vs_loss_axes(demo)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(renderer)
+    iso = [t for t in ax.texts if t.get_text().startswith("CAR=")]
+    assert len(iso) == 3 and any(t.xy[1] == pytest.approx(ax.get_ylim()[1], rel=0.02) for t in iso)  # one at the top
+    for text in iso:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()
