@@ -31,7 +31,10 @@ PAPER_BASES = ["Qwen/Qwen2-1.5B", "google/gemma-2-2b", "Qwen/Qwen2.5-3B", "meta-
         ("google/gemma-2-2b", "gemma-2-2b"),
         ("Qwen2.5-7B-Instruct-AWQ", "qwen2.5-7b-instruct"),
         ("/models/local/Qwen2_1.5B/", "qwen2-1.5b"),
-        ("Base", "base"),  # a suffix alone is a name, not nothing
+        ("Base", "base"),
+        ("-Base", "-base"),  # a suffix alone is a name, not nothing
+        ("models/Model-X/", "model-x"),
+        ("Gemma 2 9b it", "gemma-2-9b-it"),
     ],
 )
 def test_names_normalise_by_the_documented_rules(name, expected):
@@ -44,6 +47,7 @@ def test_the_zoo_and_the_papers_hub_ids_match_all_19_teachers_of_table_6_for_eve
     table = performance.groupby("base_model")["teacher"].apply(set)
     for match in matches:
         assert len(match.matched) == 19 and not match.unmatched, match.line()
+        assert match.line().endswith("in the table: 19 teacher(s) matched")  # nothing unmatched to name
         assert set(match.matched.values()) == table[match.table_name]  # one table row per Zoo column
     assert [m.table_name for m in matches] == ["Qwen2-1.5B", "Gemma-2-2B", "Qwen2.5-3B", "Llama-3.2-3B",
                                                "Llama-3.1-Minitron-4B"]  # fmt: skip
@@ -51,10 +55,23 @@ def test_the_zoo_and_the_papers_hub_ids_match_all_19_teachers_of_table_6_for_eve
 
 def test_a_base_model_matching_nothing_and_too_few_teachers_are_errors_naming_the_keys():
     performance = load_performance(str(TABLE6))
-    with pytest.raises(ConfigError, match="base model 'google/gemma-7b' \\(key 'gemma-7b'\\) matches no base model"):
+    with pytest.raises(
+        ConfigError, match="^--performance: base model 'google/gemma-7b' \\(key 'gemma-7b'\\) matches no"
+    ):
         match_names(ZOO_COLUMNS, ["google/gemma-7b"], performance)
     with pytest.raises(ConfigError, match="only 2 teacher\\(s\\) have performance numbers.*my-teacher"):
         match_names(["gemma-2-9b-it", "Qwen2-7B-Instruct", "my-teacher"], ["Qwen/Qwen2-1.5B"], performance)
+
+
+def test_each_base_model_is_matched_against_its_own_rows_of_the_table():
+    performance = pd.DataFrame({"teacher": ["t1", "t2", "t3", "u1", "u2", "u3"], "base_model": ["A"] * 3 + ["B"] * 3,
+                                "ap": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})  # fmt: skip
+    (a,) = match_names(["org/t1", "t2", "T3", "u1"], ["hub/a"], performance)
+    assert a.base_model == "hub/a" and a.table_name == "A" and a.unmatched == ["u1"]
+    assert a.matched == {"org/t1": "t1", "t2": "t2", "T3": "t3"}
+    assert a.line() == "hub/a = 'A' in the table: 3 teacher(s) matched; no numbers for ['u1']"
+    with pytest.raises(ConfigError, match="only 1 teacher"):  # B's rows do not hold t1..t3
+        match_names(["org/t1", "t2", "T3", "u1"], ["b"], performance)
 
 
 def test_an_aliases_file_adds_spellings_and_correlations_use_it(tmp_path):
@@ -79,7 +96,13 @@ def test_an_aliases_file_adds_spellings_and_correlations_use_it(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("- a\n", "expected a mapping"), ("a: [b]\n", "alias 'a' maps to \\['b'\\]"), ("a: b: c\n", "not valid YAML")],
+    [
+        ("- a\n", "expected a mapping"),
+        ("a: [b]\n", "alias 'a' maps to \\['b'\\]"),
+        ("a: b: c\n", "not valid YAML"),
+        ("a: ''\n", "alias 'a' maps to ''"),
+        ("a: true\n", "alias 'a' maps to True"),
+    ],
 )
 def test_a_bad_aliases_file_is_an_error_naming_it(tmp_path, text, message):
     path = tmp_path / "aliases.yaml"
@@ -87,5 +110,5 @@ def test_a_bad_aliases_file_is_an_error_naming_it(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_aliases(path)
     assert str(path) in str(err.value)
-    with pytest.raises(ConfigError, match="could not be read"):
+    with pytest.raises(ConfigError, match="missing.yaml: could not be read: No such file or directory$"):
         load_aliases(tmp_path / "missing.yaml")
