@@ -34,6 +34,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         RECORD.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def score_cache(tmp_path_factory):
+    """Each test module scores into a score cache of its own ($MAGPIE_TEACH_CACHE, inherited by the commands the
+    tests start), so that no module reads scores another module computed."""
+    path = tmp_path_factory.mktemp("score-cache")
+    before = os.environ.get("MAGPIE_TEACH_CACHE")
+    os.environ["MAGPIE_TEACH_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("MAGPIE_TEACH_CACHE", None)
+    else:
+        os.environ["MAGPIE_TEACH_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
     from magpie_teach.tiny import build_tiny_suite

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "src" / "magpie_teach"
 FLOORS = [  # module prefixes per floor, ground first (ARCHITECTURE.md's table)
     ("errors", "settings", "processes", "progress"),
-    ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tiny"),
+    ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tables", "tiny"),
     ("steps", "hub", "review", "training", "report"),
     ("generation",),
     ("demo", "cli"),

@@ -1,6 +1,7 @@
 """The engine against a plain forward pass with hand-written masking, and its invariances."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -155,19 +156,13 @@ def test_text_loss_matches_plain_forward_pass(tiny_suite):
         assert loss == pytest.approx(expected, abs=1e-5)
 
 
-def test_resume_reuses_finished_windows(tiny_suite, sample_rows, tmp_path):
+def test_each_finished_window_is_handed_over_with_its_first_index_and_rows(tiny_suite, sample_rows):
     tokenizer, model = load_tokenizer(tiny_suite.base_small), load_model(tiny_suite.base_small, device="cpu")
     x, y = sample_rows["instruction"].tolist(), sample_rows["response"].tolist()
-    first = score_compatibility(model, tokenizer, x, y, window=20, cache_dir=tmp_path, show_progress=False)
-    parts = sorted(tmp_path.glob("window-*.parquet"))
-    assert len(parts) == 4
-    parts[-1].unlink()  # as if the run had been killed during the last window
-    calls = []
-    original = TokenNLLScorer.score
-    TokenNLLScorer.score = lambda self, examples: calls.append(len(examples)) or original(self, examples)
-    try:
-        second = score_compatibility(model, tokenizer, x, y, window=20, cache_dir=tmp_path, show_progress=False)
-    finally:
-        TokenNLLScorer.score = original
-    assert calls == [12, 12]  # only the missing last window (cond + uncond) was recomputed
-    np.testing.assert_allclose(second["compat_loss"], first["compat_loss"], atol=0)
+    handed = []
+    out = score_compatibility(model, tokenizer, x, y, window=20, show_progress=False,
+                              on_window=lambda start, rows: handed.append((start, rows.copy())))  # fmt: skip
+    assert [start for start, _ in handed] == list(range(0, len(x), 20))
+    assert [len(rows) for _, rows in handed] == [min(20, len(x) - start) for start, _ in handed]
+    pd.testing.assert_frame_equal(pd.concat([rows for _, rows in handed], ignore_index=True), out)
+

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from magpie_teach.data import instruction_id, load_responses, sample_instructions
+from magpie_teach.data import instruction_id, load_responses, sample_instructions, validated_responses
 from magpie_teach.errors import DataError
 
 
@@ -170,3 +170,108 @@ def test_unreadable_input_says_what_is_wrong(tmp_path, name, content, message):
         load_responses(str(path), reward_column=None)
     assert message in str(err.value) and str(path) in str(err.value)
     assert "_row" not in str(err.value)
+
+
+# -- streaming: many batches, shards, sampling before the texts ---------------------------------------------------
+
+
+def _zoo_frame(n: int, teachers=("Qwen2-7B-Instruct", "gemma-2-9b-it", "Meta-Llama-3-8B-Instruct")) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {"uuid": [f"u{i:03d}" for i in range(n)], "instruction": [f"question {i}?" for i in range(n)]}
+    )
+    for k, teacher in enumerate(teachers):
+        frame[teacher] = [
+            {
+                "content": f"{teacher} says {i} " + "word " * int(rng.integers(1, 30)),
+                "ArmoRM-Llama3-8B-v0.1": k + i / n,
+            }
+            for i in range(n)
+        ]
+    return frame
+
+
+def _write_shards(folder, frame, shards: int, row_group: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    for shard, part in enumerate(np.array_split(np.arange(len(frame)), shards)):
+        table = pa.Table.from_pandas(frame.iloc[part].reset_index(drop=True), preserve_index=False)
+        pq.write_table(table, folder / "data" / f"train-{shard:05d}-of-{shards:05d}.parquet", row_group_size=row_group)
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Batches of a few rows, so that every source is read in many batches."""
+    from magpie_teach import tables
+
+    monkeypatch.setattr(tables, "BATCH_BYTES", 200)
+    monkeypatch.setattr(tables, "TEXT_CHUNK_ROWS", 3)
+
+
+def _reference(frame: pd.DataFrame, **kwargs):
+    """The in-memory path: the whole wide frame turned long and validated at once."""
+    from magpie_teach.data import to_long, validated_responses
+
+    return validated_responses(to_long(frame), "reference", **kwargs)
+
+
+def _by_key(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.sort_values(["teacher", "id"]).reset_index(drop=True)[sorted(rows.columns)]
+
+
+def test_a_sharded_zoo_folder_read_in_many_batches_equals_the_whole_table_read_at_once(tmp_path, small_batches):
+    frame = _zoo_frame(40)
+    _write_shards(tmp_path / "zoo", frame, shards=3, row_group=4)
+    (tmp_path / "zoo" / "data" / "test-00000-of-00001.parquet").write_bytes(b"not read: another split")
+    loaded = load_responses(str(tmp_path / "zoo"), reward_column="ArmoRM-Llama3-8B-v0.1")
+    reference = _reference(frame, reward_column="ArmoRM-Llama3-8B-v0.1")
+    pd.testing.assert_frame_equal(_by_key(loaded.rows), _by_key(reference.rows), check_dtype=False)
+    assert loaded.fingerprint == reference.fingerprint
+    assert loaded.counts == {"rows_in": 120, "rows_kept": 120}
+
+
+def test_sample_reads_the_texts_of_the_drawn_instructions_only_and_draws_what_the_in_memory_path_draws(
+    tmp_path, small_batches
+):
+    frame = _zoo_frame(40)
+    _write_shards(tmp_path / "zoo", frame, shards=2, row_group=5)
+    loaded = load_responses(str(tmp_path / "zoo"), reward_column="ArmoRM-Llama3-8B-v0.1", sample=7, seed=3)
+    every = load_responses(str(tmp_path / "zoo"), reward_column="ArmoRM-Llama3-8B-v0.1")
+    expected = sample_instructions(every.rows, 7, seed=3)
+    pd.testing.assert_frame_equal(_by_key(loaded.rows), _by_key(expected), check_dtype=False)
+    assert len(loaded.rows) == 7 * 3 and loaded.counts["rows_sampled"] == 21
+    assert loaded.fingerprint == every.fingerprint  # validation and the fingerprint cover every row
+
+
+def test_rows_are_numbered_across_batches_in_errors_and_in_what_is_dropped(tmp_path, small_batches):
+    frame = _long()
+    frame = pd.concat([frame, frame.assign(instruction=lambda f: f["instruction"] + " again")], ignore_index=True)
+    frame.loc[13, "response"] = " "  # in the fifth chunk of three lines
+    path = _write(tmp_path, frame)
+    with pytest.raises(DataError, match=r"null or empty 'response' in row 13 \(id='.*', teacher='t2'\)"):
+        load_responses(path)
+    loaded = load_responses(path, drop_invalid=True)
+    reference = validated_responses(pd.read_json(path, lines=True, dtype=False), path, drop_invalid=True)
+    assert loaded.dropped[["_row", "id", "teacher", "reason"]].to_dict("records") == reference.dropped[
+        ["_row", "id", "teacher", "reason"]
+    ].to_dict("records")
+    assert loaded.dropped.set_index("_row").loc[13, "response"] == " "  # dropped rows keep their texts
+    assert sorted(loaded.dropped["_row"]) == [9, 13]  # t1's answer to the same instruction goes too
+    assert len(loaded.rows) == 14
+
+
+def test_a_corrupt_shard_and_a_shard_with_another_schema_are_named_before_any_row_is_read(tmp_path):
+    frame = _zoo_frame(6)
+    _write_shards(tmp_path / "zoo", frame, shards=2, row_group=2)
+    second = tmp_path / "zoo" / "data" / "train-00001-of-00002.parquet"
+    good = second.read_bytes()
+    second.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"train-00001-of-00002.parquet: not a readable parquet file"):
+        load_responses(str(tmp_path / "zoo"))
+    frame.drop(columns=["gemma-2-9b-it"]).iloc[3:].to_parquet(second)
+    with pytest.raises(
+        DataError, match=r"train-00001-of-00002.parquet: its schema differs from .*only in train-00000"
+    ):
+        load_responses(str(tmp_path / "zoo"))

@@ -103,6 +103,25 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
 
 
+def content_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's content, or of a folder's files (relative path, then content; hidden files left
+    out), so that two copies of the same files get the same digest."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )  # fmt: skip
+    for file in files:
+        if file is not path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -220,7 +239,7 @@ def load_scores(path: str, base_model: str | None, revision: str | None = None) 
 
     file = Path(path) / SCORES if Path(path).is_dir() else Path(path)
     if not file.exists() and path.count("/") == 1 and not path.startswith((".", "/")):
-        from magpie_teach.data import load_table
+        from magpie_teach.tables import load_table
 
         scores = load_table(path, revision=revision)
         file = Path(f"{path}@{scores.attrs.get('revision')}")

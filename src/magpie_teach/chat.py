@@ -45,6 +45,11 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 """ChatML with generation markers, for tokenizers that ship no chat template."""
 
+MASK_RULE = "assistant-only/1"
+"""The version of how a conversation is rendered and masked for scoring (:func:`tokenize_conversation`,
+:func:`unconditioned`): part of every cached score's identity, so raise it whenever a change here can change a
+score, and every cached score is recomputed."""
+
 _GENERATION_RE = re.compile(r"{%-?\s*generation\s*-?%}")
 logger = logging.getLogger(__name__)
 

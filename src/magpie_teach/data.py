@@ -1,13 +1,19 @@
-"""Teacher-response data: loading, the long and wide (Generator-Zoo) formats, validation, atomic writes.
+"""Teacher-response data: the long and wide (Generator-Zoo) formats, validation, streaming loading, sampling.
 
 Long format: one row per instruction x teacher with ``instruction``, ``response``, ``teacher``, an
-optional ``id`` (derived from the instruction text when absent) and any reward columns; with an
+optional ``id`` (derived from the instruction text where absent) and any reward columns; with an
 optional ``generation_index``, several responses of one teacher to one instruction (best-of-N).
 
 Wide format (``Magpie-Align/Magpie-100K-Generator-Zoo``): one row per instruction with ``uuid``
 (or ``id``) and ``instruction``, and one struct column per teacher holding ``content`` and reward
 fields such as ``ArmoRM-Llama3-8B-v0.1``. :func:`to_long` turns it into the long format, the
 reward fields becoming reward columns of the same names.
+
+Loading streams (:mod:`magpie_teach.tables`): a first pass reads the source a batch at a time and keeps, per
+response, only its keys (row, id, teacher, generation index), whether its texts are present, their hashes and
+its reward; validation runs on those keys; ``sample`` draws instruction ids from them; a second pass reads the
+texts of the rows kept (and of the rows dropped, for ``dropped.csv``) and nothing else. Memory follows the
+number of responses kept, not the size of the texts read.
 
 Validation never drops silently: a problem is an error naming the source, row and field, unless
 ``drop_invalid`` is set, in which case every dropped row is returned with its ``reason`` so that
@@ -16,9 +22,8 @@ callers can count and keep it.
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_LONG = ("instruction", "response", "teacher")
 ID_COLUMNS = ("id", "uuid")
+OPTIONAL_LONG = ("generation_index", "context", "status")
+"""Long-format columns read when present, beside the required ones, the id, the reward column and the flags."""
 _MAX_NAMED = 5
+_OK, _EMPTY, _NOT_TEXT = 0, 1, 2
 
 
 @dataclass
@@ -43,115 +51,6 @@ class LoadedResponses:
     revision: str | None = None
     fingerprint: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def hub_commit(source: str, revision: str | None) -> str:
-    """The commit id that REVISION (branch, tag, commit; default main) of Hub data set SOURCE points at."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return HfApi().dataset_info(source, revision=revision).sha
-    except RevisionNotFoundError:
-        raise DataError(f"{source}: no revision {revision!r} (a branch, tag or commit id) on the Hub.") from None
-    except RepositoryNotFoundError:
-        raise DataError(f"{source}: no such data set on the Hub (or it is private and no token was given).") from None
-    except (HfHubHTTPError, OSError) as err:
-        raise DataError(f"{source}@{revision or 'main'}: the Hub could not be reached: {err}") from None
-
-
-def load_table(source: str, revision: str | None = None, split: str = "train") -> pd.DataFrame:
-    """Reads a local jsonl/json/parquet/csv file, a folder saved with ``Dataset.save_to_disk``, or a Hub
-    data set id (``org/name``) at ``revision``."""
-    path = Path(source)
-    if path.is_file():
-        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-        readers: dict[str, Callable[[Path], pd.DataFrame]] = {
-            ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-            ".jsonl.gz": lambda p: pd.read_json(p, lines=True, dtype=False),
-            ".json": _read_json_records,
-            ".parquet": pd.read_parquet,
-            ".csv": lambda p: pd.read_csv(p, keep_default_na=False, na_values=[""]),
-        }
-        if suffix not in readers:
-            raise DataError(f"{source}: unsupported file type {suffix!r}; use one of {', '.join(readers)}.")
-        if path.stat().st_size == 0:
-            raise DataError(f"{source}: the file is empty (no rows).")
-        try:
-            frame = readers[suffix](path)
-        except (ValueError, pd.errors.ParserError) as err:
-            if suffix != ".parquet":
-                _check_utf8(path, source)
-            raise DataError(f"{source}: could not be read as {suffix}: {str(err).splitlines()[0]}") from err
-        if frame.empty and not len(frame.columns):
-            raise DataError(f"{source}: the file holds no rows.")
-        return frame
-    if path.is_dir():
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise DataError(f"{source}: a folder, but not one saved with Dataset.save_to_disk ({err}).") from err
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{source}: no split {split!r}; it has {', '.join(loaded)}.")
-            loaded = loaded[split]
-        return loaded.to_pandas()
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        import datasets
-
-        commit = hub_commit(source, revision)
-        try:
-            frame = datasets.load_dataset(source, revision=commit, split=split).to_pandas()
-        except Exception as err:  # the datasets library raises many types; name the source either way
-            raise DataError(f"{source}@{revision or 'main'}: could not be loaded from the Hub: {err}") from err
-        frame.attrs["revision"] = commit  # the commit read, so that a rerun reads the same bytes
-        return frame
-    raise DataError(f"{source}: no such file or folder, and not a Hub data set id of the form org/name.")
-
-
-def _read_json_records(path: Path) -> pd.DataFrame:
-    """A .json file holding a list of records (objects); anything else is a DataError saying what it holds."""
-    import json
-
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON ({err.msg}).") from None
-    if isinstance(data, dict):
-        raise DataError(
-            f"{path}: the top level is an object (keys: {list(data)[:_MAX_NAMED]}); expected a list of records "
-            '([{"instruction": ..., "response": ..., "teacher": ...}, ...]) or a .jsonl file with one record a line.'
-        )
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        bad = (
-            next((i for i, row in enumerate(data) if not isinstance(row, dict)), 0) if isinstance(data, list) else None
-        )
-        where = (
-            f"item {bad} is a {type(data[bad]).__name__}" if bad is not None else f"it holds a {type(data).__name__}"
-        )
-        raise DataError(f"{path}: expected a list of records (objects), but {where}.")
-    if not data:
-        raise DataError(f"{path}: the file holds no rows (an empty list).")
-    return pd.DataFrame.from_records(data)
-
-
-def _check_utf8(path: Path, source: str) -> None:
-    """DataError naming the first line that is not UTF-8 text, if there is one."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{source}: line {number} is not UTF-8 text (column {err.start + 1}: byte "
-                    f"{line[err.start : err.start + 1]!r}); save the file as UTF-8."
-                ) from None
 
 
 def is_wide(frame: pd.DataFrame) -> bool:
@@ -168,29 +67,33 @@ def _struct_columns(frame: pd.DataFrame) -> list[str]:
     return names
 
 
-def to_long(frame: pd.DataFrame, source: str = "data") -> pd.DataFrame:
-    """Turns the wide Generator-Zoo format into the long format (one row per instruction x teacher)."""
-    teachers = _struct_columns(frame)
+def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | None = None) -> pd.DataFrame:
+    """Turns the wide Generator-Zoo format into the long format (one row per instruction x teacher), for the
+    struct columns ``teachers`` (default: all); ``_row`` is the wide row, counted from ``frame.attrs["offset"]``."""
+    teachers = _struct_columns(frame) if teachers is None else teachers
     if "instruction" not in frame.columns:
         raise DataError(f"{source}: wide format without an 'instruction' column (columns: {list(frame.columns)}).")
     id_column = next((c for c in ID_COLUMNS if c in frame.columns), None)
+    offset = frame.attrs.get("offset", 0)
     parts = []
     for teacher in teachers:
         structs = frame[teacher]
         fields = sorted({k for value in structs.dropna() for k in value})
         part = pd.DataFrame(
             {
-                "id": frame[id_column] if id_column else None,
-                "instruction": frame["instruction"],
+                "id": frame[id_column].to_numpy() if id_column else None,
+                "instruction": frame["instruction"].to_numpy(),
                 "teacher": teacher,
                 "response": [v.get("content") if isinstance(v, dict) else None for v in structs],
-                "_row": np.arange(len(frame)),
+                "_row": np.arange(offset, offset + len(frame)),
             }
         )
         for name in fields:
             if name != "content":
                 part[name] = [v.get(name) if isinstance(v, dict) else None for v in structs]
         parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=["id", "instruction", "teacher", "response", "_row"])
     return pd.concat(parts, ignore_index=True)
 
 
@@ -212,7 +115,7 @@ def _describe(frame: pd.DataFrame, index: Any) -> str:
 
 
 def _named(frame: pd.DataFrame, mask: pd.Series) -> str:
-    hits = list(frame.index[mask])
+    hits = list(frame.index[np.asarray(mask, dtype=bool)])
     text = "; ".join(_describe(frame, i) for i in hits[:_MAX_NAMED])
     return text + (f"; and {len(hits) - _MAX_NAMED} more" if len(hits) > _MAX_NAMED else "")
 
@@ -238,6 +141,185 @@ def text_columns(frame: pd.DataFrame) -> list[str]:
     return [*response_key(frame), "instruction", *(["context"] if "context" in frame.columns else []), "response"]
 
 
+# -- one batch of long-format rows, and its keys ------------------------------------------------------------------
+
+
+def _long_batch(frame: pd.DataFrame, wide: list[str] | None, source: str, offset: int) -> pd.DataFrame:
+    """A batch of the source as long-format rows: ``_row`` (the source row), ``id`` (derived from the instruction
+    where absent) and ``teacher`` as text."""
+    if wide is not None:
+        frame.attrs["offset"] = offset
+        frame = to_long(frame, source, wide)
+    else:
+        frame = frame.reset_index(drop=True)
+        if "_row" not in frame.columns:
+            frame["_row"] = np.arange(offset, offset + len(frame))
+        if "id" not in frame.columns and "uuid" in frame.columns and "teacher" in frame.columns:
+            frame = frame.rename(columns={"uuid": "id"})
+    if "teacher" in frame.columns:
+        ids = frame["id"] if "id" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+        missing = ids.isna().to_numpy()
+        if missing.any():
+            derived = [instruction_id(x) if isinstance(x, str) else None for x in frame.loc[missing, "instruction"]]
+            ids = ids.astype(object)
+            ids[missing] = derived
+        frame["id"] = ids.astype(str)
+        frame["teacher"] = frame["teacher"].astype(str)
+    return frame
+
+
+def _text_state(values: pd.Series, first_bad: dict, column: str) -> np.ndarray:
+    """Per value: 0 non-empty text, 1 null or blank, 2 not text (the first such value is kept in ``first_bad``)."""
+    state = np.zeros(len(values), dtype=np.int8)
+    if isinstance(values.dtype, pd.StringDtype) or values.dtype == "str":
+        blank = values.isna().to_numpy() | (values.str.strip().str.len() == 0).fillna(True).to_numpy()
+        state[blank] = _EMPTY
+        return state
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            state[i] = _OK if value.strip() else _EMPTY
+        elif value is None or _is_null(value):
+            state[i] = _EMPTY
+        else:
+            state[i] = _NOT_TEXT
+            first_bad.setdefault(column, value.item() if isinstance(value, np.generic) else value)
+    return state
+
+
+def _hash(values: pd.Series) -> np.ndarray:
+    """A 64-bit hash per value (texts; anything else by its text form)."""
+    if values.dtype == object:
+        values = values.map(lambda v: v if isinstance(v, str) or v is None else str(v))
+    return pd.util.hash_pandas_object(values, index=False).to_numpy()
+
+
+def _keys(frame: pd.DataFrame, reward_column: str | None, first_bad: dict) -> pd.DataFrame:
+    """What validation needs of a long-format batch, without its texts."""
+    keys = frame[["_row", "_pos", *response_key(frame)]].copy()
+    keys["instruction_hash"] = _hash(frame["instruction"])
+    keys["instruction_state"] = _text_state(frame["instruction"], first_bad, "instruction")
+    keys["response_state"] = _text_state(frame["response"], first_bad, "response")
+    texts = [_hash(frame[c]) for c in text_columns(frame) if c not in ("id", "teacher", "generation_index")]
+    keys["text_hash"] = pd.util.hash_pandas_object(pd.DataFrame(texts).T, index=False).to_numpy()
+    if reward_column is not None and reward_column in frame.columns:
+        keys["reward"] = pd.to_numeric(frame[reward_column], errors="coerce").to_numpy(dtype=float)
+    if "status" in frame.columns:
+        keys["failed"] = (frame["status"].fillna("ok").astype(str) != "ok").to_numpy()
+    return keys
+
+
+def _check_columns(columns: list[str], source: str, reward_column: str | None) -> None:
+    found = [c for c in columns if c not in ("_row", "_pos")]
+    missing = [c for c in REQUIRED_LONG if c not in columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; found {found}.")
+    if reward_column is not None and reward_column not in columns:
+        numeric = [c for c in found if c not in (*REQUIRED_LONG, "id")]
+        raise DataError(f"{source}: no reward column {reward_column!r}; other columns: {numeric}.")
+
+
+def _validate_keys(
+    keys: pd.DataFrame, source: str, reward_column: str | None, drop_invalid: bool, first_bad: dict
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept keys, dropped keys with ``reason``): the checks of :func:`validate_long`, on keys alone."""
+    for column in ("instruction", "response"):
+        not_text = keys[f"{column}_state"].to_numpy() == _NOT_TEXT
+        if not_text.any():
+            first = first_bad.get(column)
+            raise DataError(
+                f"{source}: {column!r} must be text, but {int(not_text.sum())} row(s) hold other values (first: "
+                f"{first!r}, a {type(first).__name__}): {_named(keys, not_text)}."
+            )
+    key = response_key(keys)
+    if "generation_index" in key:  # best-of-N output of `generate`: several responses per (id, teacher)
+        index = pd.to_numeric(keys["generation_index"], errors="coerce")
+        bad = index.isna() | (index < 0) | (index % 1 != 0)
+        if bad.any():
+            raise DataError(f"{source}: 'generation_index' must be a whole number >= 0: {_named(keys, bad)}.")
+        keys["generation_index"] = index.astype(int)
+    duplicated = keys.duplicated(key, keep=False)
+    if duplicated.any():
+        raise DataError(f"{source}: duplicate ({', '.join(key)}) rows: {_named(keys, duplicated)}.")
+    present = keys["instruction_state"] != _EMPTY
+    texts = keys.loc[present].groupby("id")["instruction_hash"].nunique()
+    if (texts > 1).any():
+        bad = keys["id"].isin(texts.index[texts > 1])
+        raise DataError(f"{source}: one id with different instruction texts: {_named(keys, bad)}.")
+
+    reasons = pd.Series(None, index=keys.index, dtype=object)
+    checks = [
+        ("empty_instruction", "instruction", keys["instruction_state"] == _EMPTY),
+        ("empty_response", "response", keys["response_state"] == _EMPTY),
+    ]
+    if reward_column is not None:
+        values = keys["reward"] if "reward" in keys.columns else pd.Series(np.nan, index=keys.index)
+        checks.append(("missing_reward", reward_column, values.isna() | ~np.isfinite(values.fillna(0))))
+    if "failed" in keys.columns:  # `generate` output: a failed row is never scored as if it were a response
+        failed = keys["failed"]
+        if failed.any() and not drop_invalid:
+            raise DataError(
+                f"{source}: failed generations (status other than 'ok') in {_named(keys, failed)} "
+                "(pass --drop-invalid to drop these instructions, counted in the output)."
+            )
+        reasons[failed] = "failed_generation"
+    for reason, column, mask in checks:
+        if mask.any():
+            if not drop_invalid:
+                raise DataError(
+                    f"{source}: null or empty {column!r} in {_named(keys, mask)} "
+                    "(pass --drop-invalid to drop these instructions, counted in the output)."
+                )
+            reasons[mask & reasons.isna()] = reason
+
+    teachers = sorted(keys["teacher"].unique())
+    per_id = keys.groupby("id")["teacher"].nunique()
+    incomplete_ids = per_id.index[per_id < len(teachers)]
+    if len(incomplete_ids) and not drop_invalid:
+        answered = keys.groupby("teacher")["id"].apply(set)
+        all_ids = set(keys["id"])
+        details = []
+        for teacher in teachers:
+            lacking = sorted(all_ids - answered[teacher])
+            if lacking:
+                details.append(f"teacher {teacher!r} lacks {len(lacking)} (e.g. id={lacking[0]!r})")
+        raise DataError(
+            f"{source}: teachers answered different instruction sets: {'; '.join(details)} "
+            "(pass --drop-invalid to keep only instructions every teacher answered)."
+        )
+    bad_ids = set(keys.loc[reasons.notna(), "id"]) | set(incomplete_ids)
+    sibling = keys["id"].isin(bad_ids) & reasons.isna()
+    reasons[sibling] = np.where(
+        keys.loc[sibling, "id"].isin(incomplete_ids), "incomplete_instruction", "sibling_dropped"
+    )
+    dropped = keys[reasons.notna()].assign(reason=reasons[reasons.notna()])
+    kept = keys[reasons.isna()]
+    if kept.empty:
+        raise DataError(f"{source}: every row was dropped ({dropped['reason'].value_counts().to_dict()}).")
+    return kept, dropped
+
+
+def _finish_rows(rows: pd.DataFrame, reward_column: str | None) -> pd.DataFrame:
+    """Kept rows with their final types: whole-number generation indices, numeric rewards."""
+    if "generation_index" in rows.columns:
+        rows["generation_index"] = pd.to_numeric(rows["generation_index"]).astype(int)
+    if reward_column is not None:
+        rows[reward_column] = pd.to_numeric(rows[reward_column])
+    return rows
+
+
+def _fingerprint(kept: pd.DataFrame) -> str:
+    """Hash of the kept responses' keys and texts, in key order (from their keys: no text is read again)."""
+    digest = hashlib.sha1()
+    kept = kept.sort_values(response_key(kept))
+    for column in [*response_key(kept), "text_hash"]:
+        digest.update(pd.util.hash_pandas_object(kept[column], index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _counts(n_in: int, kept: pd.DataFrame, dropped: pd.DataFrame) -> dict[str, int]:
+    return {"rows_in": n_in, "rows_kept": len(kept), **dropped["reason"].value_counts().to_dict()}
+
+
 def validate_long(
     frame: pd.DataFrame,
     source: str = "data",
@@ -253,125 +335,25 @@ def validate_long(
     ``drop_invalid`` such rows are dropped, and so is every other teacher's response to the same
     instruction, so that all teachers are compared on the same instructions.
     """
-    frame = frame.copy()
-    if "_row" not in frame.columns:
-        frame["_row"] = np.arange(len(frame))
-    found = [c for c in frame.columns if c != "_row"]
+    kept, dropped, rows, _ = _validate_frame(frame, source, reward_column, drop_invalid)
+    return rows, dropped
+
+
+def _validate_frame(
+    frame: pd.DataFrame, source: str, reward_column: str | None, drop_invalid: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(kept keys, dropped rows with reason, kept rows, keys) of an in-memory long-format frame."""
+    _check_columns(list(frame.columns), source, reward_column)
     if frame.empty:
-        raise DataError(f"{source}: no rows (columns: {found}).")
-    missing = [c for c in REQUIRED_LONG if c not in frame.columns]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; found {found}.")
-    if reward_column is not None and reward_column not in frame.columns:
-        numeric = [c for c in found if c not in (*REQUIRED_LONG, "id")]
-        raise DataError(f"{source}: no reward column {reward_column!r}; other columns: {numeric}.")
-    for column in ("instruction", "response"):
-        not_text = frame[column].map(lambda v: v is not None and not isinstance(v, str) and not _is_null(v))
-        if not_text.any():
-            first = frame.loc[not_text, column].iloc[0]
-            first = first.item() if isinstance(first, np.generic) else first
-            raise DataError(
-                f"{source}: {column!r} must be text, but {int(not_text.sum())} row(s) hold other values (first: "
-                f"{first!r}, a {type(first).__name__}): {_named(frame.assign(id=frame.get('id')), not_text)}."
-            )
-    if "id" not in frame.columns or frame["id"].isna().all():
-        frame["id"] = [instruction_id(x) if isinstance(x, str) else None for x in frame["instruction"]]
-    frame["id"] = frame["id"].astype(str)
-    frame["teacher"] = frame["teacher"].astype(str)
-
-    key = response_key(frame)
-    if "generation_index" in key:  # best-of-N output of `generate`: several responses per (id, teacher)
-        index = pd.to_numeric(frame["generation_index"], errors="coerce")
-        bad = index.isna() | (index < 0) | (index % 1 != 0)
-        if bad.any():
-            raise DataError(f"{source}: 'generation_index' must be a whole number >= 0: {_named(frame, bad)}.")
-        frame["generation_index"] = index.astype(int)
-    duplicated = frame.duplicated(key, keep=False)
-    if duplicated.any():
-        raise DataError(f"{source}: duplicate ({', '.join(key)}) rows: {_named(frame, duplicated)}.")
-    texts = frame.dropna(subset=["instruction"]).groupby("id")["instruction"].nunique()
-    if (texts > 1).any():
-        bad = frame["id"].isin(texts.index[texts > 1])
-        raise DataError(f"{source}: one id with different instruction texts: {_named(frame, bad)}.")
-
-    reasons = pd.Series(None, index=frame.index, dtype=object)
-    checks = [
-        (
-            "empty_instruction",
-            "instruction",
-            ~frame["instruction"].map(lambda v: isinstance(v, str) and bool(v.strip())),
-        ),
-        ("empty_response", "response", ~frame["response"].map(lambda v: isinstance(v, str) and bool(v.strip()))),
-    ]
-    if reward_column is not None:
-        values = pd.to_numeric(frame[reward_column], errors="coerce")
-        checks.append(("missing_reward", reward_column, values.isna() | ~np.isfinite(values.fillna(0))))
-    if "status" in frame.columns:  # `generate` output: a failed row is never scored as if it were a response
-        failed = frame["status"].fillna("ok").astype(str) != "ok"
-        if failed.any() and not drop_invalid:
-            raise DataError(
-                f"{source}: failed generations (status other than 'ok') in {_named(frame, failed)} "
-                "(pass --drop-invalid to drop these instructions, counted in the output)."
-            )
-        reasons[failed] = "failed_generation"
-    for reason, column, mask in checks:
-        if mask.any():
-            if not drop_invalid:
-                raise DataError(
-                    f"{source}: null or empty {column!r} in {_named(frame, mask)} "
-                    "(pass --drop-invalid to drop these instructions, counted in the output)."
-                )
-            reasons[mask & reasons.isna()] = reason
-
-    teachers = sorted(frame["teacher"].unique())
-    per_id = frame.groupby("id")["teacher"].nunique()
-    incomplete_ids = per_id.index[per_id < len(teachers)]
-    if len(incomplete_ids) and not drop_invalid:
-        answered = frame.groupby("teacher")["id"].apply(set)
-        all_ids = set(frame["id"])
-        details = []
-        for teacher in teachers:
-            lacking = sorted(all_ids - answered[teacher])
-            if lacking:
-                details.append(f"teacher {teacher!r} lacks {len(lacking)} (e.g. id={lacking[0]!r})")
-        raise DataError(
-            f"{source}: teachers answered different instruction sets: {'; '.join(details)} "
-            "(pass --drop-invalid to keep only instructions every teacher answered)."
-        )
-    bad_ids = set(frame.loc[reasons.notna(), "id"]) | set(incomplete_ids)
-    sibling = frame["id"].isin(bad_ids) & reasons.isna()
-    reasons[sibling] = np.where(
-        frame.loc[sibling, "id"].isin(incomplete_ids), "incomplete_instruction", "sibling_dropped"
-    )
-    dropped = frame[reasons.notna()].assign(reason=reasons[reasons.notna()])
-    kept = frame[reasons.isna()]
-    if kept.empty:
-        raise DataError(f"{source}: every row was dropped ({dropped['reason'].value_counts().to_dict()}).")
-    if reward_column is not None:
-        kept = kept.assign(**{reward_column: pd.to_numeric(kept[reward_column])})
-    return kept.reset_index(drop=True), dropped.reset_index(drop=True)
-
-
-def load_responses(
-    source: str,
-    *,
-    revision: str | None = None,
-    split: str = "train",
-    reward_column: str | None = None,
-    drop_invalid: bool = False,
-    teachers: list[str] | None = None,
-) -> LoadedResponses:
-    """Loads teacher responses in either format, validated, as long-format rows."""
-    frame = load_table(source, revision=revision, split=split)
-    revision = frame.attrs.get("revision", revision)  # a Hub source: the commit actually read
-    if is_wide(frame):
-        frame = to_long(frame, source)
-    if teachers:
-        unknown = sorted(set(teachers) - set(frame.get("teacher", pd.Series(dtype=str)).astype(str)))
-        if unknown:
-            raise DataError(f"{source}: unknown teacher(s) {unknown}.")
-        frame = frame[frame["teacher"].isin(teachers)]
-    return validated_responses(frame, source, revision, reward_column=reward_column, drop_invalid=drop_invalid)
+        raise DataError(f"{source}: no rows (columns: {[c for c in frame.columns if c != '_row']}).")
+    rows = _long_batch(frame.copy(), None, source, 0)
+    rows["_pos"] = np.arange(len(rows))
+    first_bad: dict = {}
+    keys = _keys(rows, reward_column, first_bad)
+    kept, dropped_keys = _validate_keys(keys, source, reward_column, drop_invalid, first_bad)
+    dropped = rows.iloc[dropped_keys["_pos"].to_numpy()].assign(reason=dropped_keys["reason"].to_numpy())
+    kept_rows = _finish_rows(rows.iloc[kept["_pos"].to_numpy()].drop(columns="_pos"), reward_column)
+    return kept, dropped.drop(columns="_pos").reset_index(drop=True), kept_rows.reset_index(drop=True), keys
 
 
 def validated_responses(
@@ -382,21 +364,124 @@ def validated_responses(
     reward_column: str | None = None,
     drop_invalid: bool = False,
 ) -> LoadedResponses:
-    """Long-format ``frame`` validated (:func:`validate_long`), with its fingerprint and row counts."""
-    rows, dropped = validate_long(frame, source, reward_column=reward_column, drop_invalid=drop_invalid)
-    digest = hashlib.sha1()
-    for column in text_columns(rows):
-        digest.update(pd.util.hash_pandas_object(rows[column], index=False).values.tobytes())
-    counts = {"rows_in": len(frame), "rows_kept": len(rows), **dropped["reason"].value_counts().to_dict()}
-    return LoadedResponses(rows, dropped, source, revision, digest.hexdigest()[:16], counts)
+    """Long-format ``frame`` (in memory) validated (:func:`validate_long`), with its fingerprint and row counts."""
+    kept, dropped, rows, _ = _validate_frame(frame, source, reward_column, drop_invalid)
+    return LoadedResponses(rows, dropped, source, revision, _fingerprint(kept), _counts(len(frame), kept, dropped))
+
+
+# -- streaming load -----------------------------------------------------------------------------------------------
+
+
+def _long_batches(table: Any, wide: list[str] | None, columns: list[str] | None,
+                  teachers: list[str] | None, seen: set) -> Iterator[pd.DataFrame]:  # fmt: skip
+    """The source's long-format rows a batch at a time, each with ``_pos`` (its place in this stream)."""
+    offset = position = 0
+    for frame in table.frames(columns):
+        n = len(frame)
+        batch = _long_batch(frame, wide, table.source, offset)
+        offset += n
+        if "teacher" in batch.columns:
+            seen.update(batch["teacher"].unique())
+            if teachers and wide is None:
+                batch = batch[batch["teacher"].isin(teachers)].reset_index(drop=True)
+        batch["_pos"] = np.arange(position, position + len(batch))
+        position += len(batch)
+        yield batch
+
+
+def sample_ids(ids: Any, n: int, seed: int) -> set[str] | None:
+    """``n`` instruction ids drawn at random (seeded) from the distinct ``ids``; None when ``n`` covers them all."""
+    if n <= 0:
+        raise DataError(f"--sample must be positive, got {n}.")
+    distinct = np.array(sorted(set(ids)))
+    if n >= len(distinct):
+        return None
+    return set(np.random.default_rng(seed).choice(distinct, size=n, replace=False))
+
+
+def load_responses(
+    source: str,
+    *,
+    revision: str | None = None,
+    split: str = "train",
+    reward_column: str | None = None,
+    drop_invalid: bool = False,
+    teachers: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 42,
+) -> LoadedResponses:
+    """Loads teacher responses in either format, validated, as long-format rows, streaming (see the module
+    docstring). With ``sample``, only the responses to ``sample`` instructions drawn at random (``seed``; the same
+    instructions for every teacher) are read into ``rows``; validation and the fingerprint cover every row."""
+    from magpie_teach.tables import open_table
+
+    table = open_table(source, revision=revision, split=split)
+    wide = _wide_layout(table)
+    if wide is not None:
+        if teachers:
+            unknown = sorted(set(teachers) - set(wide))
+            if unknown:
+                raise DataError(f"{source}: unknown teacher(s) {unknown}; it has {wide}.")
+            wide = [t for t in wide if t in teachers]
+        columns = [*ID_COLUMNS, "instruction", *wide]
+    else:
+        _check_columns(table.columns, source, reward_column)
+        columns = [*ID_COLUMNS, *REQUIRED_LONG, *OPTIONAL_LONG, *GENERATION_FLAGS, *filter(None, [reward_column])]
+
+    first_bad: dict = {}
+    seen: set = set()
+    parts = []
+    checked = False
+    for batch in _long_batches(table, wide, columns, teachers, seen):
+        if not checked:
+            _check_columns(list(batch.columns), source, reward_column)
+            checked = True
+        parts.append(_keys(batch, reward_column, first_bad))
+    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    del parts
+    if teachers and wide is None:
+        unknown = sorted(set(teachers) - seen)
+        if unknown:
+            raise DataError(f"{source}: unknown teacher(s) {unknown}.")
+    if keys.empty:
+        raise DataError(f"{source}: no rows (columns: {table.columns}).")
+    kept, dropped_keys = _validate_keys(keys, source, reward_column, drop_invalid, first_bad)
+    counts = _counts(len(keys), kept, dropped_keys)
+    fingerprint = _fingerprint(kept)
+    del keys
+    wanted = kept
+    if sample is not None:
+        chosen = sample_ids(kept["id"], sample, seed)
+        if chosen is not None:
+            wanted = kept[kept["id"].isin(chosen)]
+        counts["rows_sampled"] = len(wanted)
+
+    positions = np.sort(np.concatenate([wanted["_pos"].to_numpy(), dropped_keys["_pos"].to_numpy()]))
+    found = []
+    for batch in _long_batches(table, wide, columns, teachers, set()):
+        mine = batch["_pos"].to_numpy()
+        at = np.searchsorted(positions, mine)
+        hit = (at < len(positions)) & (positions[np.minimum(at, len(positions) - 1)] == mine)
+        if hit.any():
+            found.append(batch[hit])
+    every = pd.concat(found, ignore_index=True).set_index("_pos")
+    rows = _finish_rows(every.loc[wanted["_pos"].to_numpy()].reset_index(drop=True), reward_column)
+    dropped = every.loc[dropped_keys["_pos"].to_numpy()].reset_index(drop=True)
+    dropped["reason"] = dropped_keys["reason"].to_numpy()
+    return LoadedResponses(rows, dropped, source, table.revision, fingerprint, counts)
+
+
+def _wide_layout(table: Any) -> list[str] | None:
+    """The teacher (struct) columns of a wide-format source, or None for the long format."""
+    if "teacher" in table.columns:
+        return None
+    if table.wide_columns is not None:
+        return table.wide_columns or None
+    first = next(table.frames(), None)
+    return _struct_columns(first) if first is not None and is_wide(first) else None
 
 
 def sample_instructions(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """Keeps the same ``n`` randomly drawn instructions (by id, seeded) for every teacher."""
-    ids = np.array(sorted(rows["id"].unique()))
-    if n <= 0:
-        raise DataError(f"--sample must be positive, got {n}.")
-    if n >= len(ids):
-        return rows
-    chosen = set(np.random.default_rng(seed).choice(ids, size=n, replace=False))
-    return rows[rows["id"].isin(chosen)].reset_index(drop=True)
+    chosen = sample_ids(rows["id"], n, seed)
+    return rows if chosen is None else rows[rows["id"].isin(chosen)].reset_index(drop=True)

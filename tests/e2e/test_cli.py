@@ -193,12 +193,14 @@ def test_select_command_on_rank_output(rank_run, tmp_path):
     assert data.set_index("id")["teacher"].to_dict() == best.to_dict()
 
 
-def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):
+def test_a_rerun_reads_every_score_from_the_cache_loads_no_model_and_ranks_identically(rank_run, score_cache):
     out, args, _ = rank_run
     before = pd.read_csv(out / "ranking.csv")
-    assert list((out / ".cache" / "compat").glob("*/window-*.parquet"))
-    assert list((out / ".cache" / "reward").glob("*/rewards.npz"))
-    # the rerun, in a process that counts what it loads: the reward model must not be loaded (its scores are cached)
+    for kind in ("compat", "instruction-loss", "reward"):
+        assert list((score_cache / kind).glob("*/part-*.parquet")), kind
+    first = json.loads((out / "summary.json").read_text())["work"]
+    assert first and all(stage["from_cache"] == 0 and stage["scored"] > 0 for stage in first.values())
+    # the rerun, in a process that counts what it loads: no model at all (every score is cached)
     code = (
         "import sys, json, magpie_teach.modeling as m\n"
         "loaded = []\n"
@@ -214,8 +216,11 @@ def test_rerun_resumes_from_the_cache_with_identical_results(rank_run):
     )
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    loaded = __import__("json").loads(result.stdout.split("LOADED ")[1].splitlines()[0])
-    assert "reward" not in loaded
+    loaded = json.loads(result.stdout.split("LOADED ")[1].splitlines()[0])
+    assert loaded == []
+    second = json.loads((out / "summary.json").read_text())["work"]
+    assert second == {stage: {"scored": 0, "from_cache": n["scored"]} for stage, n in first.items()}
+    assert f"reward: {first['reward']['scored']} of {first['reward']['scored']} from the score cache" in result.stderr
     pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), before)
 
 
@@ -294,7 +299,7 @@ def test_rank_matches_performance_names_before_any_model_loads(
                      "--performance", str(performance_file), "--output", str(out))  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "base model" in result.stderr and "(key 'tiny-llama-l') matches no base model" in result.stderr
-    assert not (out / "scores.parquet").exists() and not (out / ".cache").exists()
+    assert not (out / "scores.parquet").exists()
 
 
 def test_yaml_config_with_a_misspelt_key(tmp_path, sample_path):

@@ -109,7 +109,8 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
 
 
 def load_instructions(config: GenerateConfig) -> tuple[pd.DataFrame, dict]:
-    from magpie_teach.data import instruction_id, load_table
+    from magpie_teach.data import instruction_id
+    from magpie_teach.tables import load_table
 
     spec = config.instructions
     if spec.magpie is not None:

@@ -14,30 +14,16 @@ A Hub id (``Qwen/Qwen2-1.5B``) is not a local path and stays as it is: the Hub r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from magpie_teach.artefacts import content_digest
+
 MODEL_COLUMNS = ("base_model", "teacher", "model", "settings")
 """Data columns that may hold a local path (directly or inside JSON): rewritten in the published copy."""
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a file's content, or of a folder's files (relative path, then content), hidden files left out."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )  # fmt: skip
-    for file in files:
-        if file is not path:
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def is_local_path(value: str) -> bool:
@@ -57,7 +43,7 @@ def public_name(value: str) -> str:
     path = Path(value).expanduser()
     name = path.resolve().name
     if path.is_file() or (path / "config.json").is_file():
-        return f"{name}@sha256:{_digest(path)}"
+        return f"{name}@sha256:{content_digest(path)[:12]}"
     return name
 
 

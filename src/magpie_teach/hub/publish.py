@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from magpie_teach.artefacts import COMMAND_FILE, KINDS, SFT_DATA, detect_kind
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, SFT_DATA, content_digest, detect_kind
 from magpie_teach.errors import ConfigError, DataError, network_errors
 from magpie_teach.hub import cards
 
@@ -146,16 +146,6 @@ def git_blob_sha(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def same_files(api: Any, repo_id: str, commit: str, files: dict[str, Path]) -> bool:
     """Whether COMMIT holds exactly FILES (plus .gitattributes), byte for byte."""
     remote = {e.path: e for e in api.list_repo_tree(repo_id, repo_type="dataset", revision=commit, recursive=True)
@@ -165,7 +155,7 @@ def same_files(api: Any, repo_id: str, commit: str, files: dict[str, Path]) -> b
     for path, local in files.items():
         entry = remote[path]
         if entry.lfs is not None:
-            if entry.lfs.sha256 != file_sha256(local):
+            if entry.lfs.sha256 != content_digest(local):
                 return False
         elif entry.blob_id != git_blob_sha(local):
             return False

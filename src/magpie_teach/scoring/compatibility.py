@@ -20,19 +20,15 @@ mask is passed to the model, which keeps its fused causal attention kernel (a pa
 SDPA fall back to a materialised mask on CPU). Results do not depend on batch size or order.
 """
 
-import hashlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from magpie_teach.artefacts import write_atomic
 from magpie_teach.chat import TokenizedExample, context_token_id, tokenize_conversation, unconditioned
 from magpie_teach.scoring.batching import plan_batches, windows
 from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
@@ -146,56 +142,43 @@ class TokenNLLScorer:
         return sums, counts
 
 
-def _window_key(examples: Sequence[TokenizedExample], tag: str) -> str:
-    digest = hashlib.sha1(tag.encode())
-    for example in examples:
-        digest.update(example.input_ids.tobytes())
-        digest.update(example.loss_mask.tobytes())
-    return digest.hexdigest()[:20]
-
-
 def _run_windows(
     items: Iterable[Any],
     n_items: int,
     make_examples: Callable[[list[Any]], dict[str, list[TokenizedExample]]],
     scorer: TokenNLLScorer,
+    finish: Callable[[dict[str, np.ndarray]], pd.DataFrame],
     *,
     window: int,
-    cache_dir: str | os.PathLike | None,
+    on_window: Callable[[int, pd.DataFrame], None] | None,
     desc: str,
     show_progress: bool | None,
 ) -> pd.DataFrame:
-    """Tokenizes and scores ``items`` one window at a time, resuming from finished windows in ``cache_dir``."""
+    """Tokenizes and scores ``items`` one window at a time; ``finish`` turns a window's raw columns into its
+    rows, handed to ``on_window(start, rows)`` as each window ends (the score cache stores them there)."""
     from magpie_teach.progress import Progress
 
     frames = []
     progress = Progress(n_items, desc, show=show_progress)
-    for index, chunk in enumerate(windows(items, window)):
-        named = make_examples(chunk)
-        path = None
-        if cache_dir is not None:
-            key = _window_key([e for examples in named.values() for e in examples], desc)
-            path = Path(cache_dir) / f"window-{index:05d}-{key}.parquet"
-            if path.exists():
-                frames.append(pd.read_parquet(path))
-                progress.update(len(chunk))
-                continue
-        columns: dict[str, Any] = {}
-        for name, examples in named.items():
+    start = 0
+    for chunk in windows(items, window):
+        columns: dict[str, np.ndarray] = {}
+        for name, examples in make_examples(chunk).items():
             sums, counts = scorer.score(examples)
             with np.errstate(invalid="ignore", divide="ignore"):
                 columns[f"{name}_loss"] = sums / counts
             columns[f"{name}_n_tokens"] = counts
             columns[f"{name}_n_tokens_full"] = np.array([e.n_response_tokens for e in examples], dtype=np.int64)
             columns[f"{name}_truncated"] = np.array([e.truncated for e in examples], dtype=bool)
-        frame = pd.DataFrame(columns)
-        if path is not None:
-            write_atomic(path, frame.to_parquet)
+        frame = finish(columns)
+        if on_window is not None:
+            on_window(start, frame)
         frames.append(frame)
+        start += len(chunk)
         progress.update(len(chunk))
         progress.set_postfix(tok_per_s=f"{scorer.real_tokens / max(time.monotonic() - progress.started, 1e-9):.0f}")
     progress.close()
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else finish({})
 
 
 def score_compatibility(
@@ -208,7 +191,7 @@ def score_compatibility(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     unconditioned_loss: bool = True,
     window: int = DEFAULT_WINDOW,
-    cache_dir: str | os.PathLike | None = None,
+    on_window: Callable[[int, pd.DataFrame], None] | None = None,
     show_progress: bool | None = None,
     desc: str = "compatibility",
     contexts: Sequence[Any] | None = None,
@@ -223,7 +206,7 @@ def score_compatibility(
         batch_tokens: padded tokens per forward pass.
         unconditioned_loss: also compute L(y), the response's loss with only BOS as context.
         window: examples tokenized and sorted at a time (memory stays flat in the data size).
-        cache_dir: where finished windows are kept, so an interrupted run resumes.
+        on_window: called with (index of the window's first pair, its rows) as each window is scored.
         show_progress: ``None`` shows a progress bar only on a terminal.
         contexts: earlier turns per pair (multi-turn rows; see :func:`magpie_teach.chat.parse_context`).
 
@@ -246,26 +229,31 @@ def score_compatibility(
 
     if contexts is not None and len(contexts) != len(instructions):
         raise ValueError(f"{len(instructions)} instructions but {len(contexts)} contexts.")
-    raw = _run_windows(
+
+    def finish(raw: dict[str, np.ndarray]) -> pd.DataFrame:
+        out = pd.DataFrame(
+            {
+                "compat_loss": raw.get("cond_loss", np.empty(0)),
+                "n_tokens": raw.get("cond_n_tokens", np.empty(0, dtype=np.int64)),
+                "n_tokens_full": raw.get("cond_n_tokens_full", np.empty(0, dtype=np.int64)),
+                "truncated": raw.get("cond_truncated", np.empty(0, dtype=bool)),
+            }
+        )
+        if unconditioned_loss:
+            out["uncond_loss"] = raw.get("uncond_loss", np.empty(0))
+        return out
+
+    out = _run_windows(
         zip(instructions, responses, contexts if contexts is not None else itertools.repeat(None)),
         len(instructions),
         make_examples,
         scorer,
+        finish,
         window=window,
-        cache_dir=cache_dir,
+        on_window=on_window,
         desc=desc,
         show_progress=show_progress,
     )
-    out = pd.DataFrame(
-        {
-            "compat_loss": raw["cond_loss"],
-            "n_tokens": raw["cond_n_tokens"],
-            "n_tokens_full": raw["cond_n_tokens_full"],
-            "truncated": raw["cond_truncated"],
-        }
-    )
-    if unconditioned_loss:
-        out["uncond_loss"] = raw["uncond_loss"]
     out.attrs["padding_fraction"] = 1 - scorer.real_tokens / max(scorer.padded_tokens, 1)
     return out
 
@@ -278,7 +266,7 @@ def score_text_loss(
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     window: int = DEFAULT_WINDOW,
-    cache_dir: str | os.PathLike | None = None,
+    on_window: Callable[[int, pd.DataFrame], None] | None = None,
     show_progress: bool | None = None,
     desc: str = "text loss",
 ) -> pd.DataFrame:
@@ -290,18 +278,25 @@ def score_text_loss(
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in chunk]
         return {"text": [unconditioned(np.asarray(i, dtype=np.int64), start_id, max_length) for i in ids]}
 
-    raw = _run_windows(
+    def finish(raw: dict[str, np.ndarray]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "loss": raw.get("text_loss", np.empty(0)),
+                "n_tokens": raw.get("text_n_tokens", np.empty(0, dtype=np.int64)),
+                "truncated": raw.get("text_truncated", np.empty(0, dtype=bool)),
+            }
+        )
+
+    return _run_windows(
         texts,
         len(texts),
         make_examples,
         scorer,
+        finish,
         window=window,
-        cache_dir=cache_dir,
+        on_window=on_window,
         desc=desc,
         show_progress=show_progress,
-    )
-    return pd.DataFrame(
-        {"loss": raw["text_loss"], "n_tokens": raw["text_n_tokens"], "truncated": raw["text_truncated"]}
     )
 
 

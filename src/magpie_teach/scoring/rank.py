@@ -2,7 +2,6 @@
 
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import sys
@@ -82,7 +81,20 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
             "help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."
         },
     )
-    cache: bool = field(default=True, metadata={"help": "Keep finished work under OUTPUT/.cache so a rerun resumes."})
+    cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the score cache: each example is scored once per model and setting, a killed run resumes, "
+            "and a rerun with another beta, reward shift or performance table loads no model."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "The score cache's folder, shared by the runs that name it (default: $MAGPIE_TEACH_CACHE, "
+            "else ~/.cache/magpie-teach/scores)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.base_models:
@@ -106,18 +118,42 @@ class RankResult:
     """``summary.json``: with the bootstrap on, its ``confidence`` holds the verdict per base model."""
 
 
-def _cache_dir(config: RankConfig, stage: str, model: str, fingerprint: str) -> Path | None:
+def _score_cache(config: RankConfig, kind: str, model: str, tokenizer: Any) -> Any:
+    """The score cache of one scorer (:mod:`magpie_teach.scoring.cache`), or None with ``--no-cache`` or when
+    the model cannot be named (a Hub id whose commit is unknown)."""
     if not config.cache:
         return None
-    stamp = [model, config.dtype, str(config.max_length), fingerprint]
-    path = Path(model)
-    if path.is_dir():  # a rebuilt local model must not reuse old scores
-        stamp += [f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors"))]
-    key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:12]
-    from magpie_teach.artefacts import slug
+    from magpie_teach.scoring.cache import ScoreCache, default_cache_dir, model_identity, scorer_identity
 
-    name = slug(short_name(model))
-    return Path(config.output_dir) / ".cache" / stage / f"{name}-{key}"
+    root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    model_id = model_identity(model, root)
+    if model_id is None:
+        return None
+    return ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype))
+
+
+def _cached(cache: Any, keys: np.ndarray, compute: Any, desc: str, work: dict | None) -> pd.DataFrame:
+    """Scores of every key, in order: those in ``cache`` read from it, the others from ``compute(indices,
+    on_window)`` (which stores each finished window in the cache); ``work[desc]`` counts both."""
+    found, values = cache.lookup(keys) if cache is not None else (np.zeros(len(keys), dtype=bool), None)
+    missing = np.flatnonzero(~found)
+    if work is not None:
+        work[desc] = {"scored": len(missing), "from_cache": int(found.sum())}
+    if found.any():
+        print(f"{desc}: {int(found.sum())} of {len(keys)} from the score cache"
+              f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
+    if not len(missing):
+        return values
+    todo = keys[missing]
+
+    def on_window(start: int, rows: pd.DataFrame) -> None:
+        cache.add(todo[start : start + len(rows)], rows)
+
+    computed = compute(missing, on_window if cache is not None else None).reset_index(drop=True)
+    if values is None:
+        return computed
+    order = np.argsort(np.concatenate([np.flatnonzero(found), missing]), kind="stable")
+    return pd.concat([values, computed], ignore_index=True).iloc[order].reset_index(drop=True)
 
 
 def _free(*objects: Any) -> None:
@@ -137,35 +173,55 @@ def _contexts(rows: pd.DataFrame) -> list | None:
     return rows["context"].tolist() if "context" in rows.columns else None
 
 
-def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerprint: str) -> pd.DataFrame:
-    """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
+def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
+               work: dict | None = None) -> pd.DataFrame:  # fmt: skip
+    """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts; read from
+    the score cache where it holds them (the model is loaded only if something is left to score)."""
     from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.cache import example_keys
     from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
 
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, "causal-lm", config.dtype, config.device)
+    loaded: list = []
+
+    def model() -> Any:
+        if not loaded:
+            loaded.append(load_model(model_name, "causal-lm", config.dtype, config.device))
+        return loaded[0]
+
     short = short_name(model_name)
-    scores = score_compatibility(
-        model,
-        tokenizer,
-        rows["instruction"].tolist(),
-        rows["response"].tolist(),
-        max_length=config.max_length,
-        batch_tokens=config.batch_tokens,
-        cache_dir=_cache_dir(config, "compat", model_name, fingerprint),
-        desc=f"compat {short}",
-        contexts=_contexts(rows),
-    )
+    contexts = _contexts(rows)
+
+    def compat(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
+        return score_compatibility(
+            model(),
+            tokenizer,
+            rows["instruction"].to_numpy()[todo].tolist(),
+            rows["response"].to_numpy()[todo].tolist(),
+            max_length=config.max_length,
+            batch_tokens=config.batch_tokens,
+            on_window=on_window,
+            desc=f"compat {short}",
+            contexts=None if contexts is None else [contexts[i] for i in todo],
+        )
+
+    scores = _cached(_score_cache(config, "compat", model_name, tokenizer), keys, compat, f"compat {short}", work)
     instructions = rows.drop_duplicates("id")[["id", "instruction"]]
-    text = score_text_loss(
-        model,
-        tokenizer,
-        instructions["instruction"].tolist(),
-        max_length=config.max_length,
-        batch_tokens=config.batch_tokens,
-        cache_dir=_cache_dir(config, "instruction", model_name, fingerprint),
-        desc=f"L(x) {short}",
-    )
+    texts = instructions["instruction"].tolist()
+
+    def instruction_loss(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
+        return score_text_loss(
+            model(),
+            tokenizer,
+            [texts[i] for i in todo],
+            max_length=config.max_length,
+            batch_tokens=config.batch_tokens,
+            on_window=on_window,
+            desc=f"L(x) {short}",
+        )
+
+    cache = _score_cache(config, "instruction-loss", model_name, tokenizer)
+    text = _cached(cache, example_keys(texts), instruction_loss, f"L(x) {short}", work)
     empty = scores["n_tokens"].to_numpy() == 0
     if empty.any():  # the prompt alone filled max_length: no response token left to score
         bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
@@ -174,43 +230,41 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, fingerpr
             f"{config.max_length} (e.g. {bad}); raise --max-length or drop those instructions."
         )
     scores["instr_loss"] = rows["id"].map(dict(zip(instructions["id"], text["loss"]))).to_numpy()
-    logger.info("%s: padding was %.1f%% of computed tokens", model_name, 100 * scores.attrs["padding_fraction"])
-    _free(model)
+    _free(*loaded)
     return scores
 
 
-def _rewards(config: RankConfig, rows: pd.DataFrame, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rewards, truncated): a precomputed column, or the reward model's scores (cached for reruns)."""
+def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dict | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(rewards, truncated): a precomputed column, or the reward model's scores (read from the score cache
+    where it holds them)."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
-    from magpie_teach.artefacts import write_atomic
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.reward import score_reward
 
-    cache = _cache_dir(config, "reward", config.reward_model, fingerprint)
-    if cache is not None and (cache / "rewards.npz").exists():
-        saved = np.load(cache / "rewards.npz")
-        return saved["rewards"], saved["truncated"]
     tokenizer = load_tokenizer(config.reward_model)
-    model = load_model(config.reward_model, "reward", config.dtype, config.device)
-    rewards, truncated = score_reward(
-        model,
-        tokenizer,
-        rows["instruction"].tolist(),
-        rows["response"].tolist(),
-        max_length=config.max_length,
-        batch_tokens=config.batch_tokens,
-        contexts=_contexts(rows),
-    )
-    _free(model)
-    if cache is not None:
+    contexts = _contexts(rows)
+    loaded: list = []
 
-        def save(tmp: str) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, rewards=rewards, truncated=truncated)
+    def reward(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
+        loaded.append(load_model(config.reward_model, "reward", config.dtype, config.device))
+        rewards, truncated = score_reward(
+            loaded[0],
+            tokenizer,
+            rows["instruction"].to_numpy()[todo].tolist(),
+            rows["response"].to_numpy()[todo].tolist(),
+            max_length=config.max_length,
+            batch_tokens=config.batch_tokens,
+            contexts=None if contexts is None else [contexts[i] for i in todo],
+            on_window=on_window,
+        )
+        return pd.DataFrame({"reward": rewards, "truncated": truncated})
 
-        write_atomic(cache / "rewards.npz", save)
-    return rewards, truncated
+    cache = _score_cache(config, "reward", config.reward_model, tokenizer)
+    scores = _cached(cache, keys, reward, "reward", work)
+    _free(*loaded)
+    return scores["reward"].to_numpy(dtype=np.float64), scores["truncated"].to_numpy(dtype=bool)
 
 
 LM_COLUMNS = ("compat_loss", "n_tokens", "n_tokens_full", "truncated", "uncond_loss", "instr_loss")
@@ -234,7 +288,12 @@ def example_scores(rows: pd.DataFrame, lm: pd.DataFrame, base_model: str) -> pd.
 
 
 def write_rank_outputs(
-    config: RankConfig, scores: pd.DataFrame, loaded: Any, counts: dict, performance: pd.DataFrame | None = None
+    config: RankConfig,
+    scores: pd.DataFrame,
+    loaded: Any,
+    counts: dict,
+    performance: pd.DataFrame | None = None,
+    work: dict | None = None,
 ) -> RankResult:
     """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring)."""
     from magpie_teach import artefacts
@@ -270,6 +329,8 @@ def write_rank_outputs(
         "fingerprint": loaded.fingerprint,
         "counts": counts,
     }
+    if work:
+        summary["work"] = work  # per scoring stage: examples scored by a model, and read from the score cache
     if verdicts:
         summary["confidence"] = {
             "level": config.confidence,
@@ -301,7 +362,7 @@ def rank(config: RankConfig) -> RankResult:
 
 
 def _rank(config: RankConfig) -> RankResult:
-    from magpie_teach.data import load_responses, sample_instructions
+    from magpie_teach.data import load_responses
     from magpie_teach.modeling import check_model_source
     from magpie_teach.scoring.metrics import load_performance
 
@@ -320,6 +381,8 @@ def _rank(config: RankConfig) -> RankResult:
         reward_column=config.reward_column,
         drop_invalid=config.drop_invalid,
         teachers=config.teachers or None,
+        sample=config.sample,
+        seed=config.seed,
     )
     rows = loaded.rows
     counts = dict(loaded.counts)
@@ -329,32 +392,31 @@ def _rank(config: RankConfig) -> RankResult:
         teachers = sorted(rows["teacher"].unique())
         for match in match_names(teachers, config.base_models, performance, f"--performance {config.performance}"):
             print(f"performance: {match.line()}", file=sys.stderr, flush=True)
-    if config.sample is not None:
-        rows = sample_instructions(rows, config.sample, config.seed)
-        counts["rows_sampled"] = len(rows)
-    fingerprint = hashlib.sha1(
-        (loaded.fingerprint + json.dumps([config.sample, config.seed, config.teachers])).encode()
-    ).hexdigest()[:16]
-    scores = score_rows(config, rows, fingerprint)
+    work: dict = {}
+    scores = score_rows(config, rows, work)
     first = scores[scores["base_model"] == config.base_models[0]]
     counts["reward_truncated"] = int(first["reward_truncated"].sum())
     for base in config.base_models:
         counts[f"truncated[{base}]"] = int(scores.loc[scores["base_model"] == base, "truncated"].sum())
-    return write_rank_outputs(config, scores, loaded, counts, performance)
+    return write_rank_outputs(config, scores, loaded, counts, performance, work)
 
 
-def score_rows(config: RankConfig, rows: pd.DataFrame, fingerprint: str = "") -> pd.DataFrame:
+def score_rows(config: RankConfig, rows: pd.DataFrame, work: dict | None = None) -> pd.DataFrame:
     """Per-example scores of validated long-format ``rows`` under every base model of ``config`` (the rows of
     ``scores.parquet``): the reward (model or column), each base model's losses, the reference model's
-    baselines. `rank` scores its data here, and `probe` each round's new responses."""
+    baselines. `rank` scores its data here, and `probe` each round's new responses. Every score is read from
+    the score cache when it holds it; ``work`` gets, per stage, how many examples were scored and read."""
     from magpie_teach.data import carried_columns, text_columns
+    from magpie_teach.scoring.cache import example_keys
     from magpie_teach.scoring.metrics import ic_ifd, ifd
 
+    keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
+
     base_rows = rows[text_columns(rows) + carried_columns(rows)].copy()
-    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, fingerprint)
+    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, keys, work)
     reference = None
     if config.reference_model:
-        ref = _lm_scores(config, config.reference_model, rows, fingerprint)
+        ref = _lm_scores(config, config.reference_model, rows, keys, work)
         reference = pd.DataFrame(
             {
                 "loss_ref": ref["compat_loss"],
@@ -365,7 +427,7 @@ def score_rows(config: RankConfig, rows: pd.DataFrame, fingerprint: str = "") ->
         )
     frames = []
     for base in config.base_models:
-        frame = example_scores(base_rows, _lm_scores(config, base, rows, fingerprint), base)
+        frame = example_scores(base_rows, _lm_scores(config, base, rows, keys, work), base)
         if reference is not None:
             frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
         frames.append(frame)

@@ -6,10 +6,11 @@ token, so a row's score does not depend on the rows batched with it.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from magpie_teach.chat import build_messages, resolve_chat_template
 from magpie_teach.errors import ConfigError
@@ -31,8 +32,10 @@ def score_reward(
     window: int = DEFAULT_WINDOW,
     show_progress: bool | None = None,
     contexts: Sequence[Any] | None = None,
+    on_window: Callable[[int, pd.DataFrame], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores each pair with an ``AutoModelForSequenceClassification`` reward model with one output.
+    """Scores each pair with an ``AutoModelForSequenceClassification`` reward model with one output;
+    ``on_window(start, rows)`` gets each finished window's ``reward`` and ``truncated`` (the score cache).
 
     Returns:
         (rewards, truncated): float64 scores and a flag per pair for conversations cut at ``max_length``.
@@ -72,6 +75,9 @@ def score_reward(
             with torch.inference_mode():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             rewards[[offset + i for i in batch]] = logits[:, 0].float().cpu().numpy()
+        if on_window is not None:
+            done = slice(offset, offset + len(chunk))
+            on_window(offset, pd.DataFrame({"reward": rewards[done], "truncated": truncated[done]}))
         offset += len(chunk)
         progress.update(len(chunk))
     progress.close()

@@ -1,0 +1,169 @@
+"""Each score computed once: the content-keyed score cache, counted in forward passes of real (tiny) models."""
+
+import contextlib
+import json
+import logging
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from magpie_teach.scoring.cache import ScoreCache, example_keys
+from magpie_teach.scoring.rank import RankConfig, rank
+
+
+def _in_startup_check() -> bool:
+    """Whether TokenNLLScorer's start-up check of its output layer is on the call stack."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_fast_path_matches":
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def counted_forward_rows():
+    """Counts the rows (sequences) of every outermost forward pass of a transformers model, per model class;
+    the scorer's one-row start-up check of its output layer is left out (it scores nothing)."""
+    import torch
+    from transformers import PreTrainedModel
+
+    counts: dict[str, int] = {}
+    depth = [0]
+
+    def before(module, args):
+        if isinstance(module, PreTrainedModel):
+            depth[0] += 1
+
+    def after(module, args, output):
+        if not isinstance(module, PreTrainedModel):
+            return
+        depth[0] -= 1
+        if depth[0] == 0:
+            shape = getattr(output, "logits", None)
+            shape = (shape if shape is not None else output.last_hidden_state).shape
+            if not _in_startup_check():
+                counts[type(module).__name__] = counts.get(type(module).__name__, 0) + int(shape[0])
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(before),
+             torch.nn.modules.module.register_module_forward_hook(after)]  # fmt: skip
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _ranked(rows: pd.DataFrame, tmp_path, name: str, bases: list[str], reward: str, **settings):
+    path = tmp_path / f"{name}.jsonl"
+    rows.to_json(path, orient="records", lines=True)
+    config = RankConfig(data=str(path), output_dir=str(tmp_path / name), base_models=bases, reward_model=reward,
+                        bootstrap=0, cache_dir=str(tmp_path / "cache"), **settings)  # fmt: skip
+    with counted_forward_rows() as counts:
+        result = rank(config)
+    return result, counts
+
+
+def test_a_new_teacher_a_new_base_model_and_a_new_beta_cost_only_their_own_forward_passes(
+    tiny_suite, sample_rows, tmp_path
+):
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    n_rows, n_instructions = len(rows), rows["instruction"].nunique()
+    small, medium = tiny_suite.base_small, tiny_suite.base_medium
+
+    first, counts = _ranked(rows, tmp_path, "first", [small], tiny_suite.reward)
+    # a causal LM: every response twice (given the instruction, and alone for L(y)), every instruction once (L(x))
+    assert counts == {"LlamaForSequenceClassification": n_rows, "LlamaModel": 2 * n_rows + n_instructions}
+
+    extra = rows[rows["teacher"] == rows["teacher"].iloc[0]].assign(
+        teacher="new-teacher", response=lambda f: f["response"] + " Hope this helps."
+    )
+    more, counts = _ranked(pd.concat([rows, extra]), tmp_path, "teacher", [small], tiny_suite.reward)
+    assert counts == {"LlamaForSequenceClassification": n_instructions, "LlamaModel": 2 * n_instructions}
+    assert more.summary["work"]["reward"] == {"scored": n_instructions, "from_cache": n_rows}
+    old = more.scores[more.scores["teacher"] != "new-teacher"].sort_values(["id", "teacher"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, first.scores.sort_values(["id", "teacher"]).reset_index(drop=True))
+
+    _, counts = _ranked(rows, tmp_path, "base", [small, medium], tiny_suite.reward)
+    assert counts == {"LlamaModel": 2 * n_rows + n_instructions}  # the new base model's passes alone
+
+    again, counts = _ranked(rows, tmp_path, "beta", [small], tiny_suite.reward, beta=1.0, reward_shift=2.0)
+    assert counts == {}
+    assert all(stage["scored"] == 0 for stage in again.summary["work"].values())
+    pd.testing.assert_frame_equal(again.scores, first.scores)
+
+
+def test_a_killed_run_resumes_from_its_last_finished_window(tiny_suite, sample_rows, tmp_path):
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    path = tmp_path / "data.jsonl"
+    rows.to_json(path, orient="records", lines=True)
+    config = RankConfig(data=str(path), output_dir=str(tmp_path / "out"), base_models=[tiny_suite.base_small],
+                        reward_model=tiny_suite.reward, bootstrap=0, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    from magpie_teach.scoring import compatibility
+
+    calls = []
+    real = compatibility._run_windows
+
+    def killed_after_two_windows(*args, **kwargs):  # the run dies as its third window of compat starts
+        on_window = kwargs["on_window"]
+
+        def counting(start, frame):
+            calls.append(start)
+            if len(calls) == 2:
+                on_window(start, frame)
+                raise KeyboardInterrupt
+            on_window(start, frame)
+
+        return real(*args, **{**kwargs, "on_window": counting, "window": 16})
+
+    compatibility._run_windows = killed_after_two_windows
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rank(config)
+    finally:
+        compatibility._run_windows = real
+    with counted_forward_rows() as counts:
+        result = rank(config)
+    assert result.summary["work"]["compat tiny-llama-s"] == {"scored": len(rows) - 32, "from_cache": 32}
+    assert counts["LlamaModel"] == 2 * (len(rows) - 32) + rows["instruction"].nunique()
+
+
+def test_entries_round_trip_and_a_corrupt_or_altered_part_is_never_read(tmp_path, caplog):
+    identity = {"kind": "compat", "model": "m", "model_id": "sha256:x", "max_length": 8, "dtype": "float32"}
+    keys = example_keys([f"q{i}" for i in range(6)], [f"a{i}" for i in range(6)])
+    values = pd.DataFrame({"compat_loss": np.arange(6) / 7, "n_tokens": np.arange(6), "truncated": [True, False] * 3})
+    cache = ScoreCache(tmp_path, identity)
+    cache.add(keys[:3], values.iloc[:3])
+    cache.add(keys[3:], values.iloc[3:])
+
+    fresh = ScoreCache(tmp_path, identity)
+    probe = np.concatenate([keys[::-1], example_keys(["q0"], ["another answer"])])
+    found, got = fresh.lookup(probe)
+    assert found.tolist() == [True] * 6 + [False]
+    pd.testing.assert_frame_equal(got, values.iloc[::-1].reset_index(drop=True))
+    assert json.loads((cache.folder / "scorer.json").read_text()) == identity
+    assert ScoreCache(tmp_path, {**identity, "max_length": 9}).lookup(keys)[0].sum() == 0  # another setting
+
+    first, second = sorted(cache.folder.glob("part-*.parquet"), key=lambda p: p.stat().st_mtime_ns)
+    first.write_bytes(first.read_bytes()[:-20])  # cut short, as by a full disk
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(second)  # readable, but one value changed after the checksum was taken
+    altered = table.set_column(0, "compat_loss", [[9.0, 9.0, 9.0]])
+    pq.write_table(altered.replace_schema_metadata(table.schema.metadata), second)
+    with caplog.at_level(logging.WARNING):
+        found, got = ScoreCache(tmp_path, identity).lookup(keys)
+    assert not found.any() and got is None
+    assert caplog.text.count("is corrupt or incomplete") == 2 and "(checksum mismatch)" in caplog.text
+    assert not list(cache.folder.glob("part-*.parquet"))
+
+
+def test_keys_follow_the_texts_and_read_a_context_as_messages():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    as_json = example_keys(["q"], ["a"], [json.dumps(turns)])
+    as_list = example_keys(["q"], ["a"], [turns])
+    assert as_json[0] == as_list[0]
+    assert len({example_keys(["q"], ["a"])[0], as_json[0], example_keys(["q"], ["b"])[0],
+                example_keys(["q\x00a"], [""])[0], example_keys(["q"])[0]}) == 5  # fmt: skip
