@@ -165,4 +165,3 @@ def test_each_finished_window_is_handed_over_with_its_first_index_and_rows(tiny_
     assert [start for start, _ in handed] == list(range(0, len(x), 20))
     assert [len(rows) for _, rows in handed] == [min(20, len(x) - start) for start, _ in handed]
     pd.testing.assert_frame_equal(pd.concat([rows for _, rows in handed], ignore_index=True), out)
-
