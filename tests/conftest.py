@@ -15,7 +15,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 LONGEST_FILES_FIRST = ("test_demo.py", "test_generate.py", "test_walkthrough.py", "test_probe.py", "test_readme.py",
-                       "test_openai.py", "test_vllm.py", "test_review.py", "test_cli.py")  # fmt: skip
+                       "test_openai.py", "test_vllm.py", "test_review.py", "test_rank_ray.py", "test_cli.py")  # fmt: skip
 """Test files that take minutes, longest first: two xdist workers (a file each) then finish close together."""
 
 

@@ -1,9 +1,16 @@
 """Helpers for the real servers the tests start: free ports, and stopping a process group by PID."""
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -31,3 +38,30 @@ def greedy_generate_config(out, sample_path, teachers: list[dict], max_new_token
         "teachers": [{**teacher, "sampling": greedy} for teacher in teachers],
         "batch_size": 3,
     }
+
+
+@contextlib.contextmanager
+def ray_head(log_folder: Path, num_cpus: int = 2) -> Iterator[str]:
+    """A local Ray head on 127.0.0.1 (`ray start --head --block`) with NUM_CPUS CPUs, stopped by PID; yields its
+    address."""
+    port = free_port()
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray, "ray is not installed (pip install 'magpie-teach[ray]'; make install does)"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 107 characters
+    log = Path(log_folder) / "ray.log"
+    process = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                                f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+                                f"--temp-dir={temp}"],
+                               env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():  # the head says when it is up
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_group(
+            process, grace=5
+        )  # a head asked to stop takes ~30 s to say goodbye to its workers; the test is done
+        shutil.rmtree(temp, ignore_errors=True)

@@ -136,6 +136,34 @@ class ModelRunSettings:
 
 
 @dataclass(kw_only=True)
+class ClusterSettings:
+    """Scoring on a Ray cluster (:mod:`magpie_teach.scoring.on_ray`): Ray Data runs the same scorer code in an
+    actor pool, one model per actor."""
+
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score on the Ray cluster at this address (host:port of `ray start --head`, ray://host:10001, "
+            "or auto: the cluster this machine joined, or $RAY_ADDRESS); default: this process, one device."
+        },
+    )
+    num_workers: int = field(
+        default=1, metadata={"help": "Ray actors scoring at once, each holding one model (with --ray-address)."}
+    )
+    gpus_per_worker: float = field(
+        default=0.0, metadata={"help": "GPUs each Ray actor takes (0: it scores on CPU; with --ray-address)."}
+    )
+
+    def check_cluster(self, where: str = "--") -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"{_key(where, 'num_workers')} must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"{_key(where, 'gpus_per_worker')} must be >= 0, got {self.gpus_per_worker}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError(f"{_key(where, 'ray_address')} is empty; give host:port, ray://host:port or auto")
+
+
+@dataclass(kw_only=True)
 class ConfidenceSettings:
     """How sure a ranking is: a paired bootstrap over instructions (see :mod:`magpie_teach.scoring.confidence`)."""
 

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.processes import free_port, stop_group
+from tests.processes import ray_head as local_ray_head
 
 
 def write_config(path: Path, tiny_suite, sample_path, out: Path, **extra) -> Path:
@@ -222,25 +221,8 @@ def test_instruction_filters_are_counted(tmp_path, tiny_suite, sample_path):
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A local Ray head on 127.0.0.1 (`ray start --head --block`), stopped by PID."""
-    import shutil
-
-    port = free_port()
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    assert ray, "ray is not installed (pip install 'magpie-teach[ray]'; make install does)"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 107 characters
-    process = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                                "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                                f"--temp-dir={temp}"],
-                               env=env, stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while "Ray runtime started" not in (tmp_path / "ray.log").read_text():  # the head says when it is up
-        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "ray.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield f"127.0.0.1:{port}"
-    stop_group(process, grace=5)  # a head asked to stop takes ~30 s to say goodbye to its workers; the test is done
-    shutil.rmtree(temp, ignore_errors=True)
+    with local_ray_head(tmp_path) as address:
+        yield address
 
 
 @pytest.mark.slow

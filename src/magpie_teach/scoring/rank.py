@@ -14,13 +14,13 @@ import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import short_name
-from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
+from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
+class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings):
     """`rank`'s settings; CAR's (``beta``, ``reward_shift``), the bootstrap's (``bootstrap``, ``confidence``,
     ``bootstrap_seed``) and the model run's (``max_length``, ``batch_tokens``, ``dtype``, ``device``) are
     inherited from :mod:`magpie_teach.settings`."""
@@ -104,6 +104,7 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
         self.check_car()
         self.check_confidence()
         self.check_run()
+        self.check_cluster()
 
 
 @dataclass
@@ -121,8 +122,6 @@ class RankResult:
 def _score_cache(config: RankConfig, kind: str, model: str, tokenizer: Any) -> Any:
     """The score cache of one scorer (:mod:`magpie_teach.scoring.cache`), or None with ``--no-cache`` or when
     the model cannot be named (a Hub id whose commit is unknown)."""
-    if not config.cache:
-        return None
     from magpie_teach.scoring.cache import ScoreCache, default_cache_dir, model_identity, scorer_identity
 
     root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
@@ -130,30 +129,6 @@ def _score_cache(config: RankConfig, kind: str, model: str, tokenizer: Any) -> A
     if model_id is None:
         return None
     return ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype))
-
-
-def _cached(cache: Any, keys: np.ndarray, compute: Any, desc: str, work: dict | None) -> pd.DataFrame:
-    """Scores of every key, in order: those in ``cache`` read from it, the others from ``compute(indices,
-    on_window)`` (which stores each finished window in the cache); ``work[desc]`` counts both."""
-    found, values = cache.lookup(keys) if cache is not None else (np.zeros(len(keys), dtype=bool), None)
-    missing = np.flatnonzero(~found)
-    if work is not None:
-        work[desc] = {"scored": len(missing), "from_cache": int(found.sum())}
-    if found.any():
-        print(f"{desc}: {int(found.sum())} of {len(keys)} from the score cache"
-              f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
-    if not len(missing):
-        return values
-    todo = keys[missing]
-
-    def on_window(start: int, rows: pd.DataFrame) -> None:
-        cache.add(todo[start : start + len(rows)], rows)
-
-    computed = compute(missing, on_window if cache is not None else None).reset_index(drop=True)
-    if values is None:
-        return computed
-    order = np.argsort(np.concatenate([np.flatnonzero(found), missing]), kind="stable")
-    return pd.concat([values, computed], ignore_index=True).iloc[order].reset_index(drop=True)
 
 
 def _free(*objects: Any) -> None:
@@ -173,55 +148,112 @@ def _contexts(rows: pd.DataFrame) -> list | None:
     return rows["context"].tolist() if "context" in rows.columns else None
 
 
+def load_scorer(kind: str, model: str, dtype: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for a scoring stage: a reward model for ``reward``, else a causal LM."""
+    from magpie_teach.modeling import load_model, load_tokenizer
+
+    return load_model(model, "reward" if kind == "reward" else "causal-lm", dtype, device), load_tokenizer(model)
+
+
+def score_frame(
+    kind: str,
+    model: Any,
+    tokenizer: Any,
+    frame: pd.DataFrame,
+    max_length: int,
+    batch_tokens: int,
+    *,
+    on_window: Any = None,
+    show_progress: bool | None = None,
+    desc: str | None = None,
+) -> pd.DataFrame:
+    """One stage's scores of ``frame``'s rows (``instruction``, and ``response`` and ``context`` where the stage
+    reads them), in order: ``compat`` (the compatibility losses), ``instruction-loss`` (L(x)) or ``reward``. The
+    local path and every Ray actor score through here."""
+    from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
+    from magpie_teach.scoring.reward import score_reward
+
+    instructions = frame["instruction"].tolist()
+    run = {"max_length": max_length, "batch_tokens": batch_tokens, "show_progress": show_progress}
+    if kind == "instruction-loss":
+        return score_text_loss(model, tokenizer, instructions, on_window=on_window, desc=desc or "L(x)", **run)
+    contexts = frame["context"].tolist() if "context" in frame.columns else None
+    if kind == "compat":
+        return score_compatibility(model, tokenizer, instructions, frame["response"].tolist(), contexts=contexts,
+                                   on_window=on_window, desc=desc or "compat", **run)  # fmt: skip
+    if kind == "reward":
+        rewards, truncated = score_reward(model, tokenizer, instructions, frame["response"].tolist(),
+                                          contexts=contexts, on_window=on_window, **run)  # fmt: skip
+        return pd.DataFrame({"reward": rewards, "truncated": truncated})
+    raise ValueError(f"unknown scoring stage {kind!r}")
+
+
+def _cached(config: RankConfig, kind: str, model: str, frame: pd.DataFrame, keys: np.ndarray, desc: str,
+            work: dict | None) -> pd.DataFrame:  # fmt: skip
+    """One stage's scores of every row of ``frame``, in order: those in the score cache read from it, the others
+    scored (here, or on the Ray cluster with ``--ray-address``) and stored in the cache as each window ends;
+    ``work[desc]`` counts both. The model is loaded only when something is left to score."""
+    from magpie_teach.modeling import load_tokenizer
+
+    cache = _score_cache(config, kind, model, load_tokenizer(model)) if config.cache else None
+    found, values = cache.lookup(keys) if cache is not None else (np.zeros(len(keys), dtype=bool), None)
+    missing = np.flatnonzero(~found)
+    if work is not None:
+        work[desc] = {"scored": len(missing), "from_cache": int(found.sum())}
+    if found.any():
+        print(f"{desc}: {int(found.sum())} of {len(keys)} from the score cache"
+              f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
+    if not len(missing):
+        return values
+    todo, todo_keys = frame.iloc[missing], keys[missing]
+    if config.ray_address:
+        from magpie_teach.progress import Progress
+        from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
+        from magpie_teach.scoring.on_ray import connect, score_on_ray
+
+        connect(config.ray_address)
+        progress = Progress(len(todo), desc)
+
+        def on_block(positions: np.ndarray, rows: pd.DataFrame) -> None:
+            if cache is not None:
+                cache.add(todo_keys[positions], rows)
+            progress.update(len(positions))
+
+        computed = score_on_ray(kind, model, todo, num_workers=config.num_workers,
+                                gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
+                                batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block,
+                                window=DEFAULT_WINDOW)  # fmt: skip
+        progress.close()
+    else:
+
+        def on_window(start: int, rows: pd.DataFrame) -> None:
+            if cache is not None:
+                cache.add(todo_keys[start : start + len(rows)], rows)
+
+        scorer, tokenizer = load_scorer(kind, model, config.dtype, config.device)
+        computed = score_frame(kind, scorer, tokenizer, todo, config.max_length, config.batch_tokens,
+                               on_window=on_window, desc=desc)  # fmt: skip
+        if "padding_fraction" in computed.attrs:
+            logger.info("%s: padding was %.1f%% of computed tokens", desc, 100 * computed.attrs["padding_fraction"])
+        _free(scorer)
+    computed = computed.reset_index(drop=True)
+    if values is None:
+        return computed
+    order = np.argsort(np.concatenate([np.flatnonzero(found), missing]), kind="stable")
+    return pd.concat([values, computed], ignore_index=True).iloc[order].reset_index(drop=True)
+
+
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
                work: dict | None = None) -> pd.DataFrame:  # fmt: skip
-    """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts; read from
-    the score cache where it holds them (the model is loaded only if something is left to score)."""
-    from magpie_teach.modeling import load_model, load_tokenizer
+    """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
     from magpie_teach.scoring.cache import example_keys
-    from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
-
-    tokenizer = load_tokenizer(model_name)
-    loaded: list = []
-
-    def model() -> Any:
-        if not loaded:
-            loaded.append(load_model(model_name, "causal-lm", config.dtype, config.device))
-        return loaded[0]
 
     short = short_name(model_name)
-    contexts = _contexts(rows)
-
-    def compat(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
-        return score_compatibility(
-            model(),
-            tokenizer,
-            rows["instruction"].to_numpy()[todo].tolist(),
-            rows["response"].to_numpy()[todo].tolist(),
-            max_length=config.max_length,
-            batch_tokens=config.batch_tokens,
-            on_window=on_window,
-            desc=f"compat {short}",
-            contexts=None if contexts is None else [contexts[i] for i in todo],
-        )
-
-    scores = _cached(_score_cache(config, "compat", model_name, tokenizer), keys, compat, f"compat {short}", work)
-    instructions = rows.drop_duplicates("id")[["id", "instruction"]]
-    texts = instructions["instruction"].tolist()
-
-    def instruction_loss(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
-        return score_text_loss(
-            model(),
-            tokenizer,
-            [texts[i] for i in todo],
-            max_length=config.max_length,
-            batch_tokens=config.batch_tokens,
-            on_window=on_window,
-            desc=f"L(x) {short}",
-        )
-
-    cache = _score_cache(config, "instruction-loss", model_name, tokenizer)
-    text = _cached(cache, example_keys(texts), instruction_loss, f"L(x) {short}", work)
+    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
+    scores = _cached(config, "compat", model_name, texts, keys, f"compat {short}", work)
+    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
+    instruction_keys = example_keys(instructions["instruction"].tolist())
+    text = _cached(config, "instruction-loss", model_name, instructions, instruction_keys, f"L(x) {short}", work)
     empty = scores["n_tokens"].to_numpy() == 0
     if empty.any():  # the prompt alone filled max_length: no response token left to score
         bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
@@ -230,40 +262,16 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np
             f"{config.max_length} (e.g. {bad}); raise --max-length or drop those instructions."
         )
     scores["instr_loss"] = rows["id"].map(dict(zip(instructions["id"], text["loss"]))).to_numpy()
-    _free(*loaded)
     return scores
 
 
 def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dict | None = None
              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(rewards, truncated): a precomputed column, or the reward model's scores (read from the score cache
-    where it holds them)."""
+    """(rewards, truncated): a precomputed column, or the reward model's scores."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
-    from magpie_teach.modeling import load_model, load_tokenizer
-    from magpie_teach.scoring.reward import score_reward
-
-    tokenizer = load_tokenizer(config.reward_model)
-    contexts = _contexts(rows)
-    loaded: list = []
-
-    def reward(todo: np.ndarray, on_window: Any) -> pd.DataFrame:
-        loaded.append(load_model(config.reward_model, "reward", config.dtype, config.device))
-        rewards, truncated = score_reward(
-            loaded[0],
-            tokenizer,
-            rows["instruction"].to_numpy()[todo].tolist(),
-            rows["response"].to_numpy()[todo].tolist(),
-            max_length=config.max_length,
-            batch_tokens=config.batch_tokens,
-            contexts=None if contexts is None else [contexts[i] for i in todo],
-            on_window=on_window,
-        )
-        return pd.DataFrame({"reward": rewards, "truncated": truncated})
-
-    cache = _score_cache(config, "reward", config.reward_model, tokenizer)
-    scores = _cached(cache, keys, reward, "reward", work)
-    _free(*loaded)
+    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
+    scores = _cached(config, "reward", config.reward_model, texts, keys, "reward", work)
     return scores["reward"].to_numpy(dtype=np.float64), scores["truncated"].to_numpy(dtype=bool)
 
 
@@ -370,6 +378,10 @@ def _rank(config: RankConfig) -> RankResult:
                          ("--reference-model", [config.reference_model])):  # fmt: skip
         for model in filter(None, models):
             check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
+    if config.ray_address:
+        from magpie_teach.scoring.on_ray import check_cluster
+
+        config.ray_address = check_cluster(config.ray_address)  # unreachable, or no ray extra: one line, now
 
     performance = None
     if config.performance:

@@ -1,0 +1,142 @@
+"""Scoring on a Ray cluster: Ray Data runs the same scorer code as the local path, one model per actor.
+
+The driver (the `rank` process) keeps what it does locally: it reads and validates the data, samples, looks
+every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates. What is left to score
+goes to Ray Data as blocks of rows; ``map_batches`` sends them through an actor pool (``num_workers`` actors,
+each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
+:func:`magpie_teach.scoring.rank.score_frame`, the function the local path calls: the same template
+decision, the same masks, the same length-sorted token-budgeted batches. Results stream back to the driver,
+which stores each block in the score cache as it arrives, so a driver killed mid-run resumes from the blocks
+already stored. Ray restarts an actor whose process dies and retries its block (Ray Data's defaults:
+``max_restarts=-1``, ``max_task_retries=-1``); scores do not depend on batching, so a retried block gives the
+same numbers.
+
+Every node needs magpie-teach installed (``pip install 'magpie-teach[ray]'``) and the models: a Hub id is
+downloaded by each node (or read from its Hugging Face cache); a local folder must be on storage every node
+sees at the same path.
+"""
+
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BATCHES_PER_WORKER = 4
+"""At least this many blocks per actor (of at most one window each), so that every actor stays busy and a
+retried block repeats little work."""
+
+
+def resolve_address(address: str) -> str:
+    """``auto`` is ``$RAY_ADDRESS`` when set (else Ray's own ``auto``: the cluster this machine joined)."""
+    if address == "auto":
+        return os.environ.get("RAY_ADDRESS") or "auto"
+    return address
+
+
+def check_cluster(address: str, timeout: float = 5.0) -> str:
+    """ConfigError in one line, before any model loads, when the ``ray`` extra is missing or ADDRESS cannot be
+    reached (a TCP connection to its host and port); returns the address to connect to."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--ray-address needs Ray Data: pip install 'magpie-teach[ray]' (on every node of the cluster)"
+        ) from None
+    address = resolve_address(address)
+    if address == "auto":
+        return address
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--ray-address {address}: the Ray cluster cannot be reached ({err.strerror or err})"
+        ) from None
+    return address
+
+
+def connect(address: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own progress line reports the stage
+    context.print_on_execution_start = False
+
+
+class _Scorer:
+    """A Ray Data actor: loads one model when it starts and scores the blocks it is given."""
+
+    def __init__(self, kind: str, model: str, settings: dict):
+        import torch
+
+        from magpie_teach.scoring.rank import load_scorer
+
+        if settings["threads"]:
+            torch.set_num_threads(settings["threads"])
+        self.kind, self.settings = kind, settings
+        self.model, self.tokenizer = load_scorer(kind, model, settings["dtype"], settings["device"])
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from magpie_teach.scoring.rank import score_frame
+
+        positions = batch.pop("_position").to_numpy()
+        scores = score_frame(self.kind, self.model, self.tokenizer, batch, self.settings["max_length"],
+                             self.settings["batch_tokens"], show_progress=False)  # fmt: skip
+        return scores.assign(_position=positions)
+
+
+def score_on_ray(
+    kind: str,
+    model: str,
+    frame: pd.DataFrame,
+    *,
+    num_workers: int,
+    gpus_per_worker: float,
+    max_length: int,
+    batch_tokens: int,
+    dtype: str,
+    on_block: Any,
+    window: int,
+) -> pd.DataFrame:
+    """Scores ``frame``'s rows (the texts :func:`score_frame` reads) on the connected cluster; calls
+    ``on_block(positions, scores)`` as each block's scores arrive; returns the scores in ``frame``'s order."""
+    import ray.data
+
+    batch = max(1, min(window, math.ceil(len(frame) / (num_workers * BATCHES_PER_WORKER))))
+    rows = frame.reset_index(drop=True).assign(_position=np.arange(len(frame)))
+    blocks = [rows.iloc[start : start + batch] for start in range(0, len(rows), batch)]
+    settings = {"max_length": max_length, "batch_tokens": batch_tokens, "dtype": dtype,
+                "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": 0 if gpus_per_worker > 0 else 1}  # fmt: skip
+    resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {"num_cpus": 1}
+    scored = ray.data.from_pandas(blocks).map_batches(
+        _Scorer,
+        fn_constructor_args=(kind, model, settings),
+        batch_size=batch,
+        batch_format="pandas",
+        concurrency=num_workers,
+        **resources,
+    )
+    parts = []
+    for part in scored.iter_batches(batch_size=None, batch_format="pandas"):
+        positions = part.pop("_position").to_numpy()
+        on_block(positions, part)
+        parts.append(part.assign(_position=positions))
+    out = pd.concat(parts, ignore_index=True).sort_values("_position")
+    return out.drop(columns="_position").reset_index(drop=True)

@@ -1,0 +1,158 @@
+"""`rank` on a real Ray cluster (a head on 127.0.0.1 with two CPUs, two scoring actors): the local run's scores
+and ranking, a killed actor retried, a killed driver resumed from the score cache, and the up-front checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.processes import ray_head
+
+KEY = ["id", "teacher", "base_model"]
+SCORES = ["compat_loss", "uncond_loss", "instr_loss", "n_tokens", "reward"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory):
+    """900 responses (300 instructions x 3 teachers) of real words with a reward column: enough blocks that a
+    kill lands while the actors still have work."""
+    from magpie_teach.tiny import shipped_texts
+
+    words = " ".join(shipped_texts()).split()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(300):
+        instruction = " ".join(rng.choice(words, 6)) + f" ({i})?"
+        for teacher, length in (("short", 20), ("medium", 40), ("long", 60)):
+            response = " ".join(rng.choice(words, length))
+            rows.append({"instruction": instruction, "response": response, "teacher": teacher, "rm": rng.normal()})
+    path = tmp_path_factory.mktemp("data") / "many.jsonl"
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    return str(path)
+
+
+def _rank_args(data, out, base, *extra):
+    return ["rank", "--data", data, "--base-model", base, "--reward-column", "rm", "--max-length", "128",
+            "--bootstrap", "0", "--output", str(out), *extra]  # fmt: skip
+
+
+def _cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "magpie_teach.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_ranking(many_rows, tiny_suite, tmp_path_factory):
+    """`rank` of ``many_rows`` in this process, without Ray and without the cache: the reference."""
+    from magpie_teach.cli import main
+
+    out = tmp_path_factory.mktemp("local")
+    assert main(_rank_args(many_rows, out, tiny_suite.base_small, "--no-cache")) == 0
+    return out
+
+
+def _same_scores(out, reference):
+    mine = pd.read_parquet(out / "scores.parquet").sort_values(KEY).reset_index(drop=True)
+    theirs = pd.read_parquet(reference / "scores.parquet").sort_values(KEY).reset_index(drop=True)
+    assert len(mine) == len(theirs)
+    for column in SCORES:
+        np.testing.assert_allclose(mine[column], theirs[column], atol=1e-5, rtol=0, err_msg=column)
+    ranking = ["teacher", "base_model", "rank_car", "rank_reward", "rank_compat_loss"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "ranking.csv")[ranking], pd.read_csv(reference / "ranking.csv")[ranking]
+    )
+
+
+def test_rank_on_ray_gives_the_local_scores_and_ranking(cluster, tiny_suite, sample_path, tmp_path):
+    from magpie_teach.cli import main
+
+    reference = tmp_path / "local"
+    args = ["--base-model", tiny_suite.base_small, "--reward-model", tiny_suite.reward, "--bootstrap", "0"]
+    assert main(["rank", "--data", sample_path, *args, "--output", str(reference), "--no-cache"]) == 0
+    out = tmp_path / "ray"
+    run = _cli("rank", "--data", sample_path, *args, "--output", str(out), "--ray-address", "auto",
+               "--num-workers", "2", "--cache-dir", str(tmp_path / "cache"), env={"RAY_ADDRESS": cluster})  # fmt: skip
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    _same_scores(out, reference)
+    work = json.loads((out / "summary.json").read_text())["work"]
+    assert work["compat tiny-llama-s"] == {"scored": 72, "from_cache": 0} and work["reward"]["scored"] == 72
+    assert "compat tiny-llama-s: 72/72 ex (100%)" in stderr
+
+
+def _first_part(cache, process, timeout=300):
+    """Waits until the run has stored its first block of compatibility scores in the cache."""
+    deadline = time.monotonic() + timeout
+    while not list(cache.glob("compat/*/part-*.parquet")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_an_actor_killed_mid_run_is_retried_and_the_scores_do_not_change(
+    cluster, tiny_suite, many_rows, local_ranking, tmp_path
+):
+    out, cache = tmp_path / "ray", tmp_path / "cache"
+    run = _cli(*_rank_args(many_rows, out, tiny_suite.base_small, "--ray-address", cluster, "--num-workers", "2",
+                           "--cache-dir", str(cache)))  # fmt: skip
+    _first_part(cache, run)
+    actors = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True).stdout.split()
+    assert actors, "no Ray Data actor process found"
+    os.kill(int(actors[0]), signal.SIGKILL)
+    at_kill = len(list(cache.glob("compat/*/part-*.parquet")))
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert at_kill < 8 == len(list(cache.glob("compat/*/part-*.parquet")))  # 900 rows in 8 blocks; the kill came first
+    _same_scores(out, local_ranking)
+
+
+def test_a_driver_killed_mid_run_resumes_from_the_blocks_it_stored(
+    cluster, tiny_suite, many_rows, local_ranking, tmp_path
+):
+    out, cache = tmp_path / "ray", tmp_path / "cache"
+    args = _rank_args(many_rows, out, tiny_suite.base_small, "--ray-address", cluster, "--num-workers", "2",
+                      "--cache-dir", str(cache))  # fmt: skip
+    run = _cli(*args)
+    _first_part(cache, run)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    stored = len(list(cache.glob("compat/*/part-*.parquet")))
+    rerun = _cli(*args)
+    _, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr
+    work = json.loads((out / "summary.json").read_text())["work"]["compat tiny-llama-s"]
+    assert work["from_cache"] > 0 and work["scored"] + work["from_cache"] == 900, (work, stored)
+    _same_scores(out, local_ranking)
+
+
+def test_an_unreachable_cluster_and_a_missing_ray_are_one_line_each_before_any_model_loads(
+    tiny_suite, sample_path, tmp_path
+):
+    from tests.processes import free_port
+
+    args = ["rank", "--data", sample_path, "--base-model", tiny_suite.base_small, "--reward-model", tiny_suite.reward,
+            "--output", str(tmp_path / "out")]  # fmt: skip
+    nobody = f"127.0.0.1:{free_port()}"
+    run = _cli(*args, "--ray-address", nobody)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and stderr.strip().count("\n") == 0, stderr
+    assert f"--ray-address {nobody}: the Ray cluster cannot be reached" in stderr
+    without_ray = (
+        "import sys; sys.modules['ray'] = None; from magpie_teach.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run([sys.executable, "-c", without_ray, *args, "--ray-address", "auto"], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "pip install 'magpie-teach[ray]'" in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "out" / "scores.parquet").exists()
