@@ -1,7 +1,9 @@
 """Benchmark of compatibility scoring (not a test): the engine against a naive per-example loop, in one run.
 
 Prints tokens/s of both, their ratio, achieved FLOP/s against this machine's dense matmul FLOP/s
-measured in the same run, the padding share, and peak memory on 2K vs 20K examples.
+measured in the same run (interleaved with the work, chunk by chunk, and taken as the median, so that the
+share repeats from run to run), the attention FLOPs beside the nominal figure, the padding share, and peak
+memory on 2K vs 20K examples.
 
     python benchmarks/bench_compatibility.py [--examples 160] [--device cpu]
 
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=16384, help="e.g. 151936 (Qwen2) to see the output layer's share")
+    parser.add_argument("--chunks", type=int, default=8, help="interleavings of the two paths and the reference")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,9 +157,6 @@ def main() -> None:
         f"{len(examples)} examples, {tokens} tokens ({scored} response tokens, {min(lengths)}-{max(lengths)} per response)"
     )
 
-    peak = matmul_flops(device)
-    print(f"dense matmul (1024x1024 fp32): {peak / 1e9:.1f} GFLOP/s")
-
     ids = torch.randint(0, 512, (1, 256), device=device)
     with torch.inference_mode():
         model(input_ids=ids)
@@ -165,7 +165,7 @@ def main() -> None:
         for _ in range(5):
             model(input_ids=ids).logits.sum().item()
         forward = (time.perf_counter() - start) / 5
-    print(f"plain forward, batch 1, length 256: {2 * params * 256 / forward / peak:.0%} of matmul")
+    plain_forward = 2 * params * 256 / forward
 
     # warm-up of both paths on a few examples
     naive_loop(model, examples[:3], device)
@@ -173,21 +173,39 @@ def main() -> None:
         model, tokenizer, instructions[:3], responses[:3], unconditioned_loss=False, show_progress=False
     )
 
-    naive_s = naive_loop(model, examples, device)
-    sync(device)
-    start = time.perf_counter()
-    out = score_compatibility(
-        model,
-        tokenizer,
-        instructions,
-        responses,
-        unconditioned_loss=False,
-        batch_tokens=batch_tokens,
-        show_progress=False,
-    )
-    sync(device)
-    engine_s = time.perf_counter() - start
-    padding = out.attrs["padding_fraction"]
+    # The two paths and the matmul reference interleaved, chunk by chunk (the order of the paths alternating), so
+    # that all three see the same machine: the reference is the median of its measurements over the run.
+    naive_s = engine_s = 0.0
+    references, real, padded = [], 0, 0
+    chunks = np.array_split(np.arange(len(examples)), args.chunks)
+    for index, chunk in enumerate(chunks):
+        references.append(matmul_flops(device, repeats=5))
+        for path in ("naive", "engine") if index % 2 == 0 else ("engine", "naive"):
+            if path == "naive":
+                naive_s += naive_loop(model, [examples[i] for i in chunk], device)
+                continue
+            sync(device)
+            start = time.perf_counter()
+            out = score_compatibility(
+                model,
+                tokenizer,
+                [instructions[i] for i in chunk],
+                [responses[i] for i in chunk],
+                unconditioned_loss=False,
+                batch_tokens=batch_tokens,
+                show_progress=False,
+            )
+            sync(device)
+            engine_s += time.perf_counter() - start
+            chunk_tokens = sum(len(examples[i].input_ids) for i in chunk)
+            real += chunk_tokens
+            padded += chunk_tokens / (1 - out.attrs["padding_fraction"])
+    references.append(matmul_flops(device, repeats=5))
+    peak = float(np.median(references))
+    padding = 1 - real / padded
+    print(f"dense matmul (1024x1024 fp32), median of {len(references)} measurements interleaved with the work: "
+          f"{peak / 1e9:.1f} GFLOP/s (range {min(references) / 1e9:.1f}-{max(references) / 1e9:.1f})")  # fmt: skip
+    print(f"plain forward, batch 1, length 256: {plain_forward / peak:.0%} of matmul")
 
     nominal = 2 * params * tokens
     engine_work = 2 * body * tokens / (1 - padding) + 2 * head * scored
@@ -204,6 +222,14 @@ def main() -> None:
               f"{work / seconds / 1e9:12.1f} G {work / seconds / peak:10.0%}")  # fmt: skip
     print(f"engine / naive speed: {naive_s / engine_s:.2f}x; padding {padding:.1%} of computed tokens; "
           f"logits at {scored / tokens:.0%} of positions")  # fmt: skip
+    # causal attention (QK^T and AV, half the square) beside the 2 x parameters x tokens figure
+    config = model.config
+    attention = sum(2 * config.num_hidden_layers * config.hidden_size * len(e.input_ids) ** 2 for e in examples)
+    longest = max(len(e.input_ids) for e in examples)
+    print(f"attention FLOPs: {attention / nominal:.1%} on top of 2 x parameters x tokens for these examples; "
+          f"{2 * config.num_hidden_layers * config.hidden_size * longest / (2 * params):.1%} for the longest "
+          f"({longest} tokens), {2 * config.num_hidden_layers * config.hidden_size * 4096 / (2 * params):.1%} "
+          "at 4,096 tokens")  # fmt: skip
 
     if not args.skip_memory:
         print()

@@ -1,17 +1,31 @@
-"""Benchmark of `rank` at the Generator-Zoo's scale (not a test): peak memory against the size of the data.
+"""Benchmark of `rank` at the Generator-Zoo's scale (not a test): memory against the size of the data, the Ray
+path's throughput against the local engine, and what the full Zoo costs on GPUs.
 
-    python benchmarks/bench_scale.py [--instructions 2000 20000 100000] [--sample 1000] [--work DIR]
+    python benchmarks/bench_scale.py memory [--instructions 2000 20000 100000] [--sample 1000] [--work DIR]
+    python benchmarks/bench_scale.py ray [--rows 2400] [--workers 2] [--work DIR]
+    python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
 
 Builds folders in the exact layout of ``Magpie-Align/Magpie-100K-Generator-Zoo`` (ten parquet shards
 ``data/train-0000K-of-00010.parquet``; one row per instruction with ``uuid``, ``instruction`` and one struct
 column per teacher, named as the Zoo's 19 teachers, holding ``content`` and the three reward fields), with
 responses of 50 to 500 words (log-uniform; about 2.4 GB of parquet for 100K instructions, as the real Zoo), once
 per size under ``--work`` (reused by later runs). Then runs ``magpie-teach rank --reward-column
-ArmoRM-Llama3-8B-v0.1 --sample N --max-length 256`` under a tiny base model on each (the short
+ArmoRM-Llama3-8B-v0.1 --sample N --max-length 128`` under a tiny base model on each (the short
 ``--max-length`` keeps the scoring, which is the same at every size, from taking most of the time), each in a fresh process, and prints its
 peak resident memory (VmHWM), wall time, and the ratio of each peak to the smallest size's, measured in the
 same run. The goal (issue 13): at the same ``--sample``, memory does not grow with the data (a 40K file within
 1.3x of a 2K one) and the full 1.9M-response Zoo ranks within 2 GB.
+
+``ray`` starts a Ray head on 127.0.0.1 with this machine's cores and ranks the same rows (a ``--sample`` of the
+2K Zoo-layout folder) twice without the cache: with the local engine (torch on every core) and with
+``--ray-address`` and ``--workers`` actors of one core each; it prints rows/s of both and their ratio (goal:
+at least 0.85x on this machine, where the Ray path's overhead is all there is to see).
+
+``extrapolate`` measures the tokens one response costs the engine (the conversation, the response alone for
+L(y), and the instruction for L(x), with a real tokenizer when one is cached, else the tiny one) on the Zoo-layout
+data, and prints the hours the full Zoo (1.9M responses) takes under the paper's five base models on 1, 8 and 64
+GPUs at 2 x parameters x tokens FLOPs, at a stated share (``--mfu``) of an H100's dense bf16 peak, with the Ray
+path's measured efficiency (``--efficiency``, from ``ray``) applied to the 8- and 64-GPU figures.
 """
 
 import argparse
@@ -103,7 +117,7 @@ sys.exit(code)
 def rank_peak(data: Path, base: str, sample: int, out: Path) -> tuple[float, float]:
     """(peak RSS in MB, wall seconds) of one `rank` run in a fresh process."""
     argv = ["rank", "--data", str(data), "--base-model", base, "--reward-column", REWARDS[0],
-            "--sample", str(sample), "--output", str(out), "--no-cache", "--max-length", "256"]  # fmt: skip
+            "--sample", str(sample), "--output", str(out), "--no-cache", "--max-length", "128"]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -113,18 +127,12 @@ def rank_peak(data: Path, base: str, sample: int, out: Path) -> tuple[float, flo
     return kb / 1024, wall
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 20000, 100000])
-    parser.add_argument("--sample", type=int, default=1000)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "magpie-teach-bench-scale"))
-    args = parser.parse_args()
-
+def memory(args: argparse.Namespace) -> None:
     from magpie_teach.tiny import build_tiny_suite
 
     work = Path(args.work)
     base = build_tiny_suite(work / "models").base_small
-    print(f"rank --reward-column {REWARDS[0]} --sample {args.sample} --max-length 256, tiny base model; Zoo layout, "
+    print(f"rank --reward-column {REWARDS[0]} --sample {args.sample} --max-length 128, tiny base model; Zoo layout, "
           f"{len(ZOO_TEACHERS)} teachers, responses 50-500 words", flush=True)  # fmt: skip
     results = []
     for n in args.instructions:
@@ -137,6 +145,111 @@ def main() -> None:
         print(f"{n:>7} instructions ({n * len(ZOO_TEACHERS):>9,} responses, {size:.2f} GB parquet"
               f"{f', built in {built:.0f}s' if built > 1 else ''}): peak RSS {peak:,.0f} MB, "
               f"{peak / results[0][1]:.2f}x the {results[0][0]}-instruction run, rank took {wall:.0f}s", flush=True)  # fmt: skip
+
+
+def _timed_rank(argv: list[str], env: dict | None = None) -> float:
+    import os
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+    if done.returncode != 0:
+        sys.exit(f"rank failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def ray(args: argparse.Namespace) -> None:
+    """Rows/s of the Ray path with N one-core actors against the local engine on the same cores."""
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from magpie_teach.tiny import build_tiny_suite
+    from tests.processes import ray_head
+
+    work = Path(args.work)
+    base = build_tiny_suite(work / "models").base_small
+    folder = build_zoo(work / "zoo-2000", 2000)
+    sample = max(1, args.rows // len(ZOO_TEACHERS))
+    rows = sample * len(ZOO_TEACHERS)
+    common = ["rank", "--data", str(folder), "--base-model", base, "--reward-column", REWARDS[0], "--sample",
+              str(sample), "--max-length", "256", "--bootstrap", "0", "--no-cache"]  # fmt: skip
+    cores = os.cpu_count() or 1
+    with ray_head(work, num_cpus=cores) as address:
+        _timed_rank(
+            [*common, "--ray-address", address, "--num-workers", str(args.workers), "--output", str(work / "ray-warm")]
+        )  # fmt: skip  (the cluster's workers start once)
+        results = {}
+        for name, extra in (("local", []), ("ray", ["--ray-address", address, "--num-workers", str(args.workers)])):
+            wall = _timed_rank([*common, *extra, "--output", str(work / f"ray-{name}")])
+            results[name] = rows / wall
+            print(f"{name:>5}: {rows} responses ranked in {wall:.1f}s: {results[name]:.1f} rows/s", flush=True)
+    print(f"ray/local: {results['ray'] / results['local']:.2f}x ({args.workers} one-core actors against torch on "
+          f"{cores} cores; goal >= 0.85x)")  # fmt: skip
+
+
+PAPER_BASES = {  # parameters (billions), from the models' configs on the Hub
+    "Qwen/Qwen2-1.5B": 1.54, "google/gemma-2-2b": 2.61, "Qwen/Qwen2.5-3B": 3.09, "meta-llama/Llama-3.2-3B": 3.21,
+    "nvidia/Llama-3.1-Minitron-4B-Width-Base": 4.51,
+}  # fmt: skip
+H100_BF16_DENSE = 989e12
+
+
+def extrapolate(args: argparse.Namespace) -> None:
+    """The full Zoo's cost from the measured tokens per response (see the module docstring)."""
+    import pyarrow.parquet as pq
+
+    from magpie_teach.chat import tokenize_conversation
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.tiny import build_tiny_suite
+
+    work = Path(args.work)
+    real = Path.home() / ".cache" / "magpie-teach" / "models" / "SmolLM2-135M-Instruct"
+    tokenizer_path = str(real) if (real / "tokenizer.json").exists() else build_tiny_suite(work / "models").base_small
+    tokenizer = load_tokenizer(tokenizer_path)
+    folder = build_zoo(work / "zoo-2000", 2000)
+    table = pq.read_table(next((folder / "data").glob("*.parquet"))).to_pandas().head(50)
+    conversation = response = instruction = n = 0
+    for _, row in table.iterrows():
+        instruction += len(tokenizer(row["instruction"], add_special_tokens=False)["input_ids"]) + 1
+        for teacher in ZOO_TEACHERS:
+            example = tokenize_conversation(tokenizer, row["instruction"], row[teacher]["content"], 1_000_000)
+            conversation += len(example.input_ids)
+            response += int(example.loss_mask.sum()) + 1
+            n += 1
+    per_response = (conversation + response) / n + instruction / len(table) / len(ZOO_TEACHERS)
+    total_tokens = 1_900_000 * per_response
+    flops = sum(2 * p * 1e9 * total_tokens for p in PAPER_BASES.values())
+    rate = H100_BF16_DENSE * args.mfu
+    print(f"tokens per response: {conversation / n:.0f} (conversation) + {response / n:.0f} (response alone, L(y)) "
+          f"+ {instruction / len(table) / len(ZOO_TEACHERS):.0f} (its share of L(x)) = {per_response:.0f}, "
+          f"measured with {Path(tokenizer_path).name}'s tokenizer on {n} Zoo-layout responses")  # fmt: skip
+    print(f"full Zoo under the paper's five base models ({sum(PAPER_BASES.values()):.1f}B parameters in all): "
+          f"{total_tokens / 1e9:.2f}B tokens per model, {flops:.2e} FLOPs at 2 x parameters x tokens")  # fmt: skip
+    print(
+        f"at {args.mfu:.0%} of an H100's {H100_BF16_DENSE / 1e12:.0f} TFLOP/s (bf16 dense), "
+        f"{args.efficiency:.0%} scaling efficiency beyond one GPU:"
+    )
+    print("| GPUs | hours | GPU-hours |\n| ---: | ---: | ---: |")
+    for gpus in (1, 8, 64):
+        efficiency = 1.0 if gpus == 1 else args.efficiency
+        hours = flops / (rate * gpus * efficiency) / 3600
+        print(f"| {gpus} | {hours:,.1f} | {hours * gpus:,.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["memory", "ray", "extrapolate"])
+    parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 20000, 100000])
+    parser.add_argument("--sample", type=int, default=1000)
+    parser.add_argument(
+        "--rows", type=int, default=2400, help="responses ranked by `ray` (rounded to whole instructions)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors of `ray`")
+    parser.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak the scoring reaches")
+    parser.add_argument("--efficiency", type=float, default=0.9, help="scaling efficiency beyond one GPU")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "magpie-teach-bench-scale"))
+    args = parser.parse_args()
+    {"memory": memory, "ray": ray, "extrapolate": extrapolate}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,13 @@ def greedy_generate_config(out, sample_path, teachers: list[dict], max_new_token
 
 
 @contextlib.contextmanager
-def ray_head(log_folder: Path, num_cpus: int = 2) -> Iterator[str]:
-    """A local Ray head on 127.0.0.1 (`ray start --head --block`) with NUM_CPUS CPUs, stopped by PID; yields its
-    address."""
+def ray_head(log_folder: Path, num_cpus: int = 2, env: dict | None = None) -> Iterator[str]:
+    """A local Ray head on 127.0.0.1 (`ray start --head --block`) with NUM_CPUS CPUs and ENV (its workers' too;
+    default this process's), stopped by PID; yields its address."""
     port = free_port()
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert ray, "ray is not installed (pip install 'magpie-teach[ray]'; make install does)"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**(env if env is not None else os.environ), "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 107 characters
     log = Path(log_folder) / "ray.log"
     process = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",

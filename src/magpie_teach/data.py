@@ -67,9 +67,12 @@ def _struct_columns(frame: pd.DataFrame) -> list[str]:
     return names
 
 
-def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | None = None) -> pd.DataFrame:
+def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | None = None,
+            fields: dict[str, list[str]] | None = None) -> pd.DataFrame:  # fmt: skip
     """Turns the wide Generator-Zoo format into the long format (one row per instruction x teacher), for the
-    struct columns ``teachers`` (default: all); ``_row`` is the wide row, counted from ``frame.attrs["offset"]``."""
+    struct columns ``teachers`` (default: all); ``_row`` is the wide row, counted from ``frame.attrs["offset"]``.
+    A teacher whose struct comes flattened (a column ``TEACHER.FIELD`` per field of ``fields[TEACHER]``) is read
+    from those columns, else from a dict per row."""
     teachers = _struct_columns(frame) if teachers is None else teachers
     if "instruction" not in frame.columns:
         raise DataError(f"{source}: wide format without an 'instruction' column (columns: {list(frame.columns)}).")
@@ -77,8 +80,24 @@ def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | Non
     offset = frame.attrs.get("offset", 0)
     parts = []
     for teacher in teachers:
+        flat = (fields or {}).get(teacher)
+        if flat is not None and f"{teacher}.content" in frame.columns:
+            part = pd.DataFrame(
+                {
+                    "id": frame[id_column].to_numpy() if id_column else None,
+                    "instruction": frame["instruction"].to_numpy(),
+                    "teacher": teacher,
+                    "response": frame[f"{teacher}.content"].to_numpy(),
+                    "_row": np.arange(offset, offset + len(frame)),
+                }
+            )
+            for name in flat:
+                if name != "content":
+                    part[name] = frame[f"{teacher}.{name}"].to_numpy()
+            parts.append(part)
+            continue
         structs = frame[teacher]
-        fields = sorted({k for value in structs.dropna() for k in value})
+        names = sorted({k for value in structs.dropna() for k in value})
         part = pd.DataFrame(
             {
                 "id": frame[id_column].to_numpy() if id_column else None,
@@ -88,7 +107,7 @@ def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | Non
                 "_row": np.arange(offset, offset + len(frame)),
             }
         )
-        for name in fields:
+        for name in names:
             if name != "content":
                 part[name] = [v.get(name) if isinstance(v, dict) else None for v in structs]
         parts.append(part)
@@ -144,12 +163,13 @@ def text_columns(frame: pd.DataFrame) -> list[str]:
 # -- one batch of long-format rows, and its keys ------------------------------------------------------------------
 
 
-def _long_batch(frame: pd.DataFrame, wide: list[str] | None, source: str, offset: int) -> pd.DataFrame:
+def _long_batch(frame: pd.DataFrame, wide: list[str] | None, source: str, offset: int,
+                fields: dict[str, list[str]] | None = None) -> pd.DataFrame:  # fmt: skip
     """A batch of the source as long-format rows: ``_row`` (the source row), ``id`` (derived from the instruction
     where absent) and ``teacher`` as text."""
     if wide is not None:
         frame.attrs["offset"] = offset
-        frame = to_long(frame, source, wide)
+        frame = to_long(frame, source, wide, fields)
     else:
         frame = frame.reset_index(drop=True)
         if "_row" not in frame.columns:
@@ -376,9 +396,9 @@ def _long_batches(table: Any, wide: list[str] | None, columns: list[str] | None,
                   teachers: list[str] | None, seen: set) -> Iterator[pd.DataFrame]:  # fmt: skip
     """The source's long-format rows a batch at a time, each with ``_pos`` (its place in this stream)."""
     offset = position = 0
-    for frame in table.frames(columns):
+    for frame in table.frames(columns, flatten=wide is not None):
         n = len(frame)
-        batch = _long_batch(frame, wide, table.source, offset)
+        batch = _long_batch(frame, wide, table.source, offset, table.struct_fields)
         offset += n
         if "teacher" in batch.columns:
             seen.update(batch["teacher"].unique())

@@ -25,7 +25,7 @@ import pandas as pd
 
 from magpie_teach.errors import DataError
 
-BATCH_BYTES = 64 << 20
+BATCH_BYTES = 32 << 20
 """About how much decoded data one batch holds (parquet and Arrow sources; rows per batch follow from it)."""
 TEXT_CHUNK_ROWS = 20_000
 """Lines per chunk of a jsonl or csv file."""
@@ -38,16 +38,20 @@ class Table:
 
     source: str
     columns: list[str]
-    read: Callable[[list[str] | None], Iterator[pd.DataFrame]]
+    read: Callable[[list[str] | None, bool], Iterator[pd.DataFrame]]
     revision: str | None = None
     wide_columns: list[str] | None = None
     """Struct columns with a ``content`` field, when the schema says so without reading rows (Arrow sources)."""
     files: list[Path] = field(default_factory=list)
+    struct_fields: dict[str, list[str]] = field(default_factory=dict)
+    """The fields of each struct column (Arrow sources)."""
 
-    def frames(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
-        """The rows in order, a batch at a time, with only ``columns`` (all when None) that the source has."""
+    def frames(self, columns: list[str] | None = None, flatten: bool = False) -> Iterator[pd.DataFrame]:
+        """The rows in order, a batch at a time, with only ``columns`` (all when None) that the source has. With
+        ``flatten``, an Arrow source's struct column ``s`` comes as one column ``s.FIELD`` per field (:attr:`struct_fields`)
+        instead of a dict per row: far less memory for the Zoo's responses."""
         wanted = None if columns is None else [c for c in self.columns if c in set(columns)]
-        yield from self.read(wanted)
+        yield from self.read(wanted, flatten)
 
     def to_pandas(self, columns: list[str] | None = None) -> pd.DataFrame:
         parts = list(self.frames(columns))
@@ -101,6 +105,16 @@ def _rows_per_batch(bytes_per_row: float) -> int:
     return max(1, min(_MAX_BATCH_ROWS, int(BATCH_BYTES / max(bytes_per_row, 1.0))))
 
 
+def _to_pandas(table: Any, flatten: bool) -> pd.DataFrame:
+    return (table.flatten() if flatten else table).to_pandas()
+
+
+def _struct_fields(schema: Any) -> dict[str, list[str]]:
+    import pyarrow as pa
+
+    return {f.name: [sub.name for sub in f.type] for f in schema if pa.types.is_struct(f.type)}
+
+
 def _wide_columns(schema: Any) -> list[str]:
     import pyarrow as pa
 
@@ -131,23 +145,24 @@ def _parquet(source: str, files: list[Path]) -> Table:
     size = sum(h.metadata.row_group(i).total_byte_size for h in opened for i in range(h.metadata.num_row_groups))
     batch_rows = _rows_per_batch(size / max(rows, 1))
 
-    def read(columns: list[str] | None) -> Iterator[pd.DataFrame]:
+    def read(columns: list[str] | None, flatten: bool) -> Iterator[pd.DataFrame]:
         for file, handle in zip(files, opened):
             try:
                 for batch in handle.iter_batches(batch_size=batch_rows, columns=columns):
-                    yield batch.to_pandas()
+                    yield _to_pandas(pa.Table.from_batches([batch]), flatten)
             except (pa.ArrowException, OSError) as err:
                 raise DataError(f"{file}: could not be read: {str(err).splitlines()[0]}") from None
 
     if rows == 0:
         raise DataError(f"{source}: the parquet data holds no rows.")
-    return Table(source, first.names, read, wide_columns=_wide_columns(first), files=files)
+    return Table(source, first.names, read, wide_columns=_wide_columns(first), files=files,
+                 struct_fields=_struct_fields(first))  # fmt: skip
 
 
 def _text_reader(source: str, path: Path, chunks: Callable[[], Iterator[pd.DataFrame]], kind: str) -> Table:
     """A jsonl or csv file read in chunks; its columns come from the first chunk."""
 
-    def read(columns: list[str] | None) -> Iterator[pd.DataFrame]:
+    def read(columns: list[str] | None, flatten: bool = False) -> Iterator[pd.DataFrame]:
         try:
             for chunk in chunks():
                 yield chunk if columns is None else chunk[[c for c in columns if c in chunk.columns]]
@@ -155,7 +170,7 @@ def _text_reader(source: str, path: Path, chunks: Callable[[], Iterator[pd.DataF
             _check_utf8(path, source)
             raise DataError(f"{source}: could not be read as {kind}: {str(err).splitlines()[0]}") from err
 
-    first = next(read(None), None)
+    first = next(read(None, False), None)
     if first is None or (first.empty and not len(first.columns)):
         raise DataError(f"{source}: the file holds no rows.")
     return Table(source, list(first.columns), read, files=[path])
@@ -204,7 +219,7 @@ def _json(source: str, path: Path) -> Table:
         raise DataError(f"{path}: the file holds no rows (an empty list).")
     frame = pd.DataFrame.from_records(data)
     del data
-    return Table(source, list(frame.columns), lambda columns: iter([frame if columns is None else frame[columns]]),
+    return Table(source, list(frame.columns), lambda columns, flatten=False: iter([frame if columns is None else frame[columns]]),
                  files=[path])  # fmt: skip
 
 
@@ -228,14 +243,15 @@ def _arrow_dataset(source: str, dataset: Any, revision: str | None = None) -> Ta
     rows = max(dataset.num_rows, 1)
     batch_rows = _rows_per_batch(table.nbytes / rows)
 
-    def read(columns: list[str] | None) -> Iterator[pd.DataFrame]:
+    def read(columns: list[str] | None, flatten: bool) -> Iterator[pd.DataFrame]:
         selected = table if columns is None else table.select(columns)
         for start in range(0, dataset.num_rows, batch_rows):
-            yield selected.slice(start, batch_rows).to_pandas()
+            yield _to_pandas(selected.slice(start, batch_rows), flatten)
 
     if dataset.num_rows == 0:
         raise DataError(f"{source}: the data set holds no rows.")
-    return Table(source, list(dataset.column_names), read, revision, _wide_columns(table.schema))
+    return Table(source, list(dataset.column_names), read, revision, _wide_columns(table.schema),
+                 struct_fields=_struct_fields(table.schema))  # fmt: skip
 
 
 def _saved_dataset(source: str, path: Path, split: str) -> Table:

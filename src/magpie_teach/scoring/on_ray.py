@@ -41,8 +41,9 @@ def resolve_address(address: str) -> str:
 
 
 def check_cluster(address: str, timeout: float = 5.0) -> str:
-    """ConfigError in one line, before any model loads, when the ``ray`` extra is missing or ADDRESS cannot be
-    reached (a TCP connection to its host and port); returns the address to connect to."""
+    """Connects to the cluster at ADDRESS; a ConfigError in one line, before any model loads, when the ``ray``
+    extra is missing or the cluster cannot be reached (a TCP connection to its host and port first, so that a
+    wrong address fails in seconds); returns the address connected to."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -51,8 +52,17 @@ def check_cluster(address: str, timeout: float = 5.0) -> str:
             "--ray-address needs Ray Data: pip install 'magpie-teach[ray]' (on every node of the cluster)"
         ) from None
     address = resolve_address(address)
-    if address == "auto":
-        return address
+    if address != "auto":
+        _reachable(address, timeout)
+    try:
+        connect(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--ray-address {address}: could not join the Ray cluster ({first})") from None
+    return address
+
+
+def _reachable(address: str, timeout: float) -> None:
     import socket
 
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -65,7 +75,6 @@ def check_cluster(address: str, timeout: float = 5.0) -> str:
         raise ConfigError(
             f"--ray-address {address}: the Ray cluster cannot be reached ({err.strerror or err})"
         ) from None
-    return address
 
 
 def connect(address: str) -> None:
