@@ -39,14 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-ZOO_TEACHERS = [
-    "Qwen2-1.5B-Instruct", "Qwen2-7B-Instruct", "Qwen2-72B-Instruct",
-    "Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct", "Qwen2.5-14B-Instruct", "Qwen2.5-32B-Instruct", "Qwen2.5-72B-Instruct",
-    "Meta-Llama-3-8B-Instruct", "Meta-Llama-3-70B-Instruct",
-    "Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-70B-Instruct", "Meta-Llama-3.1-405B-Instruct",
-    "gemma-2-2b-it", "gemma-2-9b-it", "gemma-2-27b-it",
-    "Phi-3-mini-128k-instruct", "Phi-3-small-128k-instruct", "Phi-3-medium-128k-instruct",
-]  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.test_names import ZOO_COLUMNS as ZOO_TEACHERS  # noqa: E402  (the Zoo's 19 column names)
+
 REWARDS = ["ArmoRM-Llama3-8B-v0.1", "Skywork-Reward-Llama-3.1-8B", "Skywork-Reward-Gemma-2-27B"]
 SHARDS = 10
 ROW_GROUP = 1000  # instructions per row group
@@ -162,7 +157,6 @@ def ray(args: argparse.Namespace) -> None:
     """Rows/s of the Ray path with N one-core actors against the local engine on the same cores."""
     import os
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from magpie_teach.tiny import build_tiny_suite
     from tests.processes import ray_head
 

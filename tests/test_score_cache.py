@@ -165,5 +165,6 @@ def test_keys_follow_the_texts_and_read_a_context_as_messages():
     as_json = example_keys(["q"], ["a"], [json.dumps(turns)])
     as_list = example_keys(["q"], ["a"], [turns])
     assert as_json[0] == as_list[0]
+    assert example_keys(["q"], ["a"], [None])[0] != example_keys(["nullq"], ["a"])[0]  # the context is delimited
     assert len({example_keys(["q"], ["a"])[0], as_json[0], example_keys(["q"], ["b"])[0],
                 example_keys(["q\x00a"], [""])[0], example_keys(["q"])[0]}) == 5  # fmt: skip
