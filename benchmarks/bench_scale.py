@@ -1,7 +1,7 @@
 """Benchmark of `rank` at the Generator-Zoo's scale (not a test): memory against the size of the data, the Ray
 path's throughput against the local engine, and what the full Zoo costs on GPUs.
 
-    python benchmarks/bench_scale.py memory [--instructions 2000 20000 100000] [--sample 1000] [--work DIR]
+    python benchmarks/bench_scale.py memory [--instructions 2000 40000 100000] [--sample 1000] [--work DIR]
     python benchmarks/bench_scale.py ray [--rows 2400] [--workers 2] [--work DIR]
     python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
 
@@ -233,7 +233,7 @@ def extrapolate(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["memory", "ray", "extrapolate"])
-    parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 20000, 100000])
+    parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 40000, 100000])
     parser.add_argument("--sample", type=int, default=1000)
     parser.add_argument(
         "--rows", type=int, default=2400, help="responses ranked by `ray` (rounded to whole instructions)"

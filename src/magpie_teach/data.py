@@ -82,18 +82,16 @@ def to_long(frame: pd.DataFrame, source: str = "data", teachers: list[str] | Non
     for teacher in teachers:
         flat = (fields or {}).get(teacher)
         if flat is not None and f"{teacher}.content" in frame.columns:
-            part = pd.DataFrame(
-                {
-                    "id": frame[id_column].to_numpy() if id_column else None,
-                    "instruction": frame["instruction"].to_numpy(),
-                    "teacher": teacher,
-                    "response": frame[f"{teacher}.content"].to_numpy(),
-                    "_row": np.arange(offset, offset + len(frame)),
-                }
-            )
-            for name in flat:
-                if name != "content":
-                    part[name] = frame[f"{teacher}.{name}"].to_numpy()
+            columns = {  # Series as they are (Arrow-backed text stays so: no Python string per row)
+                "id": frame[id_column] if id_column else None,
+                "instruction": frame["instruction"],
+                "teacher": teacher,
+                "response": frame[f"{teacher}.content"],
+                "_row": np.arange(offset, offset + len(frame)),
+            }
+            columns.update({name: frame[f"{teacher}.{name}"] for name in flat if name != "content"})
+            part = pd.DataFrame({k: v.reset_index(drop=True) if isinstance(v, pd.Series) else v
+                                 for k, v in columns.items()})  # fmt: skip
             parts.append(part)
             continue
         structs = frame[teacher]
@@ -214,8 +212,10 @@ def _hash(values: pd.Series) -> np.ndarray:
 
 
 def _keys(frame: pd.DataFrame, reward_column: str | None, first_bad: dict) -> pd.DataFrame:
-    """What validation needs of a long-format batch, without its texts."""
+    """What validation needs of a long-format batch, without its texts (ids and teachers as categories)."""
     keys = frame[["_row", "_pos", *response_key(frame)]].copy()
+    keys["id"] = keys["id"].astype("category")
+    keys["teacher"] = keys["teacher"].astype("category")
     keys["instruction_hash"] = _hash(frame["instruction"])
     keys["instruction_state"] = _text_state(frame["instruction"], first_bad, "instruction")
     keys["response_state"] = _text_state(frame["response"], first_bad, "response")
@@ -225,6 +225,20 @@ def _keys(frame: pd.DataFrame, reward_column: str | None, first_bad: dict) -> pd
         keys["reward"] = pd.to_numeric(frame[reward_column], errors="coerce").to_numpy(dtype=float)
     if "status" in frame.columns:
         keys["failed"] = (frame["status"].fillna("ok").astype(str) != "ok").to_numpy()
+    return keys
+
+
+def _concat_keys(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The batches' keys as one frame; ids and teachers stay categories (their categories sorted), so that 1.9M
+    responses' keys take tens of megabytes, not hundreds."""
+    from pandas.api.types import union_categoricals
+
+    if not parts:
+        return pd.DataFrame()
+    columns = {name: union_categoricals([p[name] for p in parts], sort_categories=True) for name in ("id", "teacher")}
+    keys = pd.concat([p.drop(columns=list(columns)) for p in parts], ignore_index=True)
+    for name, values in columns.items():
+        keys[name] = values
     return keys
 
 
@@ -261,7 +275,7 @@ def _validate_keys(
     if duplicated.any():
         raise DataError(f"{source}: duplicate ({', '.join(key)}) rows: {_named(keys, duplicated)}.")
     present = keys["instruction_state"] != _EMPTY
-    texts = keys.loc[present].groupby("id")["instruction_hash"].nunique()
+    texts = keys.loc[present].groupby("id", observed=True)["instruction_hash"].nunique()
     if (texts > 1).any():
         bad = keys["id"].isin(texts.index[texts > 1])
         raise DataError(f"{source}: one id with different instruction texts: {_named(keys, bad)}.")
@@ -292,10 +306,10 @@ def _validate_keys(
             reasons[mask & reasons.isna()] = reason
 
     teachers = sorted(keys["teacher"].unique())
-    per_id = keys.groupby("id")["teacher"].nunique()
+    per_id = keys.groupby("id", observed=True)["teacher"].nunique()
     incomplete_ids = per_id.index[per_id < len(teachers)]
     if len(incomplete_ids) and not drop_invalid:
-        answered = keys.groupby("teacher")["id"].apply(set)
+        answered = keys.groupby("teacher", observed=True)["id"].apply(set)
         all_ids = set(keys["id"])
         details = []
         for teacher in teachers:
@@ -457,7 +471,7 @@ def load_responses(
             _check_columns(list(batch.columns), source, reward_column)
             checked = True
         parts.append(_keys(batch, reward_column, first_bad))
-    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    keys = _concat_keys(parts)
     del parts
     if teachers and wide is None:
         unknown = sorted(set(teachers) - seen)

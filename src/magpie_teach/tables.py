@@ -25,7 +25,7 @@ import pandas as pd
 
 from magpie_teach.errors import DataError
 
-BATCH_BYTES = 32 << 20
+BATCH_BYTES = 16 << 20
 """About how much decoded data one batch holds (parquet and Arrow sources; rows per batch follow from it)."""
 TEXT_CHUNK_ROWS = 20_000
 """Lines per chunk of a jsonl or csv file."""
@@ -144,14 +144,18 @@ def _parquet(source: str, files: list[Path]) -> Table:
     rows = sum(h.metadata.num_rows for h in opened)
     size = sum(h.metadata.row_group(i).total_byte_size for h in opened for i in range(h.metadata.num_row_groups))
     batch_rows = _rows_per_batch(size / max(rows, 1))
+    del opened  # footers read: the handles go (see read)
 
     def read(columns: list[str] | None, flatten: bool) -> Iterator[pd.DataFrame]:
-        for file, handle in zip(files, opened):
+        for file in files:  # a handle per pass, let go after it: a handle keeps what it has read buffered
             try:
+                handle = pq.ParquetFile(file, pre_buffer=False)
                 for batch in handle.iter_batches(batch_size=batch_rows, columns=columns):
                     yield _to_pandas(pa.Table.from_batches([batch]), flatten)
             except (pa.ArrowException, OSError) as err:
                 raise DataError(f"{file}: could not be read: {str(err).splitlines()[0]}") from None
+            finally:
+                handle = None
 
     if rows == 0:
         raise DataError(f"{source}: the parquet data holds no rows.")

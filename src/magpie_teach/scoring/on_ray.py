@@ -4,7 +4,7 @@ The driver (the `rank` process) keeps what it does locally: it reads and validat
 every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates. What is left to score
 goes to Ray Data as blocks of rows; ``map_batches`` sends them through an actor pool (``num_workers`` actors,
 each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
-:func:`magpie_teach.scoring.rank.score_frame`, the function the local path calls: the same template
+:func:`magpie_teach.scoring.scorers.score_frame`, the function the local path calls: the same template
 decision, the same masks, the same length-sorted token-budgeted batches. Results stream back to the driver,
 which stores each block in the score cache as it arrives, so a driver killed mid-run resumes from the blocks
 already stored. Ray restarts an actor whose process dies and retries its block (Ray Data's defaults:
@@ -95,7 +95,7 @@ class _Scorer:
     def __init__(self, kind: str, model: str, settings: dict):
         import torch
 
-        from magpie_teach.scoring.rank import load_scorer
+        from magpie_teach.scoring.scorers import load_scorer
 
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
@@ -103,7 +103,7 @@ class _Scorer:
         self.model, self.tokenizer = load_scorer(kind, model, settings["dtype"], settings["device"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from magpie_teach.scoring.rank import score_frame
+        from magpie_teach.scoring.scorers import score_frame
 
         positions = batch.pop("_position").to_numpy()
         scores = score_frame(self.kind, self.model, self.tokenizer, batch, self.settings["max_length"],
