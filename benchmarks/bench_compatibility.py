@@ -27,18 +27,21 @@ import numpy as np
 import torch
 
 
-def matmul_flops(device: str, n: int = 1024, repeats: int = 20) -> float:
+def matmul_flops(device: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s: as many 1024x1024 products as fit in ``seconds``, timed together (a sustained rate,
+    steadier than the best of a few single products)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+    sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
         a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        count += 1
+        if device.startswith("cuda") and count % 10 == 0:
+            sync(device)
+    sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 def sync(device: str) -> None:
@@ -179,7 +182,7 @@ def main() -> None:
     references, real, padded = [], 0, 0
     chunks = np.array_split(np.arange(len(examples)), args.chunks)
     for index, chunk in enumerate(chunks):
-        references.append(matmul_flops(device, repeats=5))
+        references.append(matmul_flops(device))
         for path in ("naive", "engine") if index % 2 == 0 else ("engine", "naive"):
             if path == "naive":
                 naive_s += naive_loop(model, [examples[i] for i in chunk], device)
@@ -200,7 +203,7 @@ def main() -> None:
             chunk_tokens = sum(len(examples[i].input_ids) for i in chunk)
             real += chunk_tokens
             padded += chunk_tokens / (1 - out.attrs["padding_fraction"])
-    references.append(matmul_flops(device, repeats=5))
+    references.append(matmul_flops(device))
     peak = float(np.median(references))
     padding = 1 - real / padded
     print(f"dense matmul (1024x1024 fp32), median of {len(references)} measurements interleaved with the work: "

@@ -2,7 +2,7 @@
 path's throughput against the local engine, and what the full Zoo costs on GPUs.
 
     python benchmarks/bench_scale.py memory [--instructions 2000 40000 100000] [--sample 1000] [--work DIR]
-    python benchmarks/bench_scale.py ray [--rows 2400] [--workers 2] [--work DIR]
+    python benchmarks/bench_scale.py ray [--rows 6000] [--workers 2] [--work DIR]
     python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
 
 Builds folders in the exact layout of ``Magpie-Align/Magpie-100K-Generator-Zoo`` (ten parquet shards

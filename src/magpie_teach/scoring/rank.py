@@ -27,7 +27,7 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSetti
 
     data: str = field(
         metadata={
-            "help": "Responses: a jsonl/parquet/csv file, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format)."
+            "help": "Responses: a jsonl/parquet/csv file, a folder of parquet shards, a saved datasets folder, or a Hub id org/name (long or Generator-Zoo wide format); read in record batches."
         }
     )
     output_dir: str = field(
