@@ -2,8 +2,7 @@
 
 The record is what :func:`tests.readme_commands.run_readme_command` ran (every xdist worker's), not the tests'
 text. The README's GPU-scale commands (training the paper's recipes under accelerate) are the only ones left out,
-and only `train` and `validate` may be marked so; a GPU-cluster `rank` is run on this machine's CPU Ray head
-(``tests.readme_commands.on_cpu``: no GPU per actor, two actors) and counts as run. Needs the slow tests that run the README (the walkthrough, the
+and only `train` and `validate` may be marked so. Needs the slow tests that run the README (the walkthrough, the
 Ray test, the generate commands), so it is slow itself: `make test` runs it after all the others, in a session of
 its own; a plain `pytest` collects it last (by name).
 """
@@ -23,7 +22,7 @@ def test_every_readme_command_was_run_by_this_test_run():
     missing = []
     ran = recorded()
     for argv, comment in commented_commands():
-        if gpu_only(comment) and argv[0] != "rank":
+        if gpu_only(comment):
             assert argv[0] in ("train", "validate"), argv  # only training at scale is left to GPU machines
         elif argv not in ran:
             missing.append(" ".join(argv))
