@@ -219,7 +219,8 @@ def _keys(frame: pd.DataFrame, reward_column: str | None, first_bad: dict) -> pd
     keys["instruction_hash"] = _hash(frame["instruction"])
     keys["instruction_state"] = _text_state(frame["instruction"], first_bad, "instruction")
     keys["response_state"] = _text_state(frame["response"], first_bad, "response")
-    texts = [_hash(frame[c]) for c in text_columns(frame) if c not in ("id", "teacher", "generation_index")]
+    texts = [keys["instruction_hash"].to_numpy(), *(_hash(frame[c]) for c in text_columns(frame)
+                                                    if c not in ("id", "teacher", "generation_index", "instruction"))]  # fmt: skip
     keys["text_hash"] = pd.util.hash_pandas_object(pd.DataFrame(texts).T, index=False).to_numpy()
     if reward_column is not None and reward_column in frame.columns:
         keys["reward"] = pd.to_numeric(frame[reward_column], errors="coerce").to_numpy(dtype=float)
