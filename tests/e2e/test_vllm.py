@@ -20,7 +20,8 @@ def test_vllm_teacher_in_the_pipeline_matches_transformers_greedy(tmp_path, tiny
     assert VLLM_PYTHON.exists(), "the vLLM venv is missing: run `make vllm` (make test does)"
     out = tmp_path / "out"
     config = greedy_generate_config(out, sample_path, [
-        {"name": "vllm", "model": tiny_suite.base_small, "backend": "vllm", "max_model_len": 512},
+        {"name": "vllm", "model": tiny_suite.base_small, "backend": "vllm", "max_model_len": 512,
+         "engine_kwargs": {"enforce_eager": True}},  # no start-up compilation: it takes ~40 s of a CPU
         {"name": "hf", "model": tiny_suite.base_small},
     ])  # fmt: skip
     path = tmp_path / "c.yaml"

@@ -29,10 +29,12 @@ class TeacherConfig:
     num_generations: int = 1
     device: str = "auto"
     dtype: str = "float32"
-    # vllm backend: GPUs one engine spans, engine copies (distilabel step replicas), context length
+    # vllm backend: GPUs one engine spans, engine copies (distilabel step replicas), context length, and any other
+    # keyword of `vllm.LLM` (e.g. gpu_memory_utilization, enforce_eager)
     tensor_parallel_size: int = 1
     replicas: int = 1
     max_model_len: int | None = None
+    engine_kwargs: dict = field(default_factory=dict)
     # openai backend: an OpenAI-compatible server; the key comes from the environment variable named here
     base_url: str | None = None
     api_key_env: str | None = "OPENAI_API_KEY"

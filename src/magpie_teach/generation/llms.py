@@ -211,7 +211,8 @@ def build_teacher_llm(teacher: Any, threads: int | None = None) -> tuple[LLM, in
     device = resolve_device(teacher.device)
     if teacher.backend == "vllm":
         llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
-                          max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0)  # fmt: skip
+                          max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0,
+                          engine_kwargs=teacher.engine_kwargs)  # fmt: skip
         return llm, teacher.tensor_parallel_size if device.startswith("cuda") else None
     if teacher.backend == "openai":
         return OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
