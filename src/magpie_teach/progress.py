@@ -41,12 +41,14 @@ def logs_lines(show: bool | None) -> bool:
 class Progress:
     """A progress bar on a terminal, periodic :func:`progress_line` lines in a log; ``update`` as with tqdm."""
 
-    def __init__(self, total: int, desc: str, unit: str = "ex", show: bool | None = None):
+    def __init__(self, total: int, desc: str, unit: str = "ex", show: bool | None = None, position: int | None = None):
         from tqdm.auto import tqdm
 
         self.total, self.desc, self.unit = total, desc, unit
         self.done = 0
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=None if show is None else not show)
+        self.bar = tqdm(
+            total=total, desc=desc, unit=unit, disable=None if show is None else not show, position=position
+        )  # several bars at once (stages that advance together) on their own lines
         self.lines = logs_lines(show)
         self.every = log_every()
         self.started = self.last = time.monotonic()

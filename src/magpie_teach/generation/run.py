@@ -20,7 +20,7 @@ import pandas as pd
 from magpie_teach import artefacts
 from magpie_teach.errors import DataError, MagpieTeachError
 from magpie_teach.generation.config import GenerateConfig
-from magpie_teach.steps.pipelines import StoreProgress, scratch_cache, without_distilabel_cache
+from magpie_teach.steps.pipelines import StoreProgress, import_before_fork, scratch_cache, without_distilabel_cache
 
 if TYPE_CHECKING:
     from magpie_teach.batch_store import BatchStore
@@ -83,6 +83,7 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
             only_instruction=not multi, end_with_user=multi, include_system_prompt=False,
             system_prompt=spec.system_prompts(), seed=spec.seed,
         )  # fmt: skip
+    import_before_fork()
     generated = without_distilabel_cache(pipeline).run(use_cache=False)["default"]["train"].to_pandas()
     frame = pd.DataFrame({"instruction": generated["instruction"]} if not multi else {})
     if multi:  # keep conversations that end on a user turn; the turns before it are the context
@@ -233,6 +234,8 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
     pipeline, parameters = build_pipeline(config, work)
     if config.ray is not None:
         pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
+    else:
+        import_before_fork()
     pipeline = without_distilabel_cache(pipeline)
     totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
     with StoreProgress(response_store(config), totals):

@@ -77,7 +77,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     from magpie_teach.batch_store import BatchStore
     from magpie_teach.data import carried_columns, text_columns, validated_responses
     from magpie_teach.scoring.rank import example_scores, write_rank_outputs
-    from magpie_teach.steps.pipelines import scratch_cache, without_distilabel_cache
+    from magpie_teach.steps.pipelines import import_before_fork, scratch_cache, without_distilabel_cache
     from magpie_teach.steps.score_steps import CompatibilityScore, RewardScore, StoreScores, run_checked
 
     spec = config.scoring
@@ -109,6 +109,7 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
         totals = {stage: len(t) for stage, t in todo.items() if len(t)}
         with progress(store, totals) if progress else contextlib.nullcontext():
             try:
+                import_before_fork()
                 run_checked(without_distilabel_cache(pipeline), use_cache=False)
             except Exception as err:  # noqa: BLE001 - one message that says what is kept and how to go on
                 raise MagpieTeachError(

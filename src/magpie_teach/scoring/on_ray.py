@@ -2,7 +2,8 @@
 
 The driver (the `rank` process) keeps what it does locally: it reads and validates the data, samples, looks
 every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates. What is left to score
-goes to Ray Data as blocks of rows; ``map_batches`` sends them through an actor pool (``num_workers`` actors,
+goes to Ray Data as blocks of rows (a base model's two stages, its compatibility losses and L(x), in one
+dataset, so that its actors load it once); ``map_batches`` sends them through an actor pool (``num_workers`` actors,
 each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
 :func:`magpie_teach.scoring.scorers.score_frame`, the function the local path calls: the same template
 decision, the same masks, the same length-sorted token-budgeted batches. Results stream back to the driver,
@@ -90,31 +91,42 @@ def connect(address: str) -> None:
 
 
 class _Scorer:
-    """A Ray Data actor: loads one model when it starts and scores the blocks it is given."""
+    """A Ray Data actor: loads one model when it starts and scores the blocks it is given, each row with the
+    stage its ``_stage`` names (several stages of one model share the actor: the model is loaded once)."""
 
-    def __init__(self, kind: str, model: str, settings: dict):
+    def __init__(self, model: str, kinds: list[str], settings: dict):
         import torch
 
         from magpie_teach.scoring.scorers import load_scorer
 
         if settings["threads"]:
             torch.set_num_threads(settings["threads"])
-        self.kind, self.settings = kind, settings
-        self.model, self.tokenizer = load_scorer(kind, model, settings["dtype"], settings["device"])
+        self.kinds, self.settings = kinds, settings
+        self.columns = _union_columns(kinds)
+        self.model, self.tokenizer = load_scorer(kinds[0], model, settings["dtype"], settings["device"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from magpie_teach.scoring.scorers import score_frame
 
-        positions = batch.pop("_position").to_numpy()
-        scores = score_frame(self.kind, self.model, self.tokenizer, batch, self.settings["max_length"],
-                             self.settings["batch_tokens"], show_progress=False)  # fmt: skip
-        return scores.assign(_position=positions)
+        parts = []
+        for stage, rows in batch.groupby("_stage", sort=True):
+            scores = score_frame(self.kinds[int(stage)], self.model, self.tokenizer, rows, self.settings["max_length"],
+                                 self.settings["batch_tokens"], show_progress=False)  # fmt: skip
+            # one schema for every block: each stage's columns as float64 (exact for its counts and flags)
+            parts.append(scores.astype("float64").reindex(columns=self.columns)
+                         .assign(_stage=int(stage), _position=rows["_position"].to_numpy()))  # fmt: skip
+        return pd.concat(parts, ignore_index=True)
+
+
+def _union_columns(kinds: list[str]) -> list[str]:
+    from magpie_teach.scoring.scorers import OUTPUTS
+
+    return list(dict.fromkeys(column for kind in kinds for column in OUTPUTS[kind]))
 
 
 def score_on_ray(
-    kind: str,
     model: str,
-    frame: pd.DataFrame,
+    stages: list[tuple[str, pd.DataFrame]],
     *,
     num_workers: int,
     gpus_per_worker: float,
@@ -123,29 +135,45 @@ def score_on_ray(
     dtype: str,
     on_block: Any,
     window: int,
-) -> pd.DataFrame:
-    """Scores ``frame``'s rows (the texts :func:`score_frame` reads) on the connected cluster; calls
-    ``on_block(positions, scores)`` as each block's scores arrive; returns the scores in ``frame``'s order."""
+) -> list[pd.DataFrame]:
+    """Scores the rows of each (kind, frame) of ``stages`` (the texts :func:`score_frame` reads) under one
+    ``model`` on the connected cluster, through one actor pool; calls ``on_block(stage, positions, scores)`` as
+    each block's scores arrive; returns each stage's scores in its frame's order."""
     import ray.data
 
-    batch = max(1, min(window, math.ceil(len(frame) / (num_workers * BATCHES_PER_WORKER))))
-    rows = frame.reset_index(drop=True).assign(_position=np.arange(len(frame)))
+    from magpie_teach.scoring.scorers import OUTPUTS
+
+    kinds = [kind for kind, _ in stages]
+    if len({kind == "reward" for kind in kinds}) > 1:
+        raise ValueError(f"one model scores either rewards or losses, not both: {kinds}")
+    rows = pd.concat([frame.reset_index(drop=True).assign(_stage=i, _position=np.arange(len(frame)))
+                      for i, (_, frame) in enumerate(stages)], ignore_index=True)  # fmt: skip
+    batch = max(1, min(window, math.ceil(len(rows) / (num_workers * BATCHES_PER_WORKER))))
     blocks = [rows.iloc[start : start + batch] for start in range(0, len(rows), batch)]
     settings = {"max_length": max_length, "batch_tokens": batch_tokens, "dtype": dtype,
                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": 0 if gpus_per_worker > 0 else 1}  # fmt: skip
     resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {"num_cpus": 1}
     scored = ray.data.from_pandas(blocks).map_batches(
         _Scorer,
-        fn_constructor_args=(kind, model, settings),
+        fn_constructor_args=(model, kinds, settings),
         batch_size=batch,
         batch_format="pandas",
-        concurrency=num_workers,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
         **resources,
     )
-    parts = []
-    for part in scored.iter_batches(batch_size=None, batch_format="pandas"):
-        positions = part.pop("_position").to_numpy()
-        on_block(positions, part)
-        parts.append(part.assign(_position=positions))
-    out = pd.concat(parts, ignore_index=True).sort_values("_position")
-    return out.drop(columns="_position").reset_index(drop=True)
+    parts: list[list[pd.DataFrame]] = [[] for _ in stages]
+    for block in scored.iter_batches(batch_size=None, batch_format="pandas"):
+        for stage, part in block.groupby("_stage", sort=True):
+            stage = int(stage)
+            positions = part["_position"].to_numpy()
+            scores = part[list(OUTPUTS[kinds[stage]])].astype(OUTPUTS[kinds[stage]]).reset_index(drop=True)
+            on_block(stage, positions, scores)
+            parts[stage].append(scores.assign(_position=positions))
+    out = []
+    for kind, stage_parts in zip(kinds, parts):
+        if not stage_parts:
+            out.append(pd.DataFrame({c: pd.Series(dtype=t) for c, t in OUTPUTS[kind].items()}))
+            continue
+        frame = pd.concat(stage_parts, ignore_index=True).sort_values("_position")
+        out.append(frame.drop(columns="_position").reset_index(drop=True))
+    return out

@@ -148,61 +148,90 @@ def _contexts(rows: pd.DataFrame) -> list | None:
     return rows["context"].tolist() if "context" in rows.columns else None
 
 
-def _cached(config: RankConfig, kind: str, model: str, frame: pd.DataFrame, keys: np.ndarray, desc: str,
-            work: dict | None) -> pd.DataFrame:  # fmt: skip
-    """One stage's scores of every row of ``frame``, in order: those in the score cache read from it, the others
-    scored (here, or on the Ray cluster with ``--ray-address``) and stored in the cache as each window ends;
-    ``work[desc]`` counts both. The model is loaded only when something is left to score."""
-    from magpie_teach.modeling import load_tokenizer
+@dataclass
+class _Stage:
+    """One scoring stage of one model: its ``kind`` (see :data:`magpie_teach.scoring.scorers.OUTPUTS`), the
+    rows' texts, their score-cache keys, and the name its progress and ``work`` entry carry."""
 
-    cache = _score_cache(config, kind, model, load_tokenizer(model)) if config.cache else None
-    found, values = cache.lookup(keys) if cache is not None else (np.zeros(len(keys), dtype=bool), None)
-    missing = np.flatnonzero(~found)
-    if work is not None:
-        work[desc] = {"scored": len(missing), "from_cache": int(found.sum())}
-    if found.any():
-        print(f"{desc}: {int(found.sum())} of {len(keys)} from the score cache"
-              f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
-    if not len(missing):
-        return values
-    todo, todo_keys = frame.iloc[missing], keys[missing]
-    if config.ray_address:
+    kind: str
+    frame: pd.DataFrame
+    keys: np.ndarray
+    desc: str
+
+
+def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None) -> list[pd.DataFrame]:
+    """Each stage's scores of every row of its frame, in order: those in the score cache read from it, the others
+    scored (here, or on the Ray cluster with ``--ray-address``) and stored in the cache as each window ends;
+    ``work[desc]`` counts both. The stages share ``model``: it is loaded once (once per Ray actor), and only
+    when something is left to score."""
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.scoring.scorers import OUTPUTS
+
+    tokenizer = load_tokenizer(model) if config.cache else None
+    caches, results, todo = [], [], []
+    for stage in stages:
+        cache = _score_cache(config, stage.kind, model, tokenizer) if config.cache else None
+        found, values = cache.lookup(stage.keys) if cache is not None else (np.zeros(len(stage.keys), bool), None)
+        missing = np.flatnonzero(~found)
+        if work is not None:
+            work[stage.desc] = {"scored": len(missing), "from_cache": int(found.sum())}
+        if found.any():
+            print(f"{stage.desc}: {int(found.sum())} of {len(stage.keys)} from the score cache"
+                  f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
+        caches.append(cache)
+        results.append((found, None if values is None else values.astype(OUTPUTS[stage.kind])))
+        todo.append(missing)
+    pending = [i for i, missing in enumerate(todo) if len(missing)]
+    computed: dict[int, pd.DataFrame] = {}
+    if pending and config.ray_address:
         from magpie_teach.progress import Progress
         from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
         from magpie_teach.scoring.on_ray import connect, score_on_ray
 
         connect(config.ray_address)
-        progress = Progress(len(todo), desc)
+        bars = [Progress(len(todo[i]), stages[i].desc, position=n) for n, i in enumerate(pending)]
 
-        def on_block(positions: np.ndarray, rows: pd.DataFrame) -> None:
-            if cache is not None:
-                cache.add(todo_keys[positions], rows)
-            progress.update(len(positions))
+        def on_block(n: int, positions: np.ndarray, rows: pd.DataFrame) -> None:
+            i = pending[n]
+            if caches[i] is not None:
+                caches[i].add(stages[i].keys[todo[i][positions]], rows)
+            bars[n].update(len(positions))
 
-        computed = score_on_ray(kind, model, todo, num_workers=config.num_workers,
-                                gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
-                                batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block,
-                                window=DEFAULT_WINDOW)  # fmt: skip
-        progress.close()
-    else:
-
-        def on_window(start: int, rows: pd.DataFrame) -> None:
-            if cache is not None:
-                cache.add(todo_keys[start : start + len(rows)], rows)
-
+        parts = score_on_ray(model, [(stages[i].kind, stages[i].frame.iloc[todo[i]]) for i in pending],
+                             num_workers=config.num_workers, gpus_per_worker=config.gpus_per_worker,
+                             max_length=config.max_length, batch_tokens=config.batch_tokens, dtype=config.dtype,
+                             on_block=on_block, window=DEFAULT_WINDOW)  # fmt: skip
+        for bar in bars:
+            bar.close()
+        computed = dict(zip(pending, parts))
+    elif pending:
         from magpie_teach.scoring.scorers import load_scorer, score_frame
 
-        scorer, tokenizer = load_scorer(kind, model, config.dtype, config.device)
-        computed = score_frame(kind, scorer, tokenizer, todo, config.max_length, config.batch_tokens,
-                               on_window=on_window, desc=desc)  # fmt: skip
-        if "padding_fraction" in computed.attrs:
-            logger.info("%s: padding was %.1f%% of computed tokens", desc, 100 * computed.attrs["padding_fraction"])
+        scorer, tokenizer = load_scorer(stages[pending[0]].kind, model, config.dtype, config.device)
+        for i in pending:
+            stage, keys, cache = stages[i], stages[i].keys[todo[i]], caches[i]
+
+            def on_window(start: int, rows: pd.DataFrame, keys: np.ndarray = keys, cache: Any = cache) -> None:
+                if cache is not None:
+                    cache.add(keys[start : start + len(rows)], rows)
+
+            computed[i] = score_frame(stage.kind, scorer, tokenizer, stage.frame.iloc[todo[i]], config.max_length,
+                                      config.batch_tokens, on_window=on_window, desc=stage.desc)  # fmt: skip
+            if "padding_fraction" in computed[i].attrs:
+                logger.info("%s: padding was %.1f%% of computed tokens", stage.desc,
+                            100 * computed[i].attrs["padding_fraction"])  # fmt: skip
         _free(scorer)
-    computed = computed.reset_index(drop=True)
-    if values is None:
-        return computed
-    order = np.argsort(np.concatenate([np.flatnonzero(found), missing]), kind="stable")
-    return pd.concat([values, computed], ignore_index=True).iloc[order].reset_index(drop=True)
+    out = []
+    for i, (found, values) in enumerate(results):
+        if i not in computed:
+            out.append(values)
+            continue
+        scores = computed[i].reset_index(drop=True)
+        if values is not None:
+            order = np.argsort(np.concatenate([np.flatnonzero(found), todo[i]]), kind="stable")
+            scores = pd.concat([values, scores], ignore_index=True).iloc[order].reset_index(drop=True)
+        out.append(scores)
+    return out
 
 
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
@@ -212,10 +241,11 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np
 
     short = short_name(model_name)
     texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    scores = _cached(config, "compat", model_name, texts, keys, f"compat {short}", work)
     instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
     instruction_keys = example_keys(instructions["instruction"].tolist())
-    text = _cached(config, "instruction-loss", model_name, instructions, instruction_keys, f"L(x) {short}", work)
+    scores, text = _cached(config, model_name, [_Stage("compat", texts, keys, f"compat {short}"),
+                                                _Stage("instruction-loss", instructions, instruction_keys,
+                                                       f"L(x) {short}")], work)  # fmt: skip
     empty = scores["n_tokens"].to_numpy() == 0
     if empty.any():  # the prompt alone filled max_length: no response token left to score
         bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
@@ -233,7 +263,7 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dic
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
     texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    scores = _cached(config, "reward", config.reward_model, texts, keys, "reward", work)
+    (scores,) = _cached(config, config.reward_model, [_Stage("reward", texts, keys, "reward")], work)
     return scores["reward"].to_numpy(dtype=np.float64), scores["truncated"].to_numpy(dtype=bool)
 
 

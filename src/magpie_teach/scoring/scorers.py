@@ -4,6 +4,19 @@ from typing import Any
 
 import pandas as pd
 
+OUTPUTS = {
+    "compat": {
+        "compat_loss": "float64",
+        "n_tokens": "int64",
+        "n_tokens_full": "int64",
+        "truncated": "bool",
+        "uncond_loss": "float64",
+    },  # fmt: skip
+    "instruction-loss": {"loss": "float64", "n_tokens": "int64", "truncated": "bool"},
+    "reward": {"reward": "float64", "truncated": "bool"},
+}
+"""The columns and dtypes of each stage's scores, as :func:`score_frame` returns them."""
+
 
 def load_scorer(kind: str, model: str, dtype: str, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) for a scoring stage: a reward model for ``reward``, else a causal LM."""
@@ -25,8 +38,17 @@ def score_frame(
     desc: str | None = None,
 ) -> pd.DataFrame:
     """One stage's scores of ``frame``'s rows (``instruction``, and ``response`` and ``context`` where the stage
-    reads them), in order: ``compat`` (the compatibility losses), ``instruction-loss`` (L(x)) or ``reward``. The
-    local path and every Ray actor score through here."""
+    reads them), in order: ``compat`` (the compatibility losses), ``instruction-loss`` (L(x)) or ``reward``, with
+    the columns and dtypes of :data:`OUTPUTS`. The local path and every Ray actor score through here."""
+    if kind not in OUTPUTS:
+        raise ValueError(f"unknown scoring stage {kind!r}")
+    return _score(kind, model, tokenizer, frame, max_length, batch_tokens, on_window, show_progress, desc).astype(
+        OUTPUTS[kind]
+    )
+
+
+def _score(kind: str, model: Any, tokenizer: Any, frame: pd.DataFrame, max_length: int, batch_tokens: int,
+           on_window: Any, show_progress: bool | None, desc: str | None) -> pd.DataFrame:  # fmt: skip
     from magpie_teach.scoring.compatibility import score_compatibility, score_text_loss
     from magpie_teach.scoring.reward import score_reward
 
@@ -42,4 +64,4 @@ def score_frame(
         rewards, truncated = score_reward(model, tokenizer, instructions, frame["response"].tolist(),
                                           contexts=contexts, on_window=on_window, **run)  # fmt: skip
         return pd.DataFrame({"reward": rewards, "truncated": truncated})
-    raise ValueError(f"unknown scoring stage {kind!r}")
+    raise AssertionError(kind)
