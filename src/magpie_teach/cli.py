@@ -132,6 +132,27 @@ def run_paradox(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_calibrate(args: argparse.Namespace) -> int:
+    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate
+
+    config = _config(args, CalibrateConfig)
+    result = calibrate(config)
+    means, held = result["mean_rho"], result["held_out_mean_rho"]
+    best = result["best_metric"] + (f" (beta {result['best_beta']:.4g})" if result["best_metric"] == "car" else "")
+    low, high = result["beta_interval"]
+    print(
+        f"best predictor of AP over {len(result['base_models'])} base model(s): {best}, mean rho {means['best']:.3f}"
+    )
+    print(f"  CAR: beta {result['best_beta']:.4g}, stable over [{low:.4g}, {high:.4g}]; mean rho "
+          f"{means['car_best_beta']:.3f} against {means['default']:.3f} at the default beta {result['default_beta']:g}")  # fmt: skip
+    if held["fitted"] is not None:
+        print(f"  held out (fitted on the other base models): mean rho {held['fitted']:.3f} for the fitted choice, "
+              f"{held['default']:.3f} for the default")  # fmt: skip
+    print(f"wrote {config.output_dir}/calibration.json (rank --beta-from reads it), correlations.csv, "
+          "beta_curve.csv, calibration.png")  # fmt: skip
+    return 0
+
+
 def run_select(args: argparse.Namespace) -> int:
     from magpie_teach.selection.select import SelectConfig, select
 
@@ -386,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
         run_paradox,
         help="within-family pairs where the larger teacher is the worse teacher",
         description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.",
+    )
+
+    from magpie_teach.scoring.calibrate import CalibrateConfig
+
+    _config_command(
+        sub,
+        "calibrate",
+        CalibrateConfig,
+        run_calibrate,
+        help="which metric and which CAR beta predict your students' performance",
+        description="Spearman rho of every metric with AP per base model and on average; CAR's beta fitted exactly "
+        "(every crossing point, where two teachers swap places), reward models and shifts compared, and the gain "
+        "measured leaving one base model out. Writes calibration.json, which `rank --beta-from` reads.",
+        epilog="example:\n  magpie-teach calibrate --scores runs/rank --performance students.csv --output runs/calibration",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
     from magpie_teach.selection.select import SelectConfig

@@ -56,9 +56,37 @@ class CARSettings:
 
     beta: float = field(default=DEFAULT_BETA, metadata={"help": _BETA_HELP})
     reward_shift: str = field(default=DEFAULT_REWARD_SHIFT, metadata={"help": _SHIFT_HELP})
+    beta_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "calibration.json written by `magpie-teach calibrate`: beta is its best_beta (recorded as "
+            "beta in the outputs, beside this path); overrides --beta."
+        },
+    )
 
     def check_car(self, where: str = "--") -> None:
+        if self.beta_from:
+            self.beta = read_beta(self.beta_from, _key(where, "beta_from"))
         check_car(self.beta, self.reward_shift, where)
+
+
+def read_beta(path: str, flag: str = "--beta-from") -> float:
+    """``best_beta`` of a calibration.json written by `magpie-teach calibrate` (FLAG names it in errors)."""
+    import json
+    import math
+    from pathlib import Path
+
+    try:
+        value = json.loads(Path(path).read_text())["best_beta"]
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{flag} {path}: not a calibration.json of `magpie-teach calibrate` (no best_beta)"
+        ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{flag} {path}: best_beta {value!r} is not a beta (a number >= 0)")
+    return float(value)
 
 
 @dataclass

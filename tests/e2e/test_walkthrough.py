@@ -116,6 +116,12 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
         (work / "runs" / "student").glob("*/model.safetensors")
     )
     assert (work / "runs" / "validate-cpu" / "correlations.csv").exists()
+    # calibrate's beta, used by the rerun of rank: recorded as its beta, and every score read from the cache
+    calibration = json.loads((work / "runs" / "calibration" / "calibration.json").read_text())
+    calibrated = pd.read_csv(work / "runs" / "rank-calibrated" / "ranking.csv")
+    assert set(calibrated["car_beta"]) == {calibration["best_beta"]}
+    work_done = json.loads((work / "runs" / "rank-calibrated" / "summary.json").read_text())["work"]
+    assert work_done and all(stage["scored"] == 0 for stage in work_done.values()), work_done
     assert (work / "runs" / "review" / "reviews.parquet").exists()
     tags = json.loads(subprocess.run(
         [sys.executable, "-c", "import json; from huggingface_hub import HfApi; "

@@ -1,0 +1,199 @@
+"""`calibrate`: CAR's beta recovered when planted, its crossing points and its fit checked against brute force,
+the leave-one-base-model-out figures recomputed here, and `rank --beta-from`."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import brentq
+
+from magpie_teach.errors import ConfigError
+
+PLANTED = 1.7
+BASES = ["base-a", "base-b", "base-c", "base-d"]
+
+
+def _ranking(rng, teachers, bases=BASES):
+    rows = []
+    for base in bases:
+        for teacher in teachers:
+            reward, loss = rng.uniform(1.0, 3.0), rng.uniform(0.5, 2.0)
+            rows.append({"teacher": teacher, "base_model": base, "n": 10, "reward": reward, "compat_loss": loss,
+                         "length": rng.uniform(50, 500), "car": reward / (1 + 3 * loss), "car_reward_shift": 0.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _write(folder, ranking):
+    folder.mkdir(parents=True, exist_ok=True)
+    ranking.to_csv(folder / "ranking.csv", index=False)
+    return str(folder)
+
+
+def _performance(ranking, beta=PLANTED, shift=0.0, noise=0.0):
+    """AP an exact increasing function of CAR at BETA (with SHIFT), plus NOISE (a standard deviation), split
+    into the two benchmark columns."""
+    car = (ranking["reward"] + shift) / (1 + beta * ranking["compat_loss"])
+    ap = 20 + 10 * np.log(car) + np.random.default_rng(1).normal(0, noise, len(car)) if noise else 20 + 10 * np.log(car)
+    return pd.DataFrame({"teacher": ranking["teacher"], "base_model": ranking["base_model"],
+                         "AE2_LC_WR": ap + 1.0, "ArenaHard_WR": ap - 1.0})  # fmt: skip
+
+
+@pytest.fixture
+def planted(tmp_path):
+    rng = np.random.default_rng(7)
+    ranking = _ranking(rng, [f"teacher-{i}" for i in range(7)])
+    scores = _write(tmp_path / "rank", ranking)
+    _performance(ranking).to_csv(tmp_path / "performance.csv", index=False)
+    return ranking, scores, str(tmp_path / "performance.csv")
+
+
+def _calibrate(tmp_path, scores, performance, *extra):
+    from magpie_teach.cli import main
+
+    out = tmp_path / "calibration"
+    args = ["calibrate", *[a for s in scores for a in ("--scores", s)], "--performance", performance,
+            "--output", str(out), *extra]  # fmt: skip
+    assert main(args) == 0
+    return json.loads((out / "calibration.json").read_text()), out
+
+
+def _ranks(values):
+    return np.argsort(np.argsort(values, axis=-1), axis=-1).astype(float)
+
+
+def _mean_rho(ranking, performance, betas, bases=BASES):
+    """Mean over BASES of Spearman's rho between CAR and AP at each of BETAS: the Pearson correlation of the
+    ranks (no ties in this data), computed from the frames directly."""
+    merged = ranking.merge(performance, on=["teacher", "base_model"])
+    merged["ap"] = (merged["AE2_LC_WR"] + merged["ArenaHard_WR"]) / 2
+    betas = np.atleast_1d(np.asarray(betas, dtype=float))
+    rhos = []
+    for base in bases:
+        group = merged[merged["base_model"] == base]
+        car = group["reward"].to_numpy() / (1 + betas[:, None] * group["compat_loss"].to_numpy())
+        x, y = _ranks(car), _ranks(group["ap"].to_numpy())
+        x, y = x - x.mean(axis=1, keepdims=True), y - y.mean()
+        rhos.append((x * y).sum(axis=1) / np.sqrt((x**2).sum(axis=1) * (y**2).sum()))
+    means = np.mean(rhos, axis=0)
+    return means if len(means) > 1 else float(means[0])
+
+
+def test_crossing_points_are_where_two_teachers_car_are_equal():
+    from magpie_teach.scoring.calibrate import crossings
+
+    rng = np.random.default_rng(3)
+    reward, loss = rng.uniform(1, 3, 8), rng.uniform(0.5, 2, 8)
+    expected = []
+    for i in range(8):
+        for j in range(i + 1, 8):
+            gap = lambda b, i=i, j=j: reward[i] / (1 + b * loss[i]) - reward[j] / (1 + b * loss[j])  # noqa: E731
+            if gap(1e-9) * gap(1e9) < 0:  # one sign change: the two lines cross once at a positive beta
+                expected.append(brentq(gap, 1e-9, 1e9, xtol=1e-14, rtol=1e-14))
+    found = crossings(reward, loss)
+    assert len(expected) >= 5
+    np.testing.assert_allclose(found, np.sort(expected), rtol=1e-9)
+
+
+def test_a_planted_beta_is_recovered_and_the_fit_matches_brute_force(planted, tmp_path):
+    ranking, scores, performance = planted
+    result, out = _calibrate(tmp_path, [scores], performance)
+    low, high = result["beta_interval"]
+    assert result["best_metric"] == "car" and low < PLANTED < high
+    assert low < result["best_beta"] < high and result["mean_rho"]["best"] == pytest.approx(1.0)
+    # brute force on a dense grid: the best mean rho is the fit's, and every beta reaching it is in its interval
+    perf = pd.read_csv(performance)
+    grid = np.geomspace(1e-3, 1e3, 20000)
+    means = _mean_rho(ranking, perf, grid)
+    assert means.max() == pytest.approx(result["mean_rho"]["best"], abs=1e-12)
+    best = grid[np.isclose(means, means.max(), atol=1e-12)]
+    assert best.min() >= low and best.max() <= high
+    assert result["mean_rho"]["default"] == pytest.approx(_mean_rho(ranking, perf, 3.0), abs=1e-12)
+    assert result["mean_rho"]["default"] < 1.0  # the default beta is not the planted one here
+    # the figure's curve: the mean rho at each beta, as recomputed here
+    curve = pd.read_csv(out / "beta_curve.csv")
+    for _, row in curve.sample(10, random_state=0).iterrows():
+        assert row["mean_rho"] == pytest.approx(_mean_rho(ranking, perf, row["beta"]), abs=1e-12)
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_held_out_figures_are_fitted_without_the_base_model_they_score(tmp_path):
+    ranking = _ranking(np.random.default_rng(7), [f"teacher-{i}" for i in range(7)])
+    scores = _write(tmp_path / "rank", ranking)
+    performance = str(tmp_path / "performance.csv")
+    _performance(ranking, noise=1.5).to_csv(performance, index=False)  # noisy: each subset fits its own beta
+    result, _ = _calibrate(tmp_path, [scores], performance)
+    perf = pd.read_csv(performance)
+    grid = np.geomspace(1e-3, 1e3, 20000)
+    held = {h["base_model"]: h for h in result["held_out"]}
+    assert sorted(held) == BASES
+    rhos = []
+    for base in BASES:
+        others = [b for b in BASES if b != base]
+        means = _mean_rho(ranking, perf, grid, others)
+        reached = grid[np.isclose(means, means.max(), atol=1e-12)]
+        fitted = held[base]["beta"]
+        # the beta fitted without BASE reaches the others' best mean rho, and is scored on BASE alone
+        assert _mean_rho(ranking, perf, fitted, others) == pytest.approx(means.max(), abs=1e-12)
+        assert reached.min() / 1.01 <= fitted <= reached.max() * 1.01
+        rho = _mean_rho(ranking, perf, fitted, [base])
+        assert held[base]["rho"] == pytest.approx(rho, abs=1e-12)
+        assert held[base]["rho_default"] == pytest.approx(_mean_rho(ranking, perf, 3.0, [base]), abs=1e-12)
+        rhos.append(rho)
+    assert result["held_out_mean_rho"]["fitted"] == pytest.approx(np.mean(rhos), abs=1e-12)
+    assert len({h["beta"] for h in held.values()}) > 1  # the subsets did fit different betas
+
+
+def test_the_predictive_reward_model_and_reward_shift_are_chosen(tmp_path):
+    rng = np.random.default_rng(11)
+    teachers = [f"teacher-{i}" for i in range(6)]
+    good = _ranking(rng, teachers)
+    noise = good.assign(reward=rng.uniform(1.0, 3.0, len(good)))  # another reward model, unrelated to AP
+    _performance(good, beta=0.8, shift=-0.9).to_csv(tmp_path / "perf.csv", index=False)
+    folders = [_write(tmp_path / "noise", noise), _write(tmp_path / "good", good)]
+    result, out = _calibrate(tmp_path, folders, str(tmp_path / "perf.csv"), "--reward-shift", "-0.9")
+    assert result["best_scores"] == folders[1] and result["best_reward_shift"] == -0.9
+    assert result["best_metric"] == "car" and result["mean_rho"]["best"] == pytest.approx(1.0)
+    low, high = result["beta_interval"]
+    assert low < 0.8 < high
+    table = pd.read_csv(out / "correlations.csv", index_col=0)
+    assert len(table) == 2 * 2 * 5  # two folders x two shifts x (CAR at 3, CAR fitted, reward, compat_loss, length)
+
+
+def test_a_baseline_that_beats_car_is_named(tmp_path):
+    rng = np.random.default_rng(5)
+    ranking = _ranking(rng, [f"teacher-{i}" for i in range(6)])
+    perf = pd.DataFrame({"teacher": ranking["teacher"], "base_model": ranking["base_model"],
+                         "AE2_LC_WR": ranking["length"], "ArenaHard_WR": ranking["length"]})  # fmt: skip
+    perf.to_csv(tmp_path / "perf.csv", index=False)
+    result, _ = _calibrate(tmp_path, [_write(tmp_path / "rank", ranking)], str(tmp_path / "perf.csv"))
+    assert result["best_metric"] == "length" and result["mean_rho"]["best"] == pytest.approx(1.0)
+    assert "length predicts AP better than CAR" in result["note"]
+
+
+def test_beta_from_sets_beta_and_a_bad_file_is_one_line(tmp_path):
+    from magpie_teach.settings import CARSettings
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"best_beta": 1.25}))
+    settings = CARSettings(beta_from=str(path))
+    settings.check_car()
+    assert settings.beta == 1.25
+    for text, message in (("{", "not a calibration.json"), ('{"best_beta": -1}', "is not a beta")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message) as err:
+            CARSettings(beta_from=str(path)).check_car()
+        assert "--beta-from" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="scoring.beta_from .*No such file"):
+        CARSettings(beta_from=str(tmp_path / "missing.json")).check_car("scoring.")
+
+
+def test_a_base_model_without_performance_numbers_is_one_line(planted, tmp_path):
+    from magpie_teach.cli import main
+
+    ranking, scores, performance = planted
+    perf = pd.read_csv(performance)
+    perf[perf["base_model"] != "base-c"].to_csv(tmp_path / "perf.csv", index=False)
+    code = main(["calibrate", "--scores", scores, "--performance", str(tmp_path / "perf.csv"), "--output",
+                 str(tmp_path / "out")])  # fmt: skip
+    assert code == 2 and not (tmp_path / "out" / "calibration.json").exists()
