@@ -34,7 +34,9 @@ def _performance(ranking, beta=PLANTED, shift=0.0, noise=0.0):
     """AP an exact increasing function of CAR at BETA (with SHIFT), plus NOISE (a standard deviation), split
     into the two benchmark columns."""
     car = (ranking["reward"] + shift) / (1 + beta * ranking["compat_loss"])
-    ap = 20 + 10 * np.log(car) + np.random.default_rng(1).normal(0, noise, len(car)) if noise else 20 + 10 * np.log(car)
+    ap = (
+        20 + 10 * np.log(car) + np.random.default_rng(1).normal(0, noise, len(car)) if noise else 20 + 10 * np.log(car)
+    )
     return pd.DataFrame({"teacher": ranking["teacher"], "base_model": ranking["base_model"],
                          "AE2_LC_WR": ap + 1.0, "ArenaHard_WR": ap - 1.0})  # fmt: skip
 
