@@ -58,6 +58,10 @@ class ReportConfig:
         default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
         metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
     )
+    calibration: str | None = field(
+        default=None,
+        metadata={"help": "A `calibrate` output folder: its beta fit, held-out figures and mean rho against beta."},
+    )
     title: str = field(default="Which teacher for which base model?", metadata={"help": "Report title."})
 
 
@@ -267,8 +271,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     from magpie_teach.scoring.metrics import correlations, load_performance
     from magpie_teach.scoring.paradox import find_paradox_pairs
 
-    if config.rank_dir is None and config.performance is None:
-        raise ConfigError("give a `rank` output folder, --performance FILE, or both.")
+    if config.rank_dir is None and config.performance is None and config.calibration is None:
+        raise ConfigError("give a `rank` output folder, --performance FILE, --calibration DIR, or several.")
     sections: list[Section] = []
     ranking = corr = None
     if config.rank_dir is not None:
@@ -348,6 +352,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
                 paradox_figure(pairs, out),
                 pairs.sort_values(["base_model", "gap"], ascending=[True, False]).round(2),
             ))  # fmt: skip
+    if config.calibration is not None:
+        sections.append(calibration_section(Path(config.calibration), out))
     return sections
 
 
@@ -409,6 +415,37 @@ def setup_text(rank_dir: Path, ranking: pd.DataFrame, summary: dict) -> str:
             f"Command: `magpie-teach {' '.join(_shareable(a) if Path(a).is_absolute() else a for a in argv)}`."
         )
     return " ".join(lines)
+
+
+def calibration_section(folder: Path, out: Path) -> Section:
+    """The section of a `calibrate` folder: what predicts AP best, CAR's fitted beta and where it is stable, the
+    held-out figures, and the figure of mean rho against beta."""
+    import json
+    import shutil
+
+    from magpie_teach.scoring.calibrate import CALIBRATION, CORRELATIONS, FIGURE
+
+    try:
+        result = json.loads((folder / CALIBRATION).read_text())
+        table = pd.read_csv(folder / CORRELATIONS, index_col=0)
+    except (OSError, ValueError) as err:
+        raise DataError(f"--calibration {folder}: not a `calibrate` output folder ({err})") from None
+    low, high = result["beta_interval"]
+    means, held = result["mean_rho"], result["held_out_mean_rho"]
+    text = (
+        f"Over {len(result['base_models'])} base model(s), **{result['best_metric']}** predicts AP best "
+        f"(mean Spearman rho {means['best']:.3f}). CAR's best beta is {result['best_beta']:.4g}, the same choice "
+        f"for any beta in [{low:.4g}, {high:.4g}]: mean rho {means['car_best_beta']:.3f}, against "
+        f"{means['default']:.3f} at the default beta {result['default_beta']:g}."
+    )
+    if held.get("fitted") is not None:
+        text += (
+            f" Held out (each base model scored with the choice fitted on the others): mean rho {held['fitted']:.3f} "
+            f"for the fitted choice, {held['default']:.3f} for the default."
+        )
+    figure = _figure_path(out, "calibration")
+    shutil.copyfile(folder / FIGURE, figure)
+    return Section("Which beta (calibration)", text, figure, table.reset_index().round(3))
 
 
 NAME_COLUMNS = ("base_model", "teacher", "best teacher", "smaller", "larger")

@@ -124,7 +124,43 @@ def test_report_from_the_papers_table_shows_its_paradox_pairs_and_best_teachers(
 
 def test_report_needs_an_input():
     result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True)
-    assert result.returncode == 2 and "give a `rank` output folder, --performance FILE, or both" in result.stderr
+    assert (
+        result.returncode == 2
+        and "give a `rank` output folder, --performance FILE, --calibration DIR" in result.stderr
+    )
+
+
+def test_report_of_a_calibration_states_its_fit_and_shows_its_figure(tmp_path):
+    import numpy as np
+
+    from magpie_teach.cli import main
+
+    rng = np.random.default_rng(2)
+    rows = [{"teacher": f"t{i}", "base_model": b, "reward": rng.uniform(1, 3), "compat_loss": rng.uniform(0.5, 2),
+             "car": 0.0, "car_reward_shift": 0.0} for b in ("b1", "b2", "b3") for i in range(5)]  # fmt: skip
+    ranking = pd.DataFrame(rows)
+    (tmp_path / "rank").mkdir()
+    ranking.to_csv(tmp_path / "rank" / "ranking.csv", index=False)
+    ap = np.log(ranking["reward"] / (1 + 0.5 * ranking["compat_loss"]))
+    ranking.assign(AE2_LC_WR=ap, ArenaHard_WR=ap)[["teacher", "base_model", "AE2_LC_WR", "ArenaHard_WR"]].to_csv(
+        tmp_path / "perf.csv", index=False
+    )
+    calibration = tmp_path / "calibration"
+    assert main(["calibrate", "--scores", str(tmp_path / "rank"), "--performance", str(tmp_path / "perf.csv"),
+                 "--output", str(calibration)]) == 0  # fmt: skip
+    fit = json.loads((calibration / "calibration.json").read_text())
+    out = tmp_path / "report"
+    run_report("--calibration", str(calibration), "--output", str(out))
+    markdown = (out / "report.md").read_text()
+    low, high = fit["beta_interval"]
+    assert (
+        f"CAR's best beta is {fit['best_beta']:.4g}, the same choice for any beta in [{low:.4g}, {high:.4g}]"
+        in markdown
+    )
+    assert f"mean rho {fit['held_out_mean_rho']['fitted']:.3f} for the fitted choice" in markdown
+    assert "![Which beta (calibration)](figures/calibration.png)" in markdown
+    assert (out / "figures" / "calibration.png").read_bytes() == (calibration / "calibration.png").read_bytes()
+    assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_scatter_labels_cover_no_other_label_nor_point_and_each_equal_car_line_shows_its_value():

@@ -122,6 +122,7 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
     assert set(calibrated["car_beta"]) == {calibration["best_beta"]}
     work_done = json.loads((work / "runs" / "rank-calibrated" / "summary.json").read_text())["work"]
     assert work_done and all(stage["scored"] == 0 for stage in work_done.values()), work_done
+    assert (work / "runs" / "report-calibrated" / "figures" / "calibration.png").exists()
     assert (work / "runs" / "review" / "reviews.parquet").exists()
     tags = json.loads(subprocess.run(
         [sys.executable, "-c", "import json; from huggingface_hub import HfApi; "
