@@ -181,7 +181,14 @@ def test_beta_from_sets_beta_and_a_bad_file_is_one_line(tmp_path):
     settings = CARSettings(beta_from=str(path))
     settings.check_car()
     assert settings.beta == 1.25
-    for text, message in (("{", "not a calibration.json"), ('{"best_beta": -1}', "is not a beta")):
+    for value in (0, 0.5):  # any beta >= 0: 0 is CAR = reward
+        path.write_text(json.dumps({"best_beta": value}))
+        settings = CARSettings(beta_from=str(path))
+        settings.check_car()
+        assert settings.beta == value
+    bad = [("{", "not a calibration.json"), ('{"beta": 1}', "not a calibration.json")]
+    bad += [(f'{{"best_beta": {v}}}', "is not a beta") for v in ("-1", "-0.01", '"3"', "true", "Infinity", "NaN")]
+    for text, message in bad:
         path.write_text(text)
         with pytest.raises(ConfigError, match=message) as err:
             CARSettings(beta_from=str(path)).check_car()
