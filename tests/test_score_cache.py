@@ -130,6 +130,20 @@ def test_a_killed_run_resumes_from_its_last_finished_window(tiny_suite, sample_r
     assert counts["LlamaModel"] == 2 * (len(rows) - 32) + rows["instruction"].nunique()
 
 
+def test_a_cache_already_read_answers_for_what_it_stores_afterwards(tmp_path):
+    identity = {"kind": "compat", "model": "m", "model_id": "sha256:x", "max_length": 8, "dtype": "float32"}
+    keys = example_keys([f"q{i}" for i in range(4)], [f"a{i}" for i in range(4)])
+    values = pd.DataFrame({"compat_loss": [0.0, 1.0, 2.0, 3.0], "n_tokens": [1, 2, 3, 4]})
+    ScoreCache(tmp_path, identity).add(keys[:2], values.iloc[:2])
+    cache = ScoreCache(tmp_path, identity)
+    assert cache.lookup(keys)[0].tolist() == [True, True, False, False]
+    cache.add(keys[1:3], values.iloc[1:3].assign(compat_loss=[9.0, 5.0]))  # keys[1] again: the first entry stays
+    cache.add(keys[3:], values.iloc[3:])
+    found, got = cache.lookup(keys[::-1])
+    assert found.all() and got["compat_loss"].tolist() == [3.0, 5.0, 1.0, 0.0]
+    assert got["n_tokens"].tolist() == [4, 3, 2, 1]
+
+
 def test_entries_round_trip_and_a_corrupt_or_altered_part_is_never_read(tmp_path, caplog):
     identity = {"kind": "compat", "model": "m", "model_id": "sha256:x", "max_length": 8, "dtype": "float32"}
     keys = example_keys([f"q{i}" for i in range(6)], [f"a{i}" for i in range(6)])

@@ -132,6 +132,7 @@ class ScoreCache:
         self._keys = np.empty(0, dtype=f"S{KEY_BYTES}")
         self._values: pd.DataFrame | None = None
         self._loaded = False
+        self._added: list[tuple[np.ndarray, pd.DataFrame]] = []  # merged into the sorted arrays at the next lookup
 
     def _load(self) -> None:
         keys, values = [], []
@@ -158,6 +159,8 @@ class ScoreCache:
         """(found: a bool per key, the found entries' values in key order)."""
         if not self._loaded:
             self._load()
+        if self._added:
+            self._merge()
         if not len(self._keys):
             return np.zeros(len(keys), dtype=bool), None
         at = np.searchsorted(self._keys, keys)
@@ -178,11 +181,16 @@ class ScoreCache:
         keys = np.asarray(keys, dtype=f"S{KEY_BYTES}")
         values = values.reset_index(drop=True)
         write_atomic(self.folder / f"part-{uuid.uuid4().hex}.parquet", lambda tmp: _write_part(keys, values, tmp))
-        if self._loaded:
-            all_keys = np.concatenate([self._keys, keys])
-            all_values = pd.concat([self._values, values.reset_index(drop=True)], ignore_index=True) if self._values is not None else values.reset_index(drop=True)  # fmt: skip
-            order = np.argsort(all_keys, kind="stable")
-            self._keys, self._values = all_keys[order], all_values.iloc[order].reset_index(drop=True)
+        if self._loaded:  # kept for a later lookup; sorted in then, once, not at every window
+            self._added.append((keys, values))
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self._keys, *(k for k, _ in self._added)])
+        frames = ([] if self._values is None else [self._values]) + [v for _, v in self._added]
+        values = pd.concat(frames, ignore_index=True)
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._values = keys[order], values.iloc[order].reset_index(drop=True)
+        self._added = []
 
 
 def _checksum(keys: np.ndarray, values: pd.DataFrame) -> str:
