@@ -119,16 +119,20 @@ class RankResult:
     """``summary.json``: with the bootstrap on, its ``confidence`` holds the verdict per base model."""
 
 
-def _score_cache(config: RankConfig, kind: str, model: str, tokenizer: Any) -> Any:
-    """The score cache of one scorer (:mod:`magpie_teach.scoring.cache`), or None with ``--no-cache`` or when
-    the model cannot be named (a Hub id whose commit is unknown)."""
+def _score_caches(config: RankConfig, kinds: list[str], model: str, tokenizer: Any) -> list:
+    """The score cache of each of ``kinds``' scorers of ``model`` (:mod:`magpie_teach.scoring.cache`; the model
+    named once for all of them), or Nones with ``--no-cache`` or when the model cannot be named (a Hub id whose
+    commit is unknown)."""
     from magpie_teach.scoring.cache import ScoreCache, default_cache_dir, model_identity, scorer_identity
 
+    if not config.cache:
+        return [None] * len(kinds)
     root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     model_id = model_identity(model, root)
     if model_id is None:
-        return None
-    return ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype))
+        return [None] * len(kinds)
+    return [ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype))
+            for kind in kinds]  # fmt: skip
 
 
 def _free(*objects: Any) -> None:
@@ -168,9 +172,9 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
     from magpie_teach.scoring.scorers import OUTPUTS
 
     tokenizer = load_tokenizer(model) if config.cache else None
-    caches, results, todo = [], [], []
-    for stage in stages:
-        cache = _score_cache(config, stage.kind, model, tokenizer) if config.cache else None
+    caches = _score_caches(config, [stage.kind for stage in stages], model, tokenizer)
+    results, todo = [], []
+    for stage, cache in zip(stages, caches):
         found, values = cache.lookup(stage.keys) if cache is not None else (np.zeros(len(stage.keys), bool), None)
         missing = np.flatnonzero(~found)
         if work is not None:
@@ -178,7 +182,6 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
         if found.any():
             print(f"{stage.desc}: {int(found.sum())} of {len(stage.keys)} from the score cache"
                   f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
-        caches.append(cache)
         results.append((found, None if values is None else values.astype(OUTPUTS[stage.kind])))
         todo.append(missing)
     pending = [i for i, missing in enumerate(todo) if len(missing)]
@@ -205,9 +208,12 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
             bar.close()
         computed = dict(zip(pending, parts))
     elif pending:
-        from magpie_teach.scoring.scorers import load_scorer, score_frame
+        from magpie_teach.scoring.scorers import load_scorer, load_scorer_model, score_frame
 
-        scorer, tokenizer = load_scorer(stages[pending[0]].kind, model, config.dtype, config.device)
+        if tokenizer is None:
+            scorer, tokenizer = load_scorer(stages[pending[0]].kind, model, config.dtype, config.device)
+        else:  # the one the cache identity was read from
+            scorer = load_scorer_model(stages[pending[0]].kind, model, config.dtype, config.device)
         for i in pending:
             stage, keys, cache = stages[i], stages[i].keys[todo[i]], caches[i]
 

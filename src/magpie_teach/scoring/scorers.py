@@ -20,9 +20,16 @@ OUTPUTS = {
 
 def load_scorer(kind: str, model: str, dtype: str, device: str) -> tuple[Any, Any]:
     """(model, tokenizer) for a scoring stage: a reward model for ``reward``, else a causal LM."""
-    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.modeling import load_tokenizer
 
-    return load_model(model, "reward" if kind == "reward" else "causal-lm", dtype, device), load_tokenizer(model)
+    return load_scorer_model(kind, model, dtype, device), load_tokenizer(model)
+
+
+def load_scorer_model(kind: str, model: str, dtype: str, device: str) -> Any:
+    """The model alone of :func:`load_scorer`, for a caller that holds the tokenizer already."""
+    from magpie_teach.modeling import load_model
+
+    return load_model(model, "reward" if kind == "reward" else "causal-lm", dtype, device)
 
 
 def score_frame(
