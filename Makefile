@@ -94,8 +94,8 @@ bench: install
 # metrics, selection, data validation and chat masking, runs their fast tests, and prints the mutants no test caught.
 # Not part of `make test`; run it before closing an issue that touches those modules.
 mutation: install
-	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	rm -rf mutants .mutation-models
+	MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 || true
 	$(VENV)/bin/mutmut results
 	$(PY) scripts/mutation_summary.py
 

@@ -50,9 +50,12 @@ def score_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_suite(tmp_path_factory):
+    """The tiny models, built in the session's temporary folder; or, when $MAGPIE_TEACH_TEST_MODELS names a folder,
+    built there once and reused by later sessions (`make mutation` runs a pytest session per mutant)."""
     from magpie_teach.tiny import build_tiny_suite
 
-    return build_tiny_suite(tmp_path_factory.mktemp("tiny-models"), seed=0)
+    root = os.environ.get("MAGPIE_TEACH_TEST_MODELS") or tmp_path_factory.mktemp("tiny-models")
+    return build_tiny_suite(root, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ FLOORS = [  # module prefixes per floor, ground first (ARCHITECTURE.md's table)
     ("errors", "settings", "processes", "progress"),
     ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tables", "tiny"),
     ("steps", "hub", "review", "training", "report"),
-    ("generation",),
+    ("generation", "evaluation"),
     ("demo", "cli"),
 ]
 

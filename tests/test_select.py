@@ -176,9 +176,9 @@ def test_select_filters_change_the_rows_not_the_best_teacher_unless_asked(tmp_pa
 
 
 def test_validate_and_review_use_the_beta_rank_recorded(tmp_path, ranked_at_beta_0):
+    from magpie_teach.evaluation.validate import ValidateConfig, validate
     from magpie_teach.review.argilla_io import ReviewPushConfig, review_sample
     from magpie_teach.scoring.metrics import car
-    from magpie_teach.training.validate import ValidateConfig, validate
 
     perf = tmp_path / "perf.csv"
     pd.DataFrame({"teacher": ["big", "fit", "weak"], "base_model": "base", "AE2_LC_WR": [3.0, 2.0, 1.0],

@@ -183,7 +183,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.training.validate import ValidateConfig, validate
+    from magpie_teach.evaluation.validate import ValidateConfig, validate
 
     result = validate(_config(args, ValidateConfig))
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
@@ -191,6 +191,22 @@ def run_validate(args: argparse.Namespace) -> int:
         print("\nSpearman rho of each metric with the students' scores:")
         print(result.correlations.to_string())
     print(f"wrote {result.output_dir}/correlations.csv")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from magpie_teach.evaluation.evaluate import EvaluateConfig, evaluate
+
+    result = evaluate(_config(args, EvaluateConfig))
+    columns = ["student", "win_rate", "lc_win_rate", "bt_score", "n", "n_unparseable"]
+    with pd.option_context("display.width", 160, "display.float_format", "{:.1f}".format):
+        print(result.win_rates[[c for c in columns if c in result.win_rates.columns]].to_string(index=False))
+    print(f"judge: {result.judge_forward_passes} forward pass(es) in this run (the rest from the cache)")
+    print(
+        f"wrote {result.output_dir}/judgements.parquet, win_rates.csv and performance.csv (rank --performance reads it)"
+    )
     return 0
 
 
@@ -424,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
+    from magpie_teach.evaluation.validate import ValidateConfig
     from magpie_teach.selection.select import SelectConfig
-    from magpie_teach.training.validate import ValidateConfig
 
     select_parser = _config_command(
         sub,
@@ -451,6 +467,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="--key value pairs overriding the recipe (e.g. --max_steps 20 --output_dir runs/x)",
     )
     p.set_defaults(func=run_train)
+
+    from magpie_teach.evaluation.evaluate import EvaluateConfig
+
+    _config_command(
+        sub,
+        "evaluate",
+        EvaluateConfig,
+        run_evaluate,
+        help="win rates of students against a baseline, judged by an LLM or a reward model",
+        description="Students (and the baseline) answer a prompt set greedily with their chat templates (transformers, "
+        "vllm or an OpenAI-compatible server); a judge LLM compares each answer with the baseline's in both orders "
+        "(verdict from its log-probabilities), or a reward model does. Writes judgements.parquet, win_rates.csv "
+        "(win rate, AlpacaEval-2-style length-controlled win rate, Bradley-Terry score, bootstrap intervals) and "
+        "performance.csv, which rank/validate/calibrate --performance read. Verdicts are cached: adding a student "
+        "judges only its answers, and a killed run resumes.",
+        epilog="example:\n  magpie-teach evaluate --students-from runs/validate --baseline Qwen/Qwen2.5-0.5B-Instruct "
+        "--judge Qwen/Qwen2.5-7B-Instruct --output runs/evaluate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     _config_command(
         sub,

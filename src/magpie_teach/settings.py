@@ -13,6 +13,7 @@ Configs inherit them (as TRL's ``SFTConfig(_BaseConfig)`` does):
 * :class:`ConfidenceSettings` (``bootstrap``, ``confidence``, ``bootstrap_seed``): the verbs that rank teachers
   from scores (``rank``, ``generate``'s ``scoring:`` block), for the intervals of
   :mod:`magpie_teach.scoring.confidence`;
+* :class:`JudgeSettings`: the judge and the baseline of ``evaluate`` and ``validate --judge``;
 * :class:`ProbeSettings`: the ``probe:`` block of a `generate` YAML and `probe --replay`'s flags (the rounds of
   :mod:`magpie_teach.scoring.probe`).
 
@@ -212,6 +213,57 @@ class ConfidenceSettings:
         if not 0 < self.confidence < 1:
             raise ConfigError(
                 f"{_key(where, 'confidence')} must be between 0 and 1 (e.g. 0.95), got {self.confidence}"
+            )
+
+
+JUDGE_BACKENDS = ("transformers", "openai")
+
+
+@dataclass(kw_only=True)
+class JudgeSettings:
+    """Who judges students' answers against a baseline's (:mod:`magpie_teach.evaluation.evaluate`): a judge LLM asked
+    in both orders, or a reward model; and the baseline, a model answering the same way or a file of answers."""
+
+    judge: str | None = field(
+        default=None,
+        metadata={"help": "Judge LLM (model path or Hub id; with --judge-backend openai, the served name)."},
+    )
+    judge_backend: str = field(
+        default="transformers",
+        metadata={"help": "How the judge runs: transformers, or openai (an OpenAI-compatible server at --judge-base-url).",
+                  "choices": list(JUDGE_BACKENDS)},
+    )  # fmt: skip
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "The judge's server (e.g. http://host:8000/v1)."}
+    )
+    judge_api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the judge server's key (never logged)."},
+    )
+    judge_reward_model: str | None = field(
+        default=None, metadata={"help": "A reward model as judge instead: preference = sigmoid(reward - baseline's)."}
+    )
+    baseline: str | None = field(
+        default=None, metadata={"help": "Model whose answers every student is compared with (answered the same way)."}
+    )
+    baseline_answers: str | None = field(
+        default=None, metadata={"help": "File of the baseline's answers instead (id or instruction, and response)."}
+    )
+
+    def check_judge(self, where: str = "--") -> None:
+        if (self.judge is None) == (self.judge_reward_model is None):
+            raise ConfigError(
+                f"give one judge: {_key(where, 'judge')} (an LLM) or {_key(where, 'judge_reward_model')}"
+            )
+        if self.judge_backend not in JUDGE_BACKENDS:
+            raise ConfigError(
+                f"{_key(where, 'judge_backend')} {self.judge_backend!r} is not one of {', '.join(JUDGE_BACKENDS)}"
+            )
+        if self.judge is not None and self.judge_backend == "openai" and not self.judge_base_url:
+            raise ConfigError(f"{_key(where, 'judge_backend')} openai needs {_key(where, 'judge_base_url')}")
+        if (self.baseline is None) == (self.baseline_answers is None):
+            raise ConfigError(
+                f"give one baseline: {_key(where, 'baseline')} (a model) or {_key(where, 'baseline_answers')}"
             )
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -17,9 +18,11 @@ from tests.processes import free_port, greedy_generate_config, stop_group
 VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
 
 
-@pytest.fixture
-def vllm_server(tmp_path, tiny_suite):
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, tiny_suite):
+    """`vllm serve` of the small tiny model, shared by the module's tests (it takes about a minute to start)."""
     assert VLLM_PYTHON.exists(), "the vLLM venv is missing: run `make vllm` (make test does)"
+    tmp_path = tmp_path_factory.mktemp("vllm-serve")
     port = free_port()
     log = open(tmp_path / "vllm-serve.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -112,3 +115,70 @@ def test_openai_teacher_against_vllm_serve_and_a_dead_server(tmp_path, tiny_suit
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert (summary["teachers"]["flaky"]["rows"], summary["teachers"]["flaky"]["failed"]) == (6, 3)
     assert summary["teachers"]["gone"]["failed"] == 6 and summary["teachers"]["served"]["rows"] == 6
+
+
+def _server_verdict(base_url: str, model: str, instruction: str, first: str, second: str) -> float | None:
+    """The judge's verdict asked here of the server in raw HTTP: P(A) / (P(A) + P(B)) over the top log-probs of
+    the one token it replies, else the reply's first letter."""
+    import json
+    import math
+
+    from magpie_teach.evaluation.evaluate import JUDGE_PROMPT
+
+    prompt = JUDGE_PROMPT.format(instruction=instruction, answer_a=first, answer_b=second)
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "temperature": 0,
+            "logprobs": True, "top_logprobs": 20}  # fmt: skip
+    request = urllib.request.Request(f"{base_url}/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        choice = json.load(response)["choices"][0]
+    top = choice["logprobs"]["content"][0]["top_logprobs"]
+    mass = {x: sum(math.exp(t["logprob"]) for t in top if t["token"].strip() == x) for x in "AB"}
+    if mass["A"] + mass["B"] > 0:
+        return mass["A"] / (mass["A"] + mass["B"])
+    return {"A": 1.0, "B": 0.0}.get(choice["message"]["content"].strip()[:1])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_evaluate_with_students_and_a_judge_behind_vllm_serve(tmp_path, tiny_suite, vllm_server):
+    """`evaluate` end to end through the server: the student answers through the openai backend, the baseline's
+    answers come from a file, and the judge's verdicts are read from the
+    server's log-probabilities (else its reply) exactly as asked here in raw HTTP; unreadable ones are counted."""
+    import json
+
+    from magpie_teach.evaluation.evaluate import load_prompts
+
+    prompts = load_prompts(None).head(6)
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"id": i, "response": f"A short answer number {n}."}) + "\n"
+                                for n, i in enumerate(prompts["id"])))  # fmt: skip
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts.to_json(prompts_file, orient="records", lines=True)
+    out = tmp_path / "evaluate"
+    model = tiny_suite.base_small
+    result = subprocess.run(
+        [sys.executable, "-m", "magpie_teach.cli", "evaluate", "--student", f"served={model}", "--backend", "openai",
+         "--base-url", vllm_server, "--prompts", str(prompts_file), "--baseline-answers", str(baseline),
+         "--judge", model, "--judge-backend", "openai", "--judge-base-url", vllm_server, "--base-model", "tiny",
+         "--max-new-tokens", "12", "--bootstrap", "100", "--output", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    answers = pd.read_parquet(out / "answers" / "served.parquet")["response"].tolist()
+    assert len(answers) == 6 and all(isinstance(a, str) for a in answers)
+    judgements = pd.read_parquet(out / "judgements.parquet")
+    assert len(judgements) == 6
+    expected_base = [f"A short answer number {n}." for n in range(6)]
+    for row, ours, theirs in zip(judgements.itertuples(), answers, expected_base):
+        first = _server_verdict(vllm_server, model, row.instruction, ours, theirs)
+        second = _server_verdict(vllm_server, model, row.instruction, theirs, ours)
+        assert (row.p_student_first, row.p_baseline_first) == pytest.approx(
+            (np.nan if first is None else first, np.nan if second is None else second), nan_ok=True, abs=1e-4
+        )
+        assert row.parsed == (first is not None and second is not None)
+    rates = pd.read_csv(out / "win_rates.csv")
+    assert rates.loc[0, "n_unparseable"] == (~judgements["parsed"]).sum()
+    assert (
+        f"{(~judgements['parsed']).sum()} of 6 verdict(s) unparseable" in result.stderr or judgements["parsed"].all()
+    )

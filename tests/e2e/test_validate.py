@@ -1,10 +1,12 @@
-"""`magpie-teach validate` end to end on tiny models: select, train, generate, score, correlate."""
+"""`magpie-teach validate` end to end on tiny models: select, train, generate, score (a reward model's mean, or
+win rates judged by a judge LLM), correlate."""
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from magpie_teach.training.validate import ValidateConfig, validate
+from magpie_teach.evaluation.validate import ValidateConfig, validate
 from tests.test_train import RECIPE
 
 
@@ -37,6 +39,24 @@ def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, r
     stamp = (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns
     validate(config)
     assert (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # --judge: the same students and answers, judged against a baseline by a judge LLM (transformers)
+    judged = validate(
+        ValidateConfig(scores=str(ranked_sample), output_dir=str(tmp_path), recipe=RECIPE, eval_size=4, max_new_tokens=8,
+                       device="cpu", judge=tiny_suite.base_medium, baseline=tiny_suite.base_large)
+    )  # fmt: skip
+    assert (tmp_path / "students" / "tiny-teacher-terse" / "model.safetensors").stat().st_mtime_ns == stamp
+    judgements = pd.read_parquet(tmp_path / "judgements.parquet")
+    assert len(judgements) == 3 * 4 and set(judgements["id"]) == heldout
+    students = pd.read_csv(tmp_path / "students.csv").set_index("teacher").sort_index()
+    for teacher, rows in judgements.groupby("student"):
+        answers = pd.read_parquet(tmp_path / "generations" / f"{teacher}.parquet").set_index("id")["response"]
+        assert (rows["student_length"].to_numpy() == answers.loc[rows["id"]].str.len().to_numpy()).all()
+        assert students.loc[teacher, "win_rate"] == pytest.approx(100 * rows["preference"].mean())
+    assert np.allclose(students["ap"], (students["AE2_LC_WR"] + students["ArenaHard_WR"]) / 2)
+    assert judged.correlations.loc["car", tiny_suite.base_small] == pytest.approx(
+        spearmanr(ranking["car"], students["ap"]).statistic
+    )
 
 
 def test_validate_with_imported_benchmark_results(tmp_path, tiny_suite, ranked_sample):

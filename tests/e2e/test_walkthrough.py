@@ -29,6 +29,8 @@ HUB_NAMES = {  # README name -> tiny suite attribute
     "meta-llama/Llama-3.2-3B": "base_medium",
     "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": "reward",
     "openai-community/gpt2": "reference",
+    "Qwen/Qwen2.5-0.5B-Instruct": "base_medium",
+    "Qwen/Qwen2.5-7B-Instruct": "base_large",
 }
 RUN_ELSEWHERE = {  # first words of the command -> the test that runs it as written (through run_readme_command)
     ("tiny",): "tests/test_readme.py",
@@ -116,6 +118,14 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
         (work / "runs" / "student").glob("*/model.safetensors")
     )
     assert (work / "runs" / "validate-cpu" / "correlations.csv").exists()
+    # validate --judge scored the students by win rates; evaluate judged the same students on the shipped prompts
+    students = pd.read_csv(work / "runs" / "validate-cpu" / "students.csv")
+    assert np.allclose(students["ap"], (students["AE2_LC_WR"] + students["ArenaHard_WR"]) / 2)
+    performance = pd.read_csv(work / "runs" / "evaluate" / "performance.csv")
+    assert sorted(performance["teacher"]) == sorted(students["teacher"])
+    assert set(performance["base_model"]) == {"Qwen/Qwen2.5-3B"}
+    judgements = pd.read_parquet(work / "runs" / "evaluate" / "judgements.parquet")
+    assert len(judgements) == 24 * len(students) and judgements["parsed"].all()  # transformers: every verdict read
     # calibrate's beta, used by the rerun of rank: recorded as its beta, and every score read from the cache
     calibration = json.loads((work / "runs" / "calibration" / "calibration.json").read_text())
     calibrated = pd.read_csv(work / "runs" / "rank-calibrated" / "ranking.csv")

@@ -1,1 +1,1 @@
-"""TRL glue: SFT from a recipe, and checking CAR's teacher ranking against real fine-tunes."""
+"""TRL glue: SFT from a recipe, with the training mask the scoring engine uses."""

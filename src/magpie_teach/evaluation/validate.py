@@ -2,8 +2,10 @@
 
 For one base model and its scored teachers: hold out some instructions, fine-tune one student per
 teacher on that teacher's responses to the rest (a small budget, from a recipe), let every student
-answer the same held-out instructions, score the answers (by default the reward model's mean
-score of the students' generations), and report Spearman rho between each metric's teacher
+answer the same held-out instructions, score the answers (the reward model's mean score of the
+students' generations with ``--reward-model``; with ``--judge`` or ``--judge-reward-model``, `evaluate`'s
+win rates against ``--baseline``, AP being the mean of the length-controlled win rate and the
+Bradley-Terry score), and report Spearman rho between each metric's teacher
 ranking and the students' ranking, exactly as ``rank --performance`` does.
 
 With ``--performance FILE`` (imported benchmark results, e.g. AlpacaEval 2 / Arena-Hard per
@@ -22,15 +24,16 @@ import pandas as pd
 
 from magpie_teach.artefacts import RANKING, slug
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import RecordedCARSettings
+from magpie_teach.settings import JudgeSettings, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ValidateConfig(RecordedCARSettings):
+class ValidateConfig(RecordedCARSettings, JudgeSettings):
     """`validate`'s settings; CAR's ``beta`` and ``reward_shift`` default to the ones `rank` recorded with the
-    scores (:class:`magpie_teach.settings.RecordedCARSettings`)."""
+    scores (:class:`magpie_teach.settings.RecordedCARSettings`); ``--judge`` (or ``--judge-reward-model``) and
+    ``--baseline`` are `evaluate`'s (:class:`magpie_teach.settings.JudgeSettings`)."""
 
     scores: str = field(metadata={"help": "A `rank` output folder or its scores.parquet."})
     output_dir: str = field(
@@ -71,10 +74,14 @@ class ValidateConfig(RecordedCARSettings):
     device: str = field(default="auto", metadata={"help": "Device for generation and reward scoring."})
 
     def __post_init__(self) -> None:
-        if self.performance is None and self.reward_model is None:
+        judged = self.judge is not None or self.judge_reward_model is not None
+        if self.performance is None and self.reward_model is None and not judged:
             raise ConfigError(
-                "give --reward-model (to score the students' answers) or --performance (imported results)"
+                "give --judge or --judge-reward-model with --baseline (win rates against a baseline), --reward-model "
+                "(the mean reward of the students' answers) or --performance (imported results)"
             )
+        if judged:
+            self.check_judge()
         if self.eval_size < 1:
             raise ConfigError(f"--eval-size must be >= 1, got {self.eval_size}")
         self.check_car()
@@ -85,29 +92,6 @@ class ValidateResult:
     students: pd.DataFrame
     correlations: pd.DataFrame
     output_dir: Path
-
-
-def generate_answers(model_path: str, instructions: list[str], max_new_tokens: int, device: str) -> list[str]:
-    """Greedy answers of a (fine-tuned) model, rendered with its chat template."""
-    import torch
-
-    from magpie_teach.chat import build_messages
-    from magpie_teach.modeling import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, "causal-lm", device=device)
-    answers = []
-    for instruction in instructions:
-        ids = tokenizer.apply_chat_template(
-            build_messages(instruction), add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        ids = {k: v.to(model.device) for k, v in ids.items()}
-        with torch.inference_mode():
-            out = model.generate(
-                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
-    return answers
 
 
 def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: list[str], out: Path) -> Path:
@@ -132,9 +116,37 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
     return student
 
 
+def _judge(config: ValidateConfig, prompts: pd.DataFrame, rows: list[dict], out: Path) -> None:
+    """`evaluate`'s judging of the students' answers against the baseline's: each row gains its win rates and
+    ``ap``, the mean of the length-controlled win rate and the Bradley-Terry score; the judgements and win rates
+    are written to OUT as `evaluate` writes them."""
+    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.evaluation import evaluate as ev
+    from magpie_teach.scoring.cache import default_cache_dir
+
+    cache_root = default_cache_dir()
+    if config.baseline_answers:
+        baseline = ev.read_baseline_answers(config.baseline_answers, prompts)
+    else:
+        baseline = ev.generate_answers(config.baseline, prompts["instruction"].tolist(), config.max_new_tokens,
+                                       device=config.device)  # fmt: skip
+    judge = ev.build_judge(config, config.device, "float32", 8, cache_root)
+    answers = {row["teacher"]: row.pop("answers") for row in rows}
+    judgements = ev.judge_students(judge, prompts, answers, baseline, cache_root)
+    rates = ev.summarise(judgements, 1000, 0.95, config.seed).set_index("student")
+    for row in rows:
+        rate = rates.loc[row["teacher"]]
+        row.update(win_rate=rate["win_rate"], AE2_LC_WR=rate["lc_win_rate"], ArenaHard_WR=rate["bt_score"],
+                   n_unparseable=int(rate["n_unparseable"]))  # fmt: skip
+        row["ap"] = float(np.mean([rate["lc_win_rate"], rate["bt_score"]]))
+    write_atomic(out / "judgements.parquet", lambda tmp: judgements.to_parquet(tmp, index=False))
+    write_atomic(out / "win_rates.csv", lambda tmp: rates.to_csv(tmp))
+
+
 def validate(config: ValidateConfig) -> ValidateResult:
     """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
     from magpie_teach.artefacts import load_scores, recorded_rank_config, write_atomic
+    from magpie_teach.evaluation.evaluate import generate_answers
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
     from magpie_teach.scoring.reward import score_reward
@@ -169,16 +181,19 @@ def validate(config: ValidateConfig) -> ValidateResult:
             if path.exists():
                 answers = pd.read_parquet(path)["response"].tolist()
             else:
-                answers = generate_answers(str(student), prompts, config.max_new_tokens, config.device)
+                answers = generate_answers(str(student), prompts, config.max_new_tokens, device=config.device)
                 frame = pd.DataFrame({"id": heldout, "instruction": prompts, "teacher": teacher, "response": answers})
                 write_atomic(path, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
             rows.append({"teacher": teacher, "base_model": base, "student": str(student), "answers": answers})
-        tokenizer = load_tokenizer(config.reward_model)
-        model = load_model(config.reward_model, "reward", device=config.device)
-        for row in rows:
-            answers = [a if a.strip() else "(empty)" for a in row.pop("answers")]
-            rewards, _ = score_reward(model, tokenizer, prompts, answers, show_progress=False)
-            row["ap"] = float(np.mean(rewards))
+        if config.judge is not None or config.judge_reward_model is not None:
+            _judge(config, pd.DataFrame({"id": heldout, "instruction": prompts}), rows, out)
+        else:
+            tokenizer = load_tokenizer(config.reward_model)
+            model = load_model(config.reward_model, "reward", device=config.device)
+            for row in rows:
+                answers = [a if a.strip() else "(empty)" for a in row.pop("answers")]
+                rewards, _ = score_reward(model, tokenizer, prompts, answers, show_progress=False)
+                row["ap"] = float(np.mean(rewards))
         students = pd.DataFrame(rows)
     corr = correlations(ranking, students)
     write_atomic(out / "students.csv", lambda tmp: students.to_csv(tmp, index=False))
