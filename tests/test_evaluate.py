@@ -211,3 +211,48 @@ def test_the_config_asks_for_one_judge_one_baseline_and_some_students(tmp_path):
     assert [(s.name, s.model) for s in ev.parse_students(config)] == [("a", "/models/a/"), ("t2", "/models/b")]
     with pytest.raises(ConfigError, match="given twice"):
         ev.parse_students(ev.EvaluateConfig(**{**base, "students": ["x=/a", "x=/b"]}, judge="j"))
+
+
+@pytest.mark.slow
+def test_a_killed_evaluate_resumes_asking_the_judge_only_for_the_verdicts_it_lacks(tmp_path, tiny_suite):
+    """SIGKILL once the first window of verdicts is stored; the rerun asks the judge only for the rest (batches of
+    8 over windows of 32 and 16 verdicts per student: no partial batch) and its verdicts equal an uninterrupted
+    run's, made here with a fresh cache."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "magpie_teach.cli", "evaluate", "--student", f"m={tiny_suite.base_medium}",
+            "--student", f"l={tiny_suite.base_large}", "--baseline", tiny_suite.base_small, "--judge",
+            tiny_suite.base_medium, "--judge-batch-size", "8", "--max-new-tokens", "4", "--bootstrap", "0",
+            "--device", "cpu", "--cache-dir", str(cache), "--output", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("judge/*/part-*.parquet")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    stored = sum(pq.read_metadata(p).num_rows for p in cache.glob("judge/*/part-*.parquet"))
+    total = 2 * 24 * 2  # students x shipped prompts x orders
+    assert 0 < stored < total
+
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    passes = int(re.search(r"judge: (\d+) forward pass", rerun.stdout).group(1))
+    assert passes == (total - stored) // 8
+    resumed = pd.read_parquet(tmp_path / "out" / "judgements.parquet")
+    fresh = ev.evaluate(
+        ev.EvaluateConfig(students=[f"m={tiny_suite.base_medium}", f"l={tiny_suite.base_large}"], baseline=tiny_suite.base_small,
+                          judge=tiny_suite.base_medium, judge_batch_size=8, max_new_tokens=4, bootstrap=0, device="cpu",
+                          cache_dir=str(tmp_path / "fresh-cache"), output_dir=str(tmp_path / "fresh"))
+    )  # fmt: skip
+    assert fresh.judge_forward_passes == total // 8
+    assert np.allclose(resumed["p_student_first"], fresh.judgements["p_student_first"], atol=1e-6)
+    assert np.allclose(resumed["p_baseline_first"], fresh.judgements["p_baseline_first"], atol=1e-6)

@@ -37,12 +37,17 @@ SELECT_CONFIG = "select_config.yaml"
 PROBE_SUMMARY = "probe_summary.json"
 PROBE_ROUNDS = "probe_rounds.csv"
 PROBE_RANK = "rank"  # the probe's rank-layout folder of everything it scored
+JUDGEMENTS = "judgements.parquet"
+WIN_RATES = "win_rates.csv"
+PERFORMANCE = "performance.csv"  # the layout `rank --performance` reads
+EVALUATE_CONFIG = "evaluate_config.yaml"
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "rank": (SCORES, RANKING, CORRELATIONS, RANK_DROPPED, RANK_SUMMARY, RANK_CONFIG),
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
     "probe": (PROBE_SUMMARY, PROBE_ROUNDS),
+    "evaluate": (JUDGEMENTS, WIN_RATES, PERFORMANCE, EVALUATE_CONFIG),
 }
 LOCK = ".magpie-teach.lock"
 
@@ -63,22 +68,28 @@ KINDS: dict[str, Kind] = {  # what `push` publishes of each kind of folder
     "scores": Kind(RANK_CONFIG, SCORES, RANK_SUMMARY, (RANKING, CORRELATIONS, RANK_DROPPED)),
     "ranking": Kind(RANK_CONFIG, RANKING, RANK_SUMMARY, (CORRELATIONS, RANK_DROPPED)),
     "sft": Kind(SELECT_CONFIG, SFT_DATA, SELECT_SUMMARY, (SELECT_DROPPED,)),
+    "evaluation": Kind(EVALUATE_CONFIG, JUDGEMENTS, None, (WIN_RATES, PERFORMANCE)),
 }  # fmt: skip
-DEFAULT_KIND = {GENERATE_CONFIG: "responses", RANK_CONFIG: "ranking", SELECT_CONFIG: "sft"}
+DEFAULT_KIND = {
+    GENERATE_CONFIG: "responses",
+    RANK_CONFIG: "ranking",
+    SELECT_CONFIG: "sft",
+    EVALUATE_CONFIG: "evaluation",
+}
 
 
 def detect_kind(source: Path, kind: str | None) -> str:
     """The kind of the output folder SOURCE (given, or found from its config file); DataError when it holds none."""
     if not source.is_dir():
         raise DataError(
-            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank or select."
+            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank, select or evaluate."
         )
     if kind is None:
         found = [DEFAULT_KIND[name] for name in DEFAULT_KIND if (source / name).exists()]
         if not found:
             raise DataError(
                 f"{source}: none of {', '.join(DEFAULT_KIND)} is there; push takes the output folder of "
-                "magpie-teach generate, rank or select."
+                "magpie-teach generate, rank, select or evaluate."
             )
         kind = found[0]
     spec = KINDS[kind]

@@ -207,6 +207,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.output_dir}/judgements.parquet, win_rates.csv and performance.csv (rank --performance reads it)"
     )
+    _finish(args, result.output_dir, "evaluation")
     return 0
 
 
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from magpie_teach.evaluation.evaluate import EvaluateConfig
 
-    _config_command(
+    evaluate_parser = _config_command(
         sub,
         "evaluate",
         EvaluateConfig,
@@ -486,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge Qwen/Qwen2.5-7B-Instruct --output runs/evaluate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_push_flags(evaluate_parser)
 
     _config_command(
         sub,

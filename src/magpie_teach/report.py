@@ -62,6 +62,12 @@ class ReportConfig:
         default=None,
         metadata={"help": "A `calibrate` output folder: its beta fit, held-out figures and mean rho against beta."},
     )
+    evaluation: str | None = field(
+        default=None,
+        metadata={
+            "help": "An `evaluate` output folder: the students' win rates against the baseline, with intervals."
+        },
+    )
     title: str = field(default="Which teacher for which base model?", metadata={"help": "Report title."})
 
 
@@ -271,8 +277,10 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     from magpie_teach.scoring.metrics import correlations, load_performance
     from magpie_teach.scoring.paradox import find_paradox_pairs
 
-    if config.rank_dir is None and config.performance is None and config.calibration is None:
-        raise ConfigError("give a `rank` output folder, --performance FILE, --calibration DIR, or several.")
+    if all(x is None for x in (config.rank_dir, config.performance, config.calibration, config.evaluation)):
+        raise ConfigError(
+            "give a `rank` output folder, --performance FILE, --calibration DIR, --evaluation DIR, or several."
+        )
     sections: list[Section] = []
     ranking = corr = None
     if config.rank_dir is not None:
@@ -354,6 +362,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
             ))  # fmt: skip
     if config.calibration is not None:
         sections.append(calibration_section(Path(config.calibration), out))
+    if config.evaluation is not None:
+        sections.append(evaluation_section(Path(config.evaluation), out))
     return sections
 
 
@@ -446,6 +456,54 @@ def calibration_section(folder: Path, out: Path) -> Section:
     figure = _figure_path(out, "calibration")
     shutil.copyfile(folder / FIGURE, figure)
     return Section("Which beta (calibration)", text, figure, table.reset_index().round(3))
+
+
+EVALUATION_RATES = {"win_rate": "win rate", "lc_win_rate": "length-controlled", "bt_score": "Bradley-Terry"}
+
+
+def evaluation_section(folder: Path, out: Path) -> Section:
+    """The section of an `evaluate` folder: each student's win rates against the baseline with their bootstrap
+    intervals (a table and a figure), and how many verdicts could not be read."""
+    import matplotlib.pyplot as plt
+
+    try:
+        rates = pd.read_csv(folder / "win_rates.csv")
+        judgements = pd.read_parquet(folder / "judgements.parquet", columns=["id", "student", "baseline", "parsed"])
+    except (OSError, ValueError) as err:
+        raise DataError(f"--evaluation {folder}: not an `evaluate` output folder ({err})") from None
+    baseline = ", ".join(short_name(str(b)) for b in judgements["baseline"].unique())
+    unread = int((~judgements["parsed"]).sum())
+    text = (
+        f"{len(rates)} student(s) against the baseline {baseline} on {judgements['id'].nunique()} prompts, "
+        "each answer judged in both orders; win rates in %, with 95% bootstrap intervals over prompts. "
+        f"{unread} of {len(judgements)} verdict(s) could not be read and are left out."
+    )
+    table = pd.DataFrame({"student": rates["student"].map(lambda v: short_name(str(v))), "n": rates["n"]})
+    for column, label in EVALUATION_RATES.items():
+        low, high = rates.get(f"{column}_low"), rates.get(f"{column}_high")
+        table[label] = [
+            "n/a" if pd.isna(v) else f"{v:.1f}" + ("" if low is None or pd.isna(lo) else f" [{lo:.1f}, {hi:.1f}]")
+            for v, lo, hi in zip(rates[column], low if low is not None else rates[column], high if high is not None else rates[column])
+        ]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(rates) * len(EVALUATION_RATES)))
+    ys, labels = [], []
+    for i, row in enumerate(rates.itertuples()):
+        for j, (column, label) in enumerate(EVALUATION_RATES.items()):
+            y = i * (len(EVALUATION_RATES) + 1) + j
+            value = getattr(row, column)
+            if pd.notna(value):
+                low, high = getattr(row, f"{column}_low", value), getattr(row, f"{column}_high", value)
+                ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color=f"C{j}", capsize=3)
+            ys.append(y)
+            labels.append(f"{short_name(str(row.student))}: {label}")
+    ax.axvline(50, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("% against the baseline (50: as good)")
+    ax.set_title("Students against the baseline", fontsize=10)
+    fig.tight_layout()
+    figure = _save(fig, _figure_path(out, "evaluation"))
+    return Section("How the students did (evaluate)", text, figure, table)
 
 
 NAME_COLUMNS = ("base_model", "teacher", "best teacher", "smaller", "larger")

@@ -23,7 +23,7 @@ def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in ("$ magpie-teach generate", "$ magpie-teach rank", "$ magpie-teach report", "$ magpie-teach select",
-                  "$ magpie-teach push", "$ magpie-teach train", "review batch for Argilla"):  # fmt: skip
+                  "$ magpie-teach push", "$ magpie-teach train", "$ magpie-teach evaluate", "review batch for Argilla"):  # fmt: skip
         assert stage in first.stdout
 
     responses = pd.read_parquet(out / "generate" / "responses.parquet")
@@ -44,6 +44,14 @@ def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
     assert sft_commit in card
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["models"] == "tiny" and summary["review"].startswith("skipped")
+    # the student was judged against its base model on the 24 shipped prompts; the summary says what was measured
+    rates = pd.read_csv(out / "evaluate" / "win_rates.csv")
+    judgements = pd.read_parquet(out / "evaluate" / "judgements.parquet")
+    assert list(rates["student"]) == ["student"] and len(judgements) == 24
+    assert rates.loc[0, "win_rate"] == pytest.approx(100 * judgements["preference"].mean())
+    assert (
+        f"win rate {rates.loc[0, 'win_rate']:.1f}%" in summary["evaluation"] and summary["evaluation"] in first.stdout
+    )
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -404,3 +404,39 @@ def test_select_reads_published_scores_by_tag_and_records_the_commit(local_hub, 
     pd.testing.assert_frame_equal(from_hub, expected)
     assert yaml.safe_load((out / "select_config.yaml").read_text())["revision"] == commit
     assert json.loads((out / "selection_summary.json").read_text())["scores_revision"] == commit
+
+
+def test_evaluate_push_to_hub_publishes_the_judgements_with_the_win_rates_on_the_card(local_hub, tiny_suite, tmp_path):
+    """`evaluate --push-to-hub` (a reward model judging, the baseline's answers from a file): the judgements load
+    back as the data set; the card names the judge, the baseline and the prompts and tabulates the win rates; the
+    performance table travels beside them."""
+    from magpie_teach.evaluation.evaluate import load_prompts
+
+    prompts = load_prompts(None).head(4)
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("".join(json.dumps({"id": i, "response": "Blue."}) + "\n" for i in prompts["id"]))
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts.to_json(prompts_file, orient="records", lines=True)
+    out = tmp_path / "evaluate"
+    args = ["evaluate", "--student", f"tiny-s={tiny_suite.base_small}", "--baseline-answers", str(baseline),
+            "--judge-reward-model", tiny_suite.reward, "--prompts", str(prompts_file), "--max-new-tokens", "4",
+            "--bootstrap", "50", "--output", str(out), "--push-to-hub", "lab/evaluation"]  # fmt: skip
+    result = cli(*args, env=local_hub.env())
+    assert result.returncode == 0 and "published evaluation: lab/evaluation tag v1.0.0" in result.stdout, result.stderr
+    expected = pd.read_parquet(out / "judgements.parquet")
+    loaded = load(local_hub, "lab/evaluation", "v1.0.0")
+    assert loaded["id"].tolist() == expected["id"].tolist()
+    assert loaded["preference"].astype(float).round(12).tolist() == expected["preference"].round(12).tolist()
+    card = read_remote(local_hub, "lab/evaluation", "v1.0.0", "README.md")
+    rates = pd.read_csv(out / "win_rates.csv")
+    row = rates.iloc[0]
+    cells = " | ".join(f"{row[c]:.4g}" for c in ("win_rate", "win_rate_low", "win_rate_high", "lc_win_rate"))
+    assert f"| tiny-s | 4 | 0 | {cells} |" in card
+    assert "reward model `" in card and "baseline.jsonl" in card and "prompts.jsonl" in card and "(4)" in card
+    performance = pd.read_csv(read_remote_path(local_hub, "lab/evaluation", "v1.0.0", "magpie_teach/performance.csv"))
+    assert performance["ap"].tolist() == pytest.approx(pd.read_csv(out / "performance.csv")["ap"].tolist())
+
+
+def read_remote_path(hub, repo, revision, path):
+    code = f"from huggingface_hub import hf_hub_download; print(hf_hub_download({repo!r}, {path!r}, repo_type='dataset', revision={revision!r}))"
+    return python(code, hub.env()).stdout.strip().splitlines()[-1]

@@ -182,3 +182,42 @@ def test_evaluate_with_students_and_a_judge_behind_vllm_serve(tmp_path, tiny_sui
     assert (
         f"{(~judgements['parsed']).sum()} of 6 verdict(s) unparseable" in result.stderr or judgements["parsed"].all()
     )
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_validate_judges_its_students_through_a_judge_behind_vllm_serve(
+    tmp_path, tiny_suite, ranked_sample, vllm_server
+):
+    """`validate --judge` with the judge behind the server: one student per teacher fine-tuned, its answers judged
+    against the baseline's in both orders by the served model, AP the mean of the two win rates, and rho against
+    CAR's ranking as computed here."""
+    from scipy.stats import spearmanr
+
+    from magpie_teach.evaluation.validate import ValidateConfig, validate
+    from tests.test_train import RECIPE
+
+    result = validate(
+        ValidateConfig(scores=str(ranked_sample), output_dir=str(tmp_path), recipe=RECIPE,
+                       recipe_overrides=["max_steps=1", "save_steps=1"], eval_size=3, max_new_tokens=6, device="cpu",
+                       judge=tiny_suite.base_small, judge_backend="openai", judge_base_url=vllm_server,
+                       baseline=tiny_suite.base_medium)
+    )  # fmt: skip
+    judgements = pd.read_parquet(tmp_path / "judgements.parquet")
+    teachers = sorted(judgements["student"].unique())
+    assert len(teachers) == 3 and len(judgements) == 3 * 3
+    for row in judgements.itertuples():  # the verdicts equal the ones asked here of the server
+        answers = pd.read_parquet(tmp_path / "generations" / f"{row.student}.parquet").set_index("id")["response"]
+        assert row.answer == answers[row.id]
+        first = _server_verdict(vllm_server, tiny_suite.base_small, row.instruction, row.answer, row.baseline_answer)
+        assert row.p_student_first == pytest.approx(np.nan if first is None else first, nan_ok=True, abs=1e-4)
+    students = pd.read_csv(tmp_path / "students.csv").set_index("teacher")
+    unread = judgements.groupby("student")["parsed"].apply(lambda p: int((~p).sum()))
+    assert (students.loc[teachers, "n_unparseable"] == unread.loc[teachers]).all()
+    decided = students.dropna(subset=["ap"])
+    assert np.allclose(decided["ap"], (decided["AE2_LC_WR"] + decided["ArenaHard_WR"]) / 2)
+    if len(decided) == 3:
+        ranking = pd.read_csv(tmp_path / "ranking.csv").set_index("teacher").sort_index()
+        assert result.correlations.loc["car", tiny_suite.base_small] == pytest.approx(
+            spearmanr(ranking["car"], students.sort_index()["ap"]).statistic
+        )

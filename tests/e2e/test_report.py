@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -126,7 +127,7 @@ def test_report_needs_an_input():
     result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True)
     assert (
         result.returncode == 2
-        and "give a `rank` output folder, --performance FILE, --calibration DIR" in result.stderr
+        and "give a `rank` output folder, --performance FILE, --calibration DIR, --evaluation DIR" in result.stderr
     )
 
 
@@ -219,3 +220,32 @@ def test_scatter_labels_cover_no_other_label_nor_point_and_each_equal_car_line_s
     for text in iso:
         box = text.get_window_extent(renderer)
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()
+
+
+def test_report_of_an_evaluation_shows_each_students_win_rates_with_their_intervals(tmp_path):
+    """An `evaluate` folder written here (judgements, and win rates computed from them by the library): the report
+    states the baseline, the prompts and the unread verdicts, and tabulates every rate with its interval."""
+    from magpie_teach.scoring.winrates import win_rates
+
+    rng = np.random.default_rng(0)
+    judgements = pd.DataFrame([
+        {"id": f"p{i}", "instruction": "x", "student": s, "baseline": "/models/my-baseline", "preference": p,
+         "parsed": not np.isnan(p), "length_diff": int(rng.integers(-20, 20))}
+        for s, bias in (("student-a", 0.7), ("student-b", 0.3)) for i in range(30)
+        for p in [np.nan if i == 0 and s == "student-b" else float(rng.uniform() < bias)]
+    ])  # fmt: skip
+    folder = tmp_path / "evaluate"
+    folder.mkdir()
+    judgements.to_parquet(folder / "judgements.parquet", index=False)
+    rates = win_rates(judgements[judgements["parsed"]], 200, 0.95, 0)
+    rates.to_csv(folder / "win_rates.csv", index=False)
+    out = tmp_path / "report"
+    run_report("--evaluation", str(folder), "--output", str(out))
+    markdown = (out / "report.md").read_text()
+    assert "2 student(s) against the baseline my-baseline on 30 prompts" in markdown
+    assert "1 of 60 verdict(s) could not be read" in markdown
+    for row in rates.itertuples():
+        cells = [f"{getattr(row, c):.1f} [{getattr(row, c + '_low'):.1f}, {getattr(row, c + '_high'):.1f}]"
+                 for c in ("win_rate", "lc_win_rate", "bt_score")]  # fmt: skip
+        assert f"| {row.student} | {row.n} | " + " | ".join(cells) + " |" in markdown
+    assert (out / "figures" / "evaluation.png").exists()

@@ -5,7 +5,8 @@ demo prints every command line): Magpie instructions and teacher responses (`gen
 distilabel pipeline), reward + compatibility + CAR (`rank`), the report (`report`), SFT data
 (`select`), versioned publishing with dataset cards (`push`, to a local Hub-compatible server
 started for the demo), a short fine-tune of the student that reads its data back from that hub
-by tag (`train`), and a review batch in Argilla when ``ARGILLA_API_URL`` is set (`review push`).
+by tag (`train`), the student's win rates against its base model, judged by a small LLM (`evaluate`),
+and a review batch in Argilla when ``ARGILLA_API_URL`` is set (`review push`).
 Every stage resumes: rerunning the demo skips what is finished ("done earlier, reused") and completes
 what is not. The screen shows what each stage does and the commands' own summaries and progress lines;
 the libraries' output (conversion bars, expected warnings, trainer logs) goes to OUTPUT/demo.log.
@@ -57,6 +58,7 @@ class Models:
     base_models: list[str]
     student: str
     reward: str
+    judge: str
     note: str = ""
 
 
@@ -73,7 +75,9 @@ def _models(config: DemoConfig, out: Path) -> Models:
                 {"name": "smollm2-t0.7", "model": real.smollm2, "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": sampling}},
                 {"name": "smollm2-t1.2", "model": real.smollm2, "sampling": {"temperature": 1.2, "top_p": 1.0, "max_new_tokens": sampling}},
             ]  # fmt: skip
-            return Models("real", real.smollm2, teachers, [real.gemma3, real.smollm2], real.gemma3, real.reward)
+            return Models(
+                "real", real.smollm2, teachers, [real.gemma3, real.smollm2], real.gemma3, real.reward, real.smollm2
+            )
         except ModelsUnavailable as err:
             if config.models == "real":
                 raise MagpieTeachError(f"the real demo models are unavailable: {err}") from None
@@ -89,7 +93,8 @@ def _models(config: DemoConfig, out: Path) -> Models:
         }
         for size, path in (("s", suite.base_small), ("m", suite.base_medium), ("l", suite.base_large))
     ]
-    return Models("tiny", suite.base_small, teachers, [suite.base_small, suite.base_medium], suite.base_small, suite.reward, note)  # fmt: skip
+    return Models("tiny", suite.base_small, teachers, [suite.base_small, suite.base_medium], suite.base_small, suite.reward,
+                  suite.base_medium, note)  # fmt: skip
 
 
 # "Untracked error: No module named 'bs4'" is distilabel failing to pretty-print its own Distiset card; harmless
@@ -188,13 +193,31 @@ class Runner:
         return "".join(output)
 
 
+def _read_win_rates(path: Path) -> str:
+    """The student's win rates against the baseline, in words."""
+    import csv
+
+    with open(path) as handle:
+        row = next(csv.DictReader(handle))
+
+    def rate(name: str) -> str:
+        if not row.get(name):
+            return "n/a"
+        low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+        bounds = f" [{float(low):.1f}, {float(high):.1f}]" if low and high else ""
+        return f"{float(row[name]):.1f}%{bounds}"
+
+    return (f"{row['n']} prompt(s): win rate {rate('win_rate')}, length-controlled {rate('lc_win_rate')}, "
+            f"Bradley-Terry {rate('bt_score')} (95% bootstrap intervals; {row['n_unparseable']} unreadable verdict(s))")  # fmt: skip
+
+
 def demo(config: DemoConfig) -> dict:
     from magpie_teach.hub.target import start_local_hub
 
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print(f"[1/8] models ({config.models})", flush=True)
+    print(f"[1/9] models ({config.models})", flush=True)
     if config.models != "tiny":
         from magpie_teach.demo.models import models_cache, pending_work
 
@@ -217,7 +240,7 @@ def demo(config: DemoConfig) -> dict:
     run = Runner(out, env)
     org = config.org
 
-    print("\n[2/8] Magpie instructions and teacher responses (distilabel)", flush=True)
+    print("\n[2/9] Magpie instructions and teacher responses (distilabel)", flush=True)
     generate_config = {
         "output_dir": str(out / "generate"),
         "instructions": {"magpie": {"model": models.instruction_model, "template": "chatml",
@@ -231,7 +254,7 @@ def demo(config: DemoConfig) -> dict:
     else:
         run("generate", "generate", str(out / "generate.yaml"))
 
-    print("\n[3/8] reward, compatibility and CAR per base model", flush=True)
+    print("\n[3/9] reward, compatibility and CAR per base model", flush=True)
     if (out / "rank" / "ranking.csv").exists():
         _reused(out / "rank" / "ranking.csv")
     else:
@@ -241,24 +264,24 @@ def demo(config: DemoConfig) -> dict:
             rank_args += ["--base-model", base]
         run("rank", *rank_args)
 
-    print("\n[4/8] report", flush=True)
+    print("\n[4/9] report", flush=True)
     run("report", "report", str(out / "rank"), "--output", str(out / "report"))
 
-    print("\n[5/8] SFT data for the student, from its best teacher by CAR", flush=True)
+    print("\n[5/9] SFT data for the student, from its best teacher by CAR", flush=True)
     select_args = ["select", "--scores", str(out / "rank"), "--base-model", models.student, "--output", str(out / "sft-data")]  # fmt: skip
     if models.kind == "tiny":  # random models never stop before the cap: their every response would be dropped
         print("  tiny models: keeping responses that stopped at max_new_tokens (--keep-capped)", flush=True)
         select_args.append("--keep-capped")
     run("select", *select_args)
 
-    print(f"\n[6/8] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
+    print(f"\n[6/9] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
     tags = {}  # no --tag: v1.0.0 first, then the same tag when unchanged, the next version when a rerun changed it
     for name, source, kind in (("magpie-instructions", "generate", "instructions"), ("teacher-responses", "generate", "responses"),
                                ("teacher-ranking", "rank", "ranking"), ("sft-data", "sft-data", "sft")):  # fmt: skip
         printed = run(f"push {kind}", "push", str(out / source), "--repo-id", f"{org}/{name}", "--kind", kind)
         tags[name] = re.search(r" tag (\S+) commit ", printed).group(1)
 
-    print("\n[7/8] fine-tune the student on the published SFT data (read back from the hub by tag)", flush=True)
+    print("\n[7/9] fine-tune the student on the published SFT data (read back from the hub by tag)", flush=True)
     recipe = "recipes/tiny/sft/config_cpu.yaml"  # shipped in the package; `train` finds it from any folder
     trained_on = {"model": models.student, "dataset": f"{org}/sft-data", "revision": tags["sft-data"], "steps": config.train_steps}  # fmt: skip
     marker = out / "student" / "demo_trained_on.json"
@@ -271,7 +294,28 @@ def demo(config: DemoConfig) -> dict:
             "--save_strategy", "no", "--max_length", "384")  # fmt: skip
         marker.write_text(json.dumps(trained_on))
 
-    print("\n[8/8] review batch for Argilla", flush=True)
+    print(f"\n[8/9] evaluate the student: its answers against its base model's, judged by {models.judge}", flush=True)
+    evaluated = out / "evaluate" / "win_rates.csv"
+    run(
+        "evaluate",
+        "evaluate",
+        "--student",
+        f"student={out / 'student'}",
+        "--base-model",
+        models.student,
+        "--baseline",
+        models.student,
+        "--judge",
+        models.judge,
+        "--max-new-tokens",
+        str(min(config.max_new_tokens, 64)),
+        "--output",
+        str(out / "evaluate"),
+    )  # fmt: skip  (a rerun reuses its answers and verdicts)
+    rates = _read_win_rates(evaluated)
+    print(f"  measured: the fine-tuned student beats its base model on {rates}", flush=True)
+
+    print("\n[9/9] review batch for Argilla", flush=True)
     if os.environ.get("ARGILLA_API_URL"):
         run("review", "review", "push", str(out / "rank"), "--dataset", "magpie-teach-demo", "--base-model", models.student, "--per-teacher", "4")  # fmt: skip
         review = "sent to " + os.environ["ARGILLA_API_URL"]
@@ -290,9 +334,11 @@ def demo(config: DemoConfig) -> dict:
             "report": str(out / "report" / "report.html"),
             "sft data": str(out / "sft-data"),
             "student": str(out / "student"),
+            "evaluation": str(out / "evaluate" / "win_rates.csv"),
             "hub": f"{out / 'hub'} (serve: magpie-teach hub serve --root {out / 'hub'})",
             "published": [f"{org}/{name}@{tag}" for name, tag in tags.items()],
         },
+        "evaluation": rates,
         "review": review,
         "config": asdict(config),
     }

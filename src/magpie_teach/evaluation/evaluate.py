@@ -6,7 +6,8 @@ rate. This module measures the same two quantities offline, on the user's own st
 1. **Answers.** Every student, and the baseline unless its answers come from a file, answers every prompt with
    its chat template, greedy, through the backends of `generate` (:func:`magpie_teach.generation.llms
    .build_teacher_llm`: transformers, vLLM, or an OpenAI-compatible server). Each model's answers are kept in
-   ``OUTPUT/answers/<name>.parquet`` (written atomically), so a rerun answers only what is missing.
+   ``OUTPUT/answers/<name>.parquet`` (written atomically) with the weights they came from, so a rerun answers
+   only what is missing or what a retrained model would answer differently.
 2. **Judgements.** A judge LLM reads :data:`JUDGE_PROMPT` with the student's answer as A and the baseline's as
    B, then again with the two swapped, which cancels a judge's preference for a position. The verdict is the
    next token: from its log-probabilities, P(A) / (P(A) + P(B)), summed over the tokens that read ``A`` (or
@@ -23,8 +24,8 @@ Judgements are cached by content (:class:`magpie_teach.scoring.cache.ScoreCache`
 the order asked, the judge's weights, its chat template and the judging rule), in the score cache's folder: adding a
 student judges only its answers, and a killed run resumes from the last finished window.
 
-Outputs: ``judgements.parquet`` (one row per prompt and student: both orders' verdicts, the preference, the
-lengths), ``win_rates.csv``, and ``performance.csv`` in the layout ``rank --performance``, ``validate
+Outputs: ``judgements.parquet`` (one row per prompt and student: both orders' verdicts, the preference, both
+answers and their lengths), ``win_rates.csv``, ``evaluate_config.yaml`` (what `push` puts on the card), and ``performance.csv`` in the layout ``rank --performance``, ``validate
 --performance`` and ``calibrate`` read: teacher, base_model, ``AE2_LC_WR`` (the length-controlled win rate),
 ``ArenaHard_WR`` (the Bradley-Terry score) and ``ap``, their mean.
 """
@@ -228,18 +229,25 @@ def generate_answers(model: str, instructions: list[str], max_new_tokens: int, b
     return answers
 
 
-def _answers(name: str, model: str | None, prompts: pd.DataFrame, config: EvaluateConfig, out: Path) -> list[str]:
-    """MODEL's answers to PROMPTS, read from ``OUT/answers/NAME.parquet`` when a run already wrote them."""
+def _answers(
+    name: str, model: str, prompts: pd.DataFrame, config: EvaluateConfig, out: Path, cache_root: Path
+) -> list[str]:
+    """MODEL's answers to PROMPTS, read from ``OUT/answers/NAME.parquet`` when a run already wrote them for the same
+    prompts and the same weights (a local folder's content hash or a Hub commit; a served model by its name)."""
     from magpie_teach.artefacts import slug, write_atomic
+    from magpie_teach.scoring.cache import model_identity
 
+    identity = (
+        model_identity(model, cache_root) if config.backend != "openai" else None
+    ) or f"{model}@{config.base_url}"
     path = out / "answers" / f"{slug(name)}.parquet"
     if path.exists():
         kept = pd.read_parquet(path)
-        if kept["id"].astype(str).tolist() == prompts["id"].tolist() and kept["model"].eq(model).all():
+        if kept["id"].astype(str).tolist() == prompts["id"].tolist() and kept["model_id"].eq(identity).all():
             return kept["response"].tolist()
     answers = generate_answers(model, prompts["instruction"].tolist(), config.max_new_tokens, config.backend,
                                config.base_url, config.device, config.dtype)  # fmt: skip
-    frame = prompts.assign(model=model, response=answers)
+    frame = prompts.assign(model=model, model_id=identity, response=answers)
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
     return answers
 
@@ -434,8 +442,8 @@ def build_judge(settings: JudgeSettings, device: str, dtype: str, batch_size: in
 
 def judge_students(judge: Any, prompts: pd.DataFrame, answers: dict[str, list[str]], baseline: list[str],
                    cache_root: Path | None) -> pd.DataFrame:  # fmt: skip
-    """One row per (prompt, student): the verdicts, the preference (NaN when unparseable) and the answers' lengths
-    in characters (``length_diff``: student minus baseline)."""
+    """One row per (prompt, student): the verdicts, the preference (NaN when unparseable), both answers and their
+    lengths in characters (``length_diff``: student minus baseline)."""
     from magpie_teach.scoring.cache import ScoreCache
 
     cache = (
@@ -456,8 +464,9 @@ def judge_students(judge: Any, prompts: pd.DataFrame, answers: dict[str, list[st
         student_length = np.array([len(a) for a in student])
         baseline_length = np.array([len(a) for a in baseline])
         frames.append(pd.concat([prompts.reset_index(drop=True).assign(student=name), pairs], axis=1).assign(
-            parsed=pairs["preference"].notna().to_numpy(), student_length=student_length,
-            baseline_length=baseline_length, length_diff=student_length - baseline_length))  # fmt: skip
+            parsed=pairs["preference"].notna().to_numpy(), answer=student, baseline_answer=baseline,
+            student_length=student_length, baseline_length=baseline_length,
+            length_diff=student_length - baseline_length))  # fmt: skip
     return pd.concat(frames, ignore_index=True)
 
 
@@ -509,26 +518,30 @@ class EvaluateResult:
 
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Students' answers, judged against the baseline's, summarised as win rates (see the module docstring)."""
-    from magpie_teach.artefacts import locked, write_atomic
+    from magpie_teach import artefacts
+    from magpie_teach.config import dump_config
     from magpie_teach.scoring.cache import default_cache_dir
 
     students = parse_students(config)
     prompts = load_prompts(config.prompts, config.prompts_revision)
     out = Path(config.output_dir)
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    with locked(out):
-        answers = {s.name: _answers(s.name, s.model, prompts, config, out) for s in students}
+    with artefacts.locked(out):
+        outputs = artefacts.RunOutputs(out, "evaluate")
+        answers = {s.name: _answers(s.name, s.model, prompts, config, out, cache_root) for s in students}
         if config.baseline_answers:
             baseline = read_baseline_answers(config.baseline_answers, prompts)
         else:
-            baseline = _answers(f"baseline-{config.baseline}", config.baseline, prompts, config, out)
+            baseline = _answers(f"baseline-{config.baseline}", config.baseline, prompts, config, out, cache_root)
         judge = build_judge(config, config.device, config.dtype, config.judge_batch_size, cache_root)
         judgements = judge_students(judge, prompts, answers, baseline, cache_root)
         judgements.insert(judgements.columns.get_loc("student") + 1, "baseline",
                           config.baseline or Path(config.baseline_answers).name)  # fmt: skip
         rates = summarise(judgements, config.bootstrap, config.confidence, config.seed)
         performance = performance_table(rates, students)
-        write_atomic(out / "judgements.parquet", lambda tmp: judgements.to_parquet(tmp, index=False))
-        write_atomic(out / "win_rates.csv", lambda tmp: rates.to_csv(tmp, index=False))
-        write_atomic(out / "performance.csv", lambda tmp: performance.to_csv(tmp, index=False))
+        outputs.write(artefacts.JUDGEMENTS, lambda tmp: judgements.to_parquet(tmp, index=False))
+        outputs.write(artefacts.WIN_RATES, lambda tmp: rates.to_csv(tmp, index=False))
+        outputs.write(artefacts.PERFORMANCE, lambda tmp: performance.to_csv(tmp, index=False))
+        outputs.write(artefacts.EVALUATE_CONFIG, lambda tmp: dump_config(config, tmp))
+        outputs.finish()
     return EvaluateResult(judgements, rates, performance, out, judge.forward_passes)

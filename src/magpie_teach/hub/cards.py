@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from magpie_teach.artefacts import COMMAND_FILE, KINDS, RANKING, Kind
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, RANKING, WIN_RATES, Kind
 from magpie_teach.errors import DataError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "dataset_cards"
@@ -184,6 +184,27 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
             pretty_name="SFT data selected by magpie-teach",
         )
         tags.append("sft")
+    elif kind == "evaluation":
+        rates = _read_csv_if(source / WIN_RATES)
+        order = ["student", "n", "n_unparseable"] + [f"{r}{end}" for r in ("win_rate", "lc_win_rate", "bt_score")
+                                                    for end in ("", "_low", "_high")]  # fmt: skip
+        keep = [c for c in order if rates is not None and c in rates.columns]
+        if config.get("judge_reward_model"):
+            judge = f"reward model `{config['judge_reward_model']}` (sigmoid of the reward difference)"
+        else:
+            judge = f"`{config.get('judge')}` ({config.get('judge_backend')})"
+        context.update(
+            judge=judge,
+            baseline=config.get("baseline") or config.get("baseline_answers"),
+            prompts=config.get("prompts") or "the prompts shipped with magpie-teach",
+            prompts_revision=config.get("prompts_revision"),
+            n_prompts=int(frame["id"].nunique()) if "id" in frame else len(frame),
+            students=list(dict.fromkeys(frame["student"])) if "student" in frame else [],
+            n_unparseable=int((~frame["parsed"]).sum()) if "parsed" in frame else 0,
+            win_rates=markdown_table(rates[keep]) if rates is not None else None,
+            pretty_name="Students judged against a baseline",
+        )
+        tags.append("evaluation")
     card_data = {
         "license": None,  # set by the caller
         "task_categories": ["text-generation"],
