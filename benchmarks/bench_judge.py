@@ -46,7 +46,7 @@ engine.generate(texts[:4], params, use_tqdm=False)  # warm-up, as the server has
 start = time.perf_counter()
 outputs = engine.generate(texts, params, use_tqdm=False)
 elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "n": len(outputs), "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}))
+print("RESULT " + json.dumps({"seconds": elapsed, "n": len(outputs), "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}))
 """
 
 
@@ -115,7 +115,7 @@ def main() -> None:
                             text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
     if direct.returncode:
         raise SystemExit(direct.stderr[-3000:])
-    direct = json.loads(direct.stdout.strip().splitlines()[-1])
+    direct = json.loads(next(line for line in direct.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
     server, url = _serve(model, root / "vllm-serve.log")
     try:
