@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,pipelines,train,argilla,demo,ray,openai
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation
+.PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation mutation-clean
 
 install: $(VENV)/.installed
 
@@ -91,13 +91,19 @@ bench: install
 	$(PY) benchmarks/bench_generate.py
 
 # Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml): mutmut changes one thing at a time in
-# metrics, selection, data validation and chat masking, runs their fast tests, and prints the mutants no test caught.
+# metrics, selection, data validation, chat masking and the statistics (confidence, probe, calibration, win rates),
+# runs the fast tests that call the changed function, and prints the mutants no test caught. Functions that only read
+# or write files carry `# pragma: no mutate block`. mutants/ keeps the verdicts: a later run re-tests only the
+# functions that changed; `make mutation-clean` starts afresh. MUTANTS='magpie_teach.data.*' narrows a run.
 # Not part of `make test`; run it before closing an issue that touches those modules.
+MUTANTS ?=
 mutation: install
-	rm -rf mutants .mutation-models
-	MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 || true
+	MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
 	$(VENV)/bin/mutmut results
 	$(PY) scripts/mutation_summary.py
+
+mutation-clean:
+	rm -rf mutants .mutation-models
 
 demo: install
 	$(VENV)/bin/magpie-teach demo --output outputs/demo

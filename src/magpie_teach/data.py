@@ -409,6 +409,7 @@ def validated_responses(
 
 def _long_batches(table: Any, wide: list[str] | None, columns: list[str] | None,
                   teachers: list[str] | None, seen: set) -> Iterator[pd.DataFrame]:  # fmt: skip
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """The source's long-format rows a batch at a time, each with ``_pos`` (its place in this stream)."""
     offset = position = 0
     for frame in table.frames(columns, flatten=wide is not None):
@@ -445,6 +446,7 @@ def load_responses(
     sample: int | None = None,
     seed: int = 42,
 ) -> LoadedResponses:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """Loads teacher responses in either format, validated, as long-format rows, streaming (see the module
     docstring). With ``sample``, only the responses to ``sample`` instructions drawn at random (``seed``; the same
     instructions for every teacher) are read into ``rows``; validation and the fingerprint cover every row."""
@@ -507,6 +509,7 @@ def load_responses(
 
 
 def _wide_layout(table: Any) -> list[str] | None:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """The teacher (struct) columns of a wide-format source, or None for the long format."""
     if "teacher" in table.columns:
         return None

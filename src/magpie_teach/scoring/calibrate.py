@@ -172,6 +172,7 @@ class Candidate:
 
 
 def _load_candidates(config: CalibrateConfig, performance: pd.DataFrame) -> list[Candidate]:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     from magpie_teach.artefacts import read_rank_folder
     from magpie_teach.scoring.metrics import match_performance, resolve_reward_shift
 
@@ -253,6 +254,7 @@ def _choice_rho(candidates: list[Candidate], choice: Choice, base: str) -> float
 
 
 def calibrate(config: CalibrateConfig) -> dict:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """Fits and writes the calibration (see the module docstring); returns what calibration.json holds."""
     from magpie_teach.artefacts import write_atomic
     from magpie_teach.scoring.metrics import load_performance
@@ -356,6 +358,7 @@ def beta_curve(candidate: Candidate, names: list[str], points: list[float]) -> p
 
 
 def _figure(curve: pd.DataFrame, result: dict, path: str) -> None:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     import matplotlib
 
     matplotlib.use("Agg")
