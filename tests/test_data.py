@@ -275,3 +275,112 @@ def test_a_corrupt_shard_and_a_shard_with_another_schema_are_named_before_any_ro
         DataError, match=r"train-00001-of-00002.parquet: its schema differs from .*only in train-00000"
     ):
         load_responses(str(tmp_path / "zoo"))
+
+
+# -- every rule of the validation on keys, in memory (fast: `make mutation` runs these) ------------------------------
+
+
+def _frame(n_ids=3, teachers=("t1", "t2"), **columns):
+    rows = [{"id": f"q{i}", "instruction": f"question {i}?", "teacher": t, "response": f"{t} answers {i}"}
+            for i in range(n_ids) for t in teachers]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "two"])
+def test_a_generation_index_that_is_not_a_whole_number_from_0_names_its_row(value):
+    frame = _frame(generation_index=[0, 0, 0, 0, 0, 0]).astype({"generation_index": object})
+    frame.loc[3, "generation_index"] = value
+    with pytest.raises(
+        DataError, match=r"data: 'generation_index' must be a whole number >= 0: row 3 \(id='q1', teacher='t2'\)\.$"
+    ):
+        validated_responses(frame, "data")
+
+
+def test_generations_of_one_teacher_are_told_apart_by_their_index_and_kept_as_integers():
+    frame = pd.concat([_frame(generation_index=0), _frame(generation_index="1")], ignore_index=True)
+    loaded = validated_responses(frame, "data")
+    assert len(loaded.rows) == 12 and loaded.rows["generation_index"].dtype.kind == "i"
+    assert sorted(loaded.rows["generation_index"].unique()) == [0, 1]
+    frame.loc[7, "generation_index"] = 0  # a second generation 0 of (q0, t2)
+    with pytest.raises(DataError, match=r"duplicate \(id, teacher, generation_index\) rows: row 1 \(id='q0', "
+                                        r"teacher='t2'\); row 7 \(id='q0', teacher='t2'\)\.$"):  # fmt: skip
+        validated_responses(frame, "data")
+
+
+def test_one_id_with_two_instruction_texts_names_every_row_of_that_id():
+    frame = _frame()
+    frame.loc[3, "instruction"] = "another question?"
+    with pytest.raises(DataError, match=r"^data: one id with different instruction texts: row 2 \(id='q1', teacher='t1'\); "
+                                        r"row 3 \(id='q1', teacher='t2'\)\.$"):  # fmt: skip
+        validated_responses(frame, "data")
+    frame.loc[3, "instruction"] = " "  # an empty instruction is not a second text: it is dropped, not an error
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert loaded.counts["empty_instruction"] == 1 and loaded.counts["sibling_dropped"] == 1
+
+
+def test_failed_generations_stop_the_run_unless_dropped_with_the_other_teachers_answers():
+    frame = _frame(status=["ok", "ok", "ok", "error", "ok", "ok"])
+    with pytest.raises(DataError, match=r"failed generations \(status other than 'ok'\) in row 3 \(id='q1', teacher='t2'\) "
+                                        r"\(pass --drop-invalid"):  # fmt: skip
+        validated_responses(frame, "data")
+    frame.loc[3, "response"] = None  # failed and empty: counted once, as failed
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert dict(zip(loaded.dropped["_row"], loaded.dropped["reason"])) == {
+        2: "sibling_dropped",
+        3: "failed_generation",
+    }
+    assert loaded.counts == {"rows_in": 6, "rows_kept": 4, "failed_generation": 1, "sibling_dropped": 1}
+    assert validated_responses(_frame(status=[None] * 6), "data").counts["rows_kept"] == 6  # no status reads as ok
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "n/a"])
+def test_a_reward_that_is_missing_or_not_finite_is_an_error_or_dropped(bad):
+    frame = _frame(rm=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).astype({"rm": object})
+    frame.loc[4, "rm"] = bad
+    with pytest.raises(
+        DataError, match=r"null or empty 'rm' in row 4 \(id='q2', teacher='t1'\) \(pass --drop-invalid"
+    ):
+        validated_responses(frame, "data", reward_column="rm")
+    loaded = validated_responses(frame, "data", reward_column="rm", drop_invalid=True)
+    assert loaded.counts["missing_reward"] == 1 and loaded.counts["sibling_dropped"] == 1
+    assert loaded.rows["rm"].tolist() == [1.0, 2.0, 3.0, 4.0] and loaded.rows["rm"].dtype == float
+    assert validated_responses(frame, "data", drop_invalid=True).counts["rows_kept"] == 6  # no reward asked: kept
+
+
+def test_an_empty_instruction_is_dropped_with_its_reason_and_every_row_dropped_is_an_error():
+    frame = _frame()
+    frame.loc[0, "instruction"] = None
+    with pytest.raises(DataError, match=r"null or empty 'instruction' in row 0 \(id='q0', teacher='t1'\)"):
+        validated_responses(frame, "data")
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert dict(zip(loaded.dropped["_row"], loaded.dropped["reason"])) == {
+        0: "empty_instruction",
+        1: "sibling_dropped",
+    }
+    frame["response"] = ""
+    with pytest.raises(DataError, match=r"every row was dropped \(\{'empty_response': 5, 'empty_instruction': 1\}\)"):
+        validated_responses(frame, "data", drop_invalid=True)
+
+
+@pytest.mark.parametrize("column", ["instruction", "response"])
+def test_a_value_that_is_not_text_is_an_error_naming_the_first_and_its_type(column):
+    frame = _frame().astype({column: object})
+    frame.loc[1, column] = 7
+    frame.loc[4, column] = 2.5
+    with pytest.raises(DataError, match=rf"data: '{column}' must be text, but 2 row\(s\) hold other values \(first: 7, "
+                                        rf"a int\): row 1 \(id='q0', teacher='t2'\); row 4"):  # fmt: skip
+        validated_responses(frame, "data", drop_invalid=True)
+
+
+def test_only_instructions_every_teacher_answered_are_kept_and_the_others_counted():
+    frame = _frame(n_ids=4, teachers=("t1", "t2", "t3")).drop(index=[4, 9])  # q1 lacks t2, q3 lacks t1
+    with pytest.raises(
+        DataError, match=r"teacher 't1' lacks 1 \(e.g. id='q3'\); teacher 't2' lacks 1 \(e.g. id='q1'\)"
+    ):
+        validated_responses(frame, "data")
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert sorted(loaded.rows["id"].unique()) == ["q0", "q2"]
+    assert loaded.counts["incomplete_instruction"] == 4 and set(loaded.dropped["reason"]) == {"incomplete_instruction"}
