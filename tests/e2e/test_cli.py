@@ -10,7 +10,7 @@ import pytest
 
 from magpie_teach.cli import build_parser, main
 
-SUBCOMMANDS = ["rank", "paradox", "select", "train", "validate", "tiny", "demo", "probe"]
+SUBCOMMANDS = ["rank", "paradox", "select", "train", "validate", "evaluate", "calibrate", "tiny", "demo", "probe"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -26,6 +26,11 @@ def test_help(command, capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "usage: magpie-teach" in text
+    if command == "evaluate":
+        for flag in ("--student", "--students-from", "--baseline",
+                     "--baseline-answers", "--judge", "--judge-backend", "--judge-base-url", "--judge-reward-model",
+                     "--prompts", "--backend", "--output", "--push-to-hub", "both orders"):  # fmt: skip
+            assert flag in text
     if command == "rank":
         for flag in (
             "--data",
