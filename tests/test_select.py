@@ -272,3 +272,82 @@ def test_require_decided_needs_a_choice_by_car():
         SelectConfig(scores="x", output_dir="y", strategy="best-of-n", require_decided=True)
     with pytest.raises(ConfigError, match="--require-decided applies"):
         SelectConfig(scores="x", output_dir="y", teacher="a", require_decided=True)
+
+
+# -- the filters' boundaries and the strategies' tie rules, on select_responses directly (fast: `make mutation`) ---
+
+
+def _rows(**columns):
+    """Three teachers' answers to two instructions (ids q0, q1)."""
+    frame = pd.DataFrame([{"id": f"q{i}", "teacher": t, "instruction": f"Question {i}?", "response": f"{t} {i}",
+                           "base_model": "b", "reward": 1.0, "compat_loss": 1.0}
+                          for i in range(2) for t in ("a", "b", "c")])  # fmt: skip
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+def _pick(frame, **kwargs):
+    from magpie_teach.selection.select import select_responses
+
+    chosen, dropped = select_responses(frame, SelectConfig(scores="x", output_dir="y", **kwargs))
+    return chosen, dict(zip(dropped["teacher"] + dropped["id"], dropped["reason"]))
+
+
+def test_filters_drop_exactly_the_rows_past_their_limits_and_keep_the_rows_at_them():
+    frame = _rows(reward=[0.5, 1.0, 2.0, 0.4, 1.0, 3.0], n_tokens_full=[10, 20, 21, 5, 20, 30])
+    _, dropped = _pick(frame, strategy="best-of-n", min_reward=1.0, max_tokens=20, exclude_ids=["q1"])
+    # a reward equal to the minimum and a length equal to the maximum are kept; q1 is excluded whatever its rows
+    assert dropped == {"aq0": "reward_below_min", "cq0": "too_long", "aq1": "reward_below_min", "bq1": "excluded_id",
+                       "cq1": "too_long"}  # fmt: skip
+
+
+def test_a_missing_status_is_a_failure_and_a_missing_cap_flag_is_not():
+    frame = _rows(status=["ok", None, "ok", "ok", "error", "ok"], hit_max_new_tokens=[None, False, True] * 2)
+    chosen, dropped = _pick(frame, strategy="best-of-n")
+    assert dropped == {"bq0": "failed", "cq0": "hit_max_new_tokens", "bq1": "failed", "cq1": "hit_max_new_tokens"}
+    assert chosen["teacher"].tolist() == ["a", "a"]
+
+
+def test_best_of_n_ties_go_to_the_teacher_that_sorts_first_and_a_teacher_keeps_its_best_generation():
+    frame = _rows(reward=[2.0, 2.0, 1.0, 1.0, 3.0, 3.0])
+    chosen, _ = _pick(frame, strategy="best-of-n")
+    assert chosen[["id", "teacher", "selection_metric"]].values.tolist() == [
+        ["q0", "a", "reward"],
+        ["q1", "b", "reward"],
+    ]
+    assert chosen["selection_score"].tolist() == [2.0, 3.0]
+    # best-of-N output of one teacher: its highest-reward generation per instruction, the lower index on a tie
+    gens = pd.concat([_rows(generation_index=0, reward=[1.0, 0, 0, 5.0, 0, 0]),
+                      _rows(generation_index=1, reward=[4.0, 0, 0, 5.0, 0, 0])], ignore_index=True)  # fmt: skip
+    chosen, _ = _pick(gens, teacher="a")
+    assert chosen[["id", "generation_index", "reward"]].values.tolist() == [["q0", 1, 4.0], ["q1", 0, 5.0]]
+    assert chosen["selection_metric"].tolist() == ["teacher", "teacher"] and chosen.index.tolist() == [0, 1]
+
+
+def test_grape_and_mix_score_as_documented():
+    frame = _rows(reward=[1.0, 3.0, 2.0, 5.0, 1.0, 1.0], compat_loss=[2.0, 1.5, 1.0, 1.0, 1.0, 0.5])
+    chosen, _ = _pick(frame, strategy="grape")
+    assert chosen["teacher"].tolist() == ["c", "c"] and chosen["selection_metric"].tolist() == ["logprob_norm"] * 2
+    assert chosen["selection_score"].tolist() == [-1.0, -0.5]
+    chosen, _ = _pick(frame, strategy="mix", alpha=0.25)
+    normalised = (frame["reward"] - 1.0) / 4.0
+    score = 0.75 * normalised - 0.25 * frame["compat_loss"]
+    best = frame.assign(score=score).sort_values(["id", "score"], ascending=[True, False]).drop_duplicates("id")
+    assert chosen["teacher"].tolist() == best["teacher"].tolist() == ["b", "a"]
+    assert chosen["selection_score"].tolist() == pytest.approx(best["score"].tolist())
+    assert set(chosen["selection_metric"]) == {"mix(alpha=0.25)"}
+    # all rewards equal: the normalised reward is 0 everywhere, so the mix is decided by compatibility alone
+    chosen, _ = _pick(frame.assign(reward=2.0), strategy="mix", alpha=0.5)
+    assert chosen["teacher"].tolist() == ["c", "c"] and chosen["selection_score"].tolist() == [-0.5, -0.25]
+
+
+@pytest.mark.parametrize(("alpha", "ok"), [(0.0, True), (1.0, True), (-0.01, False), (1.01, False)])
+def test_alpha_is_accepted_on_the_closed_interval_from_0_to_1(alpha, ok):
+    if ok:
+        assert SelectConfig(scores="x", output_dir="y", strategy="mix", alpha=alpha).alpha == alpha
+    else:
+        with pytest.raises(ConfigError, match=rf"--alpha must be in \[0, 1\], got {alpha}"):
+            SelectConfig(scores="x", output_dir="y", strategy="mix", alpha=alpha)
+    with pytest.raises(ConfigError, match=r"--strategy 'best' is not one of teacher, best-of-n, grape, mix"):
+        SelectConfig(scores="x", output_dir="y", strategy="best")

@@ -250,6 +250,7 @@ def select(config: SelectConfig) -> SelectResult:
 
 
 def _select(config: SelectConfig) -> SelectResult:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     from magpie_teach import artefacts
     from magpie_teach.chat import build_messages
     from magpie_teach.config import dump_config
