@@ -87,3 +87,24 @@ def test_a_multi_turn_conversation_scores_only_the_last_answer(tiny_suite):
     assert multi.n_response_tokens == single.n_response_tokens
     assert multi.input_ids[multi.loss_mask].tolist() == single.input_ids[single.loss_mask].tolist()
     assert len(multi.input_ids) > len(single.input_ids)
+
+
+def test_a_conversation_exactly_max_length_long_is_not_truncated_and_one_token_longer_is(tiny_suite):
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    full = tokenize_conversation(tokenizer, "Explain recursion.", "A function that calls itself.")
+    n = len(full.input_ids)
+    at = tokenize_conversation(tokenizer, "Explain recursion.", "A function that calls itself.", max_length=n)
+    assert not at.truncated and len(at.input_ids) == n
+    np.testing.assert_array_equal(at.loss_mask, full.loss_mask)
+    below = tokenize_conversation(tokenizer, "Explain recursion.", "A function that calls itself.", max_length=n - 1)
+    assert below.truncated and len(below.input_ids) == n - 1 and below.n_response_tokens == full.n_response_tokens
+    assert full.input_ids.dtype == np.int64 and full.loss_mask.dtype == bool and not full.loss_mask[0]
+
+
+def test_unconditioned_counts_its_tokens_before_the_cut_and_cuts_only_past_max_length():
+    whole = unconditioned(np.array([5, 6, 7]), start_id=1, max_length=4)
+    assert (whole.n_response_tokens, whole.truncated, whole.input_ids.tolist()) == (3, False, [1, 5, 6, 7])
+    cut = unconditioned(np.array([5, 6, 7]), start_id=1, max_length=3)
+    assert (cut.n_response_tokens, cut.truncated, cut.input_ids.tolist()) == (3, True, [1, 5, 6])
+    assert cut.loss_mask.tolist() == [False, True, True] and cut.loss_mask.dtype == bool
+    assert cut.input_ids.dtype == np.int64 and type(cut.truncated) is bool
