@@ -384,3 +384,25 @@ def test_only_instructions_every_teacher_answered_are_kept_and_the_others_counte
     loaded = validated_responses(frame, "data", drop_invalid=True)
     assert sorted(loaded.rows["id"].unique()) == ["q0", "q2"]
     assert loaded.counts["incomplete_instruction"] == 4 and set(loaded.dropped["reason"]) == {"incomplete_instruction"}
+
+
+def test_a_sample_covering_every_instruction_draws_nothing_and_a_sample_must_be_positive():
+    from magpie_teach.data import sample_ids
+
+    ids = ["q0", "q1", "q2", "q1"]
+    assert sample_ids(ids, 3, 0) is None and sample_ids(ids, 4, 0) is None
+    drawn = sample_ids(ids, 2, 0)
+    assert len(drawn) == 2 and drawn <= {"q0", "q1", "q2"} and drawn == sample_ids(ids, 2, 0)
+    assert len(sample_ids(ids, 1, 5)) == 1
+    for n in (0, -1):
+        with pytest.raises(DataError, match=rf"--sample must be positive, got {n}\."):
+            sample_ids(ids, n, 0)
+
+
+def test_an_error_names_five_rows_and_counts_the_rest():
+    frame = _frame(n_ids=4, generation_index=[-1] * 8)  # 8 bad rows: 5 named, 3 counted
+    with pytest.raises(DataError, match=r"row 4 \(id='q2', teacher='t1'\); and 3 more\.$"):
+        validated_responses(frame, "data")
+    frame = _frame(n_ids=3, generation_index=[-1] * 5 + [0])  # exactly 5: all named, nothing counted
+    with pytest.raises(DataError, match=r"row 4 \(id='q2', teacher='t1'\)\.$"):
+        validated_responses(frame, "data")

@@ -218,3 +218,17 @@ def test_aggregate_ranks_are_integers_and_reference_metrics_use_the_reference_lo
         assert row.ic_ifd_ref == pytest.approx(group["ic_ifd_ref"].mean())
         assert row.ppl_self == pytest.approx(math.exp(group["compat_loss"].mean()))
     assert list(table.index) == list(range(len(table)))
+
+
+def test_rho_is_undefined_when_either_the_metric_or_ap_is_constant_over_the_teachers():
+    from magpie_teach.scoring.metrics import correlations
+
+    ranking = pd.DataFrame({"teacher": ["a", "b", "c"], "base_model": "m", "reward": [1.0, 2.0, 3.0],
+                            "compat_loss": [1.0, 1.0, 1.0]})  # fmt: skip
+    two_values = pd.DataFrame({"teacher": ["a", "b", "c"], "base_model": "m", "ap": [1.0, 2.0, 2.0]})
+    table = correlations(ranking, two_values, metrics=["reward", "compat_loss"])
+    assert table.loc["reward", "m"] == pytest.approx(spearmanr([1, 2, 3], [1, 2, 2]).statistic)
+    assert math.isnan(table.loc["compat_loss", "m"])  # a constant metric
+    flat = two_values.assign(ap=5.0)
+    assert math.isnan(correlations(ranking, flat, metrics=["reward"]).loc["reward", "m"])  # a constant AP
+    assert math.isnan(table.loc["n_teachers", "mean"]) and table.loc["n_teachers", "m"] == 3
