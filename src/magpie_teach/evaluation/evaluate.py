@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.settings import JudgeSettings
+from magpie_teach.settings import ConfidenceSettings, JudgeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ def _shipped_prompts() -> str:
 
 
 @dataclass
-class EvaluateConfig(JudgeSettings):
-    """`evaluate`'s settings; the judge and the baseline are :class:`magpie_teach.settings.JudgeSettings`."""
+class EvaluateConfig(JudgeSettings, ConfidenceSettings):
+    """`evaluate`'s settings; the judge and the baseline are :class:`magpie_teach.settings.JudgeSettings`, the
+    intervals' bootstrap :class:`magpie_teach.settings.ConfidenceSettings` (over prompts here)."""
 
     output_dir: str = field(
         metadata={"help": "Where answers, judgements and win rates are written.", "flag": "--output"}
@@ -122,9 +123,6 @@ class EvaluateConfig(JudgeSettings):
         default=None, metadata={"help": "Judgement cache (default: the score cache, $MAGPIE_TEACH_CACHE).",
                                 "flag": "--cache-dir"},
     )  # fmt: skip
-    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap replicates of the intervals (0: none)."})
-    confidence: float = field(default=0.95, metadata={"help": "Level of the intervals."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
     def __post_init__(self) -> None:
         self.check_judge()
@@ -134,8 +132,7 @@ class EvaluateConfig(JudgeSettings):
             raise ConfigError("--backend openai needs --base-url")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.bootstrap < 0 or not 0 < self.confidence < 1:
-            raise ConfigError("--bootstrap must be >= 0 and --confidence between 0 and 1")
+        self.check_confidence()
 
 
 @dataclass
@@ -537,7 +534,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         judgements = judge_students(judge, prompts, answers, baseline, cache_root)
         judgements.insert(judgements.columns.get_loc("student") + 1, "baseline",
                           config.baseline or Path(config.baseline_answers).name)  # fmt: skip
-        rates = summarise(judgements, config.bootstrap, config.confidence, config.seed)
+        rates = summarise(judgements, config.bootstrap, config.confidence, config.bootstrap_seed)
         performance = performance_table(rates, students)
         outputs.write(artefacts.JUDGEMENTS, lambda tmp: judgements.to_parquet(tmp, index=False))
         outputs.write(artefacts.WIN_RATES, lambda tmp: rates.to_csv(tmp, index=False))
