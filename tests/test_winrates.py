@@ -78,6 +78,7 @@ def test_a_planted_length_bias_inflates_the_raw_win_rate_not_the_length_controll
     assert row["lc_win_rate"] == pytest.approx(50.0, abs=3.0)  # truth at zero length difference: sigmoid(0)
 
 
+@pytest.mark.slow
 def test_the_bootstrap_interval_covers_the_true_win_rate_at_its_level_and_repeats_with_its_seed():
     truth = 0.6
     covered = 0
