@@ -142,7 +142,9 @@ def main() -> None:
     print(f"transformers (TransformersJudge, b=8): {n / in_process:8.1f} judgements/s   "
           f"{direct['seconds'] / in_process:.2f}x direct")  # fmt: skip
     unread = sum(v is None for v in verdicts)
-    print(f"server verdicts unreadable (neither letter among the top 20, nor the reply's first character): {unread} of {n}")
+    print(
+        f"server verdicts unreadable (neither letter among the top 20, nor the reply's first character): {unread} of {n}"
+    )
 
 
 if __name__ == "__main__":
