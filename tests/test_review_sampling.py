@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from magpie_teach.errors import DataError
+from magpie_teach.review.argilla_io import push_sample
 from magpie_teach.review.sampling import sample_for_review
 from magpie_teach.review.summary import summarize_reviews
 
@@ -49,8 +50,10 @@ def test_sample_is_seeded():
 
 
 def test_missing_columns_are_named_before_anything_is_sent():
-    with pytest.raises(DataError, match=r"lack column\(s\) \['response'\]"):
-        sample_for_review(_scores().drop(columns=["response"]))
+    with pytest.raises(DataError, match=r"lack column\(s\) \['compat_loss'\]"):
+        sample_for_review(_scores().drop(columns=["compat_loss"]))
+    with pytest.raises(DataError, match=r"lack column\(s\) \['response'\] needed for review"):
+        push_sample(sample_for_review(_scores()).drop(columns=["response"]), "never-created")
 
 
 def test_summary_against_scipy():

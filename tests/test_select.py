@@ -61,8 +61,9 @@ def test_responses_stopped_at_the_generation_cap_are_dropped_under_their_own_rea
     result = _run(tmp_path / "default", path, strategy="best-of-n")
     dropped = result.dropped
     assert result.summary["dropped_by_reason"] == {"hit_max_new_tokens": 4, "failed": 1}
-    assert set(dropped.loc[dropped["reason"] == "hit_max_new_tokens", "response"]) == set(
-        frame.loc[[0, 2, 5, 8], "response"]
+    capped = dropped[dropped["reason"] == "hit_max_new_tokens"]
+    assert set(zip(capped["id"], capped["teacher"])) == set(
+        zip(frame.loc[[0, 2, 5, 8], "id"], frame.loc[[0, 2, 5, 8], "teacher"])
     )
     expected = valid[~valid["hit_max_new_tokens"]]
     assert (
@@ -96,6 +97,35 @@ def test_output_is_a_conversational_data_set_with_provenance(tmp_path, scores_fi
     dropped = pd.read_parquet(result.output_dir / "dropped.parquet")
     assert set(dropped["reason"]) <= {"truncated", "failed", "reward_below_min", "too_long"}
     assert len(dropped) + len(_run(tmp_path / "all", path, strategy="best-of-n", keep_truncated=True).dropped) > 0
+
+
+def test_select_streams_the_texts_of_the_chosen_rows_from_a_file_read_in_many_batches(
+    tmp_path, scores_file, monkeypatch
+):
+    """Scores of two base models, read a few rows at a time: the SFT rows carry exactly the chosen rows' texts (each
+    response is unique, so a row read from the wrong place shows), in the scores' order, and the other base model's
+    rows are never chosen."""
+    from magpie_teach import tables
+    from magpie_teach.chat import build_messages
+
+    path, frame = scores_file
+    other = frame.assign(
+        base_model="models/other", response=frame["response"] + " (other)", reward=frame["reward"] + 9
+    )
+    both = pd.concat([other, frame], ignore_index=True).sample(frac=1, random_state=0).reset_index(drop=True)
+    both.to_parquet(path)
+    monkeypatch.setattr(tables, "BATCH_BYTES", 150)  # a few rows per batch
+    result = _run(tmp_path, path, strategy="best-of-n", base_model="models/base")
+    written = pd.read_parquet(result.output_dir / "data" / "train-00000-of-00001.parquet")
+    valid = _valid(frame)
+    chosen = valid.loc[valid.groupby("id")["reward"].idxmax()]
+    assert len(written) == len(chosen) == 6
+    expected = {(r.id, r.teacher): build_messages(r.instruction, r.response) for r in chosen.itertuples()}
+    got = {(r.id, r.teacher): [dict(m) for m in r.messages] for r in written.itertuples()}
+    assert got == expected
+    order = both[both["base_model"] == "models/base"].reset_index(drop=True)
+    place = {(r.id, r.teacher): i for i, r in enumerate(order.itertuples())}
+    assert [place[(r.id, r.teacher)] for r in written.itertuples()] == sorted(place[k] for k in got)
 
 
 def test_bad_choices_are_named(tmp_path, scores_file):

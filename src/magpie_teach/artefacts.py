@@ -243,44 +243,111 @@ def sample_responses_path() -> str:
     return str(resources.files("magpie_teach") / "resources" / "sample_responses.jsonl")
 
 
-def load_scores(path: str, base_model: str | None, revision: str | None = None) -> Any:
-    """Per-example scores of one base model (a DataFrame) from a `rank` output folder, a scores parquet, or a Hub
-    data set published with `magpie-teach push --kind scores` (at ``revision``; the commit read is in ``attrs``)."""
-    import pandas as pd
+TEXT_COLUMNS = ("instruction", "response", "context")
+"""The columns of a scores file that hold texts: :meth:`ScoresSource.keys` leaves them out."""
+
+
+@dataclass
+class ScoresSource:
+    """One base model's per-example scores (a `rank` output folder, a scores parquet, or a Hub data set pushed with
+    ``--kind scores``), read a batch at a time (:func:`magpie_teach.tables.open_table`): :meth:`keys` holds every
+    column but the texts in memory, :meth:`rows` streams the texts of the rows asked for, so that a pass over 1.9M
+    scored responses holds their numbers, never their texts."""
+
+    table: Any
+    name: str
+    base_model: str
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub commit read (None for a local file)."""
+        return self.table.revision
+
+    def _batches(self, columns: list[str]) -> Iterator[Any]:
+        import numpy as np
+
+        offset = 0
+        for frame in self.table.frames([*columns, "base_model"]):
+            mine = (frame["base_model"] == self.base_model).to_numpy()
+            part = frame[mine].reset_index(drop=True)
+            if "base_model" not in columns:
+                part = part.drop(columns="base_model")
+            part["_pos"] = offset + np.flatnonzero(mine)
+            offset += len(frame)
+            yield part
+
+    def keys(self) -> Any:
+        """Every column but :data:`TEXT_COLUMNS`, for this base model's rows, with ``_pos`` (the row's place in the
+        source, which :meth:`rows` takes)."""
+        import pandas as pd
+
+        columns = [c for c in self.table.columns if c not in TEXT_COLUMNS]
+        parts = list(self._batches(columns))
+        keys = pd.concat(parts, ignore_index=True)
+        keys.attrs["revision"] = self.revision
+        return keys
+
+    def rows(self, positions: Any, columns: list[str] | None = None) -> Iterator[Any]:
+        """The rows at ``positions`` (``_pos`` values of :meth:`keys`) with ``columns`` (all when None) and ``_pos``,
+        a batch at a time, in the source's order."""
+        import numpy as np
+
+        wanted = np.unique(np.asarray(positions, dtype=np.int64))
+        columns = list(self.table.columns) if columns is None else columns
+        for part in self._batches(columns):
+            hit = np.isin(part["_pos"].to_numpy(), wanted)
+            if hit.any():
+                yield part[hit].reset_index(drop=True)
+
+    def to_pandas(self) -> Any:
+        """Every column of this base model's rows in memory (for the commands that read a sample of a run)."""
+        import pandas as pd
+
+        frame = pd.concat(list(self._batches(list(self.table.columns))), ignore_index=True).drop(columns="_pos")
+        frame.attrs["revision"] = self.revision
+        return frame
+
+
+def open_scores(path: str, base_model: str | None, revision: str | None = None) -> ScoresSource:
+    """Opens the per-example scores of one base model (see :class:`ScoresSource`); the checks that need no text
+    (the file, its columns, the base model) happen here, reading only the ``base_model`` column."""
+    from magpie_teach.tables import open_table
 
     file = Path(path) / SCORES if Path(path).is_dir() else Path(path)
-    if not file.exists() and path.count("/") == 1 and not path.startswith((".", "/")):
-        from magpie_teach.tables import load_table
-
-        scores = load_table(path, revision=revision)
-        file = Path(f"{path}@{scores.attrs.get('revision')}")
-    elif not file.exists():
-        raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
+    if file.exists():
+        table, name = open_table(str(file)), str(file)
+    elif path.count("/") == 1 and not path.startswith((".", "/")):
+        table = open_table(path, revision=revision)
+        name = f"{path}@{table.revision}"
     else:
-        scores = pd.read_parquet(file)
-    commit = scores.attrs.get("revision")
+        raise DataError(f"{path}: no scores.parquet (run `magpie-teach rank` first).")
     missing = [
-        c
-        for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
-        if c not in scores.columns
-    ]
+        c for c in ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
+        if c not in table.columns
+    ]  # fmt: skip
     if missing:
-        raise DataError(f"{file}: missing column(s) {missing}.")
-    bases = list(dict.fromkeys(scores["base_model"]))
+        raise DataError(f"{name}: missing column(s) {missing}.")
+    bases = list(dict.fromkeys(b for frame in table.frames(["base_model"]) for b in frame["base_model"].unique()))
+    if not bases:
+        raise DataError(f"{name}: no rows.")
     if base_model is None:
         if len(bases) > 1:
-            raise ConfigError(f"{file} holds scores for several base models; choose one with --base-model: {bases}")
+            raise ConfigError(f"{name} holds scores for several base models; choose one with --base-model: {bases}")
         base_model = bases[0]
     if base_model not in bases:
         from magpie_teach.scoring.metrics import short_name
 
         short = [b for b in bases if short_name(b) == short_name(base_model)]
         if len(short) != 1:
-            raise ConfigError(f"{file}: no scores for base model {base_model!r}; it has {bases}")
+            raise ConfigError(f"{name}: no scores for base model {base_model!r}; it has {bases}")
         base_model = short[0]
-    selected = scores[scores["base_model"] == base_model].reset_index(drop=True)
-    selected.attrs["revision"] = commit
-    return selected
+    return ScoresSource(table, name, base_model)
+
+
+def load_scores(path: str, base_model: str | None, revision: str | None = None) -> Any:
+    """Per-example scores of one base model as one DataFrame, texts included (``attrs["revision"]``: the Hub commit
+    read); :func:`open_scores` reads them a batch at a time instead."""
+    return open_scores(path, base_model, revision).to_pandas()
 
 
 def read_rank_folder(rank_dir: str | os.PathLike) -> tuple[Any, Any, dict]:

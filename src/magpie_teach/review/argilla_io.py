@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from magpie_teach.errors import ConfigError, MagpieTeachError
+from magpie_teach.errors import ConfigError, DataError, MagpieTeachError
 from magpie_teach.settings import RecordedCARSettings
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,9 @@ def push_sample(
 ) -> dict:
     """Logs sampled rows (from :func:`magpie_teach.review.sampling.sample_for_review`) to an Argilla dataset,
     creating it with :func:`build_settings` on first use. Returns a summary."""
+    missing = [c for c in ("instruction", "response") if c not in sample.columns]
+    if missing:
+        raise DataError(f"the rows lack column(s) {missing} needed for review (found {list(sample.columns)})")
     records = _records(sample, with_vectors)
     client = connect()
     try:
@@ -199,13 +202,16 @@ def push_for_review(config: ReviewPushConfig) -> dict:
 def review_sample(config: ReviewPushConfig) -> pd.DataFrame:
     """The rows `review push` sends: :func:`magpie_teach.review.sampling.sample_for_review` over the scores, with
     the per-example CAR at the beta `rank` recorded (unless ``config.beta`` is given)."""
-    from magpie_teach.artefacts import load_scores, recorded_rank_config
+    from magpie_teach.artefacts import TEXT_COLUMNS, open_scores, recorded_rank_config
     from magpie_teach.review.sampling import sample_for_review
 
-    scores = load_scores(config.scores, config.base_model)
+    source = open_scores(config.scores, config.base_model)
     car = config.car(*recorded_rank_config(config.scores))
     logger.info("review push: %s", car.describe())
-    return sample_for_review(scores, config.per_teacher, config.strata, config.bands, config.seed, car.beta)
+    sample = sample_for_review(source.keys(), config.per_teacher, config.strata, config.bands, config.seed, car.beta)
+    columns = [c for c in TEXT_COLUMNS if c in source.table.columns]
+    texts = pd.concat(list(source.rows(sample["_pos"], columns)), ignore_index=True)  # the sampled rows' texts only
+    return sample.merge(texts, on="_pos", how="left", validate="one_to_one").drop(columns="_pos")
 
 
 def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

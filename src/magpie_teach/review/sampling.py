@@ -16,7 +16,9 @@ from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import car
 from magpie_teach.settings import DEFAULT_BETA
 
-REVIEW_COLUMNS = ("id", "instruction", "response", "teacher", "base_model", "reward", "compat_loss")
+SAMPLING_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss")
+"""What the sampling reads: it needs no text, so `review push` samples the scores' numbers and reads the texts of the
+sampled rows only."""
 
 
 def _bands(values: pd.Series, bands: int) -> pd.Series:
@@ -33,9 +35,9 @@ def sample_for_review(
     beta: float = DEFAULT_BETA,
 ) -> pd.DataFrame:
     """Returns the rows to review with ``car``, ``<metric>_band`` columns, ``stratum`` and ``flags`` (comma-separated)."""
-    missing = [c for c in REVIEW_COLUMNS if c not in scores.columns]
+    missing = [c for c in SAMPLING_COLUMNS if c not in scores.columns]
     if missing:
-        raise DataError(f"the scores lack column(s) {missing} needed for review (found {list(scores.columns)})")
+        raise DataError(f"the scores lack column(s) {missing} (found {list(scores.columns)})")
     if bands < 2:
         raise ConfigError(f"--bands must be >= 2, got {bands}")
     frame = scores.copy().reset_index(drop=True)

@@ -22,6 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -120,6 +121,7 @@ class SelectConfig(RecordedCARSettings):
 @dataclass
 class SelectResult:
     dataset: pd.DataFrame
+    """The selected rows' provenance columns, by id (the texts and ``messages`` are in the written file only)."""
     dropped: pd.DataFrame
     summary: dict
     output_dir: Path
@@ -239,8 +241,8 @@ def select_responses(
 
 
 def select(config: SelectConfig) -> SelectResult:
-    """Selects responses and writes ``OUTPUT/data/train-00000-of-00001.parquet`` with a ``messages``
-    column, provenance columns (teacher, selection_metric, selection_score, reward, compat_loss), a
+    """Selects responses and writes ``OUTPUT/data/train-00000-of-00001.parquet`` (rows in the scores' order) with a
+    ``messages`` column, provenance columns (teacher, selection_metric, selection_score, reward, compat_loss), a
     README.md whose front matter declares the data files, ``selection_summary.json``, the rows dropped
     by filters (``dropped.parquet``) and the resolved ``select_config.yaml``."""
     from magpie_teach.artefacts import locked
@@ -252,11 +254,11 @@ def select(config: SelectConfig) -> SelectResult:
 def _select(config: SelectConfig) -> SelectResult:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     from magpie_teach import artefacts
-    from magpie_teach.chat import build_messages
     from magpie_teach.config import dump_config
 
-    scores = artefacts.load_scores(config.scores, config.base_model, config.revision)
-    recorded = artefacts.recorded_rank_config(config.scores, scores.attrs.get("revision"))
+    source = artefacts.open_scores(config.scores, config.base_model, config.revision)
+    scores = source.keys()  # the numbers of every scored row; the texts are read below for the chosen rows only
+    recorded = artefacts.recorded_rank_config(config.scores, source.revision)
     car = config.car(*recorded)
     logger.info("select: %s", car.describe())
     names = [f.name for f in dataclasses.fields(ConfidenceSettings)]
@@ -265,12 +267,6 @@ def _select(config: SelectConfig) -> SelectResult:
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
     keep += [c for c in ("generation_index",) if c in chosen.columns]
     dataset = chosen[keep].copy()
-    contexts = chosen["context"] if "context" in chosen.columns else [None] * len(chosen)
-    dataset.insert(
-        0,
-        "messages",
-        [build_messages(x, y, context=c) for x, y, c in zip(chosen["instruction"], chosen["response"], contexts)],
-    )
     summary = {
         "strategy": config.strategy,
         "base_model": str(scores["base_model"].iloc[0]),
@@ -279,14 +275,14 @@ def _select(config: SelectConfig) -> SelectResult:
         "rows_out": len(dataset),
         "rows_per_teacher": {str(k): int(v) for k, v in dataset["teacher"].value_counts().sort_index().items()},
         "dropped_by_reason": {str(k): int(v) for k, v in dropped["reason"].value_counts().items()},
-        "scores_revision": scores.attrs.get("revision"),
+        "scores_revision": source.revision,
         "car": dataclasses.asdict(car),
     }
     if "decision" in chosen.attrs:
         summary["decision"] = chosen.attrs["decision"]
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "select")
-    files.write(DATA_FILE, lambda tmp: dataset.to_parquet(tmp, index=False))
+    files.write(DATA_FILE, lambda tmp: _write_sft_data(tmp, source, chosen.set_index("_pos")[keep]))
     readme = (
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n"
         "tags:\n- magpie-teach\n- synthetic\n---\n\n"
@@ -299,9 +295,35 @@ def _select(config: SelectConfig) -> SelectResult:
         files.write(artefacts.SELECT_DROPPED, lambda tmp: dropped[columns].to_parquet(tmp, index=False))
     # Hub scores are recorded by the commit read, so that rerunning this config reads the same bytes
     dump_config(
-        dataclasses.replace(config, revision=scores.attrs.get("revision") or config.revision),
+        dataclasses.replace(config, revision=source.revision or config.revision),
         out / artefacts.SELECT_CONFIG,
     )
     files.written.add(artefacts.SELECT_CONFIG)
     files.finish()
     return SelectResult(dataset, dropped, summary, out)
+
+
+def _write_sft_data(path: str, source: Any, chosen: pd.DataFrame) -> None:
+    """Writes the chosen rows (``chosen``: indexed by ``_pos``) with their ``messages``, in the scores' order, reading
+    the texts a batch at a time: memory holds one batch of texts, whatever the size of the scores."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from magpie_teach.artefacts import TEXT_COLUMNS
+    from magpie_teach.chat import build_messages
+
+    writer = None
+    columns = [c for c in TEXT_COLUMNS if c in source.table.columns]
+    try:
+        for batch in source.rows(chosen.index.to_numpy(), columns):
+            contexts = batch["context"] if "context" in batch.columns else [None] * len(batch)
+            rows = chosen.loc[batch["_pos"].to_numpy()].reset_index(drop=True)
+            rows.insert(0, "messages", [build_messages(x, y, context=c)
+                                        for x, y, c in zip(batch["instruction"], batch["response"], contexts)])  # fmt: skip
+            table = pa.Table.from_pandas(rows, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+    finally:
+        if writer is not None:
+            writer.close()
