@@ -157,6 +157,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
             os.unlink(tmp)
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Creates FOLDER when needed and writes (then removes) a file in it: a ConfigError in one line naming WHAT and
+    the folder when that fails (read-only storage, a file in the way, no permission), so a run stops before any
+    model loads rather than after it has scored."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{what} {folder} cannot be written: {err.strerror or err}") from None
+    return folder
+
+
 @contextlib.contextmanager
 def locked(folder: str | os.PathLike) -> Iterator[Path]:
     """Holds FOLDER's lock for the block (created if needed); DataError at once if another process holds it.
@@ -169,8 +185,11 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
 
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK, "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as err:
+        raise ConfigError(f"the output folder {folder} cannot be written: {err.strerror or err}") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -413,6 +413,34 @@ def test_a_mistyped_model_path_and_an_unreachable_hub_are_one_line_errors(tmp_pa
         assert time.monotonic() - started < 60  # was: minutes of retries
 
 
+def test_an_output_or_cache_folder_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, tiny_suite):
+    """A file where the folder should be (as root, permissions do not stop a write; this does): exit 2 with one line
+    naming the folder (nothing was scored: scoring prints its progress), and no output folder is left behind."""
+    data = tmp_path / "zoo.parquet"
+    _zoo_with_one_empty_response(data)
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    base = [
+        "rank",
+        "--data",
+        str(data),
+        "--drop-invalid",
+        "--reward-column",
+        "rm",
+        "--base-model",
+        tiny_suite.base_small,
+    ]
+    for extra, expected in (
+        (["--output", str(in_the_way / "out")], f"the output folder {in_the_way / 'out'} cannot be written"),
+        (["--output", str(tmp_path / "o"), "--cache-dir", str(in_the_way / "cache")],
+         f"--cache-dir {in_the_way / 'cache'} cannot be written"),
+    ):  # fmt: skip
+        result = run_cli(*base, *extra)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+        assert "scored" not in result.stderr and not (tmp_path / "o").exists()
+
+
 def _plain_nll(model, ids, mask) -> float:
     """Mean NLL of the masked tokens of one sequence, from one forward pass (no batching, no padding)."""
     import torch

@@ -522,7 +522,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     students = parse_students(config)
     prompts = load_prompts(config.prompts, config.prompts_revision)
     out = Path(config.output_dir)
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    cache_root = artefacts.check_writable(
+        Path(config.cache_dir) if config.cache_dir else default_cache_dir(), "--cache-dir"
+    )
     with artefacts.locked(out):
         outputs = artefacts.RunOutputs(out, "evaluate")
         answers = {s.name: _answers(s.name, s.model, prompts, config, out, cache_root) for s in students}

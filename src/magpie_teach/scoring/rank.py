@@ -376,6 +376,11 @@ def _rank(config: RankConfig) -> RankResult:
                          ("--reference-model", [config.reference_model])):  # fmt: skip
         for model in filter(None, models):
             check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
+    if config.cache:  # the driver writes every score (Ray's actors only return theirs): its cache, checked now
+        from magpie_teach.artefacts import check_writable
+        from magpie_teach.scoring.cache import default_cache_dir
+
+        check_writable(Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir(), "--cache-dir")
     if config.ray_address:
         from magpie_teach.scoring.on_ray import check_cluster
 
