@@ -77,7 +77,13 @@ def _same_scores(out, reference):
     )
 
 
-def test_rank_on_ray_gives_the_local_scores_and_ranking(cluster, tiny_suite, sample_path, tmp_path):
+def test_rank_and_generates_scoring_stage_on_ray_give_the_local_scores_and_ranking(
+    cluster, tiny_suite, sample_path, tmp_path
+):
+    """`rank --ray-address`, then `generate`'s scoring stage with a `ray:` block (the same Ray Data path), each
+    against a local `rank` without the cache; both score all 72 responses on the cluster (empty caches)."""
+    import yaml
+
     from magpie_teach.cli import main
 
     reference = tmp_path / "local"
@@ -92,6 +98,30 @@ def test_rank_on_ray_gives_the_local_scores_and_ranking(cluster, tiny_suite, sam
     work = json.loads((out / "summary.json").read_text())["work"]
     assert work["compat tiny-llama-s"] == {"scored": 72, "from_cache": 0} and work["reward"]["scored"] == 72
     assert "compat tiny-llama-s: 72/72 ex (100%)" in stderr
+
+    generated = tmp_path / "generate"
+    config = tmp_path / "generate.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(generated), "instructions": {"path": sample_path},
+        "teachers": [{"name": "unused", "model": tiny_suite.base_small}],
+        "scoring": {"reward_model": tiny_suite.reward, "base_models": [tiny_suite.base_small], "bootstrap": 0,
+                    "num_workers": 2},
+        "ray": {"address": "auto"},
+    }))  # fmt: skip
+    stage = (
+        "import sys, pandas as pd\n"
+        "from magpie_teach.generation.config import load_generate_config\n"
+        "from magpie_teach.generation.score_stage import score_responses\n"
+        "score_responses(load_generate_config(sys.argv[1]), pd.read_json(sys.argv[2], lines=True))"
+    )
+    run = subprocess.run([sys.executable, "-c", stage, str(config), sample_path], capture_output=True, text=True,
+                         env={**os.environ, "RAY_ADDRESS": cluster, "MAGPIE_TEACH_CACHE": str(tmp_path / "gen-cache")},
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    _same_scores(generated / "rank", reference)
+    work = json.loads((generated / "rank" / "summary.json").read_text())["work"]
+    assert work["compat tiny-llama-s"] == {"scored": 72, "from_cache": 0} and work["reward"]["scored"] == 72
+    assert not (generated / "rank" / ".store").exists()  # not the distilabel scoring pipeline
 
 
 def _first_part(cache, process, timeout=300):

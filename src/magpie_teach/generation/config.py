@@ -5,7 +5,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings, ProbeSettings
+from magpie_teach.settings import (
+    CARSettings,
+    ClusterSettings,
+    ConfidenceSettings,
+    ModelRunSettings,
+    ProbeSettings,
+)
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -68,9 +74,11 @@ class MagpieCategory:
 
 
 @dataclass
-class ScoringConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
+class ScoringConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings):
     """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers). CAR's, the
-    bootstrap's and the model run's settings are inherited from :mod:`magpie_teach.settings`, with rank's defaults."""
+    bootstrap's, the model run's and the cluster's settings are inherited from :mod:`magpie_teach.settings`, with
+    rank's defaults. On a Ray cluster (``ray_address``, else the run's ``ray:`` block) the scores come from rank's
+    Ray Data path (:mod:`magpie_teach.scoring.on_ray`, ``num_workers`` actors of ``gpus_per_worker`` GPUs)."""
 
     reward_model: str
     base_models: list[str]
@@ -83,6 +91,7 @@ class ScoringConfig(CARSettings, ConfidenceSettings, ModelRunSettings):
         self.check_car("scoring.")
         self.check_confidence("scoring.")
         self.check_run("scoring.")
+        self.check_cluster("scoring.")
 
 
 @dataclass

@@ -33,15 +33,17 @@ def rank_config(config: "GenerateConfig") -> "RankConfig":
     import dataclasses
 
     from magpie_teach.scoring.rank import RankConfig
-    from magpie_teach.settings import CARSettings, ConfidenceSettings, ModelRunSettings
+    from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
 
     spec = config.scoring
     out = Path(config.output_dir)
     shared = {
         f.name: getattr(spec, f.name)
-        for cls in (CARSettings, ConfidenceSettings, ModelRunSettings)
+        for cls in (CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings)
         for f in dataclasses.fields(cls)
     }
+    if shared["ray_address"] is None and config.ray is not None:  # the run's cluster scores too
+        shared["ray_address"] = config.ray.address
     return RankConfig(
         data=str(out / RESPONSES), output_dir=str(out / "rank"), base_models=list(spec.base_models),
         reward_model=spec.reward_model, drop_invalid=True, **shared,
@@ -86,6 +88,8 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
     Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
     loaded = validated_responses(responses, source, drop_invalid=True)  # failed generations never get scored
     rows = loaded.rows
+    if ranked.ray_address:
+        return _score_on_ray(ranked, loaded)
     store = BatchStore(Path(ranked.output_dir) / ".store")
     stages = _stages(config)
     todo = {stage: rows_not_stored(rows, _done(store, stage)) for stage in stages}
@@ -134,4 +138,18 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
         frames.append(example_scores(base_rows, lm, model))
         counts[f"truncated[{model}]"] = int(frames[-1]["truncated"].sum())
     write_rank_outputs(ranked, pd.concat(frames, ignore_index=True), loaded, counts)
+    return counts
+
+
+def _score_on_ray(ranked: "RankConfig", loaded: Any) -> dict:
+    """The scoring stage on a Ray cluster: `rank`'s own path (:func:`magpie_teach.scoring.rank.score_rows`: Ray Data
+    actors score, the driver stores each block in the score cache as it arrives, so a rerun resumes from there)."""
+    from magpie_teach.scoring.on_ray import check_cluster
+    from magpie_teach.scoring.rank import score_rows, truncation_counts, write_rank_outputs
+
+    ranked.ray_address = check_cluster(ranked.ray_address)
+    work: dict = {}
+    scores = score_rows(ranked, loaded.rows, work)
+    counts = {**loaded.counts, **truncation_counts(ranked, scores)}
+    write_rank_outputs(ranked, scores, loaded, counts, None, work)
     return counts

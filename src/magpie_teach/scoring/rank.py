@@ -409,11 +409,17 @@ def _rank(config: RankConfig) -> RankResult:
             print(f"performance: {match.line()}", file=sys.stderr, flush=True)
     work: dict = {}
     scores = score_rows(config, rows, work)
+    counts.update(truncation_counts(config, scores))
+    return write_rank_outputs(config, scores, loaded, counts, performance, work)
+
+
+def truncation_counts(config: RankConfig, scores: pd.DataFrame) -> dict[str, int]:
+    """How many examples the reward model, and each base model, saw cut at ``max_length`` (summary.json's counts)."""
     first = scores[scores["base_model"] == config.base_models[0]]
-    counts["reward_truncated"] = int(first["reward_truncated"].sum())
+    counts = {"reward_truncated": int(first["reward_truncated"].sum())}
     for base in config.base_models:
         counts[f"truncated[{base}]"] = int(scores.loc[scores["base_model"] == base, "truncated"].sum())
-    return write_rank_outputs(config, scores, loaded, counts, performance, work)
+    return counts
 
 
 def score_rows(config: RankConfig, rows: pd.DataFrame, work: dict | None = None) -> pd.DataFrame:
