@@ -106,7 +106,7 @@ bench: install
 # Not part of `make test`; run it before closing an issue that touches those modules.
 MUTANTS ?=
 mutation: install
-	MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
+	MAGPIE_TEACH_MUTATION=1 MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
 	$(VENV)/bin/mutmut results
 	$(PY) scripts/mutation_summary.py
 

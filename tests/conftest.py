@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-LONGEST_FILES_FIRST = ("test_demo.py", "test_generate.py", "test_walkthrough.py", "test_probe.py", "test_readme.py",
-                       "test_openai.py", "test_vllm.py", "test_review.py", "test_rank_ray.py", "test_cli.py")  # fmt: skip
+LONGEST_FILES_FIRST = ("test_demo.py", "test_generate.py", "test_walkthrough.py", "test_rank_ray.py", "test_probe.py",
+                       "test_readme.py", "test_openai.py", "test_vllm.py", "test_review.py", "test_cli.py")  # fmt: skip
 """Test files that take minutes, longest first: two xdist workers (a file each) then finish close together."""
 
 
@@ -23,6 +23,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The longest files first (a stable sort: tests keep their order within a file, and the rest theirs)."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+MUTATION_PRELOAD = ("scipy.optimize", "scipy.special", "scipy.stats", "torch", "transformers", "trl", "datasets",
+                    "pyarrow.parquet", "magpie_teach.cli", "magpie_teach.training.sft")  # fmt: skip
+"""What the tests `make mutation` runs import inside their bodies: loaded once by mutmut's fork server."""
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `make mutation` ($MAGPIE_TEACH_MUTATION), mutmut forks one pytest session per mutant from a server that
+    has collected the tests: load what the tests import lazily there, once, and freeze the heap, so that each
+    mutant's session neither imports them again nor walks them in the garbage collections pytest runs at its end
+    (those took more time than most of the tests)."""
+    import gc
+    import importlib
+
+    if os.environ.get("MAGPIE_TEACH_MUTATION") and not gc.get_freeze_count():
+        for module in MUTATION_PRELOAD:
+            importlib.import_module(module)
+        gc.freeze()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

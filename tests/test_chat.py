@@ -108,3 +108,54 @@ def test_unconditioned_counts_its_tokens_before_the_cut_and_cuts_only_past_max_l
     assert (cut.n_response_tokens, cut.truncated, cut.input_ids.tolist()) == (3, True, [1, 5, 6])
     assert cut.loss_mask.tolist() == [False, True, True] and cut.loss_mask.dtype == bool
     assert cut.input_ids.dtype == np.int64 and type(cut.truncated) is bool
+
+
+def test_a_tokenizer_not_prepared_is_scored_with_the_template_scoring_resolves(tiny_suite, tmp_path):
+    """A tokenizer as `AutoTokenizer` gives it, its own template without markers (Qwen2.5's, which TRL patches):
+    the tokens and mask are those of the prepared tokenizer, which carries TRL's marked version."""
+    from transformers import AutoTokenizer
+
+    from tests.test_chat_templates import tokenizer_dir
+
+    folder = tokenizer_dir(tiny_suite, tmp_path, "qwen2_5")
+    raw = AutoTokenizer.from_pretrained(folder)
+    assert not has_generation_markers(raw.chat_template)
+    prepared = load_tokenizer(str(folder))
+    context = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    for kwargs in ({}, {"context": context}):
+        mine = tokenize_conversation(raw, "Name a prime.", "Seven is prime.", **kwargs)
+        theirs = tokenize_conversation(prepared, "Name a prime.", "Seven is prime.", **kwargs)
+        assert mine.input_ids.tolist() == theirs.input_ids.tolist()
+        assert mine.loss_mask.tolist() == theirs.loss_mask.tolist() and mine.n_response_tokens > 0
+
+
+MARKED = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>"
+    "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_marked_template_that_renders_the_earlier_turns_otherwise_alone_is_an_error(tiny_suite):
+    from magpie_teach.errors import ConfigError
+
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    tokenizer.chat_template = "{% if add_generation_prompt %}>> {% endif %}" + MARKED
+    context = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    tokenize_conversation(tokenizer, "a", "b c")  # one turn: the marks alone decide
+    with pytest.raises(ConfigError) as err:
+        tokenize_conversation(tokenizer, "a", "b c", context=context)
+    assert str(err.value) == (
+        "The chat template does not render the earlier turns as a prefix of the conversation, so the last "
+        "response's tokens cannot be located."
+    )
+
+
+def test_a_response_marked_from_the_first_token_is_scored_from_the_second(tiny_suite):
+    """Nothing precedes the first token, so it cannot be scored, even when the template marks it."""
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    tokenizer.chat_template = MARKED
+    example = tokenize_conversation(tokenizer, "", "Seven is prime.")
+    ids = tokenizer("Seven is prime.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == ids
+    assert example.loss_mask.tolist() == [False] + [True] * (len(ids) - 1)
+    assert example.n_response_tokens == len(ids) - 1

@@ -24,15 +24,16 @@ def _judgements(rng, students, n_ids=80, scale=120.0, shift=0.0, difficulty=0.0)
     return pd.DataFrame(rows)
 
 
-def _fit(features, target, penalty=None):
-    """The penalised maximum-likelihood logistic fit (PENALTY per coefficient, default the ridge), by scipy's
-    BFGS on the objective itself."""
+def _fit(features, target, penalty=None, weights=None):
+    """The penalised maximum-likelihood logistic fit (PENALTY per coefficient, default the ridge; WEIGHTS per row,
+    default 1), by scipy's BFGS on the objective itself."""
     penalty = np.full(features.shape[1], RIDGE) if penalty is None else penalty
+    weights = np.ones(len(target)) if weights is None else weights
 
     def objective(c):
         z = features @ c
-        loss = np.sum(np.logaddexp(0, z) - target * z) + 0.5 * np.sum(penalty * c * c)
-        grad = features.T @ (expit(z) - target) + penalty * c
+        loss = np.sum(weights * (np.logaddexp(0, z) - target * z)) + 0.5 * np.sum(penalty * c * c)
+        grad = features.T @ (weights * (expit(z) - target)) + penalty * c
         return loss, grad
 
     result = minimize(objective, np.zeros(features.shape[1]), jac=True, method="BFGS", options={"gtol": 1e-11})
@@ -76,6 +77,43 @@ def test_a_planted_length_bias_inflates_the_raw_win_rate_not_the_length_controll
     row = win_rates(judgements, n_replicates=0).iloc[0]
     assert row["win_rate"] > 75  # the raw figure follows the length
     assert row["lc_win_rate"] == pytest.approx(50.0, abs=3.0)  # truth at zero length difference: sigmoid(0)
+
+
+def test_the_bootstrap_bounds_equal_a_reference_that_redraws_the_instructions_the_same_way():
+    """Fast (the coverage test below is slow): every bound of a small bootstrap against the refits done here, on
+    the same seeded draws of instructions (all students' judgements of one instruction drawn together), with the
+    instruction difficulties held at the whole data's; students listed in name order whatever the rows' order."""
+    from magpie_teach.scoring.winrates import instruction_difficulty
+
+    rng = np.random.default_rng(3)
+    judgements = _judgements(rng, {"b": (0.4, 1.0), "a": (-0.3, 0.5)}, n_ids=25, difficulty=0.6)
+    judgements.loc[::5, "preference"] = 0.5
+    result = win_rates(judgements, n_replicates=40, confidence=0.8, seed=5)
+    assert list(result["student"]) == ["a", "b"] and list(result["n"]) == [25, 25]
+    result = result.set_index("student")
+
+    gamma = instruction_difficulty(judgements)  # checked against scipy's joint fit in the test above
+    ids = sorted(judgements["id"].unique())
+    draws = np.random.default_rng(5)
+    counts = [draws.multinomial(len(ids), np.full(len(ids), 1 / len(ids))) for _ in range(40)]
+    for student, group in judgements.groupby("student"):
+        p, d = group["preference"].to_numpy(), group["length_diff"].to_numpy()
+        g = gamma.reindex(group["id"]).to_numpy()
+        features = np.column_stack([np.ones(len(d)), np.tanh(d / d.std()), g])
+        position = [ids.index(i) for i in group["id"]]
+        values = {"win_rate": [], "lc_win_rate": [], "bt_score": []}
+        for count in counts:
+            w = count[position].astype(float)
+            values["win_rate"].append(100 * np.average(p, weights=w))
+            theta, _, psi = _fit(features, p, weights=w)
+            values["lc_win_rate"].append(100 * np.average(expit(theta + psi * g), weights=w))
+            (beta,) = _fit(np.ones((len(p), 1)), p, weights=w)
+            values["bt_score"].append(100 * expit(beta))
+        for name, draws_of_it in values.items():
+            low, high = np.quantile(draws_of_it, [0.1, 0.9])
+            assert result.loc[student, f"{name}_low"] == pytest.approx(low, abs=1e-5), (student, name)
+            assert result.loc[student, f"{name}_high"] == pytest.approx(high, abs=1e-5), (student, name)
+            assert low < result.loc[student, name] < high
 
 
 @pytest.mark.slow
