@@ -406,3 +406,54 @@ def test_an_error_names_five_rows_and_counts_the_rest():
     frame = _frame(n_ids=3, generation_index=[-1] * 5 + [0])  # exactly 5: all named, nothing counted
     with pytest.raises(DataError, match=r"row 4 \(id='q2', teacher='t1'\)\.$"):
         validated_responses(frame, "data")
+
+
+# -- the wide layout in memory (fast: `make mutation`) -----------------------------------------------------------
+
+
+def test_to_long_turns_each_teacher_struct_into_rows_counted_from_the_batch_offset():
+    from magpie_teach.data import to_long
+
+    wide = pd.DataFrame({"instruction": ["q0", "q1"],
+                         "t1": [{"content": "a0", "rm": 1.0}, None],
+                         "t2": [{"content": "b0"}, {"content": "b1", "rm": 2.0}]})  # fmt: skip
+    wide.attrs["offset"] = 10
+    long = to_long(wide, "zoo.parquet")
+    assert long.astype(object).where(long.notna(), None).to_dict("records") == [
+        {"id": None, "instruction": "q0", "teacher": "t1", "response": "a0", "_row": 10, "rm": 1.0},
+        {"id": None, "instruction": "q1", "teacher": "t1", "response": None, "_row": 11, "rm": None},
+        {"id": None, "instruction": "q0", "teacher": "t2", "response": "b0", "_row": 10, "rm": None},
+        {"id": None, "instruction": "q1", "teacher": "t2", "response": "b1", "_row": 11, "rm": 2.0},
+    ]
+    assert list(long.index) == [0, 1, 2, 3]
+    with_ids = to_long(wide.assign(uuid=["u0", "u1"]), "zoo.parquet", teachers=["t2"])
+    assert list(with_ids["id"]) == ["u0", "u1"] and set(with_ids["teacher"]) == {"t2"}
+    none = to_long(pd.DataFrame({"instruction": ["q0"]}), "zoo.parquet")
+    assert none.empty and list(none.columns) == ["id", "instruction", "teacher", "response", "_row"]
+    with pytest.raises(DataError) as err:
+        to_long(wide.drop(columns="instruction"), "zoo.parquet")
+    assert str(err.value) == "zoo.parquet: wide format without an 'instruction' column (columns: ['t1', 't2'])."
+
+
+def test_to_long_reads_a_flattened_struct_from_its_columns_and_a_plain_one_from_its_dicts():
+    from magpie_teach.data import to_long
+
+    wide = pd.DataFrame({"instruction": ["q0", "q1"], "t1.content": ["a0", "a1"], "t1.rm": [1.0, 2.0],
+                         "t2": [{"content": "b0"}, {"content": "b1"}]}, index=[5, 6])  # fmt: skip
+    long = to_long(wide, "zoo", teachers=["t1", "t2"], fields={"t1": ["content", "rm"]})
+    assert list(long["response"]) == ["a0", "a1", "b0", "b1"] and list(long["_row"]) == [0, 1, 0, 1]
+    assert list(long["rm"].iloc[:2]) == [1.0, 2.0] and long["rm"].iloc[2:].isna().all()
+    assert list(long.index) == [0, 1, 2, 3]
+
+
+def test_a_long_file_with_uuid_and_no_id_takes_its_ids_from_uuid():
+    from magpie_teach.data import _long_batch
+
+    frame = pd.DataFrame({"uuid": ["u0", "u1"], "instruction": ["q0", "q1"], "teacher": ["t", "t"],
+                          "response": ["a", "b"]})  # fmt: skip
+    batch = _long_batch(frame, None, "data.jsonl", 7)
+    assert list(batch["id"]) == ["u0", "u1"] and list(batch["_row"]) == [7, 8]
+    derived = _long_batch(frame.drop(columns="uuid"), None, "data.jsonl", 0)
+    assert list(derived["id"]) == [instruction_id("q0"), instruction_id("q1")]
+    kept = _long_batch(frame.assign(id=["i0", "i1"]), None, "data.jsonl", 0)
+    assert list(kept["id"]) == ["i0", "i1"] and "uuid" in kept.columns
