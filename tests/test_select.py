@@ -348,8 +348,8 @@ def test_best_of_n_ties_go_to_the_teacher_that_sorts_first_and_a_teacher_keeps_i
     ]
     assert chosen["selection_score"].tolist() == [2.0, 3.0]
     # best-of-N output of one teacher: its highest-reward generation per instruction, the lower index on a tie
-    gens = pd.concat([_rows(generation_index=0, reward=[1.0, 0, 0, 5.0, 0, 0]),
-                      _rows(generation_index=1, reward=[4.0, 0, 0, 5.0, 0, 0])], ignore_index=True)  # fmt: skip
+    gens = pd.concat([_rows(generation_index=1, reward=[4.0, 0, 0, 5.0, 0, 0]),
+                      _rows(generation_index=0, reward=[1.0, 0, 0, 5.0, 0, 0])], ignore_index=True)  # fmt: skip
     chosen, _ = _pick(gens, teacher="a")
     assert chosen[["id", "generation_index", "reward"]].values.tolist() == [["q0", 1, 4.0], ["q1", 0, 5.0]]
     assert chosen["selection_metric"].tolist() == ["teacher", "teacher"] and chosen.index.tolist() == [0, 1]
@@ -381,3 +381,25 @@ def test_alpha_is_accepted_on_the_closed_interval_from_0_to_1(alpha, ok):
             SelectConfig(scores="x", output_dir="y", strategy="mix", alpha=alpha)
     with pytest.raises(ConfigError, match=r"--strategy 'best' is not one of teacher, best-of-n, grape, mix"):
         SelectConfig(scores="x", output_dir="y", strategy="best")
+
+
+def test_the_best_teacher_follows_the_reward_shift_and_only_a_car_choice_carries_a_decision():
+    """CAR = (reward + shift) / (1 + beta * loss): a shift turns the ranking (a: 1 / 2, b: 0.5 / 1.5 at beta 1;
+    shifted by 2: 3 / 2 < 2.5 / 1.5)."""
+    from magpie_teach.settings import DEFAULT_BOOTSTRAP, CARChoice, ConfidenceSettings
+
+    frame = _rows(reward=[1.0, 0.5, 0.1] * 2, compat_loss=[1.0, 0.5, 1.0] * 2, n_tokens_full=10, truncated=False)
+    frame = pd.concat([frame.assign(id=frame["id"] + f"-{k}") for k in range(4)], ignore_index=True)
+    config = SelectConfig(scores="x", output_dir="y", beta=1.0)
+    from magpie_teach.selection.select import select_responses
+
+    unshifted = CARChoice(beta=1.0, reward_shift="none", source="test")
+    plain, _ = select_responses(frame, config, unshifted, ConfidenceSettings(bootstrap=0))
+    by_two = CARChoice(beta=1.0, reward_shift="2", source="test")
+    shifted, _ = select_responses(frame, config, by_two, ConfidenceSettings(bootstrap=0))
+    assert set(plain["teacher"]) == {"a"} and set(shifted["teacher"]) == {"b"}
+    assert shifted["selection_score"].iloc[0] == pytest.approx(2.5 / 1.5)
+    decision = shifted.attrs["decision"]
+    assert decision["leader"] == "b" and decision["replicates"] == DEFAULT_BOOTSTRAP  # rank ran without a bootstrap
+    chosen, _ = _pick(frame, strategy="best-of-n")
+    assert "decision" not in chosen.attrs
