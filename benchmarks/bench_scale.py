@@ -4,6 +4,7 @@ path's throughput against the local engine, and what the full Zoo costs on GPUs.
     python benchmarks/bench_scale.py memory [--instructions 2000 40000 100000] [--sample 1000] [--work DIR]
     python benchmarks/bench_scale.py ray [--rows 6000] [--workers 2] [--work DIR]
     python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
+    python benchmarks/bench_scale.py select [--instructions 2000 20000] [--work DIR]
 
 Builds folders in the exact layout of ``Magpie-Align/Magpie-100K-Generator-Zoo`` (ten parquet shards
 ``data/train-0000K-of-00010.parquet``; one row per instruction with ``uuid``, ``instruction`` and one struct
@@ -20,6 +21,12 @@ same run. The goal (issue 13): at the same ``--sample``, memory does not grow wi
 2K Zoo-layout folder) twice without the cache: with the local engine (torch on every core) and with
 ``--ray-address`` and ``--workers`` actors of one core each; it prints rows/s of both and their ratio (goal:
 at least 0.85x on this machine, where the Ray path's overhead is all there is to see).
+
+``select`` turns each Zoo-layout folder into a `rank` scores file (one row per response: its text, the
+ArmoRM reward, a compatibility loss drawn at random) and runs ``magpie-teach select --strategy best-of-n``
+on it in a fresh process: its peak memory, against the peak of reading the same file whole with pandas (what
+`select` did before it streamed) measured in the same run, and the ratio of each size's peak to the smallest
+size's.
 
 ``extrapolate`` measures the tokens one response costs the engine (the conversation, the response alone for
 L(y), and the instruction for L(x), with a real tokenizer when one is cached, else the tiny one) on the Zoo-layout
@@ -142,6 +149,74 @@ def memory(args: argparse.Namespace) -> None:
               f"{peak / results[0][1]:.2f}x the {results[0][0]}-instruction run, rank took {wall:.0f}s", flush=True)  # fmt: skip
 
 
+def build_scores(zoo: Path, file: Path) -> Path:
+    """A `rank` scores file from a Zoo-layout folder (see the module docstring), row group by row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if file.exists():
+        return file
+    rng = np.random.default_rng(0)
+    tmp = file.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, pa.schema([
+        ("id", pa.string()), ("teacher", pa.string()), ("base_model", pa.string()), ("instruction", pa.string()),
+        ("response", pa.string()), ("reward", pa.float64()), ("compat_loss", pa.float64()),
+        ("n_tokens_full", pa.int64()), ("truncated", pa.bool_()), ("status", pa.string()),
+    ])) as writer:  # fmt: skip
+        for shard in sorted((zoo / "data").glob("*.parquet")):
+            source = pq.ParquetFile(shard)
+            for group in range(source.num_row_groups):
+                rows = source.read_row_group(group)
+                for teacher in ZOO_TEACHERS:
+                    struct = rows.column(teacher).combine_chunks()
+                    n = len(rows)
+                    writer.write_table(pa.table({
+                        "id": rows.column("uuid"), "teacher": pa.array([teacher] * n), "base_model": pa.array(["tiny"] * n),
+                        "instruction": rows.column("instruction"), "response": struct.field("content"),
+                        "reward": struct.field(REWARDS[0]), "compat_loss": pa.array(rng.uniform(1.0, 3.0, n)),
+                        "n_tokens_full": pa.array(rng.integers(60, 700, n)), "truncated": pa.array([False] * n),
+                        "status": pa.array(["ok"] * n),
+                    }, schema=writer.schema))  # fmt: skip
+    tmp.rename(file)
+    return file
+
+
+WHOLE = """
+import sys
+import pandas as pd
+frame = pd.read_parquet(sys.argv[1])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print("PEAK_KB", int(peak.split()[1]), file=sys.stderr)
+"""
+
+
+def _peak(code: str, *argv: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(argv)}\n{done.stderr[-3000:]}")
+    kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_KB"))
+    return kb / 1024, wall
+
+
+def select_memory(args: argparse.Namespace) -> None:
+    work = Path(args.work)
+    print("select --strategy best-of-n on rank scores files built from Zoo-layout folders (19 teachers, responses "
+          "50-500 words)", flush=True)  # fmt: skip
+    first = None
+    for n in args.instructions:
+        scores = build_scores(build_zoo(work / f"zoo-{n}", n), work / f"scores-{n}.parquet")
+        peak, wall = _peak(RUN, "select", "--scores", str(scores), "--strategy", "best-of-n", "--output",
+                           str(work / f"select-{n}"))  # fmt: skip
+        whole, _ = _peak(WHOLE, str(scores))
+        first = first or peak
+        print(f"{n:>7} instructions ({n * len(ZOO_TEACHERS):>9,} scored responses, "
+              f"{scores.stat().st_size / 1e9:.2f} GB): select peak RSS {peak:,.0f} MB ({peak / first:.2f}x the "
+              f"smallest), reading the file whole {whole:,.0f} MB ({peak / whole:.2f}x of it); select took "
+              f"{wall:.0f}s", flush=True)  # fmt: skip
+
+
 def _timed_rank(argv: list[str], env: dict | None = None) -> float:
     import os
 
@@ -232,7 +307,7 @@ def extrapolate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["memory", "ray", "extrapolate"])
+    parser.add_argument("part", choices=["memory", "ray", "extrapolate", "select"])
     parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 40000, 100000])
     parser.add_argument("--sample", type=int, default=1000)
     parser.add_argument(
@@ -243,7 +318,7 @@ def main() -> None:
     parser.add_argument("--efficiency", type=float, default=0.9, help="scaling efficiency beyond one GPU")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "magpie-teach-bench-scale"))
     args = parser.parse_args()
-    {"memory": memory, "ray": ray, "extrapolate": extrapolate}[args.part](args)
+    {"memory": memory, "ray": ray, "extrapolate": extrapolate, "select": select_memory}[args.part](args)
 
 
 if __name__ == "__main__":
