@@ -18,6 +18,7 @@ and an example found twice is read once.
 The default location is ``$MAGPIE_TEACH_CACHE`` or ``~/.cache/magpie-teach/scores`` (``--cache-dir``).
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -86,7 +87,10 @@ def model_identity(name_or_path: str, cache_dir: Path) -> str | None:
     return _hub_commit(name_or_path)
 
 
+@functools.cache
 def _hub_commit(repo_id: str) -> str | None:
+    """Asked once per process: a run that names a Hub model in several stages (or under several scorers) asks the Hub
+    for its commit once."""
     try:
         from huggingface_hub import HfApi, try_to_load_from_cache
 
