@@ -105,10 +105,14 @@ def test_select_streams_the_texts_of_the_chosen_rows_from_a_file_read_in_many_ba
     """Scores of two base models, read a few rows at a time: the SFT rows carry exactly the chosen rows' texts (each
     response is unique, so a row read from the wrong place shows), in the scores' order, and the other base model's
     rows are never chosen."""
+    import json
+
     from magpie_teach import tables
     from magpie_teach.chat import build_messages
 
     path, frame = scores_file
+    earlier = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    frame = frame.assign(context=[earlier if i % 2 else None for i in range(len(frame))])  # multi-turn rows too
     other = frame.assign(
         base_model="models/other", response=frame["response"] + " (other)", reward=frame["reward"] + 9
     )
@@ -120,9 +124,12 @@ def test_select_streams_the_texts_of_the_chosen_rows_from_a_file_read_in_many_ba
     valid = _valid(frame)
     chosen = valid.loc[valid.groupby("id")["reward"].idxmax()]
     assert len(written) == len(chosen) == 6
-    expected = {(r.id, r.teacher): build_messages(r.instruction, r.response) for r in chosen.itertuples()}
+    expected = {(r.id, r.teacher): build_messages(r.instruction, r.response, context=r.context)
+                for r in chosen.itertuples()}  # fmt: skip
     got = {(r.id, r.teacher): [dict(m) for m in r.messages] for r in written.itertuples()}
-    assert got == expected
+    assert got == expected and any(len(m) == 4 for m in got.values()) and any(len(m) == 2 for m in got.values())
+    assert list(written.columns) == ["messages", "id", "teacher", "base_model", "selection_metric", "selection_score",
+                                     "reward", "compat_loss"]  # fmt: skip
     order = both[both["base_model"] == "models/base"].reset_index(drop=True)
     place = {(r.id, r.teacher): i for i, r in enumerate(order.itertuples())}
     assert [place[(r.id, r.teacher)] for r in written.itertuples()] == sorted(place[k] for k in got)
