@@ -76,10 +76,11 @@ quality: install
 	$(VENV)/bin/ruff format --check .
 
 # All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
-# Two pytest-xdist workers (a test file stays on one worker, so its module fixtures are built once), then the
-# README-coverage test, which reads what both workers ran.
+# Two pytest-xdist workers (a test file stays on one worker, so its module fixtures are built once), files in the
+# order tests/conftest.py gives them (the longest first; xdist would otherwise start with the files that hold the most
+# tests and leave the minutes-long ones to the end), then the README-coverage test, which reads what both workers ran.
 test: install argilla-server olah browser vllm
-	$(PY) -m pytest -m "not gpu and not real_hub" -n 2 --dist loadfile --durations=15 \
+	$(PY) -m pytest -m "not gpu and not real_hub" -n 2 --dist loadfile --no-loadscope-reorder --durations=25 \
 		--ignore=tests/test_zz_readme_coverage.py $(PYTEST_ARGS)
 	MAGPIE_TEACH_KEEP_README_RECORD=1 $(PY) -m pytest -q tests/test_zz_readme_coverage.py
 

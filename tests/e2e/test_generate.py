@@ -400,9 +400,10 @@ def test_multi_turn_magpie_with_weighted_categories_answered_and_scored_in_conte
     result = select(
         SelectConfig(scores=str(out / "rank"), output_dir=str(tmp_path / "sft"), teacher="small", keep_capped=True)
     )
-    first = result.dataset.iloc[0]
-    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert first["messages"][:2] == json.loads(scores.set_index("id").loc[first["id"], "context"])
+    first = pd.read_parquet(result.output_dir / "data" / "train-00000-of-00001.parquet").iloc[0]
+    messages = [dict(m) for m in first["messages"]]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[:2] == json.loads(scores.set_index("id").loc[first["id"], "context"])
 
 
 def test_magpie_category_weights_are_normalised_and_checked():
