@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 UV_VERSION ?= 0.13.9
 UV := $(VENV)/bin/uv
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
-UV_INSTALL = $(UV) pip install -q $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+UV_INSTALL = $(UV) pip install -q --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
 .PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation mutation-clean
 
