@@ -24,14 +24,25 @@ def recorded() -> list[list[str]]:
     return [json.loads(line) for line in RECORD.read_text().splitlines() if line.strip()]
 
 
-def run_readme_command(argv: list[str], *, background: bool = False, **kwargs: Any) -> Any:
+ON_CPU = {"--gpus-per-worker": "0", "--num-workers": "1"}
+"""What a README command for a GPU cluster (``rank --ray-address ... --gpus-per-worker G``) changes when a test
+runs it on this machine's 2-core CPU Ray head: no GPU per actor, one actor per pool. Nothing else."""
+
+
+def on_cpu(argv: list[str]) -> list[str]:
+    """ARGV with the values of the :data:`ON_CPU` flags replaced."""
+    return [ON_CPU[argv[i - 1]] if i and argv[i - 1] in ON_CPU else arg for i, arg in enumerate(argv)]
+
+
+def run_readme_command(argv: list[str], *, background: bool = False, cpu: bool = False, **kwargs: Any) -> Any:
     """Runs ``magpie-teach ARGV`` (a command the README spells exactly so) as ``subprocess.run`` would, or in the
-    background (``subprocess.Popen``); records ARGV."""
+    background (``subprocess.Popen``); records ARGV. With ``cpu``, a GPU-cluster command runs as :func:`on_cpu`
+    makes it."""
     from tests.test_readme import commands
 
     assert list(argv) in commands(), f"not a README command as written: magpie-teach {' '.join(argv)}"
     RAN.append(list(argv))
     with open(RECORD, "a") as record:  # one short line per write: appends from two workers do not interleave
         record.write(json.dumps(list(argv)) + "\n")
-    command = [sys.executable, "-m", "magpie_teach.cli", *argv]
+    command = [sys.executable, "-m", "magpie_teach.cli", *(on_cpu(argv) if cpu else argv)]
     return subprocess.Popen(command, **kwargs) if background else subprocess.run(command, **kwargs)

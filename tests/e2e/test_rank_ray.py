@@ -3,10 +3,12 @@ and ranking, a killed actor retried, a killed driver resumed from the score cach
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +21,21 @@ SCORES = ["compat_loss", "uncond_loss", "instr_loss", "n_tokens", "reward"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with ray_head(tmp_path_factory.mktemp("ray")) as address:
+def hub(tmp_path_factory):
+    """A local Hub-compatible server for the module: the README's Zoo command reads the Zoo and the five base
+    models from it, on the driver and in the actors."""
+    from tests.hub.local import LocalHub
+
+    server = LocalHub(tmp_path_factory.mktemp("hub") / "hub").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, hub):
+    """One Ray head for the module (a second one in the same CI run costs minutes), its workers pointed at ``hub``
+    (the tests that score local folders never ask it for anything)."""
+    with ray_head(tmp_path_factory.mktemp("ray"), env=hub.env()) as address:
         yield address
 
 
@@ -187,3 +202,52 @@ def test_an_unreachable_cluster_and_a_missing_ray_are_one_line_each_before_any_m
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "pip install 'magpie-teach[ray]'" in done.stderr, done.stderr
     assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "out" / "scores.parquet").exists()
+
+
+ZOO_REWARDS = ["ArmoRM-Llama3-8B-v0.1", "Skywork-Reward-Llama-3.1-8B", "Skywork-Reward-Gemma-2-27B"]
+PAPER_BASES = {"Qwen/Qwen2-1.5B": "base_small", "google/gemma-2-2b": "base_medium", "Qwen/Qwen2.5-3B": "base_large",
+               "meta-llama/Llama-3.2-3B": "base_small", "nvidia/Llama-3.1-Minitron-4B-Width-Base": "base_medium"}  # fmt: skip
+
+
+def test_the_readme_ranks_the_zoo_under_the_five_paper_base_models_on_a_ray_cluster(
+    tmp_path, tiny_suite, hub, cluster
+):
+    """The README's command as written, on a CPU Ray head (no GPU per actor, one actor per pool): the Zoo's layout and
+    names published on the local hub, tiny models under the five base models' Hub ids; all 19 teachers match
+    the shipped Table 6 for each base model."""
+    from tests.readme_commands import run_readme_command
+    from tests.test_names import ZOO_COLUMNS
+    from tests.test_readme import commands
+
+    argv = next(a for a in commands() if a[:3] == ["rank", "--data", "Magpie-Align/Magpie-100K-Generator-Zoo"])
+    env = hub.env()
+    rng = np.random.default_rng(0)
+    zoo = pd.DataFrame(
+        {"uuid": [f"u{i}" for i in range(4)], "instruction": [f"Question {i} about plants?" for i in range(4)]}
+    )
+    for teacher in ZOO_COLUMNS:
+        zoo[teacher] = [{"content": f"{teacher} answers {i}. " * int(rng.integers(1, 4)),
+                         **{name: float(rng.normal()) for name in ZOO_REWARDS}} for i in range(4)]  # fmt: skip
+    data = tmp_path / "zoo" / "data"
+    data.mkdir(parents=True)
+    zoo.to_parquet(data / "train-00000-of-00001.parquet")
+    publish = "\n".join(
+        f"api.create_repo({name!r}, exist_ok=True); api.upload_folder(repo_id={name!r}, folder_path={getattr(tiny_suite, attr)!r})"
+        for name, attr in PAPER_BASES.items()
+    )
+    publish += ("\napi.create_repo('Magpie-Align/Magpie-100K-Generator-Zoo', repo_type='dataset', exist_ok=True)"
+                f"\napi.upload_folder(repo_id='Magpie-Align/Magpie-100K-Generator-Zoo', repo_type='dataset', folder_path={str(tmp_path / 'zoo')!r})")  # fmt: skip
+    subprocess.run([sys.executable, "-c", f"from huggingface_hub import HfApi\napi = HfApi()\n{publish}"],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    (tmp_path / "src").symlink_to(Path(__file__).resolve().parents[2] / "src")
+    result = run_readme_command(argv, cpu=True, cwd=tmp_path, env={**env, "RAY_ADDRESS": cluster},  # actors download
+                                capture_output=True, text=True, timeout=900)  # the models from the hub  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for base in PAPER_BASES:
+        assert re.search(
+            rf"performance: {re.escape(base)} = '.*' in the table: 19 teacher\(s\) matched", result.stderr
+        )
+    correlations = pd.read_csv(tmp_path / "runs" / "zoo" / "correlations.csv", index_col=0)
+    assert (correlations.loc["n_teachers", list(PAPER_BASES)] == 19).all()
+    scores = pd.read_parquet(tmp_path / "runs" / "zoo" / "scores.parquet")
+    assert len(scores) == 4 * 19 * 5 and scores["compat_loss"].notna().all()

@@ -41,6 +41,7 @@ RUN_ELSEWHERE = {  # first words of the command -> the test that runs it as writ
     ("paradox",): "tests/test_readme.py",
     ("report", "--performance"): "tests/test_readme.py",
     ("probe", "pipelines/configs/tiny_cpu_probe.yaml"): "tests/e2e/test_probe.py (killed and resumed)",
+    ("rank", "--data", "Magpie-Align/Magpie-100K-Generator-Zoo"): "tests/e2e/test_rank_ray.py (Ray head on 127.0.0.1)",
 }
 
 
