@@ -206,3 +206,109 @@ def test_a_base_model_without_performance_numbers_is_one_line(planted, tmp_path)
     code = main(["calibrate", "--scores", scores, "--performance", str(tmp_path / "perf.csv"), "--output",
                  str(tmp_path / "out")])  # fmt: skip
     assert code == 2 and not (tmp_path / "out" / "calibration.json").exists()
+
+
+def test_the_intervals_run_from_zero_to_infinity_each_with_the_documented_beta_inside():
+    from magpie_teach.scoring.calibrate import intervals
+
+    default = 3.0
+    cases = {
+        (): [(0.0, np.inf, default)],
+        (0.2, 1.0, 5.0, 40.0): [
+            (0.0, 0.2, 0.1),
+            (0.2, 1.0, np.sqrt(0.2)),
+            (1.0, 5.0, default),
+            (5.0, 40.0, np.sqrt(200.0)),
+            (40.0, np.inf, 80.0),
+        ],  # fmt: skip
+        (1.0, 3.0, 7.0): [(0.0, 1.0, 0.5), (1.0, 3.0, np.sqrt(3.0)), (3.0, 7.0, np.sqrt(21.0)), (7.0, np.inf, 14.0)],
+        (4.0,): [(0.0, 4.0, default), (4.0, np.inf, 8.0)],
+        (1.0,): [(0.0, 1.0, 0.5), (1.0, np.inf, default)],
+    }
+    for points, expected in cases.items():
+        found = intervals(np.asarray(points, dtype=float))
+        assert len(found) == len(expected), points
+        for (lo, hi, inside), (elo, ehi, einside) in zip(found, expected):
+            assert (lo, hi) == (elo, ehi), points
+            assert inside == pytest.approx(einside, rel=1e-12) and lo < inside < hi, (points, lo, hi, inside)
+
+
+def _bases(rng, names, n_teachers=6):
+    from magpie_teach.scoring.calibrate import Base
+
+    out = {}
+    for name in names:
+        reward, loss, ap = rng.uniform(1, 3, n_teachers), rng.uniform(0.5, 2, n_teachers), rng.normal(size=n_teachers)
+        metrics = {"reward": reward, "length": rng.normal(size=n_teachers), "flat": np.ones(n_teachers)}
+        out[name] = Base(name, [f"t{i}" for i in range(n_teachers)], reward, loss, ap, metrics)
+    return out
+
+
+def _spearman(values, ap):
+    """Spearman's rho as the Pearson correlation of the ranks (no ties here); NaN for a constant input."""
+    if np.ptp(values) == 0:
+        return float("nan")
+    x, y = _ranks(np.asarray(values)), _ranks(np.asarray(ap))
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / np.sqrt((x**2).sum() * (y**2).sum()))
+
+
+def test_the_correlation_table_holds_each_metrics_rho_per_base_model_and_their_mean():
+    from magpie_teach.scoring.calibrate import Candidate, correlation_table, fit_beta
+
+    rng = np.random.default_rng(4)
+    names = ["base-a", "base-b", "base-c"]
+    candidates = [
+        Candidate(f"/runs/{folder}", shift, _bases(rng, names)) for folder, shift in (("x", 0.0), ("y", -0.5))
+    ]
+    table = correlation_table(candidates, names)
+    assert list(table.columns) == [*names, "mean"]
+    expected_index = []
+    for candidate in candidates:
+        label = f"{candidate.scores.rsplit('/', 1)[1]} shift {candidate.reward_shift:g}: "
+        bases = [candidate.bases[n] for n in names]
+        fitted = fit_beta(bases).beta
+        rows = {f"{label}car (beta 3)": lambda b: _spearman(b.reward / (1 + 3.0 * b.loss), b.ap),
+                f"{label}car (beta {fitted:.4g})": lambda b, f=fitted: _spearman(b.reward / (1 + f * b.loss), b.ap)}  # fmt: skip
+        rows.update(
+            {f"{label}{m}": (lambda b, m=m: _spearman(b.metrics[m], b.ap)) for m in ("reward", "length", "flat")}
+        )
+        for metric, rho in rows.items():
+            expected = [rho(b) for b in bases]
+            np.testing.assert_allclose(table.loc[metric, names].to_numpy(dtype=float), expected, atol=1e-12)
+            if metric.endswith("flat"):  # a constant metric has no rho, and no mean
+                assert table.loc[metric].isna().all()
+            else:
+                assert table.loc[metric, "mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+        expected_index += list(rows)
+    assert list(table.index) == expected_index
+    one = correlation_table(candidates[:1], names)  # one candidate: the metrics are not labelled
+    assert list(one.index) == ["car (beta 3)", expected_index[1].split(": ")[1], "reward", "length", "flat"]
+
+
+def test_the_beta_curve_spans_every_crossing_and_holds_each_base_models_rho_and_their_mean():
+    from magpie_teach.scoring.calibrate import Candidate, beta_curve, crossings
+
+    rng = np.random.default_rng(8)
+    names = ["base-a", "base-b"]
+    candidate = Candidate("/runs/x", 0.0, _bases(rng, names))
+    points = sorted(np.unique(np.concatenate([crossings(b.reward, b.loss) for b in candidate.bases.values()])))
+    assert len(points) >= 3
+    curve = beta_curve(candidate, names, points)
+    betas = curve["beta"].to_numpy()
+    assert betas[0] == 0.0 and np.all(np.diff(betas) > 0)
+    assert betas[1] == pytest.approx(min(points[0], 0.01) / 10) and betas[-1] == pytest.approx(
+        max(points[-1], 100) * 10
+    )
+    for point in points:  # both sides of every crossing point, a hair away
+        assert (
+            np.isclose(betas, point * (1 - 1e-9), rtol=1e-12).any()
+            and np.isclose(betas, point * (1 + 1e-9), rtol=1e-12).any()
+        )
+    assert len(curve) >= 200
+    for _, row in curve.iterrows():
+        rhos = [_spearman(b.reward / (1 + row["beta"] * b.loss), b.ap) for b in candidate.bases.values()]
+        np.testing.assert_allclose(row[names].to_numpy(dtype=float), rhos, atol=1e-12)
+        assert row["mean_rho"] == pytest.approx(np.mean(rhos), abs=1e-12)
+    wide = beta_curve(candidate, names, [1e-4, 5e3])  # crossing points beyond the default span widen it
+    assert wide["beta"].iloc[1] == pytest.approx(1e-5) and wide["beta"].iloc[-1] == pytest.approx(5e4)

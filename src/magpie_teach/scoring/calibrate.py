@@ -124,7 +124,9 @@ class BetaFit:
 
 
 def intervals(points: np.ndarray) -> list[tuple[float, float, float]]:
-    """(start, end, a beta inside) for each interval between consecutive crossing points, from 0 to infinity."""
+    """(start, end, a beta inside) for each interval between consecutive crossing points, from 0 to infinity. The
+    beta inside is the default beta where the interval holds it (its start excluded: a crossing point is no beta
+    to rank at), else the geometric midpoint; half the end of the first interval, twice the start of the last."""
     edges = [0.0, *points.tolist(), math.inf]
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
