@@ -11,6 +11,9 @@ from scipy.stats import spearmanr
 
 from tests.argilla_memory.server import add_annotator
 
+DATASET = "review-tests"
+"""This module's data set: not the README's `spot-check`, which the walkthrough pushes to the same session's server."""
+
 
 def cli(*args, env):
     return subprocess.run(
@@ -27,7 +30,7 @@ def env(argilla_server):
 
 @pytest.fixture(scope="module")
 def pushed(env, ranked_sample):
-    result = cli("review", "push", str(ranked_sample), "--dataset", "spot-check", "--per-teacher", "4", "--seed", "7",
+    result = cli("review", "push", str(ranked_sample), "--dataset", DATASET, "--per-teacher", "4", "--seed", "7",
                  "--with-vectors", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result
@@ -42,7 +45,7 @@ def client(server, key=None):
 def test_push_creates_the_dataset_with_the_library_settings(pushed, argilla_server, ranked_sample):
     from magpie_teach.review.sampling import sample_for_review
 
-    dataset = client(argilla_server).datasets("spot-check")
+    dataset = client(argilla_server).datasets(DATASET)
     settings = dataset.settings
     assert [f.name for f in settings.fields] == ["instruction", "response"]
     assert {q.name for q in settings.questions} == {"helpfulness", "problems", "comment"}
@@ -59,13 +62,13 @@ def test_push_creates_the_dataset_with_the_library_settings(pushed, argilla_serv
 def test_pushing_again_updates_instead_of_duplicating(pushed, env, argilla_server):
     again = cli(*pushed.args[3:], env=env)
     assert again.returncode == 0, again.stderr
-    assert len(list(client(argilla_server).datasets("spot-check").records())) == int(pushed.stdout.split()[1])
+    assert len(list(client(argilla_server).datasets(DATASET).records())) == int(pushed.stdout.split()[1])
 
 
 def test_search_engine_stand_in_serves_the_real_query_api(pushed, argilla_server):
     import argilla as rg
 
-    dataset = client(argilla_server).datasets("spot-check")
+    dataset = client(argilla_server).datasets(DATASET)
     records = list(dataset.records())
     teacher = records[0].metadata["teacher"]
     by_teacher = list(dataset.records(query=rg.Query(filter=rg.Filter(("metadata.teacher", "==", teacher)))))
@@ -94,7 +97,7 @@ def test_annotations_come_back_with_a_summary(pushed, argilla_server, env, ranke
     import argilla as rg
 
     owner = client(argilla_server)
-    records = list(owner.datasets("spot-check").records())
+    records = list(owner.datasets(DATASET).records())
     rater_id = client(argilla_server, add_annotator(argilla_server, "rater")).me.id
     ratings = {}
     for i, record in enumerate(records):
@@ -105,17 +108,17 @@ def test_annotations_come_back_with_a_summary(pushed, argilla_server, env, ranke
         record.responses.add(rg.Response("helpfulness", ratings[record.id][1], user_id=rater_id, status="submitted"))
         if i == 0:
             record.responses.add(rg.Response("problems", ["truncated"], user_id=rater_id, status="submitted"))
-    owner.datasets("spot-check").records.log(records)
+    owner.datasets(DATASET).records.log(records)
 
     # the stand-in engine answers response-status filters and progress like the real one
-    dataset = owner.datasets("spot-check")
+    dataset = owner.datasets(DATASET)
     submitted = list(dataset.records(query=rg.Query(filter=rg.Filter(("response.status", "==", "submitted")))))
     assert len(submitted) == len(records)
     progress = dataset.progress()
     assert progress["total"] == len(records)
 
     result = cli(
-        "review", "pull", "--dataset", "spot-check", "--scores", str(ranked_sample), "--output", str(tmp_path), env=env
+        "review", "pull", "--dataset", DATASET, "--scores", str(ranked_sample), "--output", str(tmp_path), env=env
     )
     assert result.returncode == 0, result.stderr
     reviews = pd.read_parquet(tmp_path / "reviews.parquet")
@@ -144,7 +147,7 @@ def test_annotations_come_back_with_a_summary(pushed, argilla_server, env, ranke
 
 
 def test_metadata_metrics_from_the_stand_in(pushed, argilla_server):
-    dataset = client(argilla_server).datasets("spot-check")
+    dataset = client(argilla_server).datasets(DATASET)
     prop = dataset.settings.metadata["reward"]
     reply = httpx.get(f"{argilla_server.url}/api/v1/metadata-properties/{prop.id}/metrics",
                       headers={"X-Argilla-Api-Key": argilla_server.api_key})  # fmt: skip
