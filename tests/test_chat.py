@@ -159,3 +159,64 @@ def test_a_response_marked_from_the_first_token_is_scored_from_the_second(tiny_s
     assert example.input_ids.tolist() == ids
     assert example.loss_mask.tolist() == [False] + [True] * (len(ids) - 1)
     assert example.n_response_tokens == len(ids) - 1
+
+
+def test_without_markers_the_ids_are_the_rendered_text_tokenized_without_special_tokens_and_errors_are_exact(
+    tiny_suite,
+):
+    """The plain path tokenizes the rendered conversation as is (no BOS added on top of the template's); a response
+    that renders to nothing, and a generation prompt that is no prefix, are DataError/ConfigError with these words."""
+    from tokenizers.processors import TemplateProcessing
+
+    from magpie_teach.errors import ConfigError, DataError
+
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    tokenizer.chat_template = PLAIN_CHATML
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")  # a tokenizer that adds a BOS, as Llama's does
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)]
+    )
+    example = tokenize_conversation(tokenizer, "Name a prime.", "Seven.")
+    text = "<|im_start|>user\nName a prime.<|im_end|>\n<|im_start|>assistant\nSeven.<|im_end|>\n"
+    expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert example.input_ids.tolist() == expected and example.input_ids.dtype == np.int64
+    assert tokenizer(text)["input_ids"] == [start, *expected]  # it does add one when asked to
+    assert example.n_response_tokens == int(example.loss_mask.sum()) > 0
+
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the response adds nothing
+    instruction = "Say nothing at all, please, and be quick about it, because time is short. " * 2
+    with pytest.raises(DataError) as err:
+        tokenize_conversation(tokenizer, instruction, "")
+    assert str(err.value) == f"The response renders to no tokens (instruction {instruction[:60]!r})."
+
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    )
+    with pytest.raises(ConfigError) as err:
+        tokenize_conversation(tokenizer, "a", "b")
+    assert str(err.value) == (
+        "The chat template does not render the generation prompt as a prefix of the conversation, so the response "
+        "tokens cannot be located; use a template with {% generation %} markers."
+    )
+
+
+def test_a_template_that_refuses_a_conversation_is_one_error_naming_the_tokenizer_and_the_roles(tiny_suite):
+    from magpie_teach.errors import ConfigError
+
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    refuse = "{{ raise_exception('no ' + messages[0]['role'] + ' here') }}"
+    tokenizer.chat_template = refuse
+    with pytest.raises(ConfigError) as err:
+        tokenize_conversation(tokenizer, "Hi?", "Hello.", system="Be brief.")
+    assert str(err.value) == (
+        f"the chat template of {tiny_suite.base_small} refuses a conversation with roles "
+        "['system', 'user']: no system here (this template has no system role: leave the system prompt out)"
+    )
+    with pytest.raises(ConfigError) as err:
+        tokenize_conversation(tokenizer, "Hi?", "Hello.")
+    assert str(err.value) == (
+        f"the chat template of {tiny_suite.base_small} refuses a conversation with roles ['user']: no user here"
+    )
+    tokenizer.name_or_path = ""
+    with pytest.raises(ConfigError, match="^the chat template of this tokenizer refuses"):
+        tokenize_conversation(tokenizer, "Hi?", "Hello.")

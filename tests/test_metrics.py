@@ -232,3 +232,19 @@ def test_rho_is_undefined_when_either_the_metric_or_ap_is_constant_over_the_teac
     flat = two_values.assign(ap=5.0)
     assert math.isnan(correlations(ranking, flat, metrics=["reward"]).loc["reward", "m"])  # a constant AP
     assert math.isnan(table.loc["n_teachers", "mean"]) and table.loc["n_teachers", "m"] == 3
+
+
+def test_aggregate_keeps_the_pairs_first_seen_order_and_counts_responses_cut_by_the_generation_cap():
+    scores = _scores([1.0, 2.0, 3.0])
+    scores["teacher"] = scores["teacher"].map(lambda t: f"z-{t}" if t.endswith("0") else t)  # not in sorted order
+    scores = scores.iloc[::-1].reset_index(drop=True)
+    seen = list(dict.fromkeys(zip(scores["teacher"], scores["base_model"])))
+    assert seen != sorted(seen)
+    table = aggregate(scores)
+    assert list(zip(table["teacher"], table["base_model"])) == seen
+    assert "n_hit_max_new_tokens" not in table.columns  # data without generate's flag
+    scores["hit_max_new_tokens"] = np.arange(len(scores)) % 3 == 0
+    table = aggregate(scores).set_index(["teacher", "base_model"])
+    expected = scores.groupby(["teacher", "base_model"])["hit_max_new_tokens"].sum()
+    assert (table["n_hit_max_new_tokens"] == expected.reindex(table.index)).all() and expected.sum() > 0
+    assert table["n_hit_max_new_tokens"].nunique() > 1

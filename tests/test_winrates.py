@@ -70,6 +70,32 @@ def test_the_length_controlled_win_rate_is_the_published_model_fitted_independen
         assert result.loc[student, "bt_score"] == pytest.approx(100 * expit(beta), abs=1e-6)
 
 
+def test_instruction_difficulty_is_the_joint_fit_of_every_student_centred_and_zero_for_one_student():
+    """gamma against scipy's penalised joint fit (student and instruction effects, no length term), for two and
+    three students; a single student's verdicts give every instruction 0."""
+    from magpie_teach.scoring.winrates import instruction_difficulty
+
+    rng = np.random.default_rng(9)
+    everyone = _judgements(rng, {"a": (0.5, 0.0), "b": (-0.4, 0.0), "c": (0.0, 0.0)}, n_ids=30, difficulty=1.2)
+    everyone.loc[::6, "preference"] = 0.5
+    for students in (["a", "b"], ["a", "b", "c"]):
+        judgements = everyone[everyone["student"].isin(students)].sample(frac=1.0, random_state=0)
+        gamma = instruction_difficulty(judgements)
+        ids = sorted(judgements["id"].unique())
+        x = np.zeros((len(judgements), len(students) + len(ids)))
+        for row, (i, s) in enumerate(zip(judgements["id"], judgements["student"])):
+            x[row, students.index(s)] = 1
+            x[row, len(students) + ids.index(i)] = 1
+        penalty = np.concatenate([np.full(len(students), RIDGE), np.full(len(ids), DIFFICULTY_PENALTY)])
+        expected = _fit(x, judgements["preference"].to_numpy(), penalty)[len(students) :]
+        assert gamma.name == "gamma" and list(gamma.index) == ids
+        np.testing.assert_allclose(gamma.to_numpy(), expected - expected.mean(), atol=1e-6)
+        assert abs(gamma.mean()) < 1e-12 and gamma.std() > 0.3, students
+    alone = instruction_difficulty(everyone[everyone["student"] == "a"])
+    assert alone.name == "gamma" and list(alone.index) == sorted(everyone["id"].unique())
+    assert (alone == 0.0).all()
+
+
 def test_a_planted_length_bias_inflates_the_raw_win_rate_not_the_length_controlled_one():
     rng = np.random.default_rng(1)
     # a verbose student: answers 1.5 standard deviations longer than the baseline's, a judge that loves length

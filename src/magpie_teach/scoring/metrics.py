@@ -93,7 +93,8 @@ def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float |
 def aggregate(
     scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None
 ) -> pd.DataFrame:
-    """Per (teacher, base_model) metrics from per-example scores, with a rank per metric (1 = best).
+    """Per (teacher, base_model) metrics from per-example scores, with a rank per metric (1 = best); one row per
+    pair, in the order the pairs first appear in ``scores``.
 
     ``reward`` is the mean per-example reward, ``compat_loss`` the mean per-example compatibility
     loss, ``car`` = :func:`car` of those two, ``length`` the mean response length in base-model

