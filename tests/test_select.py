@@ -360,6 +360,9 @@ def test_best_of_n_ties_go_to_the_teacher_that_sorts_first_and_a_teacher_keeps_i
     chosen, _ = _pick(gens, teacher="a")
     assert chosen[["id", "generation_index", "reward"]].values.tolist() == [["q0", 1, 4.0], ["q1", 0, 5.0]]
     assert chosen["selection_metric"].tolist() == ["teacher", "teacher"] and chosen.index.tolist() == [0, 1]
+    # the same without generation indexes (several rows per instruction, as a hand-made file has them)
+    chosen, _ = _pick(gens.drop(columns="generation_index"), teacher="a")
+    assert chosen[["id", "reward", "response"]].values.tolist() == [["q0", 4.0, "a 0"], ["q1", 5.0, "a 1"]]
 
 
 def test_grape_and_mix_score_as_documented():
