@@ -286,6 +286,16 @@ def test_the_correlation_table_holds_each_metrics_rho_per_base_model_and_their_m
     assert list(one.index) == ["car (beta 3)", expected_index[1].split(": ")[1], "reward", "length", "flat"]
 
 
+def test_rho_needs_two_distinct_values_on_each_side_and_no_more():
+    from magpie_teach.scoring.calibrate import _rho
+
+    ap = np.array([1.0, 2.0, 3.0, 4.0])
+    two = np.array([1.0, 1.0, 2.0, 2.0])  # ties: Pearson's correlation of the mid-ranks 1.5, 1.5, 3.5, 3.5
+    expected = np.corrcoef([1.5, 1.5, 3.5, 3.5], [1.0, 2.0, 3.0, 4.0])[0, 1]
+    assert _rho(two, ap) == pytest.approx(expected) and _rho(ap, two) == pytest.approx(expected)
+    assert np.isnan(_rho(np.ones(4), ap)) and np.isnan(_rho(ap, np.ones(4)))
+
+
 def test_the_beta_curve_spans_every_crossing_and_holds_each_base_models_rho_and_their_mean():
     from magpie_teach.scoring.calibrate import Candidate, beta_curve, crossings
 
@@ -302,8 +312,8 @@ def test_the_beta_curve_spans_every_crossing_and_holds_each_base_models_rho_and_
     )
     for point in points:  # both sides of every crossing point, a hair away
         assert (
-            np.isclose(betas, point * (1 - 1e-9), rtol=1e-12).any()
-            and np.isclose(betas, point * (1 + 1e-9), rtol=1e-12).any()
+            np.isclose(betas, point * (1 - 1e-9), rtol=1e-13, atol=0).any()
+            and np.isclose(betas, point * (1 + 1e-9), rtol=1e-13, atol=0).any()
         )
     assert len(curve) >= 200
     for _, row in curve.iterrows():
