@@ -209,11 +209,15 @@ def test_rounds_record_what_each_round_saw_and_leads_in_standard_errors():
 
 
 def test_the_epsilon_rule_is_relative_to_the_leaders_value():
-    twins = {"x": (1.0, 1.0), "y": (1.0, 1.0)}  # CAR 0.25: a margin of 0.2 is 0.05 in CAR units
-    scores, ids = pool(twins, n=8000, seed=3)
-    for epsilon in (0.2, 0.6):
+    # CAR 0.25 at beta 3 (a margin of 0.2 is 0.05 in CAR units), and CAR 5 at beta 1 (a margin of 0.02 is 0.1):
+    # a leader's value below 1 and above it, so that a rule dividing by the value differs from one multiplying
+    cases = [({"x": (1.0, 1.0), "y": (1.0, 1.0)}, 3.0, 0.2), ({"x": (10.0, 1.0), "y": (10.0, 1.0)}, 1.0, 0.02),
+             ({"x": (1.0, 1.0), "y": (1.0, 1.0)}, 3.0, 0.6)]  # fmt: skip
+    for twins, beta, epsilon in cases:
+        scores, ids = pool(twins, n=8000, seed=3)
         result = run_probe(ids, list(twins), ["m"], Revealer(scores), ProbeSettings(start=500, epsilon=epsilon),
-                           beta=3.0)  # fmt: skip
+                           beta=beta)  # fmt: skip
+        assert result.decisions[0]["decided"] and "within epsilon" in result.decisions[0]["reason"], epsilon
         rounds = result.rounds
         for k, group in rounds.groupby("round"):
             group = group.set_index("teacher")
@@ -224,7 +228,6 @@ def test_the_epsilon_rule_is_relative_to_the_leaders_value():
             within = bool((bound < epsilon * abs(group.loc[leader, "value"])).all())
             decided_here = k == result.finished_round and result.decisions[0]["decided"]
             assert within == decided_here, (epsilon, k, bound.tolist())
-    assert result.decisions[0]["decided"]  # at epsilon 0.6 the twins are a tie early
 
 
 def test_a_probe_on_compatibility_loss_keeps_the_lowest_loss_and_a_shift_reaches_car():
