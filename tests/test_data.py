@@ -457,3 +457,16 @@ def test_a_long_file_with_uuid_and_no_id_takes_its_ids_from_uuid():
     assert list(derived["id"]) == [instruction_id("q0"), instruction_id("q1")]
     kept = _long_batch(frame.assign(id=["i0", "i1"]), None, "data.jsonl", 0)
     assert list(kept["id"]) == ["i0", "i1"] and "uuid" in kept.columns
+
+
+def test_a_generation_index_spelled_as_text_or_float_is_one_whole_number():
+    """ "1" and 1.0 are the same generation: as keys they are one response, and a second row of it is a duplicate."""
+    from magpie_teach.data import validate_long
+
+    base = {"id": ["a", "a", "b", "b"], "teacher": ["t"] * 4, "instruction": ["x", "x", "y", "y"],
+            "response": ["r1", "r2", "r3", "r4"]}  # fmt: skip
+    rows, dropped = validate_long(pd.DataFrame({**base, "generation_index": ["0", "1", 0.0, 1.0]}))
+    assert rows["generation_index"].tolist() == [0, 1, 0, 1] and rows["generation_index"].dtype == "int64"
+    assert dropped.empty
+    with pytest.raises(DataError, match=r"duplicate \(id, teacher, generation_index\) rows"):
+        validate_long(pd.DataFrame({**base, "generation_index": ["0", "1", 1.0, "1"]}))
