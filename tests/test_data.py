@@ -468,5 +468,10 @@ def test_a_generation_index_spelled_as_text_or_float_is_one_whole_number():
     rows, dropped = validate_long(pd.DataFrame({**base, "generation_index": ["0", "1", 0.0, 1.0]}))
     assert rows["generation_index"].tolist() == [0, 1, 0, 1] and rows["generation_index"].dtype == "int64"
     assert dropped.empty
-    with pytest.raises(DataError, match=r"duplicate \(id, teacher, generation_index\) rows"):
+    with pytest.raises(DataError, match=r"^data: duplicate \(id, teacher, generation_index\) rows"):
         validate_long(pd.DataFrame({**base, "generation_index": ["0", "1", 1.0, "1"]}))
+    empty = pd.DataFrame({**base, "generation_index": [0, 1, 0, 1], "response": ["r1", "r2", "", "r4"]})
+    with pytest.raises(DataError, match="^data: "):  # not dropped unless asked
+        validate_long(empty)
+    rows, dropped = validate_long(empty, drop_invalid=True)
+    assert rows["id"].tolist() == ["a", "a"] and dropped["reason"].tolist()[0] == "empty_response"
