@@ -120,13 +120,7 @@ def rank_peak(data: Path, base: str, sample: int, out: Path) -> tuple[float, flo
     """(peak RSS in MB, wall seconds) of one `rank` run in a fresh process."""
     argv = ["rank", "--data", str(data), "--base-model", base, "--reward-column", REWARDS[0],
             "--sample", str(sample), "--output", str(out), "--no-cache", "--max-length", "128"]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"rank failed on {data}:\n{done.stderr[-3000:]}")
-    kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_KB"))
-    return kb / 1024, wall
+    return _peak(RUN, *argv)
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -191,6 +185,7 @@ print("PEAK_KB", int(peak.split()[1]), file=sys.stderr)
 
 
 def _peak(code: str, *argv: str) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of CODE run with ARGV in a fresh process (CODE prints PEAK_KB on stderr)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -40,6 +40,17 @@ def _fit(features, target, penalty=None, weights=None):
     return result.x
 
 
+def _joint_fit(judgements, students, ids):
+    """The instruction effects gamma (in IDS order) of the penalised joint fit logit P = theta_student + gamma_id,
+    by :func:`_fit` on its one-hot design."""
+    x = np.zeros((len(judgements), len(students) + len(ids)))
+    for row, (i, s) in enumerate(zip(judgements["id"], judgements["student"])):
+        x[row, students.index(s)] = 1
+        x[row, len(students) + ids.index(i)] = 1
+    penalty = np.concatenate([np.full(len(students), RIDGE), np.full(len(ids), DIFFICULTY_PENALTY)])
+    return _fit(x, judgements["preference"].to_numpy(), penalty)[len(students) :]
+
+
 def test_the_length_controlled_win_rate_is_the_published_model_fitted_independently():
     rng = np.random.default_rng(0)
     judgements = _judgements(rng, {"a": (0.4, 1.0), "b": (-0.2, 0.5), "c": (0.1, 0.0)}, n_ids=40, difficulty=0.8)
@@ -50,13 +61,7 @@ def test_the_length_controlled_win_rate_is_the_published_model_fitted_independen
 
     ids = sorted(judgements["id"].unique())
     students = sorted(judgements["student"].unique())
-    x = np.zeros((len(judgements), len(students) + len(ids)))
-    for row, (i, s) in enumerate(zip(judgements["id"], judgements["student"])):
-        x[row, students.index(s)] = 1
-        x[row, len(students) + ids.index(i)] = 1
-    penalty = np.concatenate([np.full(len(students), RIDGE), np.full(len(ids), DIFFICULTY_PENALTY)])
-    coef = _fit(x, judgements["preference"].to_numpy(), penalty)
-    gamma = coef[len(students) :]
+    gamma = _joint_fit(judgements, students, ids)
     gamma = dict(zip(ids, gamma - gamma.mean()))
     for student, group in judgements.groupby("student"):
         d = group["length_diff"].to_numpy()
@@ -82,12 +87,7 @@ def test_instruction_difficulty_is_the_joint_fit_of_every_student_centred_and_ze
         judgements = everyone[everyone["student"].isin(students)].sample(frac=1.0, random_state=0)
         gamma = instruction_difficulty(judgements)
         ids = sorted(judgements["id"].unique())
-        x = np.zeros((len(judgements), len(students) + len(ids)))
-        for row, (i, s) in enumerate(zip(judgements["id"], judgements["student"])):
-            x[row, students.index(s)] = 1
-            x[row, len(students) + ids.index(i)] = 1
-        penalty = np.concatenate([np.full(len(students), RIDGE), np.full(len(ids), DIFFICULTY_PENALTY)])
-        expected = _fit(x, judgements["preference"].to_numpy(), penalty)[len(students) :]
+        expected = _joint_fit(judgements, students, ids)
         assert gamma.name == "gamma" and list(gamma.index) == ids
         np.testing.assert_allclose(gamma.to_numpy(), expected - expected.mean(), atol=1e-6)
         assert abs(gamma.mean()) < 1e-12 and gamma.std() > 0.3, students
