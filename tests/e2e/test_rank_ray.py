@@ -240,8 +240,9 @@ def test_the_readme_ranks_the_zoo_under_the_five_paper_base_models_on_a_ray_clus
     subprocess.run([sys.executable, "-c", f"from huggingface_hub import HfApi\napi = HfApi()\n{publish}"],
                    env=env, check=True, capture_output=True)  # fmt: skip
     (tmp_path / "src").symlink_to(Path(__file__).resolve().parents[2] / "src")
-    result = run_readme_command(argv, cpu=True, cwd=tmp_path, env={**env, "RAY_ADDRESS": cluster},  # actors download
-                                capture_output=True, text=True, timeout=900)  # the models from the hub  # fmt: skip
+    # the module's Ray head, whose actors download the models from the hub
+    result = run_readme_command(argv, cpu=True, cwd=tmp_path, env={**env, "RAY_ADDRESS": cluster},
+                                capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for base in PAPER_BASES:
         assert re.search(
