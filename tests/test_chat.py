@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -220,3 +222,44 @@ def test_a_template_that_refuses_a_conversation_is_one_error_naming_the_tokenize
     tokenizer.name_or_path = ""
     with pytest.raises(ConfigError, match="^the chat template of this tokenizer refuses"):
         tokenize_conversation(tokenizer, "Hi?", "Hello.")
+
+
+def test_earlier_turns_are_read_from_json_or_a_list_and_anything_else_is_one_error_showing_the_value():
+    from magpie_teach.chat import build_messages, parse_context
+    from magpie_teach.errors import DataError
+
+    for empty in (None, float("nan"), "", "  ", [], "[]"):
+        assert parse_context(empty) is None
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]
+    expected = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "5"}]
+    assert parse_context(json.dumps(turns)) == expected
+    assert parse_context(np.array(turns, dtype=object)) == expected  # a parquet list column, read back
+    for bad in (1.5, 7, "{not json", '{"role": "user", "content": "hi"}', [{"role": "user"}], ["hi"], "x" * 100):
+        with pytest.raises(DataError) as err:
+            parse_context(bad)
+        assert str(err.value) == f"context: expected a list of {{role, content}} messages, got {str(bad)[:80]!r}"
+    assert build_messages(
+        "q?", "a.", system="be brief", context=turns[:1] + [{"role": "assistant", "content": "hello"}]
+    ) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "q?"},
+        {"role": "assistant", "content": "a."},
+    ]
+    assert build_messages("q?") == [{"role": "user", "content": "q?"}]
+
+
+def test_prepare_tokenizer_sets_the_resolved_template_and_a_missing_pad_token_to_eos(tiny_suite):
+    from transformers import AutoTokenizer
+
+    from magpie_teach.chat import prepare_tokenizer, resolve_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_suite.reference)  # no chat template: the default is set
+    tokenizer.pad_token = None
+    resolved = resolve_chat_template(tokenizer)
+    assert resolved == DEFAULT_CHAT_TEMPLATE != tokenizer.chat_template
+    assert prepare_tokenizer(tokenizer) is tokenizer
+    assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.chat_template == resolved
+    tokenizer.pad_token = "<|im_start|>"  # a pad token of its own is kept
+    assert prepare_tokenizer(tokenizer).pad_token == "<|im_start|>" != tokenizer.eos_token

@@ -1,3 +1,5 @@
+import re
+
 import datasets
 import numpy as np
 import pandas as pd
@@ -475,3 +477,137 @@ def test_a_generation_index_spelled_as_text_or_float_is_one_whole_number():
         validate_long(empty)
     rows, dropped = validate_long(empty, drop_invalid=True)
     assert rows["id"].tolist() == ["a", "a"] and dropped["reason"].tolist()[0] == "empty_response"
+
+
+# -- the small rules: text states, keys, the fingerprint (fast: `make mutation`) ----------------------------------
+
+
+def test_an_instruction_id_is_the_first_16_hex_digits_of_the_sha1_of_its_utf8_text():
+    import hashlib
+
+    for text in ("question 1?", "café, s'il vous plaît", "数学の問題"):
+        assert instruction_id(text) == hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def test_only_a_table_without_a_teacher_column_and_with_content_structs_is_wide():
+    from magpie_teach.data import is_wide
+
+    structs = pd.DataFrame({"instruction": ["q"], "t1": [{"content": "a"}]})
+    assert is_wide(structs)
+    assert not is_wide(structs.assign(teacher="t1"))  # long rows that happen to hold a struct column
+    assert not is_wide(pd.DataFrame({"instruction": ["q"], "t1": [{"text": "a"}]}))  # a struct without content
+    assert not is_wide(_frame())
+
+
+def test_the_text_columns_are_the_key_then_instruction_context_and_response_and_the_flags_are_carried():
+    from magpie_teach.data import carried_columns, text_columns
+
+    assert text_columns(_frame()) == ["id", "teacher", "instruction", "response"]
+    with_context = _frame(context=None, generation_index=0)
+    assert text_columns(with_context) == ["id", "teacher", "generation_index", "instruction", "context", "response"]
+    assert carried_columns(_frame()) == []
+    assert carried_columns(_frame(hit_max_new_tokens=False)) == ["hit_max_new_tokens"]
+
+
+def _fingerprint_of(frame):
+    loaded = validated_responses(frame, "data")
+    assert len(loaded.fingerprint) == 16 and int(loaded.fingerprint, 16) >= 0
+    return loaded.fingerprint
+
+
+def test_the_fingerprint_follows_every_text_and_key_and_not_the_row_order():
+    """The run record's identity of the data: a change to any response, instruction, earlier turn or key is a
+    new fingerprint; the same rows in another order are the same data."""
+    turns = [
+        [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}] for i in range(6)
+    ]
+    frame = _frame(context=pd.Series(turns, dtype=object))
+    frame.loc[5, "context"] = None  # a single-turn row among multi-turn ones
+    same = _fingerprint_of(frame)
+    assert _fingerprint_of(frame.iloc[::-1].reset_index(drop=True)) == same
+    changed = {
+        "response": lambda f: f.assign(response=f["response"].where(f.index != 2, "another answer")),
+        "instruction": lambda f: f.assign(instruction=f["instruction"].where(f["id"] != "q1", "another question?")),
+        "context": lambda f: f.assign(context=[*f["context"][:3], [{"role": "user", "content": "?"}], *f["context"][4:]]),
+        "null context as text": lambda f: f.assign(context=[*f["context"][:5], "None"]),
+        "teacher": lambda f: f.assign(teacher=f["teacher"].replace({"t2": "t3"})),
+        "id": lambda f: f.assign(id=f["id"].replace({"q2": "q9"})),
+    }  # fmt: skip
+    prints = {name: _fingerprint_of(change(frame.copy())) for name, change in changed.items()}
+    assert same not in prints.values() and len(set(prints.values())) == len(prints)
+
+
+def test_text_held_as_python_objects_is_blank_null_or_not_text_by_value():
+    """Object columns (mixed values, as JSON and pandas give them) are read value by value: blank and null are
+    empty, numbers and lists are not text (the first named as the Python value it is)."""
+    frame = _frame().astype({"response": object})
+    frame["response"] = pd.Series(["fine", None, "   ", np.nan, "good", "also fine"], dtype=object)
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert dict(zip(loaded.dropped["_row"], loaded.dropped["reason"])) == {
+        0: "sibling_dropped", 1: "empty_response", 2: "empty_response", 3: "empty_response",
+    }  # fmt: skip
+    assert loaded.rows["response"].tolist() == ["good", "also fine"]
+    for bad, shown in ((np.int64(5), "first: 5, a int"), (["a", "list"], "first: ['a', 'list'], a list")):
+        frame = _frame().astype({"response": object})
+        frame["response"] = pd.Series(["fine", "fine", bad, "fine", "fine", "fine"], dtype=object)
+        with pytest.raises(
+            DataError, match=rf"'response' must be text, but 1 row\(s\) hold other values \({re.escape(shown)}\)"
+        ):
+            validated_responses(frame, "data", drop_invalid=True)
+
+
+def test_a_null_instruction_without_an_id_is_dropped_and_teachers_are_named_as_text():
+    frame = _frame().drop(columns="id").assign(teacher=[1, 2] * 3)
+    frame.loc[[2, 3], "instruction"] = None
+    loaded = validated_responses(frame, "data", drop_invalid=True)
+    assert loaded.counts == {"rows_in": 6, "rows_kept": 4, "empty_instruction": 2}
+    assert sorted(loaded.rows["teacher"].unique()) == ["1", "2"]
+    assert loaded.rows["id"].tolist() == [instruction_id(f"question {i}?") for i in (0, 0, 2, 2)]
+
+
+def test_the_column_errors_name_the_source_and_only_the_users_columns():
+    from magpie_teach.data import to_long, validate_long
+
+    with pytest.raises(DataError) as err:
+        validate_long(_frame().drop(columns="teacher"), "mine.jsonl")
+    assert str(err.value) == "mine.jsonl: missing column(s) ['teacher']; found ['id', 'instruction', 'response']."
+    with pytest.raises(DataError) as err:
+        validate_long(_frame(score=1.0), "mine.jsonl", reward_column="rm")
+    assert str(err.value) == "mine.jsonl: no reward column 'rm'; other columns: ['score']."
+    with pytest.raises(DataError) as err:
+        validate_long(_frame().iloc[:0], "mine.jsonl")
+    assert str(err.value) == "mine.jsonl: no rows (columns: ['id', 'instruction', 'teacher', 'response'])."
+    with pytest.raises(DataError, match=r"^data: wide format without an 'instruction' column"):
+        to_long(pd.DataFrame({"t1": [{"content": "a"}]}))
+    rows, _ = validate_long(_frame(rm=[1.0] * 6))
+    assert len(rows) == 6  # no reward asked: none checked
+    with pytest.raises(DataError, match=r"^data: null or empty 'rm' in row 4"):
+        validate_long(_frame(rm=[1.0, 1.0, 1.0, 1.0, np.nan, 1.0]), reward_column="rm")
+
+
+def test_a_streamed_wide_source_without_the_reward_column_lists_its_fields_and_no_internal_column(tmp_path):
+    datasets.Dataset.from_pandas(_wide()).save_to_disk(str(tmp_path / "zoo"))
+    with pytest.raises(DataError) as err:
+        load_responses(str(tmp_path / "zoo"), reward_column="rm")
+    assert str(err.value).endswith(
+        "zoo: no reward column 'rm'; other columns: ['ArmoRM-Llama3-8B-v0.1', 'Skywork-Reward-Llama-3.1-8B']."
+    )
+
+
+def test_validated_responses_keep_their_source_and_revision_and_a_sample_is_seeded_42_by_default(tmp_path):
+    from magpie_teach.data import sample_ids
+
+    loaded = validated_responses(_frame(), "org/data", "abc123")
+    assert (loaded.source, loaded.revision) == ("org/data", "abc123")
+    frame = _frame(n_ids=12)
+    path = tmp_path / "data.parquet"
+    frame.to_parquet(path)
+    drawn = load_responses(str(path), sample=4)
+    assert set(drawn.rows["id"]) == sample_ids(frame["id"], 4, 42)
+
+
+def test_an_unanswered_instruction_error_says_how_to_keep_the_answered_ones():
+    with pytest.raises(
+        DataError, match=r"\(pass --drop-invalid to keep only instructions every teacher answered\)\.$"
+    ):
+        validated_responses(_frame().drop(index=[3]), "data")

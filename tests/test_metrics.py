@@ -248,3 +248,52 @@ def test_aggregate_keeps_the_pairs_first_seen_order_and_counts_responses_cut_by_
     expected = scores.groupby(["teacher", "base_model"])["hit_max_new_tokens"].sum()
     assert (table["n_hit_max_new_tokens"] == expected.reindex(table.index)).all() and expected.sum() > 0
     assert table["n_hit_max_new_tokens"].nunique() > 1
+
+
+def test_a_performance_table_names_its_first_value_that_is_not_a_number_and_its_first_repeated_pair(tmp_path):
+    path = tmp_path / "perf.csv"
+    path.write_text("teacher,base_model,AE2_LC_WR,ArenaHard_WR\nt1,b,1,2\nt2,b,abc,3\nt3,b,x,4\n")
+    with pytest.raises(DataError) as err:
+        load_performance(str(path))
+    assert str(err.value) == f"{path}: row 2, column 'AE2_LC_WR': not a number ('abc')."
+    path.write_text("teacher,base_model,AE2_LC_WR,ArenaHard_WR\nt2,b,1,2\nt1,b,1,2\nt2,b,3,4\nt1,b,5,6\n")
+    with pytest.raises(DataError) as err:
+        load_performance(str(path))
+    assert str(err.value) == f"{path}: (teacher, base_model) = ('t2', 'b') appears twice."
+
+
+def test_a_short_name_is_the_last_path_component_with_or_without_a_trailing_slash():
+    from magpie_teach.scoring.metrics import short_name
+
+    assert (
+        short_name("Qwen/Qwen2-1.5B/") == short_name("models/Qwen2-1.5B") == short_name("Qwen2-1.5B") == "Qwen2-1.5B"
+    )
+
+
+def test_the_reward_shift_warning_auto_value_and_error_are_exact():
+    rewards = pd.Series({"t1": -0.5, "t2": 1.0, "t3": 0.0})
+    with pytest.warns(UserWarning) as record:
+        assert resolve_reward_shift(rewards, None) == 0.0
+    assert str(record[0].message) == (
+        "CAR assumes positive rewards, but mean reward <= 0 for t1, t3 (min -0.5); CAR then prefers incompatible "
+        "teachers. Use --reward-shift auto (or a number) to shift rewards affinely before CAR."
+    )
+    # auto: the lowest mean moved to the spread of the means (here 0.5), or to 1 when they are all equal
+    assert resolve_reward_shift(pd.Series([-0.2, 0.3]), "auto") == pytest.approx(0.2 + 0.5)
+    assert resolve_reward_shift(pd.Series([-1.0, -1.0]), "auto") == pytest.approx(1.0 + 1.0)
+    assert resolve_reward_shift(pd.Series([0.5, 2.0]), "auto") == 0.0
+    with pytest.raises(ConfigError) as err:
+        resolve_reward_shift(rewards, "lots")
+    assert str(err.value) == "reward_shift='lots': expected 'none', 'auto' or a number."
+
+
+def test_unmatched_teachers_are_logged_only_when_asked(caplog):
+    from magpie_teach.scoring.metrics import match_performance
+
+    group = pd.DataFrame({"teacher": ["t1", "t2", "t3", "t9"], "base_model": "b", "car": [1.0, 2.0, 3.0, 4.0]})
+    performance = pd.DataFrame({"teacher": ["t1", "t2", "t3"], "base_model": "b", "ap": [1.0, 2.0, 3.0]})
+    with caplog.at_level("WARNING", logger="magpie_teach.scoring.metrics"):
+        assert len(match_performance(group, performance, "b")) == 3
+        assert not caplog.records
+        match_performance(group, performance, "b", warn=True)
+    assert [r.getMessage() for r in caplog.records] == ["base model b: no performance numbers for ['t9']"]

@@ -413,3 +413,25 @@ def test_the_best_teacher_follows_the_reward_shift_and_only_a_car_choice_carries
     assert decision["leader"] == "b" and decision["replicates"] == DEFAULT_BOOTSTRAP  # rank ran without a bootstrap
     chosen, _ = _pick(frame, strategy="best-of-n")
     assert "decision" not in chosen.attrs
+
+
+def test_a_token_count_is_no_filter_without_max_tokens(tmp_path, scores_file):
+    path, frame = scores_file
+    result = _run(tmp_path, path, strategy="teacher", teacher="beta")
+    assert result.summary["dropped_by_reason"] == {"truncated": 1, "failed": 1}
+    assert frame["n_tokens_full"].max() > frame["n_tokens_full"].min()  # the counts differ: a limit would bite
+
+
+def test_select_config_and_metric_errors_are_exact(tmp_path, scores_file):
+    path, _ = scores_file
+    with pytest.raises(ConfigError) as err:
+        SelectConfig(scores=str(path), output_dir=str(tmp_path), strategy="best-of-n", require_decided=True)
+    assert str(err.value) == "--require-decided applies to --strategy teacher choosing by --metric car (no --teacher)"
+    from magpie_teach.scoring.metrics import METRIC_DIRECTIONS
+
+    with pytest.raises(ConfigError) as err:
+        _run(tmp_path, path, strategy="teacher", metric="speed")
+    assert str(err.value) == f"--metric 'speed' is not one of {', '.join(METRIC_DIRECTIONS)}"
+    with pytest.raises(ConfigError) as err:
+        _run(tmp_path, path, strategy="teacher", metric="ppl_ref")  # a known metric these scores have no column for
+    assert str(err.value).startswith("--metric 'ppl_ref' is not in these scores (columns: ['teacher', 'base_model', ")

@@ -121,8 +121,16 @@ def parse_context(value: Any) -> list[dict[str, str]] | None:
         or (isinstance(value, str) and not value.strip())
     ):
         return None
-    turns = json.loads(value) if isinstance(value, str) else list(value)
-    if not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns):
+    turns = value
+    if isinstance(value, str):
+        try:
+            turns = json.loads(value)
+        except json.JSONDecodeError:
+            turns = None
+    # a list as JSON gives it, or as a parquet column of lists reads back (an array of dicts)
+    if not isinstance(turns, (list, tuple, np.ndarray)) or not all(
+        isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns
+    ):
         raise DataError(f"context: expected a list of {{role, content}} messages, got {str(value)[:80]!r}")
     return [{"role": str(t["role"]), "content": str(t["content"])} for t in turns] or None
 

@@ -189,7 +189,7 @@ def _long_batch(frame: pd.DataFrame, wide: list[str] | None, source: str, offset
 def _text_state(values: pd.Series, first_bad: dict, column: str) -> np.ndarray:
     """Per value: 0 non-empty text, 1 null or blank, 2 not text (the first such value is kept in ``first_bad``)."""
     state = np.zeros(len(values), dtype=np.int8)
-    if isinstance(values.dtype, pd.StringDtype) or values.dtype == "str":
+    if isinstance(values.dtype, pd.StringDtype):  # pandas' text dtypes ("str", "string"): null or blank, at once
         blank = values.isna().to_numpy() | (values.str.strip().str.len() == 0).fillna(True).to_numpy()
         state[blank] = _EMPTY
         return state
@@ -287,8 +287,8 @@ def _validate_keys(
         ("empty_response", "response", keys["response_state"] == _EMPTY),
     ]
     if reward_column is not None:
-        values = keys["reward"] if "reward" in keys.columns else pd.Series(np.nan, index=keys.index)
-        checks.append(("missing_reward", reward_column, values.isna() | ~np.isfinite(values.fillna(0))))
+        # `_check_columns` refused data without the column, and `_keys` read it as floats (NaN where not a number)
+        checks.append(("missing_reward", reward_column, ~np.isfinite(keys["reward"].to_numpy())))
     if "failed" in keys.columns:  # `generate` output: a failed row is never scored as if it were a response
         failed = keys["failed"]
         if failed.any() and not drop_invalid:

@@ -94,11 +94,14 @@ class Base:
 
 
 def _rho(values: np.ndarray, ap: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    """Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank); NaN when a side is
+    constant. (scipy's `spearmanr` gives the same figure at twenty times the cost, and `fit_beta` calls this
+    once per base model and interval between crossing points.)"""
+    from scipy.stats import rankdata
 
     if np.unique(values).size < 2 or np.unique(ap).size < 2:
         return float("nan")
-    return float(spearmanr(values, ap).statistic)
+    return float(np.corrcoef(rankdata(values), rankdata(ap))[0, 1])
 
 
 def car_rho(base: Base, beta: float) -> float:
