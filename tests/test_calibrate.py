@@ -322,3 +322,48 @@ def test_the_beta_curve_spans_every_crossing_and_holds_each_base_models_rho_and_
         assert row["mean_rho"] == pytest.approx(np.mean(rhos), abs=1e-12)
     wide = beta_curve(candidate, names, [1e-4, 5e3])  # crossing points beyond the default span widen it
     assert wide["beta"].iloc[1] == pytest.approx(1e-5) and wide["beta"].iloc[-1] == pytest.approx(5e4)
+
+
+def test_the_distance_from_the_default_beta_is_zero_inside_and_the_log_ratio_to_the_nearer_edge_outside():
+    from magpie_teach.scoring.calibrate import DEFAULT_BETA, _log_distance
+
+    assert DEFAULT_BETA == 3.0
+    for lo, hi in ((1.0, 5.0), (3.0, 5.0), (1.0, 3.0), (0.0, np.inf)):
+        assert _log_distance(lo, hi) == 0.0
+    for lo, hi, edge in ((0.5, 1.5, 1.5), (0.1, 0.5, 0.5), (6.0, 12.0, 6.0), (4.0, np.inf, 4.0)):
+        assert _log_distance(lo, hi) == pytest.approx(abs(np.log(edge / 3.0)), rel=1e-12)
+
+
+def _base(reward, loss, ap, name="b"):
+    from magpie_teach.scoring.calibrate import Base
+
+    reward, loss, ap = (np.asarray(v, dtype=float) for v in (reward, loss, ap))
+    return Base(name, [f"t{i}" for i in range(len(ap))], reward, loss, ap, {"reward": reward})
+
+
+def test_among_betas_of_equal_mean_rho_the_fit_takes_the_interval_nearest_the_default():
+    """Teachers 1 and 2 tie on AP and swap at beta 5 (their only crossing): both sides rank equally well, and the
+    fit keeps the side that holds the default beta 3, whichever side comes first."""
+    from magpie_teach.scoring.calibrate import crossings, fit_beta
+
+    base = _base(reward=[0.1, 2.0, 1.0], loss=[1.0, 1.0, 0.4], ap=[0.0, 1.0, 1.0])
+    np.testing.assert_allclose(crossings(base.reward, base.loss), [5.0])
+    fit = fit_beta([base])
+    assert (
+        fit.interval == (0.0, pytest.approx(5.0)) and fit.beta == 3.0 and fit.mean_rho == pytest.approx(np.sqrt(3) / 2)
+    )
+    # the crossing at 0.5: the later interval holds the default
+    late = _base(reward=[0.1, 2.0, 1.0], loss=[1.0, 4.0, 1.0], ap=[0.0, 1.0, 1.0])
+    np.testing.assert_allclose(crossings(late.reward, late.loss), [0.5])
+    assert fit_beta([late]).interval == (pytest.approx(0.5), np.inf) and fit_beta([late]).beta == 3.0
+
+
+def test_car_is_chosen_over_a_baseline_that_only_ties_it_and_a_calibration_needs_a_scores_folder(tmp_path):
+    from magpie_teach.scoring.calibrate import CalibrateConfig, Candidate, choose
+
+    same_loss = [_base(reward=[1.0, 2.0, 3.0], loss=[1.0, 1.0, 1.0], ap=[1.0, 2.0, 3.0], name=n) for n in "ab"]
+    choice = choose([Candidate("run", 0.0, {b.name: b for b in same_loss})], ["a", "b"])
+    assert choice.metric == "car" and choice.mean_rho == pytest.approx(1.0)  # reward ranks as well: CAR stays
+    with pytest.raises(ConfigError) as err:
+        CalibrateConfig(scores=[], performance="p.csv", output_dir=str(tmp_path)).check()
+    assert str(err.value) == "give at least one --scores folder"

@@ -304,3 +304,14 @@ def test_the_verdict_in_summary_json():
     assert math.isinf(verdict.beta_range[1])  # no upper end: null in JSON
     bounded = BaseModelConfidence("m", 5, "a", "b", 0.5, False, (-1.0, 1.0), (0.5, 2.0))
     assert bounded.to_json()["beta_range"] == [0.5, 2.0] and bounded.to_json()["difference_ci"] == [-1.0, 1.0]
+
+
+def test_verdicts_keep_the_base_models_order_and_an_exact_tie_at_the_top_is_not_a_lead():
+    scores = synthetic_scores({"x": (4.0, 1.0), "z": (1.0, 1.0)}, n=40, seed=5, bases=("zeta", "alpha"))
+    twin = scores[scores["teacher"] == "x"].assign(teacher="y")  # y answers exactly as x does
+    scores = pd.concat([scores, twin], ignore_index=True)
+    _, verdicts = bootstrap_ranking(scores, aggregate(scores), n_replicates=200)
+    assert [v.base_model for v in verdicts] == ["zeta", "alpha"]  # as the scores list them, not sorted
+    for verdict in verdicts:
+        assert {verdict.leader, verdict.runner_up} == {"x", "y"} and verdict.difference_ci[0] == 0.0
+        assert not verdict.separated

@@ -237,7 +237,7 @@ def test_a_sharded_zoo_folder_read_in_many_batches_equals_the_whole_table_read_a
 def test_sample_reads_the_texts_of_the_drawn_instructions_only_and_draws_what_the_in_memory_path_draws(
     tmp_path, small_batches
 ):
-    frame = _zoo_frame(40)
+    frame = _zoo_frame(20)
     _write_shards(tmp_path / "zoo", frame, shards=2, row_group=5)
     loaded = load_responses(str(tmp_path / "zoo"), reward_column="ArmoRM-Llama3-8B-v0.1", sample=7, seed=3)
     every = load_responses(str(tmp_path / "zoo"), reward_column="ArmoRM-Llama3-8B-v0.1")
@@ -245,6 +245,31 @@ def test_sample_reads_the_texts_of_the_drawn_instructions_only_and_draws_what_th
     pd.testing.assert_frame_equal(_by_key(loaded.rows), _by_key(expected), check_dtype=False)
     assert len(loaded.rows) == 7 * 3 and loaded.counts["rows_sampled"] == 21
     assert loaded.fingerprint == every.fingerprint  # validation and the fingerprint cover every row
+
+
+def test_a_stream_yields_the_kept_rows_in_windows_of_the_size_asked_and_its_dropped_rows_after_a_pass(
+    tmp_path, small_batches
+):
+    from magpie_teach.data import open_responses
+
+    frame = _zoo_frame(16)
+    frame.at[5, "gemma-2-9b-it"] = {"content": " ", "ArmoRM-Llama3-8B-v0.1": 1.0}  # drops instruction u005
+    _write_shards(tmp_path / "zoo", frame, shards=3, row_group=4)
+    source = str(tmp_path / "zoo")
+    whole = load_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True)
+    stream = open_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True)
+    assert (stream.n_rows, stream.fingerprint, stream.counts) == (len(whole.rows), whole.fingerprint, whole.counts)
+    assert stream.dropped is None  # nothing read yet
+    windows = list(stream.windows(10))
+    assert [len(w) for w in windows] == [10] * 4 + [5] and stream.n_rows == 45
+    pd.testing.assert_frame_equal(pd.concat(windows, ignore_index=True), whole.rows)
+    pd.testing.assert_frame_equal(stream.dropped, whole.dropped)
+    assert stream.dropped[["id", "reason"]].to_dict("records") == [
+        {"id": "u005", "reason": r} for r in ("sibling_dropped", "empty_response", "sibling_dropped")
+    ]
+    sampled = open_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True, sample=7, seed=3)
+    rows = pd.concat(list(sampled.windows(4)), ignore_index=True)
+    assert len(rows) == sampled.n_rows == 21 and rows["id"].nunique() == 7
 
 
 def test_rows_are_numbered_across_batches_in_errors_and_in_what_is_dropped(tmp_path, small_batches):

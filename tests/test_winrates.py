@@ -159,3 +159,23 @@ def test_the_bootstrap_interval_covers_the_true_win_rate_at_its_level_and_repeat
     pd.testing.assert_frame_equal(again, win_rates(judgements, n_replicates=100, confidence=0.9, seed=99))
     other = win_rates(judgements, n_replicates=100, confidence=0.9, seed=7)
     assert not again.equals(other)
+
+
+def test_one_students_features_and_fit_are_the_published_model_at_any_length_scale():
+    from magpie_teach.scoring.winrates import length_controlled, length_features
+
+    rng = np.random.default_rng(3)
+    judgements = _judgements(rng, {"a": (0.4, 1.0)}, n_ids=30)
+    gamma = pd.Series(rng.normal(0, 0.5, 30), index=[f"x{i:03d}" for i in range(30)])
+    for unit in (1.0, 1e-3):  # length differences in tokens, and as fractions (a scale below 1)
+        group = judgements.assign(length_diff=judgements["length_diff"] * unit).iloc[::-1]  # gamma by id, not place
+        d = group["length_diff"].to_numpy()
+        expected = np.column_stack([np.ones(len(d)), np.tanh(d / d.std()), gamma[group["id"]].to_numpy()])
+        features = length_features(group, gamma)
+        np.testing.assert_allclose(features, expected, rtol=1e-12)
+        fit = length_controlled(features, group["preference"].to_numpy())
+        theta, phi, psi = _fit(expected, group["preference"].to_numpy())
+        assert (fit.theta, fit.phi, fit.psi) == pytest.approx((theta, phi, psi), abs=1e-6)
+        assert fit.win_rate == pytest.approx(100 * np.mean(expit(theta + psi * expected[:, 2])), abs=1e-6)
+    constant = length_features(judgements.assign(length_diff=5.0), gamma)
+    assert (constant[:, 1] == 0).all()  # a constant difference says nothing about length: a zero column

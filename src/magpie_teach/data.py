@@ -435,7 +435,69 @@ def sample_ids(ids: Any, n: int, seed: int) -> set[str] | None:
     return set(np.random.default_rng(seed).choice(distinct, size=n, replace=False))
 
 
-def load_responses(
+WINDOW_ROWS = 20_000
+"""Rows per window of :meth:`ResponseStream.windows` (`rank` scores and writes its scores a window at a time)."""
+
+
+@dataclass
+class ResponseStream:
+    """A validated source (:func:`open_responses`): its counts and fingerprint now, its kept rows a window at a
+    time (:meth:`windows`, in source order); the rows dropped (with ``reason``) are read by the same pass, and
+    are in :attr:`dropped` once a pass has ended."""
+
+    source: str
+    revision: str | None
+    fingerprint: str
+    counts: dict[str, int]
+    n_rows: int
+    """How many rows the windows yield (the kept rows, or those of the sampled instructions)."""
+    dropped: pd.DataFrame | None = None
+    _read: Any = None  # () -> iterator of long-format batches with `_pos`, each read from the source anew
+    _wanted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted positions
+    _dropped_keys: pd.DataFrame | None = None
+    _reward_column: str | None = None
+
+    def windows(self, rows: int = WINDOW_ROWS) -> Iterator[pd.DataFrame]:
+        """The kept rows, ``rows`` at a time (the last window shorter), each with its final types."""
+        if rows <= 0:
+            raise ValueError(f"a window holds at least one row, got {rows}")
+        dropped_positions = np.sort(self._dropped_keys["_pos"].to_numpy())
+        buffered: list[pd.DataFrame] = []
+        n_buffered = 0
+        found_dropped = []
+        for batch in self._read():
+            mine = batch["_pos"].to_numpy()
+            if len(dropped_positions):
+                hit = _member(mine, dropped_positions)
+                if hit.any():
+                    found_dropped.append(batch[hit])
+            hit = _member(mine, self._wanted)
+            if hit.any():
+                buffered.append(batch[hit])
+                n_buffered += int(hit.sum())
+            while n_buffered >= rows:
+                frame = pd.concat(buffered, ignore_index=True)
+                yield self._finish(frame.iloc[:rows])
+                buffered, n_buffered = [frame.iloc[rows:]], len(frame) - rows
+        if n_buffered:
+            yield self._finish(pd.concat(buffered, ignore_index=True))
+        every = pd.concat(found_dropped, ignore_index=True).set_index("_pos") if found_dropped else None
+        order = self._dropped_keys["_pos"].to_numpy()
+        dropped = every.loc[order].reset_index(drop=True) if every is not None else pd.DataFrame()
+        dropped["reason"] = self._dropped_keys["reason"].to_numpy()
+        self.dropped = dropped
+
+    def _finish(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return _finish_rows(frame.drop(columns="_pos").reset_index(drop=True), self._reward_column)
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is in ``sorted_set`` (sorted ascending)."""
+    at = np.searchsorted(sorted_set, values)
+    return (at < len(sorted_set)) & (sorted_set[np.minimum(at, len(sorted_set) - 1)] == values)
+
+
+def open_responses(
     source: str,
     *,
     revision: str | None = None,
@@ -445,11 +507,12 @@ def load_responses(
     teachers: list[str] | None = None,
     sample: int | None = None,
     seed: int = 42,
-) -> LoadedResponses:
+) -> ResponseStream:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
-    """Loads teacher responses in either format, validated, as long-format rows, streaming (see the module
-    docstring). With ``sample``, only the responses to ``sample`` instructions drawn at random (``seed``; the same
-    instructions for every teacher) are read into ``rows``; validation and the fingerprint cover every row."""
+    """Validates teacher responses in either format, streaming (see the module docstring), and returns them as a
+    :class:`ResponseStream`: counts and fingerprint from the keys, the texts read only by its windows. With
+    ``sample``, the windows hold only the responses to ``sample`` instructions drawn at random (``seed``; the
+    same instructions for every teacher); validation and the fingerprint cover every row."""
     from magpie_teach.tables import open_table
 
     table = open_table(source, revision=revision, split=split)
@@ -492,20 +555,33 @@ def load_responses(
         if chosen is not None:
             wanted = kept[kept["id"].isin(chosen)]
         counts["rows_sampled"] = len(wanted)
+    return ResponseStream(
+        source, table.revision, fingerprint, counts, len(wanted),
+        _read=lambda: _long_batches(table, wide, columns, teachers, set()),
+        _wanted=np.sort(wanted["_pos"].to_numpy()), _dropped_keys=dropped_keys[["_pos", "reason"]],
+        _reward_column=reward_column,
+    )  # fmt: skip
 
-    positions = np.sort(np.concatenate([wanted["_pos"].to_numpy(), dropped_keys["_pos"].to_numpy()]))
-    found = []
-    for batch in _long_batches(table, wide, columns, teachers, set()):
-        mine = batch["_pos"].to_numpy()
-        at = np.searchsorted(positions, mine)
-        hit = (at < len(positions)) & (positions[np.minimum(at, len(positions) - 1)] == mine)
-        if hit.any():
-            found.append(batch[hit])
-    every = pd.concat(found, ignore_index=True).set_index("_pos")
-    rows = _finish_rows(every.loc[wanted["_pos"].to_numpy()].reset_index(drop=True), reward_column)
-    dropped = every.loc[dropped_keys["_pos"].to_numpy()].reset_index(drop=True)
-    dropped["reason"] = dropped_keys["reason"].to_numpy()
-    return LoadedResponses(rows, dropped, source, table.revision, fingerprint, counts)
+
+def load_responses(
+    source: str,
+    *,
+    revision: str | None = None,
+    split: str = "train",
+    reward_column: str | None = None,
+    drop_invalid: bool = False,
+    teachers: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 42,
+) -> LoadedResponses:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
+    """Loads teacher responses in either format, validated, as long-format rows held in memory: the windows of
+    :func:`open_responses` (same arguments) put together."""
+    stream = open_responses(source, revision=revision, split=split, reward_column=reward_column,
+                            drop_invalid=drop_invalid, teachers=teachers, sample=sample, seed=seed)  # fmt: skip
+    windows = list(stream.windows(max(stream.n_rows, 1)))
+    rows = windows[0] if len(windows) == 1 else pd.concat(windows, ignore_index=True)
+    return LoadedResponses(rows, stream.dropped, source, stream.revision, stream.fingerprint, stream.counts)
 
 
 def _wide_layout(table: Any) -> list[str] | None:
