@@ -1,6 +1,6 @@
 """`make mutation`'s report, from mutmut's ``mutants/`` folder: counts per module (killed, survived, no tests,
-timeout), then every survivor as the line it changes, except those reviewed as equivalent in
-``scripts/mutation_equivalents.yaml`` (counted there by reason).
+timeout), then every survivor as the line it changes, except those reviewed in ``scripts/mutation_reviewed.yaml``
+(counted by reason: equivalent mutants, and the gaps left open on purpose).
 
 A reviewed entry names the function and the line before and after the mutation, not mutmut's number (which
 shifts when the function changes): an entry whose line is edited stops matching, and the survivor is listed
@@ -19,7 +19,7 @@ import yaml
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}  # fmt: skip
-EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.yaml")
+REVIEWED = Path(__file__).with_name("mutation_reviewed.yaml")
 
 
 def _functions(source: Path) -> dict[str, str]:
@@ -54,7 +54,7 @@ def main() -> int:
         print("no mutmut results under mutants/ (run `make mutation`)", file=sys.stderr)
         return 1
     reviewed = {(e["function"], e["old"].strip(), e["new"].strip()): e["why"]
-                for e in yaml.safe_load(EQUIVALENTS.read_text()) or []}  # fmt: skip
+                for e in yaml.safe_load(REVIEWED.read_text()) or []}  # fmt: skip
     total: Counter = Counter()
     by_reason: Counter = Counter()
     unreviewed: dict[str, list] = defaultdict(list)
@@ -78,7 +78,11 @@ def main() -> int:
     print(f"all: {sum(total.values())} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
           + f"; killed {score:.0%} of those checked")  # fmt: skip
     n_reviewed = sum(by_reason.values())
-    print(f"\nsurvivors reviewed as equivalent ({EQUIVALENTS.name}): {n_reviewed}")
+    n_open_gaps = sum(n for reason, n in by_reason.items() if reason.startswith("NOT equivalent"))
+    print(
+        f"\nsurvivors reviewed ({REVIEWED.name}): {n_reviewed}, of which equivalent {n_reviewed - n_open_gaps}, "
+        f"not pinned by a test yet {n_open_gaps}"
+    )
     for reason, n in by_reason.most_common():
         print(f"  {n:4d}  {reason}")
     n_open = sum(len(v) for v in unreviewed.values())

@@ -367,3 +367,19 @@ def test_car_is_chosen_over_a_baseline_that_only_ties_it_and_a_calibration_needs
     with pytest.raises(ConfigError) as err:
         CalibrateConfig(scores=[], performance="p.csv", output_dir=str(tmp_path)).check()
     assert str(err.value) == "give at least one --scores folder"
+
+
+def test_rho_equals_scipys_spearman_with_ties_on_either_side_and_is_nan_for_a_constant_side():
+    from scipy.stats import spearmanr
+
+    from magpie_teach.scoring.calibrate import _rho
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(3, 9))
+        values, ap = rng.integers(0, 3, n).astype(float), rng.normal(size=n)
+        if rng.random() < 0.5:
+            values, ap = ap, values
+        if len(set(values)) > 1 and len(set(ap)) > 1:
+            assert _rho(values, ap) == pytest.approx(spearmanr(values, ap).statistic, abs=1e-12)
+    assert np.isnan(_rho(np.ones(4), np.arange(4.0))) and np.isnan(_rho(np.arange(4.0), np.ones(4)))

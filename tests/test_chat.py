@@ -263,3 +263,32 @@ def test_prepare_tokenizer_sets_the_resolved_template_and_a_missing_pad_token_to
     assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.chat_template == resolved
     tokenizer.pad_token = "<|im_start|>"  # a pad token of its own is kept
     assert prepare_tokenizer(tokenizer).pad_token == "<|im_start|>" != tokenizer.eos_token
+
+
+def test_the_context_token_is_bos_else_eos_and_a_tokenizer_with_neither_is_one_error(tiny_suite):
+    from transformers import AutoTokenizer
+
+    from magpie_teach.chat import context_token_id
+    from magpie_teach.errors import ConfigError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_suite.reference)
+    tokenizer.bos_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>"
+    assert context_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenizer.bos_token = None
+    assert context_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer.eos_token = None
+    with pytest.raises(ConfigError) as err:
+        context_token_id(tokenizer)
+    assert str(err.value) == f"Tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token."
+
+
+def test_of_several_named_chat_templates_the_default_one_is_used(tiny_suite):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_suite.reference)
+    tokenizer.chat_template = {"default": DEFAULT_CHAT_TEMPLATE, "tool_use": PLAIN_CHATML}
+    assert resolve_chat_template(tokenizer) == DEFAULT_CHAT_TEMPLATE
+    tokenizer.chat_template = {"tool_use": DEFAULT_CHAT_TEMPLATE}  # no default: the documented fallback
+    assert resolve_chat_template(tokenizer) == DEFAULT_CHAT_TEMPLATE
+    tokenizer.chat_template = {"default": PLAIN_CHATML}
+    assert resolve_chat_template(tokenizer) != DEFAULT_CHAT_TEMPLATE

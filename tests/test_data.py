@@ -255,21 +255,29 @@ def test_a_stream_yields_the_kept_rows_in_windows_of_the_size_asked_and_its_drop
     frame = _zoo_frame(16)
     frame.at[5, "gemma-2-9b-it"] = {"content": " ", "ArmoRM-Llama3-8B-v0.1": 1.0}  # drops instruction u005
     _write_shards(tmp_path / "zoo", frame, shards=3, row_group=4)
-    source = str(tmp_path / "zoo")
-    whole = load_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True)
-    stream = open_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True)
-    assert (stream.n_rows, stream.fingerprint, stream.counts) == (len(whole.rows), whole.fingerprint, whole.counts)
+    source, reward = str(tmp_path / "zoo"), "ArmoRM-Llama3-8B-v0.1"
+    reference = _reference(frame, reward_column=reward, drop_invalid=True)  # the whole table at once, in memory
+    stream = open_responses(source, reward_column=reward, drop_invalid=True)
+    assert (stream.n_rows, stream.fingerprint, stream.counts) == (45, reference.fingerprint, reference.counts)
     assert stream.dropped is None  # nothing read yet
     windows = list(stream.windows(10))
-    assert [len(w) for w in windows] == [10] * 4 + [5] and stream.n_rows == 45
-    pd.testing.assert_frame_equal(pd.concat(windows, ignore_index=True), whole.rows)
-    pd.testing.assert_frame_equal(stream.dropped, whole.dropped)
+    assert [len(w) for w in windows] == [10] * 4 + [5]
+    assert all(list(w.index) == list(range(len(w))) for w in windows)
+    rows = pd.concat(windows, ignore_index=True)
+    pd.testing.assert_frame_equal(_by_key(rows), _by_key(reference.rows), check_dtype=False)
+    dropped = reference.dropped.drop(columns="_pos", errors="ignore")
+    pd.testing.assert_frame_equal(_by_key(stream.dropped), _by_key(dropped), check_dtype=False)
     assert stream.dropped[["id", "reason"]].to_dict("records") == [
         {"id": "u005", "reason": r} for r in ("sibling_dropped", "empty_response", "sibling_dropped")
     ]
-    sampled = open_responses(source, reward_column="ArmoRM-Llama3-8B-v0.1", drop_invalid=True, sample=7, seed=3)
+    sampled = open_responses(source, reward_column=reward, drop_invalid=True, sample=7, seed=3)
     rows = pd.concat(list(sampled.windows(4)), ignore_index=True)
     assert len(rows) == sampled.n_rows == 21 and rows["id"].nunique() == 7
+    clean = open_responses(source, reward_column=reward, teachers=["Qwen2-7B-Instruct"])
+    assert len(pd.concat(list(clean.windows(1)))) == 16 and clean.dropped.empty
+    assert list(clean.dropped.columns) == [*clean.dropped.columns[:-1], "reason"] and "response" in clean.dropped
+    with pytest.raises(ValueError, match="a window holds at least one row, got 0"):
+        next(clean.windows(0))
 
 
 def test_rows_are_numbered_across_batches_in_errors_and_in_what_is_dropped(tmp_path, small_batches):
@@ -360,6 +368,7 @@ def test_failed_generations_stop_the_run_unless_dropped_with_the_other_teachers_
         3: "failed_generation",
     }
     assert loaded.counts == {"rows_in": 6, "rows_kept": 4, "failed_generation": 1, "sibling_dropped": 1}
+    assert list(loaded.dropped.columns) == ["id", "instruction", "teacher", "response", "status", "_row", "reason"]
     assert validated_responses(_frame(status=[None] * 6), "data").counts["rows_kept"] == 6  # no status reads as ok
 
 

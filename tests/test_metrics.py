@@ -297,3 +297,12 @@ def test_unmatched_teachers_are_logged_only_when_asked(caplog):
         assert not caplog.records
         match_performance(group, performance, "b", warn=True)
     assert [r.getMessage() for r in caplog.records] == ["base model b: no performance numbers for ['t9']"]
+
+
+def test_the_ranking_has_one_row_per_pair_numbered_from_0_and_no_index_column():
+    scores = pd.DataFrame({"teacher": ["t2", "t1", "t2", "t1"], "base_model": "b", "id": ["a", "a", "b", "b"],
+                           "reward": [1.0, 2.0, 3.0, 4.0], "compat_loss": [1.0, 1.0, 2.0, 2.0],
+                           "n_tokens_full": 5, "truncated": False}, index=[7, 3, 9, 1])  # fmt: skip
+    ranking = aggregate(scores)
+    assert list(ranking.index) == [0, 1] and "index" not in ranking.columns
+    assert list(ranking["teacher"]) == ["t2", "t1"]

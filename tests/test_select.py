@@ -420,6 +420,10 @@ def test_a_token_count_is_no_filter_without_max_tokens(tmp_path, scores_file):
     result = _run(tmp_path, path, strategy="teacher", teacher="beta")
     assert result.summary["dropped_by_reason"] == {"truncated": 1, "failed": 1}
     assert frame["n_tokens_full"].max() > frame["n_tokens_full"].min()  # the counts differ: a limit would bite
+    # no index leaks into what select returns or writes
+    assert "index" not in result.dataset.columns and list(result.dataset.index) == list(range(len(result.dataset)))
+    written = pd.read_parquet(result.output_dir / "data" / "train-00000-of-00001.parquet")
+    assert not [c for c in written.columns if "index" in c]
 
 
 def test_select_config_and_metric_errors_are_exact(tmp_path, scores_file):

@@ -453,7 +453,7 @@ class ResponseStream:
     """How many rows the windows yield (the kept rows, or those of the sampled instructions)."""
     dropped: pd.DataFrame | None = None
     _read: Any = None  # () -> iterator of long-format batches with `_pos`, each read from the source anew
-    _wanted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted positions
+    _wanted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # positions of the kept rows
     _dropped_keys: pd.DataFrame | None = None
     _reward_column: str | None = None
 
@@ -461,40 +461,31 @@ class ResponseStream:
         """The kept rows, ``rows`` at a time (the last window shorter), each with its final types."""
         if rows <= 0:
             raise ValueError(f"a window holds at least one row, got {rows}")
-        dropped_positions = np.sort(self._dropped_keys["_pos"].to_numpy())
+        dropped_positions = self._dropped_keys["_pos"].to_numpy()
         buffered: list[pd.DataFrame] = []
         n_buffered = 0
         found_dropped = []
         for batch in self._read():
             mine = batch["_pos"].to_numpy()
-            if len(dropped_positions):
-                hit = _member(mine, dropped_positions)
-                if hit.any():
-                    found_dropped.append(batch[hit])
-            hit = _member(mine, self._wanted)
+            hit = np.isin(mine, dropped_positions)
+            if hit.any() or not found_dropped:  # the first batch's, even empty: the columns of `dropped`
+                found_dropped.append(batch[hit])
+            hit = np.isin(mine, self._wanted)
             if hit.any():
                 buffered.append(batch[hit])
                 n_buffered += int(hit.sum())
             while n_buffered >= rows:
-                frame = pd.concat(buffered, ignore_index=True)
+                frame = pd.concat(buffered)
                 yield self._finish(frame.iloc[:rows])
                 buffered, n_buffered = [frame.iloc[rows:]], len(frame) - rows
         if n_buffered:
-            yield self._finish(pd.concat(buffered, ignore_index=True))
-        every = pd.concat(found_dropped, ignore_index=True).set_index("_pos") if found_dropped else None
-        order = self._dropped_keys["_pos"].to_numpy()
-        dropped = every.loc[order].reset_index(drop=True) if every is not None else pd.DataFrame()
-        dropped["reason"] = self._dropped_keys["reason"].to_numpy()
-        self.dropped = dropped
+            yield self._finish(pd.concat(buffered))
+        # in the order validation dropped them, without `_pos` (the source's columns, even when none was dropped)
+        dropped = pd.concat(found_dropped).set_index("_pos").loc[self._dropped_keys["_pos"].to_numpy()]
+        self.dropped = dropped.reset_index(drop=True).assign(reason=self._dropped_keys["reason"].to_numpy())
 
     def _finish(self, frame: pd.DataFrame) -> pd.DataFrame:
         return _finish_rows(frame.drop(columns="_pos").reset_index(drop=True), self._reward_column)
-
-
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Whether each of ``values`` is in ``sorted_set`` (sorted ascending)."""
-    at = np.searchsorted(sorted_set, values)
-    return (at < len(sorted_set)) & (sorted_set[np.minimum(at, len(sorted_set) - 1)] == values)
 
 
 def open_responses(
@@ -558,27 +549,16 @@ def open_responses(
     return ResponseStream(
         source, table.revision, fingerprint, counts, len(wanted),
         _read=lambda: _long_batches(table, wide, columns, teachers, set()),
-        _wanted=np.sort(wanted["_pos"].to_numpy()), _dropped_keys=dropped_keys[["_pos", "reason"]],
+        _wanted=wanted["_pos"].to_numpy(), _dropped_keys=dropped_keys[["_pos", "reason"]],
         _reward_column=reward_column,
     )  # fmt: skip
 
 
-def load_responses(
-    source: str,
-    *,
-    revision: str | None = None,
-    split: str = "train",
-    reward_column: str | None = None,
-    drop_invalid: bool = False,
-    teachers: list[str] | None = None,
-    sample: int | None = None,
-    seed: int = 42,
-) -> LoadedResponses:
+def load_responses(source: str, **options: Any) -> LoadedResponses:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """Loads teacher responses in either format, validated, as long-format rows held in memory: the windows of
-    :func:`open_responses` (same arguments) put together."""
-    stream = open_responses(source, revision=revision, split=split, reward_column=reward_column,
-                            drop_invalid=drop_invalid, teachers=teachers, sample=sample, seed=seed)  # fmt: skip
+    :func:`open_responses` (``options`` are its keyword arguments, with its defaults) put together."""
+    stream = open_responses(source, **options)
     windows = list(stream.windows(max(stream.n_rows, 1)))
     rows = windows[0] if len(windows) == 1 else pd.concat(windows, ignore_index=True)
     return LoadedResponses(rows, stream.dropped, source, stream.revision, stream.fingerprint, stream.counts)
