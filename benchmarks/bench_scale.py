@@ -5,6 +5,7 @@ path's throughput against the local engine, and what the full Zoo costs on GPUs.
     python benchmarks/bench_scale.py ray [--rows 6000] [--workers 2] [--work DIR]
     python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
     python benchmarks/bench_scale.py select [--instructions 2000 20000] [--work DIR]
+    python benchmarks/bench_scale.py full [--instructions 1000 5000] [--work DIR]
 
 Builds folders in the exact layout of ``Magpie-Align/Magpie-100K-Generator-Zoo`` (ten parquet shards
 ``data/train-0000K-of-00010.parquet``; one row per instruction with ``uuid``, ``instruction`` and one struct
@@ -27,6 +28,11 @@ ArmoRM reward, a compatibility loss drawn at random) and runs ``magpie-teach sel
 on it in a fresh process: its peak memory, against the peak of reading the same file whole with pandas (what
 `select` did before it streamed) measured in the same run, and the ratio of each size's peak to the smallest
 size's.
+
+``full`` ranks every response (no ``--sample``; the score cache on, in a fresh folder per run) of each
+Zoo-layout folder under a tiny base model with ``--reward-column``, twice in fresh processes: in windows of
+``MAGPIE_TEACH_WINDOW_ROWS`` (default 20,000) responses, and in one window (the whole data in memory, as `rank`
+scored before it streamed). It prints both peaks, their ratio, and the windowed peak against the smallest size's.
 
 ``extrapolate`` measures the tokens one response costs the engine (the conversation, the response alone for
 L(y), and the instruction for L(x), with a real tokenizer when one is cached, else the tiny one) on the Zoo-layout
@@ -141,6 +147,37 @@ def memory(args: argparse.Namespace) -> None:
         print(f"{n:>7} instructions ({n * len(ZOO_TEACHERS):>9,} responses, {size:.2f} GB parquet"
               f"{f', built in {built:.0f}s' if built > 1 else ''}): peak RSS {peak:,.0f} MB, "
               f"{peak / results[0][1]:.2f}x the {results[0][0]}-instruction run, rank took {wall:.0f}s", flush=True)  # fmt: skip
+
+
+def full(args: argparse.Namespace) -> None:
+    import os
+
+    from magpie_teach.tiny import build_tiny_suite
+
+    work = Path(args.work)
+    base = build_tiny_suite(work / "models").base_small
+    print(f"rank --reward-column {REWARDS[0]} --max-length 64 (every response), tiny base model; Zoo layout, "
+          f"{len(ZOO_TEACHERS)} teachers", flush=True)  # fmt: skip
+    first = None
+    for n in args.instructions:
+        folder = build_zoo(work / f"zoo-{n}", n)
+        peaks = {}
+        for label, window in (("windows", os.environ.get("MAGPIE_TEACH_WINDOW_ROWS", "20000")), ("one window", "0")):
+            run = work / f"full-{n}-{label.replace(' ', '-')}"
+            argv = ["rank", "--data", str(folder), "--base-model", base, "--reward-column", REWARDS[0],
+                    "--output", str(run / "out"), "--cache-dir", str(run / "cache"), "--max-length", "64"]  # fmt: skip
+            env = {**os.environ, "MAGPIE_TEACH_WINDOW_ROWS": window}
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                sys.exit(f"failed: {' '.join(argv)}\n{done.stderr[-3000:]}")
+            kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("PEAK_KB"))
+            peaks[label] = (kb / 1024, time.perf_counter() - start)
+        (peak, wall), (whole, whole_wall) = peaks["windows"], peaks["one window"]
+        first = first or peak
+        print(f"{n:>6} instructions ({n * len(ZOO_TEACHERS):>8,} responses): windows {peak:,.0f} MB in {wall:.0f}s, "
+              f"one window {whole:,.0f} MB in {whole_wall:.0f}s ({peak / whole:.2f}x); windows {peak / first:.2f}x "
+              f"the first size", flush=True)  # fmt: skip
 
 
 def build_scores(zoo: Path, file: Path) -> Path:
@@ -302,7 +339,7 @@ def extrapolate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["memory", "ray", "extrapolate", "select"])
+    parser.add_argument("part", choices=["memory", "ray", "extrapolate", "select", "full"])
     parser.add_argument("--instructions", type=int, nargs="+", default=[2000, 40000, 100000])
     parser.add_argument("--sample", type=int, default=1000)
     parser.add_argument(
@@ -313,7 +350,8 @@ def main() -> None:
     parser.add_argument("--efficiency", type=float, default=0.9, help="scaling efficiency beyond one GPU")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "magpie-teach-bench-scale"))
     args = parser.parse_args()
-    {"memory": memory, "ray": ray, "extrapolate": extrapolate, "select": select_memory}[args.part](args)
+    parts = {"memory": memory, "ray": ray, "extrapolate": extrapolate, "select": select_memory, "full": full}
+    parts[args.part](args)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import gc
     import importlib
 
-    if os.environ.get("MAGPIE_TEACH_MUTATION") and not gc.get_freeze_count():
+    global _FROZEN
+    if os.environ.get("MAGPIE_TEACH_MUTATION") and not _FROZEN:  # (gc.get_freeze_count() walks the frozen heap)
         for module in MUTATION_PRELOAD:
             importlib.import_module(module)
         gc.freeze()
+        _FROZEN = True
+
+
+_FROZEN = False
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -182,3 +182,30 @@ def test_keys_follow_the_texts_and_read_a_context_as_messages():
     assert example_keys(["q"], ["a"], [None])[0] != example_keys(["nullq"], ["a"])[0]  # the context is delimited
     assert len({example_keys(["q"], ["a"])[0], as_json[0], example_keys(["q"], ["b"])[0],
                 example_keys(["q\x00a"], [""])[0], example_keys(["q"])[0]}) == 5  # fmt: skip
+
+
+def test_rank_in_windows_scores_each_example_once_and_writes_what_one_window_writes(
+    tiny_suite, sample_rows, tmp_path, monkeypatch, capsys
+):
+    """Past `data.WINDOW_ROWS` responses, `rank` scores a window at a time: each model passes over every window
+    (loaded once), then the scores are read back from the cache and written; no text is held beyond a window."""
+    from magpie_teach import data
+
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    bases = [tiny_suite.base_small, tiny_suite.base_medium]
+    whole, whole_counts = _ranked(rows, tmp_path, "whole", bases, tiny_suite.reward)
+    (tmp_path / "w").mkdir()
+    monkeypatch.setattr(data, "WINDOW_ROWS", 5)
+    capsys.readouterr()
+    windowed, counts = _ranked(rows, tmp_path / "w", "windowed", bases, tiny_suite.reward)
+    assert f"tiny-llama-s: scoring {len(rows)} responses in windows of 5" in capsys.readouterr().err
+    assert len(rows) > 2 * 5  # several windows, and instructions whose answers fall in two of them
+    assert counts == whole_counts  # every response, and every instruction's L(x), scored once
+    scored = {stage: work["scored"] for stage, work in windowed.summary["work"].items()}
+    assert scored == {stage: work["scored"] for stage, work in whole.summary["work"].items()}
+    for name in ("scores.parquet", "ranking.csv"):
+        read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        got, expected = read(windowed.output_dir / name), read(whole.output_dir / name)
+        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-5, atol=1e-6)
+    assert not (windowed.output_dir / ".scores-shards").exists()
+    assert "response" not in windowed.scores.columns and len(windowed.scores) == len(whole.scores)

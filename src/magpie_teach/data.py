@@ -22,6 +22,7 @@ callers can count and keep it.
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -435,8 +436,9 @@ def sample_ids(ids: Any, n: int, seed: int) -> set[str] | None:
     return set(np.random.default_rng(seed).choice(distinct, size=n, replace=False))
 
 
-WINDOW_ROWS = 20_000
-"""Rows per window of :meth:`ResponseStream.windows` (`rank` scores and writes its scores a window at a time)."""
+WINDOW_ROWS = int(os.environ.get("MAGPIE_TEACH_WINDOW_ROWS") or 20_000)
+"""Responses `rank` scores and writes per window (:meth:`ResponseStream.windows`): ``$MAGPIE_TEACH_WINDOW_ROWS``,
+default 20,000; 0 scores everything in one window (in memory, as `generate`'s scoring stage does)."""
 
 
 @dataclass
@@ -451,6 +453,8 @@ class ResponseStream:
     counts: dict[str, int]
     n_rows: int
     """How many rows the windows yield (the kept rows, or those of the sampled instructions)."""
+    teachers: list[str] = field(default_factory=list)
+    """The teachers of those rows, sorted."""
     dropped: pd.DataFrame | None = None
     _read: Any = None  # () -> iterator of long-format batches with `_pos`, each read from the source anew
     _wanted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # positions of the kept rows
@@ -547,7 +551,7 @@ def open_responses(
             wanted = kept[kept["id"].isin(chosen)]
         counts["rows_sampled"] = len(wanted)
     return ResponseStream(
-        source, table.revision, fingerprint, counts, len(wanted),
+        source, table.revision, fingerprint, counts, len(wanted), sorted(map(str, wanted["teacher"].unique())),
         _read=lambda: _long_batches(table, wide, columns, teachers, set()),
         _wanted=wanted["_pos"].to_numpy(), _dropped_keys=dropped_keys[["_pos", "reason"]],
         _reward_column=reward_column,

@@ -163,23 +163,47 @@ class _Stage:
     desc: str
 
 
-def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None) -> list[pd.DataFrame]:
+class _Session:
+    """What scoring keeps across the windows of one `rank` run: each model's tokenizer and score caches (named
+    once), and the model being scored (loaded at its first miss, kept until :meth:`release`)."""
+
+    def __init__(self) -> None:
+        self.caches: dict[tuple, tuple[Any, list]] = {}
+        self.scorer: tuple[str, Any, Any] | None = None  # (model, scorer, tokenizer)
+        self.quiet = False  # no "from the score cache" line per window
+
+    def caches_of(self, config: RankConfig, model: str, kinds: list[str]) -> tuple[Any, list]:
+        from magpie_teach.modeling import load_tokenizer
+
+        if (model, *kinds) not in self.caches:
+            tokenizer = load_tokenizer(model) if config.cache else None
+            self.caches[(model, *kinds)] = (tokenizer, _score_caches(config, kinds, model, tokenizer))
+        return self.caches[(model, *kinds)]
+
+    def release(self) -> None:
+        if self.scorer is not None:
+            _free(self.scorer)
+            self.scorer = None
+
+
+def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None,
+            session: _Session | None = None) -> list[pd.DataFrame]:  # fmt: skip
     """Each stage's scores of every row of its frame, in order: those in the score cache read from it, the others
     scored (here, or on the Ray cluster with ``--ray-address``) and stored in the cache as each window ends;
     ``work[desc]`` counts both. The stages share ``model``: it is loaded once (once per Ray actor), and only
-    when something is left to score."""
-    from magpie_teach.modeling import load_tokenizer
+    when something is left to score; with a ``session`` (`rank`'s windows) it stays loaded for the next call."""
     from magpie_teach.scoring.scorers import OUTPUTS
 
-    tokenizer = load_tokenizer(model) if config.cache else None
-    caches = _score_caches(config, [stage.kind for stage in stages], model, tokenizer)
+    tokenizer, caches = (session or _Session()).caches_of(config, model, [stage.kind for stage in stages])
     results, todo = [], []
     for stage, cache in zip(stages, caches):
         found, values = cache.lookup(stage.keys) if cache is not None else (np.zeros(len(stage.keys), bool), None)
         missing = np.flatnonzero(~found)
         if work is not None:
-            work[stage.desc] = {"scored": len(missing), "from_cache": int(found.sum())}
-        if found.any():
+            done = work.setdefault(stage.desc, {"scored": 0, "from_cache": 0})
+            done["scored"] += len(missing)
+            done["from_cache"] += int(found.sum())
+        if found.any() and not (session is not None and session.quiet):  # `rank`'s last pass reads all: no news
             print(f"{stage.desc}: {int(found.sum())} of {len(stage.keys)} from the score cache"
                   f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
         results.append((found, None if values is None else values.astype(OUTPUTS[stage.kind])))
@@ -210,7 +234,9 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
     elif pending:
         from magpie_teach.scoring.scorers import load_scorer, load_scorer_model, score_frame
 
-        if tokenizer is None:
+        if session is not None and session.scorer is not None and session.scorer[0] == model:
+            _, scorer, tokenizer = session.scorer
+        elif tokenizer is None:
             scorer, tokenizer = load_scorer(stages[pending[0]].kind, model, config.dtype, config.device)
         else:  # the one the cache identity was read from
             scorer = load_scorer_model(stages[pending[0]].kind, model, config.dtype, config.device)
@@ -226,7 +252,11 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
             if "padding_fraction" in computed[i].attrs:
                 logger.info("%s: padding was %.1f%% of computed tokens", stage.desc,
                             100 * computed[i].attrs["padding_fraction"])  # fmt: skip
-        _free(scorer)
+        if session is None:
+            _free(scorer)
+        elif session.scorer is None or session.scorer[0] != model:
+            session.release()
+            session.scorer = (model, scorer, tokenizer)
     out = []
     for i, (found, values) in enumerate(results):
         if i not in computed:
@@ -241,7 +271,7 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
 
 
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
-               work: dict | None = None) -> pd.DataFrame:  # fmt: skip
+               work: dict | None = None, session: _Session | None = None) -> pd.DataFrame:  # fmt: skip
     """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
     from magpie_teach.scoring.cache import example_keys
 
@@ -251,7 +281,7 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np
     instruction_keys = example_keys(instructions["instruction"].tolist())
     scores, text = _cached(config, model_name, [_Stage("compat", texts, keys, f"compat {short}"),
                                                 _Stage("instruction-loss", instructions, instruction_keys,
-                                                       f"L(x) {short}")], work)  # fmt: skip
+                                                       f"L(x) {short}")], work, session)  # fmt: skip
     empty = scores["n_tokens"].to_numpy() == 0
     if empty.any():  # the prompt alone filled max_length: no response token left to score
         bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
@@ -263,13 +293,13 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np
     return scores
 
 
-def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dict | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dict | None = None,
+             session: _Session | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(rewards, truncated): a precomputed column, or the reward model's scores."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
     texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    (scores,) = _cached(config, config.reward_model, [_Stage("reward", texts, keys, "reward")], work)
+    (scores,) = _cached(config, config.reward_model, [_Stage("reward", texts, keys, "reward")], work, session)
     return scores["reward"].to_numpy(dtype=np.float64), scores["truncated"].to_numpy(dtype=bool)
 
 
@@ -300,8 +330,10 @@ def write_rank_outputs(
     counts: dict,
     performance: pd.DataFrame | None = None,
     work: dict | None = None,
+    write_scores: Any = None,
 ) -> RankResult:
-    """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring)."""
+    """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring);
+    ``write_scores(tmp)`` writes ``scores.parquet`` when ``scores`` holds only the numbers (`rank`'s windows)."""
     from magpie_teach import artefacts
     from magpie_teach.config import dump_config
     from magpie_teach.scoring.metrics import aggregate, correlations
@@ -319,7 +351,7 @@ def write_rank_outputs(
         if corr is not None:
             metrics = [m for m in corr.index if m != "n_teachers"]
             corr = add_rho_intervals(corr, spearman_intervals(ranking, performance, metrics, **settings))
-    files.write(artefacts.SCORES, lambda tmp: scores.to_parquet(tmp, index=False))
+    files.write(artefacts.SCORES, write_scores or (lambda tmp: scores.to_parquet(tmp, index=False)))
     files.write(artefacts.RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
     if corr is not None:
         files.write(artefacts.CORRELATIONS, lambda tmp: corr.to_csv(tmp))
@@ -368,7 +400,7 @@ def rank(config: RankConfig) -> RankResult:
 
 
 def _rank(config: RankConfig) -> RankResult:
-    from magpie_teach.data import load_responses
+    from magpie_teach.data import open_responses
     from magpie_teach.modeling import check_model_source
     from magpie_teach.scoring.metrics import load_performance
 
@@ -389,7 +421,7 @@ def _rank(config: RankConfig) -> RankResult:
     performance = None
     if config.performance:
         performance = load_performance(config.performance, config.performance_columns, config.aliases)
-    loaded = load_responses(
+    stream = open_responses(
         config.data,
         revision=config.revision,
         split=config.split,
@@ -399,18 +431,143 @@ def _rank(config: RankConfig) -> RankResult:
         sample=config.sample,
         seed=config.seed,
     )
-    rows = loaded.rows
-    counts = dict(loaded.counts)
+    counts = dict(stream.counts)
     if performance is not None:  # names are matched now, before any model loads
         from magpie_teach.scoring.names import match_names
 
-        teachers = sorted(rows["teacher"].unique())
-        for match in match_names(teachers, config.base_models, performance, f"--performance {config.performance}"):
+        for match in match_names(
+            stream.teachers, config.base_models, performance, f"--performance {config.performance}"
+        ):
             print(f"performance: {match.line()}", file=sys.stderr, flush=True)
     work: dict = {}
-    scores = score_rows(config, rows, work)
-    counts.update(truncation_counts(config, scores))
-    return write_rank_outputs(config, scores, loaded, counts, performance, work)
+    session = _Session()
+    window = _window_rows(config, stream.n_rows, session)
+    if window >= stream.n_rows:  # one window: scored and aggregated in memory
+        (rows,) = stream.windows(stream.n_rows)
+        scores = score_rows(config, rows, work)
+        counts.update(truncation_counts(config, scores))
+        return write_rank_outputs(config, scores, stream, counts, performance, work)
+    # several windows: each model scores every window into the score cache (loaded once), then the scores are read
+    # back from the cache a window at a time and written; only their numbers stay in memory, for the ranking
+    for model, stages in _models(config):
+        print(f"{short_name(model)}: scoring {stream.n_rows} responses in windows of {window}", file=sys.stderr)
+        for rows in stream.windows(window):
+            _fill(config, model, stages, rows, work, session)
+        session.release()
+    session.quiet = True
+    with _ScoresFile(Path(config.output_dir)) as shards:
+        for rows in stream.windows(window):
+            shards.add(score_rows(config, rows, None, session))
+        counts.update(truncation_counts(config, shards.numbers()))
+        return write_rank_outputs(config, shards.numbers(), stream, counts, performance, work, shards.write)
+
+
+def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
+    """Rows scored per window: :data:`magpie_teach.data.WINDOW_ROWS`, or all of them where the score cache cannot
+    carry scores from one pass to the next (``--no-cache``, a model whose identity is unknown) or on Ray (one
+    Ray Data pipeline per model, not one per window)."""
+    from magpie_teach import data
+
+    if not config.cache or config.ray_address or data.WINDOW_ROWS <= 0 or n_rows <= data.WINDOW_ROWS:
+        return n_rows
+    for model, stages in _models(config):
+        _, caches = session.caches_of(config, model, [kind for kind, _ in stages])
+        if any(cache is None for cache in caches):
+            logger.warning("%s: no score-cache identity; every response is scored in memory at once", model)
+            return n_rows
+    return data.WINDOW_ROWS
+
+
+def _models(config: RankConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Each model `rank` runs with its stages' (kind, progress name), in the order they run."""
+    models = [(config.reward_model, [("reward", "reward")])] if config.reward_model else []
+    for model in filter(None, [config.reference_model, *config.base_models]):
+        short = short_name(model)
+        models.append((model, [("compat", f"compat {short}"), ("instruction-loss", f"L(x) {short}")]))
+    return models
+
+
+def _fill(config: RankConfig, model: str, stages: list[tuple[str, str]], rows: pd.DataFrame, work: dict,
+          session: _Session) -> None:  # fmt: skip
+    """Scores into the score cache what it lacks of one window under ``model`` (the texts of :func:`score_rows`)."""
+    from magpie_teach.scoring.cache import example_keys
+
+    keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
+    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
+    if stages[0][0] == "reward":
+        _cached(config, model, [_Stage("reward", texts, keys, "reward")], work, session)
+        return
+    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
+    instruction_keys = example_keys(instructions["instruction"].tolist())
+    (_, compat), (_, text) = stages
+    _cached(config, model, [_Stage("compat", texts, keys, compat),
+                            _Stage("instruction-loss", instructions, instruction_keys, text)], work, session)  # fmt: skip
+
+
+class _ScoresFile:
+    """``scores.parquet`` written a window at a time: one temporary shard per base model (the rows of a base model
+    stay together, as the in-memory path writes them), joined into the file at the end; the numbers (every column
+    but the texts) are kept for the ranking."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder / ".scores-shards"
+        self.writers: dict[str, Any] = {}
+        self.parts: dict[str, list[pd.DataFrame]] = {}
+        self._numbers: pd.DataFrame | None = None
+
+    def __enter__(self) -> "_ScoresFile":
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        return self
+
+    def add(self, scores: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from magpie_teach.artefacts import TEXT_COLUMNS
+
+        for base, frame in scores.groupby("base_model", sort=False):
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if base not in self.writers:
+                path = self.folder / f"{len(self.writers):04d}.parquet"
+                self.writers[base] = pq.ParquetWriter(path, _nullable(table.schema))
+                self.parts[base] = []
+            self.writers[base].write_table(table.cast(self.writers[base].schema))
+            self.parts[base].append(frame.drop(columns=[c for c in TEXT_COLUMNS if c in frame.columns]))
+
+    def numbers(self) -> pd.DataFrame:
+        """Every column but the texts, rows in the file's order (base model by base model)."""
+        if self._numbers is None:
+            self._numbers = pd.concat([part for parts in self.parts.values() for part in parts], ignore_index=True)
+            self.parts = {}
+        return self._numbers
+
+    def write(self, tmp: str) -> None:
+        import pyarrow.parquet as pq
+
+        for writer in self.writers.values():
+            writer.close()
+        files = [pq.ParquetFile(self.folder / f"{i:04d}.parquet") for i in range(len(self.writers))]
+        with pq.ParquetWriter(tmp, files[0].schema_arrow) as out:
+            for file in files:
+                for batch in file.iter_batches():
+                    out.write_batch(batch)
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        for writer in self.writers.values():
+            writer.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _nullable(schema: Any) -> Any:
+    """A window whose texts are all null (no earlier turns in it) types them null: the file's schema holds text."""
+    import pyarrow as pa
+
+    return pa.schema([field.with_type(pa.string()) if pa.types.is_null(field.type) else field for field in schema])
 
 
 def truncation_counts(config: RankConfig, scores: pd.DataFrame) -> dict[str, int]:
@@ -422,7 +579,9 @@ def truncation_counts(config: RankConfig, scores: pd.DataFrame) -> dict[str, int
     return counts
 
 
-def score_rows(config: RankConfig, rows: pd.DataFrame, work: dict | None = None) -> pd.DataFrame:
+def score_rows(
+    config: RankConfig, rows: pd.DataFrame, work: dict | None = None, session: _Session | None = None
+) -> pd.DataFrame:
     """Per-example scores of validated long-format ``rows`` under every base model of ``config`` (the rows of
     ``scores.parquet``): the reward (model or column), each base model's losses, the reference model's
     baselines. `rank` scores its data here, and `probe` each round's new responses. Every score is read from
@@ -434,10 +593,10 @@ def score_rows(config: RankConfig, rows: pd.DataFrame, work: dict | None = None)
     keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
 
     base_rows = rows[text_columns(rows) + carried_columns(rows)].copy()
-    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, keys, work)
+    base_rows["reward"], base_rows["reward_truncated"] = _rewards(config, rows, keys, work, session)
     reference = None
     if config.reference_model:
-        ref = _lm_scores(config, config.reference_model, rows, keys, work)
+        ref = _lm_scores(config, config.reference_model, rows, keys, work, session)
         reference = pd.DataFrame(
             {
                 "loss_ref": ref["compat_loss"],
@@ -448,7 +607,7 @@ def score_rows(config: RankConfig, rows: pd.DataFrame, work: dict | None = None)
         )
     frames = []
     for base in config.base_models:
-        frame = example_scores(base_rows, _lm_scores(config, base, rows, keys, work), base)
+        frame = example_scores(base_rows, _lm_scores(config, base, rows, keys, work, session), base)
         if reference is not None:
             frame = pd.concat([frame.reset_index(drop=True), reference], axis=1)
         frames.append(frame)
