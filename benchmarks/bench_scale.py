@@ -156,7 +156,7 @@ def full(args: argparse.Namespace) -> None:
 
     work = Path(args.work)
     base = build_tiny_suite(work / "models").base_small
-    print(f"rank --reward-column {REWARDS[0]} --max-length 64 (every response), tiny base model; Zoo layout, "
+    print(f"rank --reward-column {REWARDS[0]} --max-length 128 (every response), tiny base model; Zoo layout, "
           f"{len(ZOO_TEACHERS)} teachers", flush=True)  # fmt: skip
     first = None
     for n in args.instructions:
@@ -165,7 +165,7 @@ def full(args: argparse.Namespace) -> None:
         for label, window in (("windows", os.environ.get("MAGPIE_TEACH_WINDOW_ROWS", "20000")), ("one window", "0")):
             run = work / f"full-{n}-{label.replace(' ', '-')}"
             argv = ["rank", "--data", str(folder), "--base-model", base, "--reward-column", REWARDS[0],
-                    "--output", str(run / "out"), "--cache-dir", str(run / "cache"), "--max-length", "64"]  # fmt: skip
+                    "--output", str(run / "out"), "--cache-dir", str(run / "cache"), "--max-length", "128"]  # fmt: skip
             env = {**os.environ, "MAGPIE_TEACH_WINDOW_ROWS": window}
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, env=env)
