@@ -449,10 +449,10 @@ def _rank(config: RankConfig) -> RankResult:
         return write_rank_outputs(config, scores, stream, counts, performance, work)
     # several windows: each model scores every window into the score cache (loaded once), then the scores are read
     # back from the cache a window at a time and written; only their numbers stay in memory, for the ranking
-    for model, stages in _models(config):
+    for model, kinds in _models(config):
         print(f"{short_name(model)}: scoring {stream.n_rows} responses in windows of {window}", file=sys.stderr)
         for rows in stream.windows(window):
-            _fill(config, model, stages, rows, work, session)
+            _fill(config, model, kinds, rows, work, session)
         session.release()
     session.quiet = True
     with _ScoresFile(Path(config.output_dir)) as shards:
@@ -470,38 +470,34 @@ def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
 
     if not config.cache or config.ray_address or data.WINDOW_ROWS <= 0 or n_rows <= data.WINDOW_ROWS:
         return n_rows
-    for model, stages in _models(config):
-        _, caches = session.caches_of(config, model, [kind for kind, _ in stages])
+    for model, kinds in _models(config):
+        _, caches = session.caches_of(config, model, kinds)
         if any(cache is None for cache in caches):
             logger.warning("%s: no score-cache identity; every response is scored in memory at once", model)
             return n_rows
     return data.WINDOW_ROWS
 
 
-def _models(config: RankConfig) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Each model `rank` runs with its stages' (kind, progress name), in the order they run."""
-    models = [(config.reward_model, [("reward", "reward")])] if config.reward_model else []
-    for model in filter(None, [config.reference_model, *config.base_models]):
-        short = short_name(model)
-        models.append((model, [("compat", f"compat {short}"), ("instruction-loss", f"L(x) {short}")]))
+def _models(config: RankConfig) -> list[tuple[str, list[str]]]:
+    """Each model `rank` runs with the kinds of its scorers, in the order they run."""
+    models = [(config.reward_model, ["reward"])] if config.reward_model else []
+    models += [
+        (m, ["compat", "instruction-loss"]) for m in filter(None, [config.reference_model, *config.base_models])
+    ]
     return models
 
 
-def _fill(config: RankConfig, model: str, stages: list[tuple[str, str]], rows: pd.DataFrame, work: dict,
+def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, work: dict,
           session: _Session) -> None:  # fmt: skip
-    """Scores into the score cache what it lacks of one window under ``model`` (the texts of :func:`score_rows`)."""
+    """Scores into the score cache what it lacks of one window under ``model``, through the stages
+    :func:`score_rows` reads them back with."""
     from magpie_teach.scoring.cache import example_keys
 
     keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
-    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    if stages[0][0] == "reward":
-        _cached(config, model, [_Stage("reward", texts, keys, "reward")], work, session)
-        return
-    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
-    instruction_keys = example_keys(instructions["instruction"].tolist())
-    (_, compat), (_, text) = stages
-    _cached(config, model, [_Stage("compat", texts, keys, compat),
-                            _Stage("instruction-loss", instructions, instruction_keys, text)], work, session)  # fmt: skip
+    if kinds == ["reward"]:
+        _rewards(config, rows, keys, work, session)
+    else:
+        _lm_scores(config, model, rows, keys, work, session)
 
 
 class _ScoresFile:
