@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.optimize import brentq
+from scipy.stats import spearmanr
 
 from magpie_teach.errors import ConfigError
 
@@ -383,3 +384,30 @@ def test_rho_equals_scipys_spearman_with_ties_on_either_side_and_is_nan_for_a_co
         if len(set(values)) > 1 and len(set(ap)) > 1:
             assert _rho(values, ap) == pytest.approx(spearmanr(values, ap).statistic, abs=1e-12)
     assert np.isnan(_rho(np.ones(4), np.arange(4.0))) and np.isnan(_rho(np.arange(4.0), np.ones(4)))
+
+
+def test_a_baseline_choice_is_scored_on_its_own_scores_folder_and_reward_shift():
+    """The held-out rho of a chosen baseline is its metric's rho against AP on the candidate the choice names:
+    not another folder with the same shift, nor the same folder with another shift."""
+    from magpie_teach.scoring.calibrate import Candidate, Choice, _choice_rho
+
+    rng = np.random.default_rng(8)
+    names = ["m1", "m2"]
+    candidates = [
+        Candidate(folder, shift, _bases(rng, names)) for folder, shift in (("x", 0.0), ("y", 1.0), ("y", 0.0))
+    ]
+    choice = Choice("y", 0.0, "length", None, None, 0.0)
+    for name in names:
+        base = candidates[2].bases[name]
+        expected = spearmanr(base.metrics["length"], base.ap).statistic
+        assert _choice_rho(candidates, choice, name) == pytest.approx(expected, abs=1e-12)
+        others = [spearmanr(c.bases[name].metrics["length"], c.bases[name].ap).statistic for c in candidates[:2]]
+        assert all(abs(other - expected) > 1e-6 for other in others)  # the setup: the wrong candidate differs
+
+
+def test_the_mean_of_held_out_figures_leaves_out_nan_and_is_none_when_none_are_left():
+    from magpie_teach.scoring.calibrate import _nanmean
+
+    assert _nanmean([1.0, float("nan"), 4.0]) == 2.5
+    assert _nanmean([float("nan"), float("nan")]) is None
+    assert _nanmean([]) is None

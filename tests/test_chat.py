@@ -129,6 +129,15 @@ def test_a_tokenizer_not_prepared_is_scored_with_the_template_scoring_resolves(t
         theirs = tokenize_conversation(prepared, "Name a prime.", "Seven is prime.", **kwargs)
         assert mine.input_ids.tolist() == theirs.input_ids.tolist()
         assert mine.loss_mask.tolist() == theirs.loss_mask.tolist() and mine.n_response_tokens > 0
+    # a tokenizer with no template at all: scored with the documented default, earlier turns included
+    bare = AutoTokenizer.from_pretrained(tiny_suite.reference)
+    assert bare.chat_template is None
+    default = load_tokenizer(tiny_suite.reference)
+    for kwargs in ({}, {"context": context}):
+        mine = tokenize_conversation(bare, "Name a prime.", "Seven is prime.", **kwargs)
+        theirs = tokenize_conversation(default, "Name a prime.", "Seven is prime.", **kwargs)
+        assert mine.input_ids.tolist() == theirs.input_ids.tolist()
+        assert mine.loss_mask.tolist() == theirs.loss_mask.tolist() and mine.n_response_tokens > 0
 
 
 MARKED = (
@@ -190,6 +199,16 @@ def test_without_markers_the_ids_are_the_rendered_text_tokenized_without_special
     with pytest.raises(DataError) as err:
         tokenize_conversation(tokenizer, instruction, "")
     assert str(err.value) == f"The response renders to no tokens (instruction {instruction[:60]!r})."
+    tokenizer.chat_template = "{% for m in messages %}{% endfor %}"  # the whole conversation renders to nothing
+    with pytest.raises(DataError, match="^The response renders to no tokens"):
+        tokenize_conversation(tokenizer, "a", "b")
+    # a one-token response that is the whole rendering: its only token is the first, which nothing predicts
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    assert len(tokenizer("a", add_special_tokens=False)["input_ids"]) == 1
+    with pytest.raises(DataError, match="^The response renders to no tokens"):
+        tokenize_conversation(tokenizer, "q", "a")
 
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
@@ -292,3 +311,28 @@ def test_of_several_named_chat_templates_the_default_one_is_used(tiny_suite):
     assert resolve_chat_template(tokenizer) == DEFAULT_CHAT_TEMPLATE
     tokenizer.chat_template = {"default": PLAIN_CHATML}
     assert resolve_chat_template(tokenizer) != DEFAULT_CHAT_TEMPLATE
+
+
+def test_trls_training_version_of_a_template_is_asked_once_and_none_is_kept_for_a_template_it_cannot_patch(
+    tiny_suite, monkeypatch
+):
+    """With an empty cache: Qwen2.5's template gets TRL's marked version, remembered per template; a Mistral-like
+    template TRL has no version of is remembered as None, and scoring then uses the template itself."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    import magpie_teach.chat as chat
+    from tests.test_chat_templates import MISTRAL_LIKE, trl_template
+
+    monkeypatch.setattr(chat, "_TRAINING", {})
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    qwen = trl_template("qwen2_5")
+    tokenizer.chat_template = qwen
+    expected = get_training_chat_template(tokenizer)
+    assert expected is not None and has_generation_markers(expected)
+    assert resolve_chat_template(tokenizer) == expected
+    assert chat._TRAINING == {qwen: expected}
+    assert chat.training_template(tokenizer, qwen) == expected
+    tokenizer.chat_template = MISTRAL_LIKE
+    assert resolve_chat_template(tokenizer) == MISTRAL_LIKE
+    assert chat._TRAINING == {qwen: expected, MISTRAL_LIKE: None}
+    assert chat.training_template(tokenizer, MISTRAL_LIKE) is None

@@ -1,6 +1,7 @@
 """The bootstrap of `rank`: intervals against a plain numpy reference, coverage on data with a known truth,
 p_best, the exact beta range against brute force, and the Spearman intervals."""
 
+import json
 import math
 
 import numpy as np
@@ -87,6 +88,20 @@ def test_intervals_and_p_best_equal_a_plain_numpy_reference(grid):
         np.testing.assert_allclose(result[f"{metric}_ci_high"], reference[metric][1], rtol=1e-10)
     np.testing.assert_allclose(result["p_best"], reference["p_best"], rtol=1e-12)
     assert math.isclose(result["p_best"].sum(), 1.0)
+
+
+def test_instructions_are_resampled_in_the_order_first_seen_whatever_their_ids_sort_to():
+    """The reference draws instruction k as the k-th id first seen; ids named so that they sort the other way
+    round give the same draws, so the intervals equal the reference's."""
+    scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.8, 0.9)}, n=25, seed=4)
+    scores["id"] = scores["id"].map(lambda i: f"z{99 - int(i[1:]):03d}")  # first seen: z099, z098, ...
+    ranking = aggregate(scores, beta=2.0)
+    result, _ = bootstrap_ranking(scores, ranking, n_replicates=400, confidence=0.9, seed=3)
+    reference = reference_bootstrap(scores, list(ranking["teacher"]), 2.0, 0.0, 400, 3, 0.9)
+    for metric in ("car", "reward", "compat_loss"):
+        np.testing.assert_allclose(result[f"{metric}_ci_low"], reference[metric][0], rtol=1e-10)
+        np.testing.assert_allclose(result[f"{metric}_ci_high"], reference[metric][1], rtol=1e-10)
+    np.testing.assert_allclose(result["p_best"], reference["p_best"], rtol=1e-12)
 
 
 def test_replicates_drawn_in_blocks_equal_one_draw(monkeypatch):
@@ -198,6 +213,9 @@ def test_a_leader_that_wins_at_every_beta_has_an_open_range():
     crossing = (2.0 - 3.0) / (3.0 * 1.0 - 2.0 * 2.0)
     assert top_beta_range(reward, loss, 0) == (0.0, crossing)
     assert top_beta_range(reward, loss, 1) == (crossing, math.inf)
+    # a teacher with the leader's reward-to-loss ratio never crosses it (slope 0); one listed after it still does
+    reward, loss = np.array([2.0, 1.0, 1.5]), np.array([1.0, 0.5, 0.5])
+    assert top_beta_range(reward, loss, 0) == (0.0, (1.5 - 2.0) / (2.0 * 0.5 - 1.5 * 1.0))
 
 
 def test_spearman_intervals_equal_resampled_scipy_rho():
@@ -290,8 +308,9 @@ def test_a_single_teacher_and_two_teachers_get_their_verdicts():
     assert (verdict.leader, verdict.runner_up, verdict.separated) == ("x", "y", True)
     _, (single,) = bootstrap_ranking(two, aggregate(two), n_replicates=1)  # one replicate is a (poor) bootstrap
     assert single.p_best in (0.0, 1.0)
-    with pytest.raises(ConfigError, match="at least one replicate"):
+    with pytest.raises(ConfigError) as err:
         bootstrap_ranking(two, aggregate(two), n_replicates=0)
+    assert str(err.value) == "the bootstrap needs at least one replicate (--bootstrap 0 turns it off instead)"
 
 
 def test_the_verdict_in_summary_json():
@@ -302,6 +321,10 @@ def test_the_verdict_in_summary_json():
                      "p_best": verdict.p_best, "separated": verdict.separated,
                      "difference_ci": list(verdict.difference_ci), "beta_range": [0.0, None]}  # fmt: skip
     assert math.isinf(verdict.beta_range[1])  # no upper end: null in JSON
+    one = synthetic_scores({"solo": (2.0, 1.0)}, n=10, seed=0)
+    _, (alone,) = bootstrap_ranking(one, aggregate(one), n_replicates=20)
+    assert alone.to_json()["runner_up"] is None and alone.to_json()["difference_ci"] is None
+    assert json.loads(json.dumps(alone.to_json()))["difference_ci"] is None
     bounded = BaseModelConfidence("m", 5, "a", "b", 0.5, False, (-1.0, 1.0), (0.5, 2.0))
     assert bounded.to_json()["beta_range"] == [0.5, 2.0] and bounded.to_json()["difference_ci"] == [-1.0, 1.0]
 

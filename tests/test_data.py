@@ -462,6 +462,9 @@ def test_to_long_turns_each_teacher_struct_into_rows_counted_from_the_batch_offs
         {"id": None, "instruction": "q1", "teacher": "t2", "response": "b1", "_row": 11, "rm": 2.0},
     ]
     assert list(long.index) == [0, 1, 2, 3]
+    # a teacher not named in `fields` is read from its dicts, even beside a column named like a flattened field
+    odd = to_long(wide.assign(**{"t2.content": ["x", "y"]}), "zoo", teachers=["t2"], fields={"t1": ["content", "rm"]})
+    assert list(odd["response"]) == ["b0", "b1"]
     with_ids = to_long(wide.assign(uuid=["u0", "u1"]), "zoo.parquet", teachers=["t2"])
     assert list(with_ids["id"]) == ["u0", "u1"] and set(with_ids["teacher"]) == {"t2"}
     none = to_long(pd.DataFrame({"instruction": ["q0"]}), "zoo.parquet")

@@ -306,3 +306,14 @@ def test_the_ranking_has_one_row_per_pair_numbered_from_0_and_no_index_column():
     ranking = aggregate(scores)
     assert list(ranking.index) == [0, 1] and "index" not in ranking.columns
     assert list(ranking["teacher"]) == ["t2", "t1"]
+
+
+def test_correlations_keep_the_base_models_in_the_rankings_order_not_sorted():
+    teachers = [f"t{k}" for k in range(4)]
+    ranking = pd.DataFrame({"teacher": teachers * 2, "base_model": ["zeta"] * 4 + ["alpha"] * 4,
+                            "car": [1.0, 2.0, 3.0, 4.0, 4.0, 3.0, 2.0, 1.0]})  # fmt: skip
+    performance = pd.DataFrame({"teacher": teachers * 2, "base_model": ["zeta"] * 4 + ["alpha"] * 4,
+                                "ap": [1.0, 2.0, 3.0, 4.0] * 2})  # fmt: skip
+    table = correlations(ranking, performance, ["car"])
+    assert list(table.columns) == ["zeta", "alpha", "mean"]
+    assert table.loc["car", "zeta"] == 1.0 and table.loc["car", "alpha"] == -1.0

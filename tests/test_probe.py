@@ -96,6 +96,7 @@ def test_survivors_within_epsilon_stop_the_race():
     strict = ProbeSettings(start=500, epsilon=0.0, max_instructions=4000)
     result = run_probe(ids, list(twins), ["m"], Revealer(scores), strict, beta=3.0)
     assert not result.decisions[0]["decided"] and result.stop_reason == "budget spent"
+    assert result.decisions[0]["reason"] == "budget spent"
     assert result.revealed == {"x": 4000, "y": 4000}
 
 
@@ -132,6 +133,27 @@ def test_the_fixed_sample_baseline_takes_the_best_point_estimate_on_the_first_in
     subset = scores[scores["id"].isin(first)].groupby("teacher")[["reward", "compat_loss"]].mean()
     expected = (subset["reward"] / (1 + 3 * subset["compat_loss"])).idxmax()
     assert fixed_sample_choice(scores, ["a", "b"], ids, 10, settings, 3.0) == {"m": expected}
+
+
+def test_the_fixed_sample_baseline_uses_its_seed_its_beta_and_only_the_teachers_named():
+    """CAR against an independent computation, for several seeds and betas; a third teacher, the best by far,
+    is not among the teachers named and never chosen."""
+    scores, ids = pool({"a": (2.0, 0.5), "b": (2.4, 1.5), "out": (9.0, 0.1)}, n=40, seed=6, bases=("m1", "m2"))
+    chosen_per_call = set()
+    for seed in range(6):
+        order = instruction_order(ids, seed)
+        for beta in (0.2, 6.0):
+            expected = {}
+            for base in ("m1", "m2"):
+                rows = scores[
+                    (scores["base_model"] == base) & scores["id"].isin(order[:8]) & (scores["teacher"] != "out")
+                ]
+                means = rows.groupby("teacher")[["reward", "compat_loss"]].mean()
+                expected[base] = (means["reward"] / (1 + beta * means["compat_loss"])).idxmax()
+            got = fixed_sample_choice(scores, ["a", "b"], ids, 8, ProbeSettings(seed=seed), beta)
+            assert got == expected, (seed, beta)
+            chosen_per_call.add(tuple(got.values()))
+    assert len(chosen_per_call) > 1  # the seed and beta matter on this data
 
 
 @pytest.mark.parametrize(
@@ -177,6 +199,9 @@ def test_rounds_record_what_each_round_saw_and_leads_in_standard_errors():
     result = run_probe(ids, list(means), ["m"], Revealer(scores), settings, beta=1.5,
                        on_round=lambda k, n, survivors, revealed: seen.append((k, n, list(survivors), revealed)))  # fmt: skip
     rounds = result.rounds
+    assert list(rounds.columns) == ["round", "instructions", "base_model", "teacher", "metric", "value", "ci_low",
+                                    "ci_high", "p_best", "lead_z", "status"]  # fmt: skip
+    assert set(rounds["metric"]) == {"car"}
     assert (rounds["instructions"] == [result.sizes[k - 1] for k in rounds["round"]]).all()
     for k, n, survivors, revealed in seen:
         assert n == result.sizes[k - 1]

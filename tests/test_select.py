@@ -147,6 +147,20 @@ def test_bad_choices_are_named(tmp_path, scores_file):
         _run(tmp_path, tmp_path / "missing")
 
 
+def test_a_teacher_whose_every_response_is_filtered_out_is_an_error_and_writes_nothing(tmp_path, scores_file):
+    path, frame = scores_file
+    limit = frame.loc[frame["teacher"] == "beta", "reward"].max() + 0.01  # above every one of beta's rewards
+    assert (frame["reward"] >= limit).any()  # the setup: other teachers keep rows, so the filters leave some
+    with pytest.raises(DataError) as err:
+        _run(tmp_path, path, teacher="beta", min_reward=float(limit))
+    beta = frame[frame["teacher"] == "beta"]
+    assert (beta["status"] == "failed").sum() == 1 and len(beta) == 6  # one failed, the five others too low
+    assert str(err.value) == (
+        "every response of teacher 'beta' was filtered out ({'reward_below_min': 5, 'failed': 1}): nothing to select"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_best_of_n_teacher_gives_its_highest_reward_generation_per_instruction(tmp_path, scores_file):
     _, frame = scores_file
     alpha = frame[(frame.teacher == "alpha") & (frame.status == "ok") & ~frame.truncated]
@@ -302,6 +316,30 @@ def test_the_decision_uses_the_confidence_rank_recorded(tmp_path):
         result = _run(tmp_path / f"out-{level}", folder)
         assert result.summary["decision"]["separated"] is separated[level]
         assert result.summary["decision"]["confidence"] == level
+
+
+def test_the_decision_is_the_bootstrap_at_the_beta_shift_and_seed_given():
+    """Noisy teachers: the decision's figures change with beta and with the bootstrap seed, and equal the
+    bootstrap computed here with the same settings."""
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+    from magpie_teach.selection.select import select_responses
+    from magpie_teach.settings import CARChoice, ConfidenceSettings
+
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame([{"id": f"q{i}", "teacher": t, "instruction": f"Q{i}?", "response": t, "base_model": "b",
+                           "reward": float(r + rng.normal()), "compat_loss": float(loss * rng.uniform(0.5, 1.5)),
+                           "n_tokens_full": 10, "truncated": False}
+                          for i in range(30) for t, r, loss in (("a", 3.0, 1.0), ("b", 2.5, 0.6))])  # fmt: skip
+    config = SelectConfig(scores="x", output_dir="y")
+    decisions = {}
+    for beta, seed in ((0.5, 1), (0.5, 2), (4.0, 1)):
+        car = CARChoice(beta=beta, reward_shift="1", source="test")
+        chosen, _ = select_responses(frame, config, car, ConfidenceSettings(bootstrap=300, bootstrap_seed=seed))
+        _, (verdict,) = bootstrap_ranking(frame, aggregate(frame, beta=beta, reward_shift="1"), 300, 0.95, seed)
+        assert chosen.attrs["decision"] == {**verdict.to_json(), "confidence": 0.95, "replicates": 300}
+        decisions[beta, seed] = chosen.attrs["decision"]["difference_ci"]
+    assert len({tuple(v) for v in decisions.values()}) == 3  # each setting gives its own interval
 
 
 def test_require_decided_needs_a_choice_by_car():

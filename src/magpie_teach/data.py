@@ -381,7 +381,7 @@ def _validate_frame(
     """(kept keys, dropped rows with reason, kept rows, keys) of an in-memory long-format frame."""
     _check_columns(list(frame.columns), source, reward_column)
     if frame.empty:
-        raise DataError(f"{source}: no rows (columns: {[c for c in frame.columns if c != '_row']}).")
+        raise DataError(f"{source}: no rows (columns: {list(frame.columns)}).")
     rows = _long_batch(frame.copy(), None, source, 0)
     rows["_pos"] = np.arange(len(rows))
     first_bad: dict = {}

@@ -100,11 +100,11 @@ def run_probe(
     z = NormalDist().inv_cdf(1 - (1 - settings.confidence) / (max(len(teachers) - 1, 1) * len(sizes)))
     states = {base: _BaseState(list(teachers)) for base in base_models}
     survivors = list(teachers)
-    revealed = dict.fromkeys(teachers, 0)
+    revealed: dict[str, int] = {}  # round 1 reveals every teacher: its keys come in `teachers`' order
     frames: list[pd.DataFrame] = []
     rounds: list[dict] = []
     stop = "budget spent"
-    finished = 0
+    finished = 0  # pragma: no mutate (round 1 always runs: a plan has at least one round)
     for k, size in enumerate(sizes, start=1):
         new_ids = order[sizes[k - 2] if k > 1 else 0 : size]  # the survivors have answered every earlier round
         if new_ids:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CONFIDENCE
+
 RIDGE = 1e-6
 """L2 penalty on every logistic fit's coefficients: negligible, but finite coefficients for a perfect record."""
 
@@ -126,7 +128,10 @@ def length_controlled(
 
 
 def win_rates(
-    judgements: pd.DataFrame, n_replicates: int = 1000, confidence: float = 0.95, seed: int = 0
+    judgements: pd.DataFrame,
+    n_replicates: int = DEFAULT_BOOTSTRAP,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_BOOTSTRAP_SEED,
 ) -> pd.DataFrame:
     """Per student: ``win_rate``, ``lc_win_rate`` (length-controlled), ``bt_score`` (Bradley-Terry against the
     baseline), each with ``_low``/``_high`` bounds of a seeded percentile bootstrap over instructions, and ``n``.

@@ -212,6 +212,9 @@ def select_responses(
             if metric == "car":
                 decision = _decision(ranked_on, car, bootstrap or ConfidenceSettings(), config.require_decided)
         chosen = kept[kept["teacher"] == teacher].assign(selection_metric=metric, selection_score=value)
+        if chosen.empty:
+            reasons = dropped.loc[dropped["teacher"] == teacher, "reason"].value_counts().to_dict()
+            raise DataError(f"every response of teacher {teacher!r} was filtered out ({reasons}): nothing to select")
         if (
             chosen["id"].duplicated().any()
         ):  # best-of-N output: the teacher's highest-reward generation per instruction
@@ -306,24 +309,27 @@ def _select(config: SelectConfig) -> SelectResult:
 def _write_sft_data(path: str, source: Any, chosen: pd.DataFrame) -> None:
     """Writes the chosen rows (``chosen``: indexed by ``_pos``) with their ``messages``, in the scores' order, reading
     the texts a batch at a time: memory holds one batch of texts, whatever the size of the scores."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from magpie_teach.artefacts import TEXT_COLUMNS
+
+    columns = [c for c in TEXT_COLUMNS if c in source.table.columns]
+    tables = (_sft_table(batch, chosen) for batch in source.rows(chosen.index.to_numpy(), columns))
+    first = next(tables)  # select_responses never chooses nothing
+    with pq.ParquetWriter(path, first.schema) as writer:
+        writer.write_table(first)
+        for table in tables:
+            writer.write_table(table.cast(writer.schema))
+
+
+def _sft_table(batch: pd.DataFrame, chosen: pd.DataFrame) -> Any:
+    """One batch of the SFT file: the chosen rows of ``batch`` with their ``messages`` first."""
+    import pyarrow as pa
+
     from magpie_teach.chat import build_messages
 
-    writer = None
-    columns = [c for c in TEXT_COLUMNS if c in source.table.columns]
-    try:
-        for batch in source.rows(chosen.index.to_numpy(), columns):
-            contexts = batch["context"] if "context" in batch.columns else [None] * len(batch)
-            rows = chosen.loc[batch["_pos"].to_numpy()].reset_index(drop=True)
-            rows.insert(0, "messages", [build_messages(x, y, context=c)
-                                        for x, y, c in zip(batch["instruction"], batch["response"], contexts)])  # fmt: skip
-            table = pa.Table.from_pandas(rows, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-    finally:
-        if writer is not None:
-            writer.close()
+    contexts = batch["context"] if "context" in batch.columns else [None] * len(batch)
+    rows = chosen.loc[batch["_pos"].to_numpy()].reset_index(drop=True)
+    rows.insert(0, "messages", [build_messages(x, y, context=c)
+                                for x, y, c in zip(batch["instruction"], batch["response"], contexts)])  # fmt: skip
+    return pa.Table.from_pandas(rows, preserve_index=False)
