@@ -107,7 +107,7 @@ bench: install
 # Not part of `make test`; run it before closing an issue that touches those modules.
 MUTANTS ?=
 mutation: install
-	MAGPIE_TEACH_MUTATION=1 MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 MAGPIE_TEACH_MUTATION=1 MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
 	$(VENV)/bin/mutmut results
 	$(PY) scripts/mutation_summary.py
 

@@ -462,6 +462,11 @@ def test_a_token_count_is_no_filter_without_max_tokens(tmp_path, scores_file):
     assert "index" not in result.dataset.columns and list(result.dataset.index) == list(range(len(result.dataset)))
     written = pd.read_parquet(result.output_dir / "data" / "train-00000-of-00001.parquet")
     assert not [c for c in written.columns if "index" in c]
+    import pyarrow.parquet as pq
+
+    file = pq.read_schema(result.output_dir / "data" / "train-00000-of-00001.parquet")
+    assert file.names == ["messages", "id", "teacher", "base_model", "selection_metric", "selection_score", "reward",
+                          "compat_loss"]  # fmt: skip
 
 
 def test_select_config_and_metric_errors_are_exact(tmp_path, scores_file):

@@ -379,6 +379,7 @@ def _figure(curve: pd.DataFrame, result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.13, top=0.97)  # fixed margins: tight_layout costs 0.6 s
     shown = curve[curve["beta"] > 0]
     ax.step(shown["beta"], shown["mean_rho"], where="post", color="black", label="mean over base models")
     for name in result["base_models"]:
@@ -391,6 +392,5 @@ def _figure(curve: pd.DataFrame, result: dict, path: str) -> None:
     ax.set_xlabel("CAR beta")
     ax.set_ylabel("Spearman rho with AP")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
