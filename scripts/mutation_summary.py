@@ -48,6 +48,8 @@ def _change(functions: dict[str, str], mutant: str) -> tuple[str, str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write-unreviewed", metavar="FILE", help="write the unreviewed survivors here (YAML)")
+    parser.add_argument("--prune", action="store_true",
+                        help="remove the reviewed entries that match no survivor (killed since, or lines edited)")  # fmt: skip
     args = parser.parse_args()
     metas = sorted(Path("mutants").rglob("*.py.meta"))
     if not metas:
@@ -58,6 +60,7 @@ def main() -> int:
     total: Counter = Counter()
     by_reason: Counter = Counter()
     unreviewed: dict[str, list] = defaultdict(list)
+    matched: set = set()
     for meta in metas:
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
@@ -71,6 +74,7 @@ def main() -> int:
                 change = _change(functions, mutant)
                 if change in reviewed:
                     by_reason[reviewed[change]] += 1
+                    matched.add(change)
                 else:
                     unreviewed[name].append((mutant, *change))
     checked = sum(total.values()) - total["not checked"]
@@ -92,6 +96,15 @@ def main() -> int:
             print(
                 f"  {mutant}\n    - {old.replace(chr(10), chr(10) + '    - ')}\n    + {new.replace(chr(10), chr(10) + '    + ')}"
             )
+    stale = [entry for entry in reviewed if entry not in matched]
+    if stale and not args.prune:
+        print(f"\nreviewed entries matching no survivor: {len(stale)} (killed since, or their line edited; --prune)")
+    if args.prune and stale:
+        kept = [e for e in yaml.safe_load(REVIEWED.read_text()) if (e["function"], e["old"].strip(), e["new"].strip())
+                in matched]  # fmt: skip
+        header = "".join(line for line in REVIEWED.read_text().splitlines(keepends=True) if line.startswith("#"))
+        REVIEWED.write_text(header + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True, width=200))
+        print(f"\n{len(stale)} entries matching no survivor removed from {REVIEWED.name}")
     if args.write_unreviewed:
         entries = [{"function": function, "old": old, "new": new, "why": ""}
                    for items in unreviewed.values() for _, function, old, new in items]  # fmt: skip

@@ -207,5 +207,13 @@ def test_rank_in_windows_scores_each_example_once_and_writes_what_one_window_wri
         read = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
         got, expected = read(windowed.output_dir / name), read(whole.output_dir / name)
         pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-5, atol=1e-6)
-    assert not (windowed.output_dir / ".scores-shards").exists()
-    assert "response" not in windowed.scores.columns and len(windowed.scores) == len(whole.scores)
+    assert not (windowed.output_dir / ".scores-partial.parquet").exists()
+    # what stays in memory: the ranked columns of every row, names as categories, and no text
+    from magpie_teach.scoring.rank import RANKED_COLUMNS
+
+    assert set(windowed.scores.columns) <= set(RANKED_COLUMNS) and len(windowed.scores) == len(whole.scores)
+    assert {"reward", "compat_loss", "n_tokens_full", "truncated", "reward_truncated"} <= set(windowed.scores.columns)
+    assert all(windowed.scores[c].dtype == "category" for c in ("id", "teacher", "base_model"))
+    numbers = windowed.scores.astype({c: str for c in ("id", "teacher", "base_model")})
+    pd.testing.assert_frame_equal(numbers, whole.scores[list(windowed.scores.columns)].astype(numbers.dtypes.to_dict()),
+                                  check_exact=False, rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -90,6 +90,12 @@ def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float |
         raise ConfigError(f"reward_shift={reward_shift!r}: expected 'none', 'auto' or a number.") from None
 
 
+AGGREGATE_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "n_tokens_full", "truncated",
+                     "hit_max_new_tokens", "loss_ref", "ifd_self", "ic_ifd_self", "ifd_ref", "ic_ifd_ref")  # fmt: skip
+"""The per-example columns :func:`aggregate` and the bootstrap of :mod:`magpie_teach.scoring.confidence` read
+(those present; ``id`` pairs the bootstrap's draws)."""
+
+
 def aggregate(
     scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None
 ) -> pd.DataFrame:

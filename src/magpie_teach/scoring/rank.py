@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.scoring.metrics import short_name
+from magpie_teach.scoring.metrics import AGGREGATE_COLUMNS, short_name
 from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,12 @@ class _Session:
         if self.scorer is not None:
             _free(self.scorer)
             self.scorer = None
+
+    def forget(self, model: str) -> None:
+        """Drops ``model``'s tokenizer and score caches (whose entries a lookup reads into memory): a pass that is
+        done with a model keeps none of its scores."""
+        for key in [k for k in self.caches if k[0] == model]:
+            del self.caches[key]
 
 
 def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None,
@@ -448,18 +454,24 @@ def _rank(config: RankConfig) -> RankResult:
         counts.update(truncation_counts(config, scores))
         return write_rank_outputs(config, scores, stream, counts, performance, work)
     # several windows: each model scores every window into the score cache (loaded once), then the scores are read
-    # back from the cache a window at a time and written; only their numbers stay in memory, for the ranking
+    # back from the cache a window at a time and written, base model by base model; what the ranking reads of each
+    # row stays in memory, and of the caches only those of the base model being written, the reward and reference
     for model, kinds in _models(config):
         print(f"{short_name(model)}: scoring {stream.n_rows} responses in windows of {window}", file=sys.stderr)
         for rows in stream.windows(window):
             _fill(config, model, kinds, rows, work, session)
         session.release()
+        session.forget(model)
     session.quiet = True
-    with _ScoresFile(Path(config.output_dir)) as shards:
-        for rows in stream.windows(window):
-            shards.add(score_rows(config, rows, None, session))
-        counts.update(truncation_counts(config, shards.numbers()))
-        return write_rank_outputs(config, shards.numbers(), stream, counts, performance, work, shards.write)
+    with _ScoresFile(Path(config.output_dir)) as file:
+        for base in config.base_models:
+            one = dataclasses.replace(config, base_models=[base])
+            for rows in stream.windows(window):
+                file.add(score_rows(one, rows, None, session))
+            session.forget(base)
+        numbers = file.numbers()
+        counts.update(truncation_counts(config, numbers))
+        return write_rank_outputs(config, numbers, stream, counts, performance, work, file.write)
 
 
 def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
@@ -500,63 +512,58 @@ def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, 
         _lm_scores(config, model, rows, keys, work, session)
 
 
+RANKED_COLUMNS = (*AGGREGATE_COLUMNS, "reward_truncated")
+"""What `rank` keeps of each scored row when it scores in windows: what the ranking, the bootstrap and the
+truncation counts read (:data:`magpie_teach.scoring.metrics.AGGREGATE_COLUMNS`)."""
+
+
 class _ScoresFile:
-    """``scores.parquet`` written a window at a time: one temporary shard per base model (the rows of a base model
-    stay together, as the in-memory path writes them), joined into the file at the end; the numbers (every column
-    but the texts) are kept for the ranking."""
+    """``scores.parquet`` written a window at a time, base model by base model (a base model's rows together, as
+    the in-memory path writes them), into a temporary file in the output folder that :meth:`write` moves into
+    place; of each row only :data:`RANKED_COLUMNS` is kept, its names as categories (each string held once)."""
 
     def __init__(self, folder: Path):
-        self.folder = folder / ".scores-shards"
-        self.writers: dict[str, Any] = {}
-        self.parts: dict[str, list[pd.DataFrame]] = {}
+        self.path = folder / ".scores-partial.parquet"
+        self.writer: Any = None
+        self.parts: list[pd.DataFrame] = []
         self._numbers: pd.DataFrame | None = None
 
     def __enter__(self) -> "_ScoresFile":
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        self.path.unlink(missing_ok=True)
         return self
 
     def add(self, scores: pd.DataFrame) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from magpie_teach.artefacts import TEXT_COLUMNS
-
-        for base, frame in scores.groupby("base_model", sort=False):
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if base not in self.writers:
-                path = self.folder / f"{len(self.writers):04d}.parquet"
-                self.writers[base] = pq.ParquetWriter(path, _nullable(table.schema))
-                self.parts[base] = []
-            self.writers[base].write_table(table.cast(self.writers[base].schema))
-            self.parts[base].append(frame.drop(columns=[c for c in TEXT_COLUMNS if c in frame.columns]))
+        table = pa.Table.from_pandas(scores, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, _nullable(table.schema))
+        self.writer.write_table(table.cast(self.writer.schema))
+        kept = scores[[c for c in RANKED_COLUMNS if c in scores.columns]]
+        self.parts.append(kept.astype({c: "category" for c in ("id", "teacher", "base_model")}))
 
     def numbers(self) -> pd.DataFrame:
-        """Every column but the texts, rows in the file's order (base model by base model)."""
+        """:data:`RANKED_COLUMNS` of every row, in the file's order."""
+        from pandas.api.types import union_categoricals
+
         if self._numbers is None:
-            self._numbers = pd.concat([part for parts in self.parts.values() for part in parts], ignore_index=True)
-            self.parts = {}
+            names = {c: union_categoricals([p[c] for p in self.parts]) for c in ("id", "teacher", "base_model")}
+            numbers = pd.concat([p.drop(columns=list(names)) for p in self.parts], ignore_index=True)
+            self.parts = []
+            self._numbers = pd.concat([pd.DataFrame(names), numbers], axis=1)
         return self._numbers
 
     def write(self, tmp: str) -> None:
-        import pyarrow.parquet as pq
+        import os
 
-        for writer in self.writers.values():
-            writer.close()
-        files = [pq.ParquetFile(self.folder / f"{i:04d}.parquet") for i in range(len(self.writers))]
-        with pq.ParquetWriter(tmp, files[0].schema_arrow) as out:
-            for file in files:
-                for batch in file.iter_batches():
-                    out.write_batch(batch)
+        self.writer.close()
+        os.replace(self.path, tmp)
 
     def __exit__(self, *exc: Any) -> None:
-        import shutil
-
-        for writer in self.writers.values():
-            writer.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.writer is not None:
+            self.writer.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _nullable(schema: Any) -> Any:
