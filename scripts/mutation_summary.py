@@ -61,11 +61,14 @@ def main() -> int:
     by_reason: Counter = Counter()
     unreviewed: dict[str, list] = defaultdict(list)
     matched: set = set()
+    complete: set = set()
     for meta in metas:
         codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
         counts = Counter(STATUS.get(code, "suspicious") for code in codes.values())
         total.update(counts)
         name = str(meta.relative_to("mutants")).removesuffix(".meta")
+        if codes and not counts["not checked"]:  # a module run whole: its reviewed entries can be judged stale
+            complete.add(name.removeprefix("src/").removesuffix(".py").replace("/", ".") + ".")
         print(f"{name}: {len(codes)} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         survivors = sorted(m for m, code in codes.items() if STATUS.get(code) in ("survived", "no tests"))
         if survivors:
@@ -96,12 +99,12 @@ def main() -> int:
             print(
                 f"  {mutant}\n    - {old.replace(chr(10), chr(10) + '    - ')}\n    + {new.replace(chr(10), chr(10) + '    + ')}"
             )
-    stale = [entry for entry in reviewed if entry not in matched]
+    stale = [e for e in reviewed if e not in matched and e[0].startswith(tuple(complete))]
     if stale and not args.prune:
         print(f"\nreviewed entries matching no survivor: {len(stale)} (killed since, or their line edited; --prune)")
     if args.prune and stale:
-        kept = [e for e in yaml.safe_load(REVIEWED.read_text()) if (e["function"], e["old"].strip(), e["new"].strip())
-                in matched]  # fmt: skip
+        kept = [e for e in yaml.safe_load(REVIEWED.read_text())
+                if (e["function"], e["old"].strip(), e["new"].strip()) not in stale]  # fmt: skip
         header = "".join(line for line in REVIEWED.read_text().splitlines(keepends=True) if line.startswith("#"))
         REVIEWED.write_text(header + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True, width=200))
         print(f"\n{len(stale)} entries matching no survivor removed from {REVIEWED.name}")
