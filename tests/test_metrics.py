@@ -317,3 +317,35 @@ def test_correlations_keep_the_base_models_in_the_rankings_order_not_sorted():
     table = correlations(ranking, performance, ["car"])
     assert list(table.columns) == ["zeta", "alpha", "mean"]
     assert table.loc["car", "zeta"] == 1.0 and table.loc["car", "alpha"] == -1.0
+
+
+def test_scores_aggregated_in_parts_give_the_means_of_the_whole_and_means_skip_nan():
+    """`rank` in windows aggregates from each window's sums: the ranking equals plain means over all the rows
+    (computed here with numpy), whatever the split, with a NaN IFD skipped as pandas' mean skips it."""
+    from magpie_teach.scoring.metrics import add_sums, aggregate_sums, sum_scores
+
+    rng = np.random.default_rng(3)
+    n = 60
+    scores = pd.DataFrame({"teacher": rng.choice(["t1", "t2", "t3"], n), "base_model": rng.choice(["m2", "m1"], n),
+                           "id": [f"q{i % 20}" for i in range(n)], "reward": rng.normal(2, 1, n),
+                           "compat_loss": rng.uniform(0.5, 2, n), "n_tokens_full": rng.integers(5, 90, n),
+                           "truncated": rng.random(n) < 0.3, "hit_max_new_tokens": rng.random(n) < 0.2,
+                           "ifd_self": rng.uniform(0.5, 1.5, n), "ic_ifd_self": rng.uniform(0.1, 1, n)})  # fmt: skip
+    scores.loc[4, "ifd_self"] = np.nan
+    parts = [scores.iloc[:7], scores.iloc[7:31], scores.iloc[31:]]
+    summed = add_sums([sum_scores(p) for p in parts])
+    table = aggregate_sums(summed, beta=2.0)
+    pd.testing.assert_frame_equal(table, aggregate(scores, beta=2.0), check_exact=False, rtol=1e-12)
+    pairs = list(dict.fromkeys(zip(scores["teacher"], scores["base_model"])))
+    assert list(zip(table["teacher"], table["base_model"])) == pairs  # the order the pairs first appear in
+    for (teacher, base), row in zip(pairs, table.itertuples()):
+        rows = scores[(scores["teacher"] == teacher) & (scores["base_model"] == base)]
+        ifd_values = rows["ifd_self"].to_numpy()
+        assert row.n == len(rows) and row.n_truncated == rows["truncated"].sum()
+        assert row.n_hit_max_new_tokens == rows["hit_max_new_tokens"].sum()
+        assert row.reward == pytest.approx(rows["reward"].to_numpy().mean(), rel=1e-12)
+        assert row.length == pytest.approx(rows["n_tokens_full"].to_numpy().mean(), rel=1e-12)
+        assert row.ifd_self == pytest.approx(ifd_values[~np.isnan(ifd_values)].mean(), rel=1e-12)
+        assert row.ppl_self == pytest.approx(np.exp(rows["compat_loss"].to_numpy().mean()), rel=1e-12)
+        loss = rows["compat_loss"].to_numpy().mean()
+        assert row.car == pytest.approx(row.reward / (1 + 2.0 * loss), rel=1e-12)

@@ -95,6 +95,25 @@ AGGREGATE_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "n_
 """The per-example columns :func:`aggregate` and the bootstrap of :mod:`magpie_teach.scoring.confidence` read
 (those present; ``id`` pairs the bootstrap's draws)."""
 
+SUMMED_COLUMNS = AGGREGATE_COLUMNS[3:]
+"""What :func:`sum_scores` sums per (teacher, base model): every aggregated figure is a sum or a mean of these."""
+
+
+def sum_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per (teacher, base_model), in the order the pairs first appear: ``n`` (rows), and for each of
+    :data:`SUMMED_COLUMNS` present its sum and, as ``COLUMN:n``, how many of its values are not NaN. Sums of parts
+    of the scores add up to the sums of the whole (:func:`add_sums`), so scores can be aggregated as they stream."""
+    present = [c for c in SUMMED_COLUMNS if c in scores.columns]
+    grouped = scores.groupby(["teacher", "base_model"], sort=False, observed=True)
+    sums = grouped[present].sum()
+    counts = grouped[present].count().add_suffix(":n")
+    return pd.concat([grouped.size().rename("n"), sums, counts], axis=1).reset_index()
+
+
+def add_sums(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The :func:`sum_scores` of scores given in parts (the pairs in the order they first appear)."""
+    return pd.concat(parts, ignore_index=True).groupby(["teacher", "base_model"], sort=False).sum().reset_index()
+
 
 def aggregate(
     scores: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None
@@ -107,25 +126,30 @@ def aggregate(
     tokens, ``n_truncated`` the conversations cut at the scoring ``max_length``, ``n_hit_max_new_tokens`` (when the
     data has `generate`'s flag) the responses that stopped at the teacher's generation cap, ``ppl_*`` = exp of the mean loss, ``ifd_*``/``ic_ifd_*`` means of the per-example values.
     """
-    grouped = scores.groupby(["teacher", "base_model"], sort=False)
-    table = grouped.agg(
-        n=("compat_loss", "size"),
-        reward=("reward", "mean"),
-        compat_loss=("compat_loss", "mean"),
-        length=("n_tokens_full", "mean"),
-        n_truncated=("truncated", "sum"),
-        **({"n_hit_max_new_tokens": ("hit_max_new_tokens", "sum")} if "hit_max_new_tokens" in scores.columns else {}),
-    ).reset_index()
+    return aggregate_sums(sum_scores(scores), beta, reward_shift)
+
+
+def aggregate_sums(
+    sums: pd.DataFrame, beta: float = DEFAULT_BETA, reward_shift: str | float | None = None
+) -> pd.DataFrame:
+    """:func:`aggregate` from the :func:`sum_scores` of the per-example scores (means skip NaN, as pandas' do)."""
+
+    def mean(column: str) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (sums[column] / sums[f"{column}:n"]).to_numpy(dtype=np.float64)
+
+    table = sums[["teacher", "base_model", "n"]].copy()
+    table["reward"] = mean("reward")
+    table["compat_loss"] = mean("compat_loss")
+    table["length"] = mean("n_tokens_full")
+    table["n_truncated"] = sums["truncated"].astype(np.int64)
+    if "hit_max_new_tokens" in sums.columns:
+        table["n_hit_max_new_tokens"] = sums["hit_max_new_tokens"].astype(np.int64)
     for suffix in ("self", "ref"):
-        if f"ifd_{suffix}" in scores.columns:
-            extra = grouped.agg(
-                loss=(f"loss_{suffix}" if suffix == "ref" else "compat_loss", "mean"),
-                ifd=(f"ifd_{suffix}", "mean"),
-                ic_ifd=(f"ic_ifd_{suffix}", "mean"),
-            ).reset_index(drop=True)
-            table[f"ppl_{suffix}"] = perplexity(extra["loss"].to_numpy())
-            table[f"ifd_{suffix}"] = extra["ifd"].to_numpy()
-            table[f"ic_ifd_{suffix}"] = extra["ic_ifd"].to_numpy()
+        if f"ifd_{suffix}" in sums.columns:
+            table[f"ppl_{suffix}"] = perplexity(mean(f"loss_{suffix}" if suffix == "ref" else "compat_loss"))
+            table[f"ifd_{suffix}"] = mean(f"ifd_{suffix}")
+            table[f"ic_ifd_{suffix}"] = mean(f"ic_ifd_{suffix}")
     teacher_rewards = table.groupby("teacher")["reward"].first()
     shift = resolve_reward_shift(teacher_rewards, reward_shift)
     table["car"] = car(table["reward"] + shift, table["compat_loss"], beta)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.scoring.metrics import AGGREGATE_COLUMNS, short_name
+from magpie_teach.scoring.metrics import add_sums, short_name, sum_scores
 from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
 
 logger = logging.getLogger(__name__)
@@ -337,16 +337,21 @@ def write_rank_outputs(
     performance: pd.DataFrame | None = None,
     work: dict | None = None,
     write_scores: Any = None,
+    sums: pd.DataFrame | None = None,
 ) -> RankResult:
-    """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring);
-    ``write_scores(tmp)`` writes ``scores.parquet`` when ``scores`` holds only the numbers (`rank`'s windows)."""
+    """Aggregates per-example ``scores`` and writes a `rank` output folder (shared with `generate`'s scoring).
+    `rank`'s windows give ``scores`` as :data:`RANKED_COLUMNS` only, with ``write_scores(tmp)`` to write
+    ``scores.parquet`` and ``sums`` (:func:`magpie_teach.scoring.metrics.sum_scores`) to aggregate from."""
     from magpie_teach import artefacts
     from magpie_teach.config import dump_config
-    from magpie_teach.scoring.metrics import aggregate, correlations
+    from magpie_teach.scoring.metrics import aggregate, aggregate_sums, correlations
 
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "rank")
-    ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    if sums is not None:
+        ranking = aggregate_sums(sums, beta=config.beta, reward_shift=config.reward_shift)
+    else:
+        ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
     corr = correlations(ranking, performance) if performance is not None else None
     verdicts: list = []
     if config.bootstrap:
@@ -471,7 +476,7 @@ def _rank(config: RankConfig) -> RankResult:
             session.forget(base)
         numbers = file.numbers()
         counts.update(truncation_counts(config, numbers))
-        return write_rank_outputs(config, numbers, stream, counts, performance, work, file.write)
+        return write_rank_outputs(config, numbers, stream, counts, performance, work, file.write, file.sums)
 
 
 def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
@@ -512,20 +517,22 @@ def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, 
         _lm_scores(config, model, rows, keys, work, session)
 
 
-RANKED_COLUMNS = (*AGGREGATE_COLUMNS, "reward_truncated")
-"""What `rank` keeps of each scored row when it scores in windows: what the ranking, the bootstrap and the
-truncation counts read (:data:`magpie_teach.scoring.metrics.AGGREGATE_COLUMNS`)."""
+RANKED_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "truncated", "reward_truncated")
+"""What `rank` keeps of each scored row when it scores in windows: what the bootstrap pairs and resamples, and the
+truncation counts; the ranking is aggregated from each window's sums (:func:`magpie_teach.scoring.metrics.sum_scores`)."""
 
 
 class _ScoresFile:
     """``scores.parquet`` written a window at a time, base model by base model (a base model's rows together, as
     the in-memory path writes them), into a temporary file in the output folder that :meth:`write` moves into
-    place; of each row only :data:`RANKED_COLUMNS` is kept, its names as categories (each string held once)."""
+    place; of each row only :data:`RANKED_COLUMNS` is kept, its names as categories (each string held once), and
+    of each window the sums the ranking is aggregated from (:attr:`sums`)."""
 
     def __init__(self, folder: Path):
         self.path = folder / ".scores-partial.parquet"
         self.writer: Any = None
         self.parts: list[pd.DataFrame] = []
+        self.sum_parts: list[pd.DataFrame] = []
         self._numbers: pd.DataFrame | None = None
 
     def __enter__(self) -> "_ScoresFile":
@@ -542,6 +549,12 @@ class _ScoresFile:
         self.writer.write_table(table.cast(self.writer.schema))
         kept = scores[[c for c in RANKED_COLUMNS if c in scores.columns]]
         self.parts.append(kept.astype({c: "category" for c in ("id", "teacher", "base_model")}))
+        self.sum_parts.append(sum_scores(scores))
+
+    @property
+    def sums(self) -> pd.DataFrame:
+        """:func:`magpie_teach.scoring.metrics.sum_scores` of every row added."""
+        return add_sums(self.sum_parts)
 
     def numbers(self) -> pd.DataFrame:
         """:data:`RANKED_COLUMNS` of every row, in the file's order."""
