@@ -102,7 +102,7 @@ bench: install
 # Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml): mutmut changes one thing at a time,
 # runs the fast tests that call the changed function, and prints the mutants no test caught. `make mutation`: data
 # validation, chat masking, metrics and name matching, the bootstrap's statistics (confidence) and selection (about
-# 13 minutes on 2 cores, fresh); `make mutation-stats`: the other statistics (probe, calibration, win rates: about 6);
+# 15 minutes on 2 cores, fresh); `make mutation-stats`: the other statistics (probe, calibration, win rates: about 4);
 # `make mutation-all`: both. Functions that only read or write files carry `# pragma: no mutate block`. mutants/
 # keeps the verdicts: a later run re-tests only the functions that changed; `make mutation-clean` starts afresh.
 # MUTANTS='magpie_teach.data.*' narrows a run. Not part of `make test`; run the one whose modules an issue touches.

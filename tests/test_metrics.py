@@ -349,3 +349,15 @@ def test_scores_aggregated_in_parts_give_the_means_of_the_whole_and_means_skip_n
         assert row.ppl_self == pytest.approx(np.exp(rows["compat_loss"].to_numpy().mean()), rel=1e-12)
         loss = rows["compat_loss"].to_numpy().mean()
         assert row.car == pytest.approx(row.reward / (1 + 2.0 * loss), rel=1e-12)
+
+
+def test_aggregate_of_names_held_as_categories_has_a_row_per_pair_seen_only():
+    """`rank`'s windowed scores hold their names as categories: a (teacher, base model) pair never seen gets no
+    row, though both names are categories of the columns."""
+    scores = _scores([1.0, 2.0, 3.0]).astype({"teacher": "category", "base_model": "category"})
+    scores = pd.concat([scores, scores.assign(base_model="other").iloc[:2]], ignore_index=True)
+    scores = scores.astype({"teacher": "category", "base_model": "category"})
+    table = aggregate(scores)
+    seen = set(zip(scores["teacher"].astype(str), scores["base_model"].astype(str)))
+    assert set(zip(table["teacher"].astype(str), table["base_model"].astype(str))) == seen
+    assert len(table) == len(seen) < scores["teacher"].nunique() * scores["base_model"].nunique()
