@@ -90,12 +90,8 @@ def resolve_reward_shift(teacher_rewards: pd.Series, reward_shift: str | float |
         raise ConfigError(f"reward_shift={reward_shift!r}: expected 'none', 'auto' or a number.") from None
 
 
-AGGREGATE_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "n_tokens_full", "truncated",
-                     "hit_max_new_tokens", "loss_ref", "ifd_self", "ic_ifd_self", "ifd_ref", "ic_ifd_ref")  # fmt: skip
-"""The per-example columns :func:`aggregate` and the bootstrap of :mod:`magpie_teach.scoring.confidence` read
-(those present; ``id`` pairs the bootstrap's draws)."""
-
-SUMMED_COLUMNS = AGGREGATE_COLUMNS[3:]
+SUMMED_COLUMNS = ("reward", "compat_loss", "n_tokens_full", "truncated", "hit_max_new_tokens", "loss_ref", "ifd_self",
+                  "ic_ifd_self", "ifd_ref", "ic_ifd_ref")  # fmt: skip
 """What :func:`sum_scores` sums per (teacher, base model): every aggregated figure is a sum or a mean of these."""
 
 

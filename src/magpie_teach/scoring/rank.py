@@ -344,14 +344,12 @@ def write_rank_outputs(
     ``scores.parquet`` and ``sums`` (:func:`magpie_teach.scoring.metrics.sum_scores`) to aggregate from."""
     from magpie_teach import artefacts
     from magpie_teach.config import dump_config
-    from magpie_teach.scoring.metrics import aggregate, aggregate_sums, correlations
+    from magpie_teach.scoring.metrics import aggregate_sums, correlations
 
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "rank")
-    if sums is not None:
-        ranking = aggregate_sums(sums, beta=config.beta, reward_shift=config.reward_shift)
-    else:
-        ranking = aggregate(scores, beta=config.beta, reward_shift=config.reward_shift)
+    sums = sum_scores(scores) if sums is None else sums
+    ranking = aggregate_sums(sums, beta=config.beta, reward_shift=config.reward_shift)
     corr = correlations(ranking, performance) if performance is not None else None
     verdicts: list = []
     if config.bootstrap:
@@ -528,6 +526,9 @@ class _ScoresFile:
     place; of each row only :data:`RANKED_COLUMNS` is kept, its names as categories (each string held once), and
     of each window the sums the ranking is aggregated from (:attr:`sums`)."""
 
+    NAMES = ("id", "teacher", "base_model")
+    """The columns kept as categories."""
+
     def __init__(self, folder: Path):
         self.path = folder / ".scores-partial.parquet"
         self.writer: Any = None
@@ -548,7 +549,7 @@ class _ScoresFile:
             self.writer = pq.ParquetWriter(self.path, _nullable(table.schema))
         self.writer.write_table(table.cast(self.writer.schema))
         kept = scores[[c for c in RANKED_COLUMNS if c in scores.columns]]
-        self.parts.append(kept.astype({c: "category" for c in ("id", "teacher", "base_model")}))
+        self.parts.append(kept.astype(dict.fromkeys(self.NAMES, "category")))
         self.sum_parts.append(sum_scores(scores))
 
     @property
@@ -561,7 +562,7 @@ class _ScoresFile:
         from pandas.api.types import union_categoricals
 
         if self._numbers is None:
-            names = {c: union_categoricals([p[c] for p in self.parts]) for c in ("id", "teacher", "base_model")}
+            names = {c: union_categoricals([p[c] for p in self.parts]) for c in self.NAMES}
             numbers = pd.concat([p.drop(columns=list(names)) for p in self.parts], ignore_index=True)
             self.parts = []
             self._numbers = pd.concat([pd.DataFrame(names), numbers], axis=1)
