@@ -4,6 +4,7 @@ import contextlib
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -217,3 +218,45 @@ def test_rank_in_windows_scores_each_example_once_and_writes_what_one_window_wri
     numbers = windowed.scores.astype({c: str for c in ("id", "teacher", "base_model")})
     pd.testing.assert_frame_equal(numbers, whole.scores[list(windowed.scores.columns)].astype(numbers.dtypes.to_dict()),
                                   check_exact=False, rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_rows_staged_for_ray_read_back_in_shards_of_the_size_asked_with_their_stage_position_and_key(tmp_path):
+    """What the driver stages for Ray Data (:class:`magpie_teach.scoring.on_ray.Staging`), read back by the read
+    tasks' own function: shards of 3 rows across the stages' boundary, each row's texts (earlier turns as the same
+    messages, whether given as a list or as JSON text; no response for L(x)), stage, position within its stage
+    and 16-byte key, one ending in zero bytes included; an empty frame adds nothing; a rerun's stale shards go."""
+    import pyarrow as pa
+
+    from magpie_teach.chat import parse_context
+    from magpie_teach.scoring.on_ray import Staging, _read_shards
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    answers = pd.DataFrame({"instruction": [f"q{i}" for i in range(5)], "response": [f"a{i}" for i in range(5)],
+                            "context": [turns, None, json.dumps(turns), "", None]})  # fmt: skip
+    questions = pd.DataFrame({"id": [7, 8], "instruction": ["q0", "q9"]})
+    keys = example_keys(answers["instruction"].tolist(), answers["response"].tolist())
+    keys[1] = b"\x01" * 8 + b"\x00" * 8  # a key whose last bytes are zeros keeps all 16
+    question_keys = example_keys(questions["instruction"].tolist())
+
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "shard-000009.parquet").write_bytes(b"from a killed run")
+    staging = Staging(tmp_path / "stage", rows=3)
+    staging.add(0, answers.iloc[:2], keys[:2])  # one stage in two parts: its positions run on
+    staging.add(0, answers.iloc[2:], keys[2:])
+    staging.add(1, questions.iloc[:0], question_keys[:0])
+    staging.add(1, questions, question_keys)
+    files = staging.close()
+    assert [pd.read_parquet(f).shape[0] for f in files] == [3, 3, 1]
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(Path(f).name for f in files)
+    assert staging.counts == {0: 5, 1: 2}
+
+    rows = _read_shards(pa.table({"path": files})).to_pandas()
+    assert rows["_stage"].tolist() == [0] * 5 + [1] * 2 and rows["_position"].tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert rows["instruction"].tolist() == [*answers["instruction"], *questions["instruction"]]
+    assert rows["response"].tolist()[:5] == answers["response"].tolist() and rows["response"].isna()[5:].all()
+    assert [parse_context(c) for c in rows["context"]] == [turns, None, turns, None, None, None, None]
+    staged = np.array([bytes(k) for k in rows["_key"]], dtype="S16")
+    assert all(len(k) == 16 for k in rows["_key"])
+    assert (staged == np.concatenate([keys, question_keys])).all()
+    staging.remove()
+    assert not (tmp_path / "stage").exists()

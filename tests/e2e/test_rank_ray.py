@@ -183,6 +183,31 @@ def test_a_driver_killed_mid_run_resumes_from_the_blocks_it_stored(
     _same_scores(out, local_ranking)
 
 
+def test_rank_in_windows_on_ray_stages_each_example_once_and_gives_the_local_scores(
+    cluster, tiny_suite, many_rows, local_ranking, tmp_path
+):
+    """Past ``$MAGPIE_TEACH_WINDOW_ROWS`` (50 here: the 300 responses in 6 windows) the driver reads a window at a
+    time and stages what the cache lacks for Ray Data to read: every response and every instruction's L(x) is
+    scored once (an instruction whose answers fall in two windows is staged once), into the cache, with the local
+    run's scores and ranking, and no staged shard is left."""
+    out, cache = tmp_path / "ray", tmp_path / "cache"
+    run = _cli(*_rank_args(many_rows, out, tiny_suite.base_small, "--ray-address", cluster, "--num-workers", "2",
+                           "--cache-dir", str(cache)), env={"MAGPIE_TEACH_WINDOW_ROWS": "50"})  # fmt: skip
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr
+    assert "tiny-llama-s: scoring 300 responses in windows of 50" in stderr
+    assert "compat tiny-llama-s: 300/300 ex (100%)" in stderr and "L(x) tiny-llama-s: 100/100 ex (100%)" in stderr
+    # the file holds 3 answers per instruction in a row: an instruction is in every window one of its rows is in
+    in_windows = len({(row // 50, row // 3) for row in range(300)})
+    work = json.loads((out / "summary.json").read_text())["work"]
+    assert work["compat tiny-llama-s"] == {"scored": 300, "from_cache": 0}
+    assert work["L(x) tiny-llama-s"] == {"scored": 100, "from_cache": in_windows - 100} and in_windows > 100
+    stored = [pd.read_parquet(part) for part in cache.glob("compat/*/part-*.parquet")]
+    assert sum(len(part) for part in stored) == 300
+    _same_scores(out, local_ranking)
+    assert not (out / ".ray-staging").exists()
+
+
 def test_an_unreachable_cluster_and_a_missing_ray_are_one_line_each_before_any_model_loads(
     tiny_suite, sample_path, tmp_path
 ):

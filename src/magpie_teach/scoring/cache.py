@@ -211,14 +211,20 @@ def _write_part(keys: np.ndarray, values: pd.DataFrame, path: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    key_array = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(KEY_BYTES), len(keys), [None, pa.py_buffer(keys.tobytes())]
-    )
-    table = pa.Table.from_pandas(values, preserve_index=False).append_column("key", key_array)
+    table = pa.Table.from_pandas(values, preserve_index=False).append_column("key", key_array(keys))
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), _CHECKSUM: _checksum(keys, values).encode()}
     )
     pq.write_table(table, path)
+
+
+def key_array(keys: np.ndarray) -> Any:
+    """Keys (``S16``) as an Arrow fixed-size binary array of their raw bytes (a key may end in zero bytes, which
+    a numpy ``S16`` value drops)."""
+    import pyarrow as pa
+
+    keys = np.ascontiguousarray(keys, dtype=f"S{KEY_BYTES}")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(KEY_BYTES), len(keys), [None, pa.py_buffer(keys.tobytes())])
 
 
 def _read_part(path: Path) -> tuple[np.ndarray, pd.DataFrame]:

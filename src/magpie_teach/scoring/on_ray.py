@@ -1,25 +1,29 @@
 """Scoring on a Ray cluster: Ray Data runs the same scorer code as the local path, one model per actor.
 
-The driver (the `rank` process) keeps what it does locally: it reads and validates the data, samples, looks
-every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates. What is left to score
-goes to Ray Data as blocks of rows (a base model's two stages, its compatibility losses and L(x), in one
-dataset, so that its actors load it once); ``map_batches`` sends them through an actor pool (``num_workers`` actors,
-each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
+The driver (the `rank` process) keeps what it does locally: it reads and validates the data a window at a
+time, samples, looks every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates.
+What is left to score under a model is staged as parquet shards in the output folder (:class:`Staging`; the
+driver holds one shard at a time, whatever the size of the data; a base model's two stages, its
+compatibility losses and L(x), in one set of shards, so that its actors load it once). Ray Data reads the
+shards (a block each, read by Ray Data tasks where they run) and ``map_batches`` sends them through an actor pool (``num_workers``
+actors, each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
 :func:`magpie_teach.scoring.scorers.score_frame`, the function the local path calls: the same template
 decision, the same masks, the same length-sorted token-budgeted batches. Results stream back to the driver,
 which stores each block in the score cache as it arrives, so a driver killed mid-run resumes from the blocks
-already stored. Ray restarts an actor whose process dies and retries its block (Ray Data's defaults:
+already stored; the shards are removed when the model is done. Ray restarts an actor whose process dies and retries its block (Ray Data's defaults:
 ``max_restarts=-1``, ``max_task_retries=-1``); scores do not depend on batching, so a retried block gives the
 same numbers.
 
 Every node needs magpie-teach installed (``pip install 'magpie-teach[ray]'``) and the models: a Hub id is
 downloaded by each node (or read from its Hugging Face cache); a local folder must be on storage every node
-sees at the same path.
+sees at the same path, and so must the output folder (:func:`check_visible` asks every node before any
+model loads).
 """
 
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,6 +94,43 @@ def connect(address: str) -> None:
     context.print_on_execution_start = False
 
 
+def check_visible(folder: Path, timeout: float = 120.0) -> None:
+    """Every alive node of the connected cluster reads a file the driver writes in ``folder`` (where the rows to
+    score are staged for Ray Data's read tasks): a ConfigError in one line naming the folder and the nodes that
+    cannot, before any model loads."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = Path(folder).resolve() / f".ray-visible-{token}"  # the nodes run elsewhere than the driver's folder
+    marker.write_text(token)
+
+    def sees(path: str, expected: str) -> bool:
+        try:
+            with open(path) as handle:
+                return handle.read() == expected
+        except OSError:
+            return False
+
+    task = ray.remote(num_cpus=0, max_retries=0)(sees)
+    try:
+        nodes = {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        asked = {address: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                 .remote(str(marker), token) for address, node in nodes.items()}  # fmt: skip
+        blind = sorted(address for address, seen in zip(asked, ray.get(list(asked.values()), timeout=timeout))
+                       if not seen)  # fmt: skip
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"--output {folder} ({marker.parent}): Ray node(s) {', '.join(blind)} cannot read it; the rows to "
+            "score are staged there "
+            "for every node to read: put the output folder on storage every node mounts at the same path"
+        )
+
+
 class _Scorer:
     """A Ray Data actor: loads one model when it starts and scores the blocks it is given, each row with the
     stage its ``_stage`` names (several stages of one model share the actor: the model is loaded once)."""
@@ -110,11 +151,15 @@ class _Scorer:
 
         parts = []
         for stage, rows in batch.groupby("_stage", sort=True):
-            scores = score_frame(self.kinds[int(stage)], self.model, self.tokenizer, rows, self.settings["max_length"],
-                                 self.settings["batch_tokens"], show_progress=False)  # fmt: skip
+            texts = rows[["instruction", "response", "context"]]
+            if texts["context"].isna().all():  # single-turn rows: scored exactly as the local path scores them
+                texts = texts.drop(columns="context")
+            scores = score_frame(self.kinds[int(stage)], self.model, self.tokenizer, texts.reset_index(drop=True),
+                                 self.settings["max_length"], self.settings["batch_tokens"], show_progress=False)  # fmt: skip
             # one schema for every block: each stage's columns as float64 (exact for its counts and flags)
             parts.append(scores.astype("float64").reindex(columns=self.columns)
-                         .assign(_stage=int(stage), _position=rows["_position"].to_numpy()))  # fmt: skip
+                         .assign(_stage=int(stage), _position=rows["_position"].to_numpy(),
+                                 _key=rows["_key"].to_numpy()))  # fmt: skip
         return pd.concat(parts, ignore_index=True)
 
 
@@ -124,9 +169,91 @@ def _union_columns(kinds: list[str]) -> list[str]:
     return list(dict.fromkeys(column for kind in kinds for column in OUTPUTS[kind]))
 
 
+def shard_rows(upper: int, num_workers: int, window: int) -> int:
+    """Rows per staged shard (one Ray Data block, one actor call): at most ``window``, and small enough that
+    ``upper`` rows make at least :data:`BATCHES_PER_WORKER` blocks per actor."""
+    return max(1, min(window, math.ceil(upper / (num_workers * BATCHES_PER_WORKER))))
+
+
+class Staging:
+    """The rows one model has left to score, written as parquet shards of ``rows`` rows into ``folder`` (inside the
+    output folder, which every node reads: Ray Data's read tasks open the shards where they run). A row holds its
+    texts (``instruction``, ``response``, earlier turns as JSON ``context``), its stage (``_stage``: the index of
+    its kind), its ``_position`` in that stage's rows as added, and its score-cache ``_key``. The driver holds
+    at most one shard's rows."""
+
+    def __init__(self, folder: Path, rows: int):
+        import shutil
+
+        self.folder, self.rows = Path(folder), rows
+        shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's shards: staged again from the cache's view
+        self.folder.mkdir(parents=True)
+        self.files: list[str] = []
+        self.counts: dict[int, int] = {}
+        self._buffer: list[Any] = []
+        self._buffered = 0
+
+    def add(self, stage: int, frame: pd.DataFrame, keys: np.ndarray) -> None:
+        import pyarrow as pa
+
+        from magpie_teach.scoring.cache import KEY_BYTES, key_array
+
+        if not len(frame):
+            return
+        start = self.counts.get(stage, 0)
+        self.counts[stage] = start + len(frame)
+        context = frame["context"] if "context" in frame.columns else pd.Series([None] * len(frame))
+        table = pa.table({
+            "instruction": pa.array(frame["instruction"].astype(str).tolist(), pa.string()),
+            "response": pa.array(frame["response"].astype(str).tolist() if "response" in frame.columns
+                                 else [None] * len(frame), pa.string()),
+            "context": pa.array([_context_text(value) for value in context], pa.string()),
+            "_stage": pa.array(np.full(len(frame), stage, dtype=np.int64)),
+            "_position": pa.array(np.arange(start, start + len(frame), dtype=np.int64)),
+            "_key": key_array(np.asarray(keys, dtype=f"S{KEY_BYTES}")),
+        })  # fmt: skip
+        self._buffer.append(table)
+        self._buffered += len(table)
+        while self._buffered >= self.rows:
+            self._flush(self.rows)
+
+    def close(self) -> list[str]:
+        """Writes what is left; returns every shard's path, in the order the rows were added."""
+        if self._buffered:
+            self._flush(self._buffered)
+        return self.files
+
+    def _flush(self, n: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.concat_tables(self._buffer)
+        path = self.folder / f"shard-{len(self.files):06d}.parquet"
+        pq.write_table(table.slice(0, n), path)
+        self.files.append(str(path))
+        rest = table.slice(n)
+        self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _context_text(value: Any) -> str | None:
+    """Earlier turns as JSON text (what :func:`magpie_teach.chat.parse_context` reads back), or None."""
+    import json
+
+    from magpie_teach.chat import parse_context
+
+    turns = parse_context(value)
+    return None if turns is None else json.dumps(turns)
+
+
 def score_on_ray(
     model: str,
-    stages: list[tuple[str, pd.DataFrame]],
+    kinds: list[str],
+    files: list[str],
     *,
     num_workers: int,
     gpus_per_worker: float,
@@ -134,46 +261,52 @@ def score_on_ray(
     batch_tokens: int,
     dtype: str,
     on_block: Any,
-    window: int,
-) -> list[pd.DataFrame]:
-    """Scores the rows of each (kind, frame) of ``stages`` (the texts :func:`score_frame` reads) under one
-    ``model`` on the connected cluster, through one actor pool; calls ``on_block(stage, positions, scores)`` as
-    each block's scores arrive; returns each stage's scores in its frame's order."""
+) -> None:
+    """Scores the rows of the staged ``files`` (:class:`Staging`, whose ``_stage`` indexes ``kinds``) under one
+    ``model`` on the connected cluster: Ray Data reads the shards (a block each) and sends them through one actor
+    pool; ``on_block(stage, positions, keys, scores)`` gets each block's scores of each stage as they arrive."""
     import ray.data
 
+    from magpie_teach.scoring.cache import KEY_BYTES
     from magpie_teach.scoring.scorers import OUTPUTS
 
-    kinds = [kind for kind, _ in stages]
     if len({kind == "reward" for kind in kinds}) > 1:
         raise ValueError(f"one model scores either rewards or losses, not both: {kinds}")
-    rows = pd.concat([frame.reset_index(drop=True).assign(_stage=i, _position=np.arange(len(frame)))
-                      for i, (_, frame) in enumerate(stages)], ignore_index=True)  # fmt: skip
-    batch = max(1, min(window, math.ceil(len(rows) / (num_workers * BATCHES_PER_WORKER))))
-    blocks = [rows.iloc[start : start + batch] for start in range(0, len(rows), batch)]
+    if not files:
+        return
     settings = {"max_length": max_length, "batch_tokens": batch_tokens, "dtype": dtype,
                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": 0 if gpus_per_worker > 0 else 1}  # fmt: skip
     resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {"num_cpus": 1}
-    scored = ray.data.from_pandas(blocks).map_batches(
+    rows = max(_rows_in(path) for path in files)
+    # a block per shard, read by tasks that take no CPU of their own: where the actors hold every CPU (CPU
+    # scoring), the reads still run (`read_parquet`'s file listing asks for a CPU, and would wait for ever)
+    listing = ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files))
+    read = listing.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0)
+    scored = read.map_batches(
         _Scorer,
         fn_constructor_args=(model, kinds, settings),
-        batch_size=batch,
+        batch_size=rows,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=num_workers),
         **resources,
     )
-    parts: list[list[pd.DataFrame]] = [[] for _ in stages]
     for block in scored.iter_batches(batch_size=None, batch_format="pandas"):
         for stage, part in block.groupby("_stage", sort=True):
-            stage = int(stage)
-            positions = part["_position"].to_numpy()
-            scores = part[list(OUTPUTS[kinds[stage]])].astype(OUTPUTS[kinds[stage]]).reset_index(drop=True)
-            on_block(stage, positions, scores)
-            parts[stage].append(scores.assign(_position=positions))
-    out = []
-    for kind, stage_parts in zip(kinds, parts):
-        if not stage_parts:
-            out.append(pd.DataFrame({c: pd.Series(dtype=t) for c, t in OUTPUTS[kind].items()}))
-            continue
-        frame = pd.concat(stage_parts, ignore_index=True).sort_values("_position")
-        out.append(frame.drop(columns="_position").reset_index(drop=True))
-    return out
+            kind = kinds[int(stage)]
+            keys = np.array(part["_key"].tolist(), dtype=f"S{KEY_BYTES}")
+            scores = part[list(OUTPUTS[kind])].astype(OUTPUTS[kind]).reset_index(drop=True)
+            on_block(int(stage), part["_position"].to_numpy(), keys, scores)
+
+
+def _read_shards(batch: Any) -> Any:
+    """The rows of the staged shards a batch of paths names, as one Arrow table (a Ray Data read task)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path) for path in batch["path"].to_pylist()])
+
+
+def _rows_in(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows

@@ -217,26 +217,19 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
     pending = [i for i, missing in enumerate(todo) if len(missing)]
     computed: dict[int, pd.DataFrame] = {}
     if pending and config.ray_address:
-        from magpie_teach.progress import Progress
         from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
-        from magpie_teach.scoring.on_ray import connect, score_on_ray
+        from magpie_teach.scoring.on_ray import Staging, shard_rows
 
-        connect(config.ray_address)
-        bars = [Progress(len(todo[i]), stages[i].desc, position=n) for n, i in enumerate(pending)]
-
-        def on_block(n: int, positions: np.ndarray, rows: pd.DataFrame) -> None:
-            i = pending[n]
-            if caches[i] is not None:
-                caches[i].add(stages[i].keys[todo[i][positions]], rows)
-            bars[n].update(len(positions))
-
-        parts = score_on_ray(model, [(stages[i].kind, stages[i].frame.iloc[todo[i]]) for i in pending],
-                             num_workers=config.num_workers, gpus_per_worker=config.gpus_per_worker,
-                             max_length=config.max_length, batch_tokens=config.batch_tokens, dtype=config.dtype,
-                             on_block=on_block, window=DEFAULT_WINDOW)  # fmt: skip
-        for bar in bars:
-            bar.close()
-        computed = dict(zip(pending, parts))
+        staging = Staging(_staging_folder(config), shard_rows(sum(len(todo[i]) for i in pending), config.num_workers,
+                                                              DEFAULT_WINDOW))  # fmt: skip
+        for n, i in enumerate(pending):
+            staging.add(n, stages[i].frame.iloc[todo[i]], stages[i].keys[todo[i]])
+        parts: list[list[pd.DataFrame]] = [[] for _ in pending]
+        _run_on_ray(config, model, [stages[i] for i in pending], [caches[i] for i in pending], staging,
+                    lambda n, positions, rows: parts[n].append(rows.assign(_position=positions)))  # fmt: skip
+        for n, i in enumerate(pending):
+            frame = pd.concat(parts[n], ignore_index=True).sort_values("_position", kind="stable")
+            computed[i] = frame.drop(columns="_position").reset_index(drop=True)
     elif pending:
         from magpie_teach.scoring.scorers import load_scorer, load_scorer_model, score_frame
 
@@ -276,18 +269,65 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
     return out
 
 
+def _stages(model: str, kinds: list[str], rows: pd.DataFrame, keys: np.ndarray) -> list[_Stage]:
+    """The scoring stages of ``model`` over a frame of validated rows (whose score-cache keys are ``keys``): the
+    reward model's one, or a causal LM's compatibility losses and L(x) (one row per instruction, with its ``id``)."""
+    from magpie_teach.scoring.cache import example_keys
+
+    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
+    if kinds == ["reward"]:
+        return [_Stage("reward", texts, keys, "reward")]
+    short = short_name(model)
+    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
+    return [_Stage("compat", texts, keys, f"compat {short}"),
+            _Stage("instruction-loss", instructions, example_keys(instructions["instruction"].tolist()),
+                   f"L(x) {short}")]  # fmt: skip
+
+
+def _staging_folder(config: RankConfig) -> Path:
+    """Where the rows left to score under one model are staged for Ray Data (in the output folder: every node
+    reads it)."""
+    return Path(config.output_dir).resolve() / ".ray-staging"
+
+
+def _run_on_ray(config: RankConfig, model: str, stages: list[_Stage], caches: list, staging: Any,
+                on_scores: Any = None) -> None:  # fmt: skip
+    """Scores the rows ``staging`` holds (stage ``n`` of them one of ``stages``) on the Ray cluster, stores each
+    block in its stage's cache (when there is one) as it arrives, and passes it to ``on_scores(n, positions,
+    scores)``; the staged shards are removed at the end, whatever happened."""
+    from magpie_teach.progress import Progress
+    from magpie_teach.scoring.on_ray import connect, score_on_ray
+
+    try:
+        files = staging.close()
+        connect(config.ray_address)
+        bars = {
+            n: Progress(count, stages[n].desc, position=p)
+            for p, (n, count) in enumerate(sorted(staging.counts.items()))
+        }
+
+        def on_block(n: int, positions: np.ndarray, keys: np.ndarray, rows: pd.DataFrame) -> None:
+            if caches[n] is not None:
+                caches[n].add(keys, rows)
+            bars[n].update(len(positions))
+            if on_scores is not None:
+                on_scores(n, positions, rows)
+
+        score_on_ray(model, [stage.kind for stage in stages], files, num_workers=config.num_workers,
+                     gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
+                     batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block)  # fmt: skip
+        for bar in bars.values():
+            bar.close()
+    finally:
+        staging.remove()
+
+
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
                work: dict | None = None, session: _Session | None = None) -> pd.DataFrame:  # fmt: skip
     """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
-    from magpie_teach.scoring.cache import example_keys
-
-    short = short_name(model_name)
-    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
-    instruction_keys = example_keys(instructions["instruction"].tolist())
-    scores, text = _cached(config, model_name, [_Stage("compat", texts, keys, f"compat {short}"),
-                                                _Stage("instruction-loss", instructions, instruction_keys,
-                                                       f"L(x) {short}")], work, session)  # fmt: skip
+    stages = _stages(model_name, ["compat", "instruction-loss"], rows, keys)
+    scores, text = _cached(config, model_name, stages, work, session)
+    instructions = stages[1].frame
     empty = scores["n_tokens"].to_numpy() == 0
     if empty.any():  # the prompt alone filled max_length: no response token left to score
         bad = rows.loc[empty, ["id", "teacher"]].head(3).to_dict("records")
@@ -304,8 +344,9 @@ def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dic
     """(rewards, truncated): a precomputed column, or the reward model's scores."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
-    texts = rows[["instruction", "response", *(["context"] if "context" in rows.columns else [])]]
-    (scores,) = _cached(config, config.reward_model, [_Stage("reward", texts, keys, "reward")], work, session)
+    (scores,) = _cached(
+        config, config.reward_model, _stages(config.reward_model, ["reward"], rows, keys), work, session
+    )
     return scores["reward"].to_numpy(dtype=np.float64), scores["truncated"].to_numpy(dtype=bool)
 
 
@@ -423,9 +464,10 @@ def _rank(config: RankConfig) -> RankResult:
 
         check_writable(Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir(), "--cache-dir")
     if config.ray_address:
-        from magpie_teach.scoring.on_ray import check_cluster
+        from magpie_teach.scoring.on_ray import check_cluster, check_visible
 
         config.ray_address = check_cluster(config.ray_address)  # unreachable, or no ray extra: one line, now
+        check_visible(Path(config.output_dir))  # every node reads the rows staged there
 
     performance = None
     if config.performance:
@@ -461,8 +503,11 @@ def _rank(config: RankConfig) -> RankResult:
     # row stays in memory, and of the caches only those of the base model being written, the reward and reference
     for model, kinds in _models(config):
         print(f"{short_name(model)}: scoring {stream.n_rows} responses in windows of {window}", file=sys.stderr)
-        for rows in stream.windows(window):
-            _fill(config, model, kinds, rows, work, session)
+        if config.ray_address:
+            _fill_on_ray(config, model, kinds, stream, window, work, session)
+        else:
+            for rows in stream.windows(window):
+                _fill(config, model, kinds, rows, work, session)
         session.release()
         session.forget(model)
     session.quiet = True
@@ -479,11 +524,10 @@ def _rank(config: RankConfig) -> RankResult:
 
 def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
     """Rows scored per window: :data:`magpie_teach.data.WINDOW_ROWS`, or all of them where the score cache cannot
-    carry scores from one pass to the next (``--no-cache``, a model whose identity is unknown) or on Ray (one
-    Ray Data pipeline per model, not one per window)."""
+    carry scores from one pass to the next (``--no-cache``, a model whose identity is unknown)."""
     from magpie_teach import data
 
-    if not config.cache or config.ray_address or data.WINDOW_ROWS <= 0 or n_rows <= data.WINDOW_ROWS:
+    if not config.cache or data.WINDOW_ROWS <= 0 or n_rows <= data.WINDOW_ROWS:
         return n_rows
     for model, kinds in _models(config):
         _, caches = session.caches_of(config, model, kinds)
@@ -513,6 +557,43 @@ def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, 
         _rewards(config, rows, keys, work, session)
     else:
         _lm_scores(config, model, rows, keys, work, session)
+
+
+def _fill_on_ray(config: RankConfig, model: str, kinds: list[str], stream: Any, window: int, work: dict,
+                 session: _Session) -> None:  # fmt: skip
+    """Scores into the score cache what it lacks of every window under ``model``, on the Ray cluster: a window at a
+    time, the rows the cache lacks are staged (an instruction once, though its answers fall in several windows),
+    then one Ray Data pipeline scores them all, so that each actor loads the model once."""
+    from magpie_teach.scoring.cache import example_keys
+    from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
+    from magpie_teach.scoring.on_ray import Staging, shard_rows
+
+    _, caches = session.caches_of(config, model, kinds)
+    staging = Staging(_staging_folder(config), shard_rows(stream.n_rows * len(kinds), config.num_workers,
+                                                          DEFAULT_WINDOW))  # fmt: skip
+    staged: set = set()  # L(x) keys staged already
+    stages: list[_Stage] = []
+    seen: dict[str, list[int]] = {}
+    for rows in stream.windows(window):
+        keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
+        stages = _stages(model, kinds, rows, keys)
+        for n, (stage, cache) in enumerate(zip(stages, caches)):
+            found, _ = cache.lookup(stage.keys)
+            if stage.kind == "instruction-loss":
+                found |= np.fromiter((key in staged for key in stage.keys), bool, len(stage.keys))
+                staged.update(stage.keys[~found])
+            staging.add(n, stage.frame.iloc[np.flatnonzero(~found)], stage.keys[~found])
+            counted = seen.setdefault(stage.desc, [0, 0])
+            counted[0] += int((~found).sum())
+            counted[1] += int(found.sum())
+    for desc, (scored, from_cache) in seen.items():
+        done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
+        done["scored"] += scored
+        done["from_cache"] += from_cache
+        if from_cache:
+            print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
+                  f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
+    _run_on_ray(config, model, stages, caches, staging)
 
 
 RANKED_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "truncated", "reward_truncated")
