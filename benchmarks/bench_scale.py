@@ -5,7 +5,7 @@ path's throughput against the local engine, and what the full Zoo costs on GPUs.
     python benchmarks/bench_scale.py ray [--rows 6000] [--workers 2] [--work DIR]
     python benchmarks/bench_scale.py extrapolate [--mfu 0.4] [--work DIR]
     python benchmarks/bench_scale.py select [--instructions 2000 20000] [--work DIR]
-    python benchmarks/bench_scale.py full [--instructions 1000 5000] [--work DIR]
+    python benchmarks/bench_scale.py full [--instructions 1000 5000] [--ray] [--work DIR]
 
 Builds folders in the exact layout of ``Magpie-Align/Magpie-100K-Generator-Zoo`` (ten parquet shards
 ``data/train-0000K-of-00010.parquet``; one row per instruction with ``uuid``, ``instruction`` and one struct
@@ -33,6 +33,7 @@ size's.
 Zoo-layout folder under a tiny base model with ``--reward-column``, twice in fresh processes: in windows of
 ``MAGPIE_TEACH_WINDOW_ROWS`` (default 20,000) responses, and in one window (the whole data in memory, as `rank`
 scored before it streamed). It prints both peaks, their ratio, and the windowed peak against the smallest size's.
+With ``--ray`` both runs score on a Ray head on 127.0.0.1 (``--workers`` actors): the peak is the driver's.
 
 ``extrapolate`` measures the tokens one response costs the engine (the conversation, the response alone for
 L(y), and the instruction for L(x), with a real tokenizer when one is cached, else the tiny one) on the Zoo-layout
@@ -44,6 +45,8 @@ path's measured efficiency (``--efficiency``, from ``ray``) applied to the 8- an
 import argparse
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,22 +153,30 @@ def memory(args: argparse.Namespace) -> None:
 
 
 def full(args: argparse.Namespace) -> None:
-    import os
+    import contextlib
 
     from magpie_teach.tiny import build_tiny_suite
+    from tests.processes import ray_head
 
     work = Path(args.work)
     base = build_tiny_suite(work / "models").base_small
     print(f"rank --reward-column {REWARDS[0]} --max-length 128 (every response), tiny base model; Zoo layout, "
-          f"{len(ZOO_TEACHERS)} teachers", flush=True)  # fmt: skip
+          f"{len(ZOO_TEACHERS)} teachers{f'; on a Ray head, {args.workers} actors' if args.ray else ''}", flush=True)  # fmt: skip
+    with ray_head(work, num_cpus=os.cpu_count() or 1) if args.ray else contextlib.nullcontext() as address:
+        extra = ["--ray-address", address, "--num-workers", str(args.workers)] if args.ray else []
+        _full(args, work, base, extra)
+
+
+def _full(args: argparse.Namespace, work: Path, base: str, extra: list[str]) -> None:
     first = None
     for n in args.instructions:
         folder = build_zoo(work / f"zoo-{n}", n)
         peaks = {}
         for label, window in (("windows", os.environ.get("MAGPIE_TEACH_WINDOW_ROWS", "20000")), ("one window", "0")):
-            run = work / f"full-{n}-{label.replace(' ', '-')}"
+            run = work / f"full-{n}-{label.replace(' ', '-')}{'-ray' if extra else ''}"
+            shutil.rmtree(run, ignore_errors=True)  # a fresh cache: every response scored
             argv = ["rank", "--data", str(folder), "--base-model", base, "--reward-column", REWARDS[0],
-                    "--output", str(run / "out"), "--cache-dir", str(run / "cache"), "--max-length", "128"]  # fmt: skip
+                    "--output", str(run / "out"), "--cache-dir", str(run / "cache"), "--max-length", "128", *extra]  # fmt: skip
             env = {**os.environ, "MAGPIE_TEACH_WINDOW_ROWS": window}
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", RUN, *argv], capture_output=True, text=True, env=env)
@@ -345,7 +356,8 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=2400, help="responses ranked by `ray` (rounded to whole instructions)"
     )
-    parser.add_argument("--workers", type=int, default=2, help="Ray actors of `ray`")
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors of `ray` (and of `full --ray`)")
+    parser.add_argument("--ray", action="store_true", help="`full` on a Ray head on 127.0.0.1 (the driver's peak)")
     parser.add_argument("--mfu", type=float, default=0.4, help="share of the GPU's peak the scoring reaches")
     parser.add_argument("--efficiency", type=float, default=0.9, help="scaling efficiency beyond one GPU")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "magpie-teach-bench-scale"))

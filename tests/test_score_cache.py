@@ -240,23 +240,22 @@ def test_rows_staged_for_ray_read_back_in_shards_of_the_size_asked_with_their_st
 
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "shard-000009.parquet").write_bytes(b"from a killed run")
-    staging = Staging(tmp_path / "stage", rows=3)
-    staging.add(0, answers.iloc[:2], keys[:2])  # one stage in two parts: its positions run on
-    staging.add(0, answers.iloc[2:], keys[2:])
-    staging.add(1, questions.iloc[:0], question_keys[:0])
-    staging.add(1, questions, question_keys)
-    files = staging.close()
-    assert [pd.read_parquet(f).shape[0] for f in files] == [3, 3, 1]
-    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(Path(f).name for f in files)
-    assert staging.counts == {0: 5, 1: 2}
+    with Staging(tmp_path / "stage", rows=3) as staging:
+        staging.add(0, answers.iloc[:2], keys[:2])  # one stage in two parts: its positions run on
+        staging.add(0, answers.iloc[2:], keys[2:])
+        staging.add(1, questions.iloc[:0], question_keys[:0])
+        staging.add(1, questions, question_keys)
+        files = staging.close()
+        assert [pd.read_parquet(f).shape[0] for f in files] == [3, 3, 1]
+        assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == sorted(Path(f).name for f in files)
+        assert staging.counts == {0: 5, 1: 2}
 
-    rows = _read_shards(pa.table({"path": files})).to_pandas()
-    assert rows["_stage"].tolist() == [0] * 5 + [1] * 2 and rows["_position"].tolist() == [0, 1, 2, 3, 4, 0, 1]
-    assert rows["instruction"].tolist() == [*answers["instruction"], *questions["instruction"]]
-    assert rows["response"].tolist()[:5] == answers["response"].tolist() and rows["response"].isna()[5:].all()
-    assert [parse_context(c) for c in rows["context"]] == [turns, None, turns, None, None, None, None]
-    staged = np.array([bytes(k) for k in rows["_key"]], dtype="S16")
-    assert all(len(k) == 16 for k in rows["_key"])
-    assert (staged == np.concatenate([keys, question_keys])).all()
-    staging.remove()
+        rows = _read_shards(pa.table({"path": files})).to_pandas()
+        assert rows["_stage"].tolist() == [0] * 5 + [1] * 2 and rows["_position"].tolist() == [0, 1, 2, 3, 4, 0, 1]
+        assert rows["instruction"].tolist() == [*answers["instruction"], *questions["instruction"]]
+        assert rows["response"].tolist()[:5] == answers["response"].tolist() and rows["response"].isna()[5:].all()
+        assert [parse_context(c) for c in rows["context"]] == [turns, None, turns, None, None, None, None]
+        staged = np.array([bytes(k) for k in rows["_key"]], dtype="S16")
+        assert all(len(k) == 16 for k in rows["_key"])
+        assert (staged == np.concatenate([keys, question_keys])).all()
     assert not (tmp_path / "stage").exists()

@@ -4,15 +4,15 @@ The driver (the `rank` process) keeps what it does locally: it reads and validat
 time, samples, looks every example up in the score cache (:mod:`magpie_teach.scoring.cache`) and aggregates.
 What is left to score under a model is staged as parquet shards in the output folder (:class:`Staging`; the
 driver holds one shard at a time, whatever the size of the data; a base model's two stages, its
-compatibility losses and L(x), in one set of shards, so that its actors load it once). Ray Data reads the
-shards (a block each, read by Ray Data tasks where they run) and ``map_batches`` sends them through an actor pool (``num_workers``
-actors, each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
+compatibility losses and L(x), in one set of shards, so that its actors load it once). Ray Data's tasks read
+the shards (a block each) where they run, and ``map_batches`` sends them through an actor pool
+(``num_workers`` actors, each with ``gpus_per_worker`` GPUs, or one CPU) whose actors load the model once and call
 :func:`magpie_teach.scoring.scorers.score_frame`, the function the local path calls: the same template
 decision, the same masks, the same length-sorted token-budgeted batches. Results stream back to the driver,
 which stores each block in the score cache as it arrives, so a driver killed mid-run resumes from the blocks
-already stored; the shards are removed when the model is done. Ray restarts an actor whose process dies and retries its block (Ray Data's defaults:
-``max_restarts=-1``, ``max_task_retries=-1``); scores do not depend on batching, so a retried block gives the
-same numbers.
+already stored; the shards are removed when the model is done. Ray restarts an actor whose process dies and
+retries its block (Ray Data's defaults: ``max_restarts=-1``, ``max_task_retries=-1``); scores do not depend on
+batching, so a retried block gives the same numbers.
 
 Every node needs magpie-teach installed (``pip install 'magpie-teach[ray]'``) and the models: a Hub id is
 downloaded by each node (or read from its Hugging Face cache); a local folder must be on storage every node
@@ -180,7 +180,7 @@ class Staging:
     output folder, which every node reads: Ray Data's read tasks open the shards where they run). A row holds its
     texts (``instruction``, ``response``, earlier turns as JSON ``context``), its stage (``_stage``: the index of
     its kind), its ``_position`` in that stage's rows as added, and its score-cache ``_key``. The driver holds
-    at most one shard's rows."""
+    at most one shard's rows. Used as a context manager: the folder is removed at the end of the block."""
 
     def __init__(self, folder: Path, rows: int):
         import shutil
@@ -234,7 +234,11 @@ class Staging:
         rest = table.slice(n)
         self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
 
-    def remove(self) -> None:
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """The shards go when the block ends, whatever happened: the scores are in the cache by then."""
         import shutil
 
         shutil.rmtree(self.folder, ignore_errors=True)

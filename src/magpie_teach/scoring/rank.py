@@ -220,13 +220,13 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
         from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
         from magpie_teach.scoring.on_ray import Staging, shard_rows
 
-        staging = Staging(_staging_folder(config), shard_rows(sum(len(todo[i]) for i in pending), config.num_workers,
-                                                              DEFAULT_WINDOW))  # fmt: skip
-        for n, i in enumerate(pending):
-            staging.add(n, stages[i].frame.iloc[todo[i]], stages[i].keys[todo[i]])
         parts: list[list[pd.DataFrame]] = [[] for _ in pending]
-        _run_on_ray(config, model, [stages[i] for i in pending], [caches[i] for i in pending], staging,
-                    lambda n, positions, rows: parts[n].append(rows.assign(_position=positions)))  # fmt: skip
+        rows = shard_rows(sum(len(todo[i]) for i in pending), config.num_workers, DEFAULT_WINDOW)
+        with Staging(_staging_folder(config), rows) as staging:
+            for n, i in enumerate(pending):
+                staging.add(n, stages[i].frame.iloc[todo[i]], stages[i].keys[todo[i]])
+            _run_on_ray(config, model, [stages[i] for i in pending], [caches[i] for i in pending], staging,
+                        lambda n, positions, scores: parts[n].append(scores.assign(_position=positions)))  # fmt: skip
         for n, i in enumerate(pending):
             frame = pd.concat(parts[n], ignore_index=True).sort_values("_position", kind="stable")
             computed[i] = frame.drop(columns="_position").reset_index(drop=True)
@@ -294,32 +294,26 @@ def _run_on_ray(config: RankConfig, model: str, stages: list[_Stage], caches: li
                 on_scores: Any = None) -> None:  # fmt: skip
     """Scores the rows ``staging`` holds (stage ``n`` of them one of ``stages``) on the Ray cluster, stores each
     block in its stage's cache (when there is one) as it arrives, and passes it to ``on_scores(n, positions,
-    scores)``; the staged shards are removed at the end, whatever happened."""
+    scores)``."""
     from magpie_teach.progress import Progress
     from magpie_teach.scoring.on_ray import connect, score_on_ray
 
-    try:
-        files = staging.close()
-        connect(config.ray_address)
-        bars = {
-            n: Progress(count, stages[n].desc, position=p)
-            for p, (n, count) in enumerate(sorted(staging.counts.items()))
-        }
+    files = staging.close()
+    connect(config.ray_address)
+    bars = {n: Progress(count, stages[n].desc, position=p) for p, (n, count) in enumerate(sorted(staging.counts.items()))}  # fmt: skip
 
-        def on_block(n: int, positions: np.ndarray, keys: np.ndarray, rows: pd.DataFrame) -> None:
-            if caches[n] is not None:
-                caches[n].add(keys, rows)
-            bars[n].update(len(positions))
-            if on_scores is not None:
-                on_scores(n, positions, rows)
+    def on_block(n: int, positions: np.ndarray, keys: np.ndarray, rows: pd.DataFrame) -> None:
+        if caches[n] is not None:
+            caches[n].add(keys, rows)
+        bars[n].update(len(positions))
+        if on_scores is not None:
+            on_scores(n, positions, rows)
 
-        score_on_ray(model, [stage.kind for stage in stages], files, num_workers=config.num_workers,
-                     gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
-                     batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block)  # fmt: skip
-        for bar in bars.values():
-            bar.close()
-    finally:
-        staging.remove()
+    score_on_ray(model, [stage.kind for stage in stages], files, num_workers=config.num_workers,
+                 gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
+                 batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block)  # fmt: skip
+    for bar in bars.values():
+        bar.close()
 
 
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
@@ -569,31 +563,31 @@ def _fill_on_ray(config: RankConfig, model: str, kinds: list[str], stream: Any, 
     from magpie_teach.scoring.on_ray import Staging, shard_rows
 
     _, caches = session.caches_of(config, model, kinds)
-    staging = Staging(_staging_folder(config), shard_rows(stream.n_rows * len(kinds), config.num_workers,
-                                                          DEFAULT_WINDOW))  # fmt: skip
     staged: set = set()  # L(x) keys staged already
     stages: list[_Stage] = []
     seen: dict[str, list[int]] = {}
-    for rows in stream.windows(window):
-        keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
-        stages = _stages(model, kinds, rows, keys)
-        for n, (stage, cache) in enumerate(zip(stages, caches)):
-            found, _ = cache.lookup(stage.keys)
-            if stage.kind == "instruction-loss":
-                found |= np.fromiter((key in staged for key in stage.keys), bool, len(stage.keys))
-                staged.update(stage.keys[~found])
-            staging.add(n, stage.frame.iloc[np.flatnonzero(~found)], stage.keys[~found])
-            counted = seen.setdefault(stage.desc, [0, 0])
-            counted[0] += int((~found).sum())
-            counted[1] += int(found.sum())
-    for desc, (scored, from_cache) in seen.items():
-        done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
-        done["scored"] += scored
-        done["from_cache"] += from_cache
-        if from_cache:
-            print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
-                  f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
-    _run_on_ray(config, model, stages, caches, staging)
+    rows_per_shard = shard_rows(stream.n_rows * len(kinds), config.num_workers, DEFAULT_WINDOW)
+    with Staging(_staging_folder(config), rows_per_shard) as staging:
+        for rows in stream.windows(window):
+            keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
+            stages = _stages(model, kinds, rows, keys)
+            for n, (stage, cache) in enumerate(zip(stages, caches)):
+                found, _ = cache.lookup(stage.keys)
+                if stage.kind == "instruction-loss":
+                    found |= np.fromiter((key in staged for key in stage.keys), bool, len(stage.keys))
+                    staged.update(stage.keys[~found])
+                staging.add(n, stage.frame.iloc[np.flatnonzero(~found)], stage.keys[~found])
+                counted = seen.setdefault(stage.desc, [0, 0])
+                counted[0] += int((~found).sum())
+                counted[1] += int(found.sum())
+        for desc, (scored, from_cache) in seen.items():
+            done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
+            done["scored"] += scored
+            done["from_cache"] += from_cache
+            if from_cache:
+                print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
+                      f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
+        _run_on_ray(config, model, stages, caches, staging)
 
 
 RANKED_COLUMNS = ("id", "teacher", "base_model", "reward", "compat_loss", "truncated", "reward_truncated")
