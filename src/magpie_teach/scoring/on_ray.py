@@ -119,15 +119,19 @@ def check_visible(folder: Path, timeout: float = 120.0) -> None:
         nodes = {node["NodeManagerAddress"]: node["NodeID"] for node in ray.nodes() if node["Alive"]}
         asked = {address: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
                  .remote(str(marker), token) for address, node in nodes.items()}  # fmt: skip
-        blind = sorted(address for address, seen in zip(asked, ray.get(list(asked.values()), timeout=timeout))
-                       if not seen)  # fmt: skip
+        seen = ray.get(list(asked.values()), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(
+            f"--output {folder}: the Ray nodes did not say within {timeout:.0f} s whether they can read it"
+        ) from None
     finally:
         marker.unlink(missing_ok=True)
+    blind = sorted(address for address, sees_it in zip(asked, seen) if not sees_it)
     if blind:
         raise ConfigError(
-            f"--output {folder} ({marker.parent}): Ray node(s) {', '.join(blind)} cannot read it; the rows to "
-            "score are staged there "
-            "for every node to read: put the output folder on storage every node mounts at the same path"
+            f"--output {folder} ({marker.parent}): Ray node(s) {', '.join(blind)} cannot read it; the rows to score "
+            "are staged there for every node to read: put the output folder on storage every node mounts at the "
+            "same path"
         )
 
 
