@@ -173,7 +173,8 @@ class ClusterSettings:
         default=None,
         metadata={
             "help": "Score on the Ray cluster at this address (host:port of `ray start --head`, ray://host:10001, "
-            "or auto: the cluster this machine joined, or $RAY_ADDRESS); default: this process, one device."
+            "or auto: the cluster this machine joined, or $RAY_ADDRESS); the rows to score are staged in the "
+            "output folder, which every node must read (shared storage); default: this process, one device."
         },
     )
     num_workers: int = field(
