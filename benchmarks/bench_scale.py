@@ -261,8 +261,6 @@ def select_memory(args: argparse.Namespace) -> None:
 
 
 def _timed_rank(argv: list[str], env: dict | None = None) -> float:
-    import os
-
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *argv], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})  # fmt: skip
@@ -273,8 +271,6 @@ def _timed_rank(argv: list[str], env: dict | None = None) -> float:
 
 def ray(args: argparse.Namespace) -> None:
     """Rows/s of the Ray path with N one-core actors against the local engine on the same cores."""
-    import os
-
     from magpie_teach.tiny import build_tiny_suite
     from tests.processes import ray_head
 

@@ -144,14 +144,10 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame, progress:
 def _score_on_ray(ranked: "RankConfig", loaded: Any) -> dict:
     """The scoring stage on a Ray cluster: `rank`'s own path (:func:`magpie_teach.scoring.rank.score_rows`: Ray Data
     actors score, the driver stores each block in the score cache as it arrives, so a rerun resumes from there)."""
-    from pathlib import Path
-
-    from magpie_teach.scoring.on_ray import check_cluster, check_visible
+    from magpie_teach.scoring.on_ray import check_cluster
     from magpie_teach.scoring.rank import score_rows, truncation_counts, write_rank_outputs
 
-    ranked.ray_address = check_cluster(ranked.ray_address)
-    Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
-    check_visible(Path(ranked.output_dir))  # every node reads the rows staged there
+    ranked.ray_address = check_cluster(ranked.ray_address, ranked.output_dir)
     work: dict = {}
     scores = score_rows(ranked, loaded.rows, work)
     counts = {**loaded.counts, **truncation_counts(ranked, scores)}

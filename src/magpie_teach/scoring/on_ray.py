@@ -16,7 +16,7 @@ batching, so a retried block gives the same numbers.
 
 Every node needs magpie-teach installed (``pip install 'magpie-teach[ray]'``) and the models: a Hub id is
 downloaded by each node (or read from its Hugging Face cache); a local folder must be on storage every node
-sees at the same path, and so must the output folder (:func:`check_visible` asks every node before any
+sees at the same path, and so must the output folder (:func:`check_cluster` asks every node before any
 model loads).
 """
 
@@ -45,10 +45,11 @@ def resolve_address(address: str) -> str:
     return address
 
 
-def check_cluster(address: str, timeout: float = 5.0) -> str:
+def check_cluster(address: str, output_dir: str | os.PathLike, timeout: float = 5.0) -> str:
     """Connects to the cluster at ADDRESS; a ConfigError in one line, before any model loads, when the ``ray``
-    extra is missing or the cluster cannot be reached (a TCP connection to its host and port first, so that a
-    wrong address fails in seconds); returns the address connected to."""
+    extra is missing, the cluster cannot be reached (a TCP connection to its host and port first, so that a
+    wrong address fails in seconds) or a node cannot read ``output_dir`` (:func:`check_visible`); returns the
+    address connected to."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -64,6 +65,7 @@ def check_cluster(address: str, timeout: float = 5.0) -> str:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--ray-address {address}: could not join the Ray cluster ({first})") from None
+    check_visible(Path(output_dir))
     return address
 
 
@@ -200,7 +202,7 @@ class Staging:
     def add(self, stage: int, frame: pd.DataFrame, keys: np.ndarray) -> None:
         import pyarrow as pa
 
-        from magpie_teach.scoring.cache import KEY_BYTES, key_array
+        from magpie_teach.scoring.cache import key_array
 
         if not len(frame):
             return
@@ -214,7 +216,7 @@ class Staging:
             "context": pa.array([_context_text(value) for value in context], pa.string()),
             "_stage": pa.array(np.full(len(frame), stage, dtype=np.int64)),
             "_position": pa.array(np.arange(start, start + len(frame), dtype=np.int64)),
-            "_key": key_array(np.asarray(keys, dtype=f"S{KEY_BYTES}")),
+            "_key": key_array(keys),
         })  # fmt: skip
         self._buffer.append(table)
         self._buffered += len(table)
@@ -261,7 +263,7 @@ def _context_text(value: Any) -> str | None:
 def score_on_ray(
     model: str,
     kinds: list[str],
-    files: list[str],
+    staging: Staging,
     *,
     num_workers: int,
     gpus_per_worker: float,
@@ -270,9 +272,10 @@ def score_on_ray(
     dtype: str,
     on_block: Any,
 ) -> None:
-    """Scores the rows of the staged ``files`` (:class:`Staging`, whose ``_stage`` indexes ``kinds``) under one
-    ``model`` on the connected cluster: Ray Data reads the shards (a block each) and sends them through one actor
-    pool; ``on_block(stage, positions, keys, scores)`` gets each block's scores of each stage as they arrive."""
+    """Scores the rows ``staging`` holds (its ``_stage`` indexes ``kinds``; its last shard is written here) under
+    one ``model`` on the connected cluster: Ray Data reads the shards (a block each) and sends them through one
+    actor pool; ``on_block(stage, positions, keys, scores)`` gets each block's scores of each stage as they
+    arrive."""
     import ray.data
 
     from magpie_teach.scoring.cache import KEY_BYTES
@@ -280,12 +283,12 @@ def score_on_ray(
 
     if len({kind == "reward" for kind in kinds}) > 1:
         raise ValueError(f"one model scores either rewards or losses, not both: {kinds}")
+    files = staging.close()
     if not files:
         return
     settings = {"max_length": max_length, "batch_tokens": batch_tokens, "dtype": dtype,
                 "device": "cuda" if gpus_per_worker > 0 else "cpu", "threads": 0 if gpus_per_worker > 0 else 1}  # fmt: skip
     resources = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {"num_cpus": 1}
-    rows = max(_rows_in(path) for path in files)
     # a block per shard, read by tasks that take no CPU of their own: where the actors hold every CPU (CPU
     # scoring), the reads still run (`read_parquet`'s file listing asks for a CPU, and would wait for ever)
     listing = ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files))
@@ -293,7 +296,7 @@ def score_on_ray(
     scored = read.map_batches(
         _Scorer,
         fn_constructor_args=(model, kinds, settings),
-        batch_size=rows,
+        batch_size=staging.rows,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=num_workers),
         **resources,
@@ -312,9 +315,3 @@ def _read_shards(batch: Any) -> Any:
     import pyarrow.parquet as pq
 
     return pa.concat_tables([pq.read_table(path) for path in batch["path"].to_pylist()])
-
-
-def _rows_in(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows

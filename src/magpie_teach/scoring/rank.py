@@ -192,6 +192,18 @@ class _Session:
             del self.caches[key]
 
 
+def _tally(work: dict | None, desc: str, scored: int, from_cache: int, say: bool = True) -> None:
+    """Counts a stage's examples scored and read from the score cache in ``work[desc]``; says how many came from
+    the cache when any did."""
+    if work is not None:
+        done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
+        done["scored"] += scored
+        done["from_cache"] += from_cache
+    if from_cache and say:
+        print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
+              f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None,
             session: _Session | None = None) -> list[pd.DataFrame]:  # fmt: skip
     """Each stage's scores of every row of its frame, in order: those in the score cache read from it, the others
@@ -205,13 +217,8 @@ def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | N
     for stage, cache in zip(stages, caches):
         found, values = cache.lookup(stage.keys) if cache is not None else (np.zeros(len(stage.keys), bool), None)
         missing = np.flatnonzero(~found)
-        if work is not None:
-            done = work.setdefault(stage.desc, {"scored": 0, "from_cache": 0})
-            done["scored"] += len(missing)
-            done["from_cache"] += int(found.sum())
-        if found.any() and not (session is not None and session.quiet):  # `rank`'s last pass reads all: no news
-            print(f"{stage.desc}: {int(found.sum())} of {len(stage.keys)} from the score cache"
-                  f"{f', {len(missing)} to score' if len(missing) else ''}", file=sys.stderr, flush=True)  # fmt: skip
+        # `rank`'s last pass reads every score back: no news
+        _tally(work, stage.desc, len(missing), int(found.sum()), say=not (session is not None and session.quiet))
         results.append((found, None if values is None else values.astype(OUTPUTS[stage.kind])))
         todo.append(missing)
     pending = [i for i, missing in enumerate(todo) if len(missing)]
@@ -298,7 +305,6 @@ def _run_on_ray(config: RankConfig, model: str, stages: list[_Stage], caches: li
     from magpie_teach.progress import Progress
     from magpie_teach.scoring.on_ray import connect, score_on_ray
 
-    files = staging.close()
     connect(config.ray_address)
     bars = {n: Progress(count, stages[n].desc, position=p) for p, (n, count) in enumerate(sorted(staging.counts.items()))}  # fmt: skip
 
@@ -309,7 +315,7 @@ def _run_on_ray(config: RankConfig, model: str, stages: list[_Stage], caches: li
         if on_scores is not None:
             on_scores(n, positions, rows)
 
-    score_on_ray(model, [stage.kind for stage in stages], files, num_workers=config.num_workers,
+    score_on_ray(model, [stage.kind for stage in stages], staging, num_workers=config.num_workers,
                  gpus_per_worker=config.gpus_per_worker, max_length=config.max_length,
                  batch_tokens=config.batch_tokens, dtype=config.dtype, on_block=on_block)  # fmt: skip
     for bar in bars.values():
@@ -458,10 +464,10 @@ def _rank(config: RankConfig) -> RankResult:
 
         check_writable(Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir(), "--cache-dir")
     if config.ray_address:
-        from magpie_teach.scoring.on_ray import check_cluster, check_visible
+        from magpie_teach.scoring.on_ray import check_cluster
 
-        config.ray_address = check_cluster(config.ray_address)  # unreachable, or no ray extra: one line, now
-        check_visible(Path(config.output_dir))  # every node reads the rows staged there
+        # unreachable, no ray extra, or an output folder a node cannot read (the rows are staged there): one line, now
+        config.ray_address = check_cluster(config.ray_address, config.output_dir)
 
     performance = None
     if config.performance:
@@ -581,12 +587,7 @@ def _fill_on_ray(config: RankConfig, model: str, kinds: list[str], stream: Any, 
                 counted[0] += int((~found).sum())
                 counted[1] += int(found.sum())
         for desc, (scored, from_cache) in seen.items():
-            done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
-            done["scored"] += scored
-            done["from_cache"] += from_cache
-            if from_cache:
-                print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
-                      f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
+            _tally(work, desc, scored, from_cache)
         _run_on_ray(config, model, stages, caches, staging)
 
 
