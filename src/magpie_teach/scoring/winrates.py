@@ -12,8 +12,9 @@ With each judgement come the two answers' lengths.
       logit P(m beats the baseline on x) = theta_m + phi_m * tanh(d_x / s) + psi_m * gamma_x,
 
   with d_x the length difference (student minus baseline), s its standard deviation over the student's
-  judgements, and gamma_x the instruction's difficulty, read off the joint fit logit P = theta_m + gamma_x over
-  every student (penalised by a standard-normal prior on gamma, then centred on 0). Fitted by maximum
+  judgements, and gamma_x the instruction's difficulty, read off the joint fit logit P = theta_m + phi_m *
+  tanh(d_x / s_m) + gamma_x over every student (a length slope per student, as AlpacaEval fits its difficulties;
+  penalised by a standard-normal prior on gamma, then centred on 0). Fitted by maximum
   likelihood on the (soft) preferences; the
   length-controlled win rate is the model's prediction at zero length difference, 100 x mean_x
   sigmoid(theta_m + psi_m * gamma_x). With one student, gamma is 0 and the model is theta + phi tanh(d/s).
@@ -64,14 +65,19 @@ student wins, or loses, gets a finite difficulty."""
 
 
 def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.Series:
-    """gamma_x per instruction: the joint fit logit P = theta_m + gamma_x over every student (penalised by
-    :data:`DIFFICULTY_PENALTY` on gamma, :data:`RIDGE` on theta), centred on 0. With one student it is 0: the
-    student's own verdicts cannot tell an instruction's difficulty from the student's answer to it.
+    """gamma_x per instruction: the joint fit logit P = theta_m + phi_m * tanh(d / s_m) + gamma_x over every student
+    (each student's own length slope, as AlpacaEval fits its difficulties; penalised by :data:`DIFFICULTY_PENALTY`
+    on gamma, :data:`RIDGE` on theta and phi), centred on 0. With one student it is 0: the student's own verdicts
+    cannot tell an instruction's difficulty from the student's answer to it.
 
-    Newton's method on the block structure: the theta-theta and gamma-gamma blocks of the Hessian are diagonal,
-    so each step solves a system the size of the number of students (a Schur complement). The Hessian sets only
-    how fast the steps reach the fit (any step that vanishes where the gradient does ends at the same gamma), so
-    `make mutation` leaves its lines alone."""
+    The length term is what keeps a student's length-driven verdicts out of gamma: fitted as theta_m + gamma_x
+    alone, an instruction where a verbose student wrote long answers looks easy, and the student's own model then
+    reads half its length bias back through gamma at zero length difference.
+
+    Newton's method on the block structure: the students' (theta, phi) block of the Hessian is block-diagonal and
+    the gamma block diagonal, so each step solves a system twice the number of students (a Schur complement). The
+    Hessian sets only how fast the steps reach the fit (any step that vanishes where the gradient does ends at the
+    same gamma), so `make mutation` leaves its lines alone."""
     ids = pd.Index(sorted(judgements["id"].unique()))
     students = pd.Index(sorted(judgements["student"].unique()))
     if len(students) < 2:
@@ -79,22 +85,31 @@ def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.S
     m = students.get_indexer(judgements["student"])
     x = ids.get_indexer(judgements["id"])
     target = judgements["preference"].to_numpy(dtype=float)
-    theta, gamma = np.zeros(len(students)), np.zeros(len(ids))
+    features = np.zeros((len(judgements), 2))
+    for student, rows in judgements.groupby("student", sort=False).indices.items():
+        features[rows] = length_features(judgements.iloc[rows], None)[:, :2]
+    k = features.shape[1]
+    n_theta = k * len(students)
+    columns = m[:, None] * k + np.arange(k)  # each row's student parameters: theta_m, phi_m
+    coef, gamma = np.zeros(n_theta), np.zeros(len(ids))
     for _ in range(100):
-        prob = _sigmoid(theta[m] + gamma[x])
+        prob = _sigmoid(np.sum(coef[columns] * features, axis=1) + gamma[x])
         residual, curvature = target - prob, prob * (1 - prob)
-        g_theta = np.bincount(m, residual, len(students)) - RIDGE * theta
+        g_coef = np.bincount(columns.ravel(), (residual[:, None] * features).ravel(), n_theta) - RIDGE * coef
         g_gamma = np.bincount(x, residual, len(ids)) - DIFFICULTY_PENALTY * gamma
-        a = np.bincount(m, curvature, len(students)) + RIDGE  # pragma: no mutate (the Hessian sets only the speed)
+        a = np.zeros((n_theta, n_theta))  # pragma: no mutate (the Hessian sets only the speed)
+        np.add.at(a, (columns[:, :, None], columns[:, None, :]),
+                  curvature[:, None, None] * features[:, :, None] * features[:, None, :])  # fmt: skip # pragma: no mutate
+        a += RIDGE * np.eye(n_theta)  # pragma: no mutate
         d = np.bincount(x, curvature, len(ids)) + DIFFICULTY_PENALTY  # pragma: no mutate
-        b = np.zeros((len(students), len(ids)))
-        np.add.at(b, (m, x), curvature)
-        schur = np.diag(a) - (b / d) @ b.T  # pragma: no mutate
-        step_theta = np.linalg.solve(schur, g_theta - b @ (g_gamma / d))
-        step_gamma = (g_gamma - b.T @ step_theta) / d
-        theta += step_theta
+        b = np.zeros((n_theta, len(ids)))  # pragma: no mutate
+        np.add.at(b, (columns, x[:, None]), curvature[:, None] * features)  # pragma: no mutate
+        schur = a - (b / d) @ b.T  # pragma: no mutate
+        step_coef = np.linalg.solve(schur, g_coef - b @ (g_gamma / d))
+        step_gamma = (g_gamma - b.T @ step_coef) / d
+        coef += step_coef
         gamma += step_gamma
-        if max(np.max(np.abs(step_theta)), np.max(np.abs(step_gamma))) < tol:
+        if max(np.max(np.abs(step_coef)), np.max(np.abs(step_gamma))) < tol:
             break
     return pd.Series(gamma - gamma.mean(), index=ids, name="gamma")
 
@@ -108,12 +123,14 @@ class LengthControlled:
     """100 x the (weighted) mean over instructions of the model's preference at zero length difference."""
 
 
-def length_features(judgements: pd.DataFrame, gamma: pd.Series) -> np.ndarray:
+def length_features(judgements: pd.DataFrame, gamma: pd.Series | None) -> np.ndarray:
     """The columns of one student's length-controlled model: 1, tanh(d / s), gamma_x (s: the standard deviation of
-    d over the student's judgements; a constant d gives a zero column)."""
+    d over the student's judgements; a constant d gives a zero column; without ``gamma``, the first two)."""
     diff = judgements["length_diff"].to_numpy(dtype=float)
     scale = float(diff.std())
     length = np.tanh(diff / scale) if scale > 0 else np.zeros_like(diff)
+    if gamma is None:
+        return np.column_stack([np.ones_like(diff), length])
     return np.column_stack([np.ones_like(diff), length, gamma.reindex(judgements["id"]).to_numpy()])
 
 
