@@ -648,3 +648,24 @@ def test_an_unanswered_instruction_error_says_how_to_keep_the_answered_ones():
         DataError, match=r"\(pass --drop-invalid to keep only instructions every teacher answered\)\.$"
     ):
         validated_responses(_frame().drop(index=[3]), "data")
+
+
+def test_a_shard_set_missing_a_shard_or_mixing_two_counts_is_an_error_naming_what_is_missing(tmp_path):
+    frame = _zoo_frame(8)
+    _write_shards(tmp_path / "zoo", frame, shards=4, row_group=2)
+    rows = load_responses(str(tmp_path / "zoo")).rows
+    assert rows["id"].nunique() == 8  # the whole set reads
+    data = tmp_path / "zoo" / "data"
+    (data / "train-00001-of-00004.parquet").unlink()
+    (data / "train-00003-of-00004.parquet").unlink()
+    with pytest.raises(DataError) as err:
+        load_responses(str(tmp_path / "zoo"))
+    assert str(err.value) == (
+        f"{data}: 2 of the 4 shards of 'train' are missing (train-00001-of-00004.parquet, "
+        "train-00003-of-00004.parquet); a partial set would be ranked as if it were the whole data: fetch the "
+        "missing shards."
+    )
+    frame.iloc[:3].to_parquet(data / "train-00001-of-00004.parquet")
+    frame.iloc[3:].to_parquet(data / "train-00000-of-00002.parquet")
+    with pytest.raises(DataError, match=r"the shards of 'train' disagree on how many there are \(-of-00002, -of-00004\)"):
+        load_responses(str(tmp_path / "zoo"))

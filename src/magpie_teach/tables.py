@@ -16,6 +16,7 @@ the columns asked for, so that memory depends on the batch, not on the data's si
 
 import gzip
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,11 +95,38 @@ def open_table(source: str, revision: str | None = None, split: str = "train") -
         shards = sorted(p for p in path.rglob("*.parquet") if not any(s.startswith(".") for s in p.parts))
         in_split = [p for p in shards if p.name.startswith(f"{split}-") or p.parent.name == split]
         if shards:
+            check_shard_set(in_split or shards)
             return _parquet(source, in_split or shards)
         return _saved_dataset(source, path, split)
     if source.count("/") == 1 and not source.startswith((".", "/")):
         return _hub(source, revision, split)
     raise DataError(f"{source}: no such file or folder, and not a Hub data set id of the form org/name.")
+
+
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.parquet\Z")
+
+
+def check_shard_set(files: list[Path]) -> None:
+    """Shards named as the Hub names them (``train-00003-of-00010.parquet``) must all be there: a set missing one
+    is an error naming the missing file(s) (the name says how many there are), as is a set whose names disagree
+    on that count."""
+    sets: dict[tuple[Path, str], dict[int, set[int]]] = {}
+    for file in files:
+        match = _SHARD_NAME.match(file.name)
+        if match:
+            counts = sets.setdefault((file.parent, match["stem"]), {})
+            counts.setdefault(int(match["total"]), set()).add(int(match["index"]))
+    for (folder, stem), counts in sets.items():
+        if len(counts) > 1:
+            raise DataError(f"{folder}: the shards of {stem!r} disagree on how many there are "
+                            f"({', '.join(f'-of-{t:05d}' for t in sorted(counts))}): they come from different runs.")  # fmt: skip
+        ((total, present),) = counts.items()
+        missing = [i for i in range(total) if i not in present]
+        if missing:
+            names = [f"{stem}-{i:05d}-of-{total:05d}.parquet" for i in missing]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise DataError(f"{folder}: {len(missing)} of the {total} shards of {stem!r} are missing ({shown}); "
+                            "a partial set would be ranked as if it were the whole data: fetch the missing shards.")  # fmt: skip
 
 
 def _rows_per_batch(bytes_per_row: float) -> int:
