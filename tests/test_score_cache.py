@@ -259,3 +259,30 @@ def test_rows_staged_for_ray_read_back_in_shards_of_the_size_asked_with_their_st
         assert all(len(k) == 16 for k in rows["_key"])
         assert (staged == np.concatenate([keys, question_keys])).all()
     assert not (tmp_path / "stage").exists()
+
+
+def test_a_local_model_whose_weights_are_replaced_keeping_size_and_mtime_gets_a_new_identity(tmp_path):
+    """`cp -p`, `rsync -a` and archives keep a file's mtime: weights replaced that way (same size, same mtime) must
+    not be taken for the old ones, or their old scores would be read back."""
+    import os
+    import shutil
+
+    from magpie_teach.scoring.cache import model_identity
+
+    model, other, cache = tmp_path / "model", tmp_path / "other", tmp_path / "cache"
+    model.mkdir()
+    other.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"A" * 64)
+    (other / "model.safetensors").write_bytes(b"B" * 64)
+    first = model_identity(str(model), cache)
+    assert first.startswith("sha256:") and model_identity(str(model), cache) == first  # remembered
+    weights = model / "model.safetensors"
+    before = weights.stat()
+    os.utime(other / "model.safetensors", ns=(before.st_atime_ns, before.st_mtime_ns))
+    weights.unlink()
+    shutil.copy2(other / "model.safetensors", weights)  # cp -p: the new bytes under the old size and mtime
+    after = weights.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = model_identity(str(model), cache)
+    assert second != first and second.startswith("sha256:")

@@ -64,14 +64,16 @@ def example_keys(instructions: Sequence[Any], responses: Sequence[Any] | None = 
 
 def model_identity(name_or_path: str, cache_dir: Path) -> str | None:
     """What names a model's weights: ``sha256:...`` over a local folder's files (remembered in
-    ``CACHE/identities.json`` by path, size and mtime, so a folder is hashed once), or ``HUB_ID@COMMIT`` from the
+    ``CACHE/identities.json`` by each file's path, size, mtime, inode and ctime, so a folder is hashed once: tools
+    that keep mtimes when they replace weights, ``cp -p``, ``rsync -a`` or an archive, still change the inode or
+    the ctime, and the folder is hashed again), or ``HUB_ID@COMMIT`` from the
     Hub or the Hugging Face cache; None when it cannot be known (then nothing is cached for that model)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         from magpie_teach.artefacts import content_digest, write_atomic
 
         files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))  # fmt: skip
-        stamp = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        stamp = [[str(p.relative_to(path)), *_stamp(p.stat())] for p in files]
         memo_file = cache_dir / "identities.json"
         try:
             memo = json.loads(memo_file.read_text())
@@ -85,6 +87,12 @@ def model_identity(name_or_path: str, cache_dir: Path) -> str | None:
         write_atomic(memo_file, lambda tmp: Path(tmp).write_text(json.dumps(memo)))
         return identity
     return _hub_commit(name_or_path)
+
+
+def _stamp(stat: os.stat_result) -> list[int]:
+    """What of a file's metadata says it may have changed: size, mtime, inode and ctime (the last two cannot be
+    set by the tools that keep an mtime)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
 
 @functools.cache

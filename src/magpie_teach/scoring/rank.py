@@ -192,13 +192,17 @@ class _Session:
             del self.caches[key]
 
 
-def _tally(work: dict | None, desc: str, scored: int, from_cache: int, say: bool = True) -> None:
-    """Counts a stage's examples scored and read from the score cache in ``work[desc]``; says how many came from
-    the cache when any did."""
+def _tally(work: dict | None, desc: str, scored: int, from_cache: int, say: bool = True, repeated: int = 0) -> None:
+    """Counts a stage's examples scored and read from the score cache in ``work[desc]``, and (``repeated_in_run``,
+    only when there are any) those that repeat an example this run scores once already (on Ray, an instruction
+    whose answers fall in several windows: its L(x) is staged once); says how many came from the cache when any
+    did."""
     if work is not None:
         done = work.setdefault(desc, {"scored": 0, "from_cache": 0})
         done["scored"] += scored
         done["from_cache"] += from_cache
+        if repeated:
+            done["repeated_in_run"] = done.get("repeated_in_run", 0) + repeated
     if from_cache and say:
         print(f"{desc}: {from_cache} of {scored + from_cache} from the score cache"
               f"{f', {scored} to score' if scored else ''}", file=sys.stderr, flush=True)  # fmt: skip
@@ -579,15 +583,18 @@ def _fill_on_ray(config: RankConfig, model: str, kinds: list[str], stream: Any, 
             stages = _stages(model, kinds, rows, keys)
             for n, (stage, cache) in enumerate(zip(stages, caches)):
                 found, _ = cache.lookup(stage.keys)
-                if stage.kind == "instruction-loss":
-                    found |= np.fromiter((key in staged for key in stage.keys), bool, len(stage.keys))
-                    staged.update(stage.keys[~found])
-                staging.add(n, stage.frame.iloc[np.flatnonzero(~found)], stage.keys[~found])
-                counted = seen.setdefault(stage.desc, [0, 0])
-                counted[0] += int((~found).sum())
+                repeat = np.zeros(len(stage.keys), bool)
+                if stage.kind == "instruction-loss":  # staged by an earlier window: scored once, not read back
+                    repeat = ~found & np.fromiter((key in staged for key in stage.keys), bool, len(stage.keys))
+                    staged.update(stage.keys[~found & ~repeat])
+                todo = ~found & ~repeat
+                staging.add(n, stage.frame.iloc[np.flatnonzero(todo)], stage.keys[todo])
+                counted = seen.setdefault(stage.desc, [0, 0, 0])
+                counted[0] += int(todo.sum())
                 counted[1] += int(found.sum())
-        for desc, (scored, from_cache) in seen.items():
-            _tally(work, desc, scored, from_cache)
+                counted[2] += int(repeat.sum())
+        for desc, (scored, from_cache, repeated) in seen.items():
+            _tally(work, desc, scored, from_cache, repeated=repeated)
         _run_on_ray(config, model, stages, caches, staging)
 
 
