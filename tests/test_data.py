@@ -667,5 +667,7 @@ def test_a_shard_set_missing_a_shard_or_mixing_two_counts_is_an_error_naming_wha
     )
     frame.iloc[:3].to_parquet(data / "train-00001-of-00004.parquet")
     frame.iloc[3:].to_parquet(data / "train-00000-of-00002.parquet")
-    with pytest.raises(DataError, match=r"the shards of 'train' disagree on how many there are \(-of-00002, -of-00004\)"):
+    with pytest.raises(
+        DataError, match=r"the shards of 'train' disagree on how many there are \(-of-00002, -of-00004\)"
+    ):
         load_responses(str(tmp_path / "zoo"))

@@ -282,7 +282,7 @@ def test_require_decided_refuses_an_undecided_best_teacher_and_records_the_decis
     from magpie_teach.scoring.confidence import bootstrap_ranking
     from magpie_teach.scoring.metrics import aggregate
 
-    close = _two_teacher_scores(tmp_path, gap=0.1, n=10)
+    close = _two_teacher_scores(tmp_path, gap=0.1, n=30)
     scores = pd.read_parquet(close / "scores.parquet")
     _, (verdict,) = bootstrap_ranking(scores, aggregate(scores))
     assert not verdict.separated  # the reference: rank's bootstrap with rank's default settings
@@ -300,13 +300,31 @@ def test_require_decided_refuses_an_undecided_best_teacher_and_records_the_decis
     assert result.summary["decision"]["separated"] is True and set(result.dataset["teacher"]) == {"lead"}
 
 
+def test_require_decided_refuses_a_clear_lead_on_too_few_instructions_and_says_how_many_more(tmp_path):
+    """A gap of 3 standard deviations on 8 instructions is separated by the bootstrap's interval, but 8 is below
+    the documented minimum: no pass, and the message says how many instructions to add."""
+    from magpie_teach.scoring.confidence import MIN_DECISION_INSTRUCTIONS
+
+    few = _two_teacher_scores(tmp_path, gap=3.0, n=8)
+    with pytest.raises(DataError) as err:
+        _run(tmp_path / "a", few, require_decided=True)
+    more = MIN_DECISION_INSTRUCTIONS - 8
+    assert str(err.value) == (
+        "--require-decided: lead leads for base, but nothing is decided: 8 instruction(s) are too few to decide on "
+        f"(a decision needs at least {MIN_DECISION_INSTRUCTIONS}): score at least {more} more."
+    )
+    enough = _two_teacher_scores(tmp_path, gap=3.0, n=MIN_DECISION_INSTRUCTIONS)
+    result = _run(tmp_path / "b", enough, require_decided=True)
+    assert result.summary["decision"]["separated"] is True and result.summary["decision"]["too_few"] is None
+
+
 def test_the_decision_uses_the_confidence_rank_recorded(tmp_path):
     """A gap separated at 50% confidence but not at 99%: the level recorded by rank decides."""
     from magpie_teach.scoring.confidence import bootstrap_ranking
     from magpie_teach.scoring.metrics import aggregate
 
     folders = {
-        level: _two_teacher_scores(tmp_path / str(level), gap=0.6, n=12, confidence=level) for level in (0.5, 0.99)
+        level: _two_teacher_scores(tmp_path / str(level), gap=0.4, n=24, confidence=level) for level in (0.5, 0.99)
     }
     scores = pd.read_parquet(folders[0.5] / "scores.parquet")
     separated = {level: bootstrap_ranking(scores, aggregate(scores), confidence=level)[1][0].separated

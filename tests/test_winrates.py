@@ -139,7 +139,9 @@ def _alpaca_eval_lc(judgements):
     for student, group in judgements.groupby("student"):
         d = group["length_diff"].to_numpy()
         g = group["id"].map(gamma).to_numpy()
-        theta, _, psi = _fit(np.column_stack([np.ones(len(d)), np.tanh(d / d.std()), g]), group["preference"].to_numpy())
+        theta, _, psi = _fit(
+            np.column_stack([np.ones(len(d)), np.tanh(d / d.std()), g]), group["preference"].to_numpy()
+        )
         rates[student] = 100 * np.mean(expit(theta + psi * g))
     return rates
 

@@ -198,11 +198,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from magpie_teach.evaluation.evaluate import EvaluateConfig, evaluate
+    from magpie_teach.scoring.winrates import verdict_sentence
 
-    result = evaluate(_config(args, EvaluateConfig))
-    columns = ["student", "win_rate", "lc_win_rate", "bt_score", "n", "n_unparseable"]
-    with pd.option_context("display.width", 160, "display.float_format", "{:.1f}".format):
-        print(result.win_rates[[c for c in columns if c in result.win_rates.columns]].to_string(index=False))
+    config = _config(args, EvaluateConfig)
+    result = evaluate(config)
+    rates = result.win_rates
+    table = rates[["student"]].copy()
+    for name in ("win_rate", "lc_win_rate", "bt_score"):
+        if f"{name}_low" in rates.columns:  # each rate with its interval: one number alone reads surer than it is
+            table[name] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in
+                           zip(rates[name], rates[f"{name}_low"], rates[f"{name}_high"])]  # fmt: skip
+        else:
+            table[name] = rates[name].map("{:.1f}".format)
+    table[["n", "n_unparseable"]] = rates[["n", "n_unparseable"]]
+    with pd.option_context("display.width", 200):
+        print(table.to_string(index=False))
+    if "win_rate_low" in rates.columns:
+        for row in rates.itertuples():
+            if row.n:
+                print(verdict_sentence(row.student, result.baseline, row.win_rate, row.win_rate_low,
+                                       row.win_rate_high, config.confidence))  # fmt: skip
+    if result.first_position == result.first_position:
+        print(f"judge: prefers the answer shown first {100 * result.first_position:.0f}% of the time (50%: no "
+              "position bias; both orders are asked, which cancels it)")  # fmt: skip
     print(f"judge: {result.judge_forward_passes} forward pass(es) in this run (the rest from the cache)")
     print(
         f"wrote {result.output_dir}/judgements.parquet, win_rates.csv and performance.csv (rank --performance reads it)"

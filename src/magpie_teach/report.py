@@ -300,7 +300,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
             text += " " + " ".join(confidence.get("sentences", []))
             text += (
                 f" Intervals: {confidence['level']:.0%} paired bootstrap over instructions ({confidence['replicates']} "
-                "replicates); p_best is the share of replicates in which a teacher has the highest CAR."
+                "replicates); p_best is the probability that a teacher's true CAR is the highest (a hierarchical model "
+                "that shrinks leads no larger than the noise, so a lucky leader is not taken at its word)."
             )
         sections.append(Section("Setup", setup_text(Path(config.rank_dir), ranking, summary)))
         table_columns = ["base_model", "teacher", "car", "car_ci_low", "car_ci_high", "p_best",

@@ -52,6 +52,15 @@ def test_demo_runs_the_whole_loop_and_a_rerun_resumes(tmp_path):
     assert (
         f"win rate {rates.loc[0, 'win_rate']:.1f}%" in summary["evaluation"] and summary["evaluation"] in first.stdout
     )
+    # the verb comes from the interval, not from hope: 'beats' only when the whole interval is above 50%
+    low, high = rates.loc[0, "win_rate_low"], rates.loc[0, "win_rate_high"]
+    word = "beats" if low > 50 else "loses to" if high < 50 else "cannot be told apart from"
+    assert f"the fine-tuned student {word} its base model" in first.stdout
+    assert summary["student_against_base_model"] == word
+    # 6 instructions give 6 SFT rows: the demo says plainly that this is too few to mean anything
+    kept = len(selected)
+    assert kept < 20 and f"the SFT data hold only {kept} row(s) of 18 response(s)" in first.stdout
+    assert len(summary["caveats"]) == 1 and "too few for the fine-tune" in summary["caveats"][0]
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -72,8 +72,8 @@ def _models(config: DemoConfig, out: Path) -> Models:
             sampling = config.max_new_tokens
             teachers = [
                 {"name": "smollm2-greedy", "model": real.smollm2, "sampling": {"temperature": 0.0, "max_new_tokens": sampling}},
-                {"name": "smollm2-t0.7", "model": real.smollm2, "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": sampling}},
-                {"name": "smollm2-t1.2", "model": real.smollm2, "sampling": {"temperature": 1.2, "top_p": 1.0, "max_new_tokens": sampling}},
+                {"name": "smollm2-t0.7", "model": real.smollm2, "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": sampling, "seed": 0}},
+                {"name": "smollm2-t1.2", "model": real.smollm2, "sampling": {"temperature": 1.2, "top_p": 1.0, "max_new_tokens": sampling, "seed": 0}},
             ]  # fmt: skip
             return Models(
                 "real", real.smollm2, teachers, [real.gemma3, real.smollm2], real.gemma3, real.reward, real.smollm2
@@ -193,12 +193,19 @@ class Runner:
         return "".join(output)
 
 
-def _read_win_rates(path: Path) -> str:
-    """The student's win rates against the baseline, in words."""
+def _read_win_rates(path: Path) -> tuple[str, str]:
+    """The student's win rates against the baseline, in words, and what the win rate's interval lets one say of
+    the student against its base model (beats, loses to, cannot be told apart from)."""
     import csv
+
+    from magpie_teach.scoring.winrates import comparison
 
     with open(path) as handle:
         row = next(csv.DictReader(handle))
+    if row.get("win_rate_low") and row.get("win_rate_high"):
+        word = comparison(float(row["win_rate_low"]), float(row["win_rate_high"]))
+    else:
+        word = "cannot be told apart from"
 
     def rate(name: str) -> str:
         if not row.get(name):
@@ -208,7 +215,27 @@ def _read_win_rates(path: Path) -> str:
         return f"{float(row[name]):.1f}%{bounds}"
 
     return (f"{row['n']} prompt(s): win rate {rate('win_rate')}, length-controlled {rate('lc_win_rate')}, "
-            f"Bradley-Terry {rate('bt_score')} (95% bootstrap intervals; {row['n_unparseable']} unreadable verdict(s))")  # fmt: skip
+            f"Bradley-Terry {rate('bt_score')} (95% bootstrap intervals; {row['n_unparseable']} unreadable verdict(s))"), word  # fmt: skip
+
+
+MIN_SFT_ROWS = 20
+"""Below this many SFT rows the demo says plainly that its fine-tune and evaluation cannot mean anything."""
+
+
+def _too_few_rows(sft_folder: Path) -> str:
+    """A plain sentence when `select` kept fewer than :data:`MIN_SFT_ROWS` rows (with why the others went), else ''."""
+    from magpie_teach import artefacts
+
+    summary = json.loads((sft_folder / artefacts.SELECT_SUMMARY).read_text())
+    if summary["rows_out"] >= MIN_SFT_ROWS:
+        return ""
+    dropped = summary.get("dropped_by_reason") or {}
+    why = "; ".join(f"{n} dropped as {reason}" for reason, n in dropped.items())
+    return (
+        f"the SFT data hold only {summary['rows_out']} row(s) of {summary['responses_in']} response(s)"
+        f"{f' ({why})' if why else ''}: too few for the fine-tune or its evaluation to mean anything. "
+        "More instructions (--num-instructions) or a higher cap (--max-new-tokens) give more rows."
+    )
 
 
 def demo(config: DemoConfig) -> dict:
@@ -273,6 +300,9 @@ def demo(config: DemoConfig) -> dict:
         print("  tiny models: keeping responses that stopped at max_new_tokens (--keep-capped)", flush=True)
         select_args.append("--keep-capped")
     run("select", *select_args)
+    caveat = _too_few_rows(out / "sft-data")
+    if caveat:
+        print(f"  note: {caveat}", flush=True)
 
     print(f"\n[6/9] publish to the demo's local hub ({hub_url}) with dataset cards", flush=True)
     tags = {}  # no --tag: v1.0.0 first, then the same tag when unchanged, the next version when a rerun changed it
@@ -312,8 +342,11 @@ def demo(config: DemoConfig) -> dict:
         "--output",
         str(out / "evaluate"),
     )  # fmt: skip  (a rerun reuses its answers and verdicts)
-    rates = _read_win_rates(evaluated)
-    print(f"  measured: the fine-tuned student beats its base model on {rates}", flush=True)
+    rates, word = _read_win_rates(evaluated)
+    print(f"  measured: the fine-tuned student {word} its base model (by its win rate's interval) on {rates}",
+          flush=True)  # fmt: skip
+    if caveat:
+        print(f"  note: {caveat}", flush=True)
 
     print("\n[9/9] review batch for Argilla", flush=True)
     if os.environ.get("ARGILLA_API_URL"):
@@ -339,6 +372,8 @@ def demo(config: DemoConfig) -> dict:
             "published": [f"{org}/{name}@{tag}" for name, tag in tags.items()],
         },
         "evaluation": rates,
+        "student_against_base_model": word,
+        "caveats": [caveat] if caveat else [],
         "review": review,
         "config": asdict(config),
     }

@@ -511,6 +511,9 @@ class EvaluateResult:
     output_dir: Path
     judge_forward_passes: int
     """Forward passes (or server requests) the judge made in this run: 0 when every verdict came from the cache."""
+    baseline: str = "baseline"
+    first_position: float = float("nan")
+    """The judge's mean preference for the answer shown first (0.5: no position bias; NaN for a reward judge)."""
 
 
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
@@ -537,10 +540,21 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         judgements.insert(judgements.columns.get_loc("student") + 1, "baseline",
                           config.baseline or Path(config.baseline_answers).name)  # fmt: skip
         rates = summarise(judgements, config.bootstrap, config.confidence, config.bootstrap_seed)
+        first = float("nan")
+        if "p_student_first" in judgements.columns:
+            from magpie_teach.scoring.winrates import FIRST_POSITION_TOLERANCE, first_position_preference
+
+            first = first_position_preference(judgements["p_student_first"], judgements["p_baseline_first"])
+            if abs(first - 0.5) > FIRST_POSITION_TOLERANCE:
+                logger.warning("the judge prefers the answer shown %s %.0f%% of the time, whatever it says: asking "
+                               "both orders cancels the bias in the win rates but leaves them little signal; a "
+                               "stronger judge would tell the answers apart better", "first" if first > 0.5 else
+                               "second", 100 * max(first, 1 - first))  # fmt: skip
         performance = performance_table(rates, students)
         outputs.write(artefacts.JUDGEMENTS, lambda tmp: judgements.to_parquet(tmp, index=False))
         outputs.write(artefacts.WIN_RATES, lambda tmp: rates.to_csv(tmp, index=False))
         outputs.write(artefacts.PERFORMANCE, lambda tmp: performance.to_csv(tmp, index=False))
         outputs.write(artefacts.EVALUATE_CONFIG, lambda tmp: dump_config(config, tmp))
         outputs.finish()
-    return EvaluateResult(judgements, rates, performance, out, judge.forward_passes)
+    baseline_name = str(judgements["baseline"].iloc[0]) if len(judgements) else "baseline"
+    return EvaluateResult(judgements, rates, performance, out, judge.forward_passes, baseline_name, first)

@@ -13,8 +13,17 @@ instructions each happened to get. The protocol, which a reference can reproduce
 * CAR of a replicate is ``(mean reward + shift) / (1 + beta * mean compat_loss)`` with the ranking's shift
   (``car_reward_shift``), so the interval is about the data, not about the shift rule;
 * intervals are percentile intervals (``numpy.quantile``, linear) at ``(1 - confidence) / 2`` and
-  ``(1 + confidence) / 2``; ``p_best`` is the share of replicates in which a teacher has the highest CAR, a
-  tie shared equally between the tied teachers, so it sums to 1 per base model.
+  ``(1 + confidence) / 2``.
+
+``p_best`` is the probability that a teacher's true CAR is the highest (:func:`posterior_p_best`): a
+hierarchical normal model of the teachers' CARs, with the bootstrap's covariance as the noise, that shrinks a
+lead no larger than the noise instead of taking the luckiest teacher's lead at face value. The share of
+replicates a teacher leads (:func:`share_of_firsts`, the p_best of earlier versions) overstates in close races:
+there a leader shown 0.9 was truly best about 8 times in 10. ``benchmarks/sim_statistics.py p_best`` measures
+both against planted truths. Sums to 1 per base model.
+
+No teacher is called *separated* (nor a choice *decided* by ``select --require-decided`` or ``probe``) on fewer
+than :data:`MIN_DECISION_INSTRUCTIONS` instructions or :data:`MIN_DISTINCT_SCORES` distinct scores per teacher.
 
 Every base model uses the same seed, so the same instructions are drawn for every base model too.
 """
@@ -32,6 +41,15 @@ from magpie_teach.settings import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEF
 
 INTERVAL_METRICS = ("car", "reward", "compat_loss")
 """Metrics that get a bootstrap interval (``<metric>_ci_low``, ``<metric>_ci_high`` in ``ranking.csv``)."""
+
+MIN_DECISION_INSTRUCTIONS = 20
+"""The fewest instructions on which a teacher is called separated or decided (by `rank`, `select
+--require-decided` and `probe`): a bootstrap of one or a handful of instructions has almost no variance, so
+its intervals and its p_best would speak for evidence that is not there."""
+
+MIN_DISTINCT_SCORES = 5
+"""The fewest distinct per-response scores (reward, compatibility loss) each compared teacher needs for the same
+verdicts: a teacher whose scores are all equal gives the bootstrap nothing to vary."""
 
 _BLOCK_CELLS = 4_000_000  # replicates x instructions drawn at once: bounds memory on a 100K-instruction grid
 
@@ -75,6 +93,96 @@ def share_of_firsts(values: np.ndarray) -> np.ndarray:
     return (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
 
 
+P_BEST_DRAWS = 4000
+"""Monte Carlo draws of the teachers' true CARs behind each ``p_best`` (a seeded, reproducible estimate)."""
+
+_TAU_GRID = 48  # points of the grid over the spread of the teachers' true values (tau)
+
+
+def posterior_p_best(point: np.ndarray, samples: np.ndarray, seed: int = DEFAULT_BOOTSTRAP_SEED,
+                     n_draws: int = P_BEST_DRAWS) -> np.ndarray:  # fmt: skip
+    """The probability that each teacher's *true* value is the highest, corrected for picking the leader.
+
+    The share of bootstrap replicates a teacher leads (:func:`share_of_firsts`) is centred on the observed values,
+    so the teacher that looks best because it was lucky gets the luck back as confidence: in close races a
+    leader shown 0.95 was truly best 84% of the time at 200 instructions and 59% at 50. Here the observed values
+    ``point`` (one per teacher) are read as noisy measurements of the true ones, ``point ~ N(mu, S)`` with ``S``
+    the covariance of the paired bootstrap ``samples`` (replicates x teachers), and the true values as
+    exchangeable, ``mu_i ~ N(m, tau^2)``, with a flat prior on ``m`` and a half-Cauchy prior on ``tau`` whose
+    scale is the measurement's own standard error (of a teacher against the others: what an instruction adds to
+    every teacher cancels). ``tau`` is integrated over a grid by its marginal likelihood: when the
+    teachers' spread is no larger than the noise, the posterior shrinks the leader towards the others and
+    ``p_best`` falls towards 1 / T; when the spread is many standard errors it tends to the bootstrap's share.
+    Each grid point's posterior is normal, and ``p_best`` is the weighted share of ``n_draws`` seeded draws in
+    which a teacher is highest. Sums to 1."""
+    point = np.asarray(point, dtype=np.float64)
+    k = len(point)
+    if k == 1:
+        return np.ones(1)
+    # teachers in order of their values, so that the seeded draws fall on the same teacher whatever the rows' order
+    order = np.argsort(-point, kind="stable")
+    point, samples = point[order], np.asarray(samples, dtype=np.float64)[:, order]
+    finite = np.all(np.isfinite(samples), axis=1)
+    cov = np.cov(samples[finite], rowvar=False) if finite.sum() > 1 else np.zeros((k, k))
+    centring = np.eye(k) - np.ones((k, k)) / k
+    # the noise of a teacher's value against the others': what every instruction adds to all teachers alike
+    # (paired) cancels from it, as it does from the question of which teacher is highest
+    scale = float(np.sqrt(max(np.trace(centring @ cov @ centring), 0.0) / (k - 1)))
+    if not scale > 1e-9 * max(
+        float(np.max(np.abs(point))), 1e-300
+    ):  # rounding's noise is no noise  # no variance in the data (one instruction): nothing tells a lead from noise
+        return np.full(k, 1.0 / k)  # pragma: no mutate (the same for every order)
+    cov = cov + 1e-9 * scale**2 * np.eye(k)
+    spread = float(np.sqrt(np.mean((point - point.mean()) ** 2)))
+    taus = np.geomspace(1e-3 * scale, 20.0 * max(scale, spread), _TAU_GRID)
+    ones = np.ones(k)
+    log_weight = np.empty(_TAU_GRID)
+    for g, tau in enumerate(taus):
+        v = cov + tau**2 * np.eye(k)
+        chol = np.linalg.cholesky(v)
+        vi1, vic = np.linalg.solve(v, ones), np.linalg.solve(v, point)
+        a = float(ones @ vi1)
+        residual = point - float(ones @ vic) / a
+        quad = float(residual @ np.linalg.solve(v, residual))
+        log_lik = -np.sum(np.log(np.diag(chol))) - 0.5 * math.log(a) - 0.5 * quad
+        prior = -math.log1p((tau / scale) ** 2)
+        log_weight[g] = log_lik + prior + math.log(tau)  # d tau = tau d log tau on the geometric grid
+    weight = np.exp(log_weight - log_weight.max())
+    weight /= weight.sum()
+    z = np.random.default_rng(seed).standard_normal((n_draws, k))
+    precision = np.linalg.inv(cov)
+    result = np.zeros(k)
+    for g in np.flatnonzero(weight > 1e-5):
+        posterior_cov = np.linalg.inv(precision + centring / taus[g] ** 2)
+        posterior_cov = (posterior_cov + posterior_cov.T) / 2
+        mean = posterior_cov @ (precision @ point)
+        draws = mean + z @ np.linalg.cholesky(posterior_cov).T
+        result += weight[g] * share_of_firsts(draws)
+    out = np.empty(k)
+    out[order] = result / result.sum()
+    return out
+
+
+def evidence_shortfall(n_instructions: int, n_distinct: int) -> str | None:
+    """Why ``n_instructions`` instructions whose least varied teacher has ``n_distinct`` distinct scores are too
+    few to decide on, with how many more to score; ``None`` when they are enough (see
+    :data:`MIN_DECISION_INSTRUCTIONS` and :data:`MIN_DISTINCT_SCORES`)."""
+    if n_instructions < MIN_DECISION_INSTRUCTIONS:
+        more = MIN_DECISION_INSTRUCTIONS - n_instructions
+        return (f"{n_instructions} instruction(s) are too few to decide on (a decision needs at least "
+                f"{MIN_DECISION_INSTRUCTIONS}): score at least {more} more")  # fmt: skip
+    if n_distinct < MIN_DISTINCT_SCORES:
+        return (f"a teacher's scores take only {n_distinct} distinct value(s) on these {n_instructions} instructions "
+                f"(a decision needs at least {MIN_DISTINCT_SCORES}): score more instructions")  # fmt: skip
+    return None
+
+
+def distinct_scores(scores: pd.DataFrame) -> int:
+    """The number of distinct (reward, compat_loss) pairs of the teacher that has the fewest."""
+    pairs = scores[["teacher", "reward", "compat_loss"]].drop_duplicates()
+    return int(pairs.groupby("teacher").size().min()) if len(pairs) else 0
+
+
 def top_beta_range(reward: np.ndarray, compat_loss: np.ndarray, leader: int) -> tuple[float, float]:
     """The betas (>= 0) over which teacher ``leader`` keeps the highest CAR, computed exactly.
 
@@ -111,10 +219,13 @@ class BaseModelConfidence:
     runner_up: str | None
     p_best: float
     separated: bool
-    """The leader's CAR is above every other teacher's in the paired interval of their difference."""
+    """The leader's CAR is above every other teacher's in the paired interval of their difference, on at least
+    :data:`MIN_DECISION_INSTRUCTIONS` instructions (see :func:`evidence_shortfall`)."""
     difference_ci: tuple[float, float] | None
     """The paired interval of CAR(leader) - CAR(runner-up)."""
     beta_range: tuple[float, float]
+    too_few: str | None = None
+    """Why the data are too few to decide on (:func:`evidence_shortfall`); ``None`` when they are enough."""
 
     def to_json(self) -> dict:
         high = self.beta_range[1]
@@ -127,6 +238,7 @@ class BaseModelConfidence:
             "separated": self.separated,
             "difference_ci": list(self.difference_ci) if self.difference_ci else None,
             "beta_range": [self.beta_range[0], None if math.isinf(high) else high],
+            "too_few": self.too_few,
         }
 
     def sentence(self, confidence: float) -> str:
@@ -136,6 +248,8 @@ class BaseModelConfidence:
         leader, base = short_name(self.leader), short_name(self.base_model)
         if self.runner_up is None:
             return f"{leader} is the only teacher scored for {base}."
+        if self.too_few:
+            return f"{leader} leads for {base}, but nothing is decided: {self.too_few}."
         if self.separated:
             return (
                 f"{leader} is the best teacher for {base} with probability {self.p_best:.2f} on "
@@ -190,14 +304,21 @@ def bootstrap_ranking(
             low, high = percentile_interval(samples[metric], confidence)
             ranking.loc[rows.index, f"{metric}_ci_low"] = low
             ranking.loc[rows.index, f"{metric}_ci_high"] = high
-        p_best = share_of_firsts(samples["car"])
+        p_best = posterior_p_best(rows["car"].to_numpy(dtype=np.float64), samples["car"], seed)
         ranking.loc[rows.index, "p_best"] = p_best
-        verdicts.append(_verdict(str(base), rows, samples["car"], p_best, len(ids), confidence))
+        too_few = evidence_shortfall(len(ids), distinct_scores(subset))
+        verdicts.append(_verdict(str(base), rows, samples["car"], p_best, len(ids), confidence, too_few))
     return ranking, verdicts
 
 
 def _verdict(
-    base: str, rows: pd.DataFrame, car_samples: np.ndarray, p_best: np.ndarray, n: int, confidence: float
+    base: str,
+    rows: pd.DataFrame,
+    car_samples: np.ndarray,
+    p_best: np.ndarray,
+    n: int,
+    confidence: float,
+    too_few: str | None,
 ) -> BaseModelConfidence:
     point = rows["car"].to_numpy(dtype=np.float64)
     order = np.argsort(-point, kind="stable")
@@ -210,11 +331,19 @@ def _verdict(
     differences = car_samples[:, [leader]] - car_samples  # replicates x teachers
     low, high = percentile_interval(differences, confidence)
     others = [j for j in range(len(teachers)) if j != leader]
-    separated = bool(all(low[j] > 0 for j in others))
+    separated = bool(all(low[j] > 0 for j in others)) and too_few is None
     runner_up = int(order[1])
     interval = (float(low[runner_up]), float(high[runner_up]))
     return BaseModelConfidence(
-        base, n, teachers[leader], teachers[runner_up], float(p_best[leader]), separated, interval, beta_range
+        base,
+        n,
+        teachers[leader],
+        teachers[runner_up],
+        float(p_best[leader]),
+        separated,
+        interval,
+        beta_range,
+        too_few,
     )
 
 

@@ -14,6 +14,9 @@ with their leader (the highest point estimate of ``metric``) on the paired boots
   probability at most ``1 - confidence`` over the whole probe (up to the normal approximation of the paired
   bootstrap), whichever teacher leads in each round. A normal quantile is used because the corrected level is
   far in the tail, where a thousand bootstrap replicates cannot resolve a percentile;
+* nothing is eliminated or decided on a round of fewer than
+  :data:`magpie_teach.scoring.confidence.MIN_DECISION_INSTRUCTIONS` instructions (or too few distinct scores):
+  a bootstrap of a handful of instructions has almost no variance;
 * the base model is **decided** when one candidate is left, or when every candidate is within ``epsilon`` of
   the leader at the same confidence (``d + z * se < epsilon * |leader|``: no survivor can be worse by more than
   ``epsilon``, relative to the leader's value).
@@ -30,7 +33,13 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from magpie_teach.scoring.confidence import paired_samples, percentile_interval, share_of_firsts
+from magpie_teach.scoring.confidence import (
+    distinct_scores,
+    evidence_shortfall,
+    paired_samples,
+    percentile_interval,
+    posterior_p_best,
+)
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS, aggregate
 from magpie_teach.settings import ProbeSettings
 
@@ -154,7 +163,8 @@ def _judge(
     values = sign * samples[settings.metric]  # replicates x teachers, higher is better
     point = sign * ranking[settings.metric].to_numpy(dtype=np.float64)
     lead = int(np.argmax(point))
-    p_best = share_of_firsts(values)
+    p_best = posterior_p_best(point, values, settings.seed + round_number)
+    too_few = evidence_shortfall(int(rows["id"].nunique()), distinct_scores(rows))
     low, high = percentile_interval(samples[settings.metric], settings.confidence)
     eliminated, within = [], True
     lead_z = np.full(len(point), np.nan)
@@ -164,6 +174,9 @@ def _judge(
         gap = point[lead] - point[j]
         spread = float(np.nanstd(values[:, lead] - values[:, j], ddof=1))
         lead_z[j] = gap / spread if spread > 0 else math.inf
+        if too_few:  # no elimination, no decision on too little evidence
+            within = False
+            continue
         if gap - z * spread > 0:
             eliminated.append(j)
         if gap + z * spread >= settings.epsilon * abs(point[lead]):
@@ -182,6 +195,8 @@ def _judge(
         state.decided, state.reason = True, "only candidate left"
     elif within:
         state.decided, state.reason = True, f"every candidate within epsilon={settings.epsilon:g} of the leader"
+    else:  # undecided: at the end, "budget spent", or why the rounds were too small to decide
+        state.reason = too_few or ""
 
 
 def fixed_sample_choice(

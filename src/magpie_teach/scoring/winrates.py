@@ -86,7 +86,7 @@ def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.S
     x = ids.get_indexer(judgements["id"])
     target = judgements["preference"].to_numpy(dtype=float)
     features = np.zeros((len(judgements), 2))
-    for student, rows in judgements.groupby("student", sort=False).indices.items():
+    for rows in judgements.groupby("student", sort=False).indices.values():
         features[rows] = length_features(judgements.iloc[rows], None)[:, :2]
     k = features.shape[1]
     n_theta = k * len(students)
@@ -190,3 +190,34 @@ def win_rates(
                 row[f"{name}_low"], row[f"{name}_high"] = float(low[(name, student)]), float(high[(name, student)])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def comparison(low: float, high: float, even: float = 50.0) -> str:
+    """What an interval lets a sentence say of a student against its baseline: ``"beats"`` when the whole
+    interval is above ``even`` (a win rate of 50%: as good as the baseline), ``"loses to"`` when it is below,
+    ``"cannot be told apart from"`` when it holds ``even`` (or is missing)."""
+    if low > even:
+        return "beats"
+    if high < even:
+        return "loses to"
+    return "cannot be told apart from"
+
+
+def verdict_sentence(student: str, baseline: str, rate: float, low: float, high: float, confidence: float) -> str:
+    """One sentence of a win rate and its interval: the student beats, loses to, or cannot be told apart from the
+    baseline, as the interval says."""
+    return (f"{student} {comparison(low, high)} {baseline}: win rate {rate:.1f}% "
+            f"[{low:.1f}, {high:.1f}] ({confidence:.0%} interval)")  # fmt: skip
+
+
+FIRST_POSITION_TOLERANCE = 0.1
+"""How far from one half a judge's preference for the answer shown first may be before `evaluate` warns."""
+
+
+def first_position_preference(p_student_first: np.ndarray, p_baseline_first: np.ndarray) -> float:
+    """The judge's mean probability of preferring the answer shown first, over both orders of every pair: 0.5 for
+    a judge with no position bias (asking both orders cancels it in the preference, but a strong bias leaves
+    little signal)."""
+    both = np.concatenate([np.asarray(p_student_first, float), np.asarray(p_baseline_first, float)])
+    both = both[np.isfinite(both)]
+    return float(both.mean()) if len(both) else float("nan")
