@@ -101,7 +101,7 @@ def test_crossing_points_are_where_two_teachers_car_are_equal():
 def test_a_planted_beta_is_recovered_and_the_fit_matches_brute_force(planted, tmp_path):
     ranking, scores, performance = planted
     result, out = _calibrate(tmp_path, [scores], performance)
-    low, high = result["beta_interval"]
+    low, high = result["stable_beta_range"]
     assert result["best_metric"] == "car" and low < PLANTED < high
     assert low < result["best_beta"] < high and result["mean_rho"]["best"] == pytest.approx(1.0)
     # brute force on a dense grid: the best mean rho is the fit's, and every beta reaching it is in its interval
@@ -157,7 +157,7 @@ def test_the_predictive_reward_model_and_reward_shift_are_chosen(tmp_path):
     result, out = _calibrate(tmp_path, folders, str(tmp_path / "perf.csv"), "--reward-shift", "-0.9")
     assert result["best_scores"] == folders[1] and result["best_reward_shift"] == -0.9
     assert result["best_metric"] == "car" and result["mean_rho"]["best"] == pytest.approx(1.0)
-    low, high = result["beta_interval"]
+    low, high = result["stable_beta_range"]
     assert low < 0.8 < high
     table = pd.read_csv(out / "correlations.csv", index_col=0)
     assert len(table) == 2 * 2 * 5  # two folders x two shifts x (CAR at 3, CAR fitted, reward, compat_loss, length)
@@ -270,7 +270,7 @@ def test_the_correlation_table_holds_each_metrics_rho_per_base_model_and_their_m
         bases = [candidate.bases[n] for n in names]
         fitted = fit_beta(bases).beta
         rows = {f"{label}car (beta 3)": lambda b: _spearman(b.reward / (1 + 3.0 * b.loss), b.ap),
-                f"{label}car (beta {fitted:.4g})": lambda b, f=fitted: _spearman(b.reward / (1 + f * b.loss), b.ap)}  # fmt: skip
+                f"{label}car (fitted beta {fitted:.4g})": lambda b, f=fitted: _spearman(b.reward / (1 + f * b.loss), b.ap)}  # fmt: skip
         rows.update(
             {f"{label}{m}": (lambda b, m=m: _spearman(b.metrics[m], b.ap)) for m in ("reward", "length", "flat")}
         )
@@ -411,3 +411,74 @@ def test_the_mean_of_held_out_figures_leaves_out_nan_and_is_none_when_none_are_l
     assert _nanmean([1.0, float("nan"), 4.0]) == 2.5
     assert _nanmean([float("nan"), float("nan")]) is None
     assert _nanmean([]) is None
+
+
+@pytest.mark.parametrize("what", ["constant", "two values", "all NaN"])
+def test_performance_that_cannot_rank_teachers_is_one_line_and_writes_nothing(planted, tmp_path, what, capsys):
+    from magpie_teach.cli import main
+
+    ranking, scores, _ = planted
+    performance = _performance(ranking)
+    broken = performance["base_model"] == "base-c"
+    if what == "constant":
+        performance.loc[broken, ["AE2_LC_WR", "ArenaHard_WR"]] = 30.0
+    elif what == "two values":
+        values = np.where(np.arange(broken.sum()) % 2, 20.0, 40.0)
+        performance.loc[broken, "AE2_LC_WR"] = values
+        performance.loc[broken, "ArenaHard_WR"] = values
+    else:
+        performance.loc[broken, ["AE2_LC_WR", "ArenaHard_WR"]] = np.nan
+    performance.to_csv(tmp_path / "bad.csv", index=False)
+    out = tmp_path / "calibration"
+    code = main(["calibrate", "--scores", scores, "--performance", str(tmp_path / "bad.csv"), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if what == "all NaN":  # refused as the table is read, naming its row
+        assert "row " in err and "not a number" in err
+    else:
+        described = {"constant": "constant", "two values": "2 distinct values"}[what]
+        assert f"the performance of base-c's teachers is {described}: calibrate needs at least 3" in err
+    assert not out.exists()
+
+
+def test_calibration_json_is_strict_json_and_the_choice_carries_its_bootstrap(planted, tmp_path):
+    """The stable range of a planted beta ends at infinity here or not, but the file never holds NaN or Infinity;
+    the bootstrap of the choice is seeded, and recomputed here from the same draws of teachers."""
+    from magpie_teach.scoring.calibrate import choice_bootstrap, choose
+
+    ranking, scores, performance = planted
+    noisy = _performance(ranking, noise=3.0)
+    noisy.to_csv(tmp_path / "noisy.csv", index=False)
+    result, out = _calibrate(tmp_path, [scores], str(tmp_path / "noisy.csv"))
+
+    def strict(token):
+        raise AssertionError(f"not JSON: {token}")
+
+    json.loads((out / "calibration.json").read_text(), parse_constant=strict)
+    boot = result["choice_bootstrap"]
+    assert boot["replicates"] == 200 and 0.0 <= boot["same_metric_share"] <= 1.0
+    low, high = boot["best_beta_ci"]
+    assert low <= high
+    # the same protocol by hand: teachers drawn with replacement per base model, in base-model order
+    from magpie_teach.scoring import calibrate as module
+
+    from magpie_teach.scoring.metrics import load_performance
+
+    table = load_performance(str(tmp_path / "noisy.csv"), ["AE2_LC_WR", "ArenaHard_WR"], None)
+    candidates = module._load_candidates(
+        module.CalibrateConfig(scores=[scores], performance="x", output_dir="y"), table
+    )
+    names = list(candidates[0].bases)
+    best = choose(candidates, names)
+    rng = np.random.default_rng(0)
+    same, betas = 0, []
+    for _ in range(200):
+        draws = {n: rng.integers(0, 7, 7) for n in names}
+        drawn = [module.Candidate(c.scores, c.reward_shift, {n: module._take(c.bases[n], draws[n]) for n in names})
+                 for c in candidates]  # fmt: skip
+        choice = choose(drawn, names)
+        same += choice.metric == best.metric
+        betas.append((choice if choice.metric == "car" else choose(drawn, names, car_only=True)).beta)
+    assert boot["same_metric_share"] == same / 200
+    assert boot["best_beta_ci"] == pytest.approx(list(np.quantile(betas, [0.025, 0.975])))
+    assert choice_bootstrap(candidates, names, best) == boot  # seeded: the same again

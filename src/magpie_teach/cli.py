@@ -133,18 +133,21 @@ def run_paradox(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate
+    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate, choice_sentence
 
     config = _config(args, CalibrateConfig)
     result = calibrate(config)
     means, held = result["mean_rho"], result["held_out_mean_rho"]
     best = result["best_metric"] + (f" (beta {result['best_beta']:.4g})" if result["best_metric"] == "car" else "")
-    low, high = result["beta_interval"]
+    low, high = result["stable_beta_range"]
+    stable = f"[{low:.4g}, {'infinity' if high is None else format(high, '.4g')}]"
     print(
         f"best predictor of AP over {len(result['base_models'])} base model(s): {best}, mean rho {means['best']:.3f}"
     )
-    print(f"  CAR: beta {result['best_beta']:.4g}, stable over [{low:.4g}, {high:.4g}]; mean rho "
-          f"{means['car_best_beta']:.3f} against {means['default']:.3f} at the default beta {result['default_beta']:g}")  # fmt: skip
+    print(f"  CAR: beta {result['best_beta']:.4g} (every beta in {stable} orders the teachers the same: a range "
+          f"where the fit is stable, not a confidence interval); mean rho {means['car_best_beta']:.3f} against "
+          f"{means['default']:.3f} at the default beta {result['default_beta']:g}")  # fmt: skip
+    print(f"  {choice_sentence(result)}")
     if held["fitted"] is not None:
         print(f"  held out (fitted on the other base models): mean rho {held['fitted']:.3f} for the fitted choice, "
               f"{held['default']:.3f} for the default")  # fmt: skip

@@ -153,7 +153,7 @@ def test_report_of_a_calibration_states_its_fit_and_shows_its_figure(tmp_path):
     out = tmp_path / "report"
     run_report("--calibration", str(calibration), "--output", str(out))
     markdown = (out / "report.md").read_text()
-    low, high = fit["beta_interval"]
+    low, high = fit["stable_beta_range"]
     assert (
         f"CAR's best beta is {fit['best_beta']:.4g}, the same choice for any beta in [{low:.4g}, {high:.4g}]"
         in markdown

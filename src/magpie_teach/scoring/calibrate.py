@@ -13,8 +13,15 @@ Between two consecutive crossing points (over every base model) every base model
 its rho and the mean rho, is constant. The fit scores one beta inside each of these intervals, which finds every
 interval however narrow, and reports the best one: ``best_beta`` is the default beta when that interval holds
 it, else the interval's geometric middle (half its end for the first, twice its start for the last).
-``beta_interval`` is where the choice is stable. Ties between intervals go to the one nearest the default beta
-(on a log scale).
+``stable_beta_range`` is the interval between crossing points that holds it: the betas that give the same orders
+of teachers, so the same rho. It says where the fit is stable, **not** how sure it is: it is no confidence
+interval. The uncertainty of the choice is ``choice_bootstrap``: the fit repeated on teachers drawn with
+replacement within every base model (seeded), with the share of replicates that choose the same metric and a
+percentile interval of CAR's fitted beta. Ties between intervals go to the one nearest the default beta (on a log
+scale).
+
+Performance that cannot rank teachers (all NaN, constant, or fewer than :data:`MIN_DISTINCT_AP` distinct values
+for a base model) is a one-line error before anything is written.
 
 The gain is reported without fitting on what it is scored on: leave one base model out, fit the metric (and the
 reward model, reward shift and beta) on the others, score the choice on the one left out, and average over base
@@ -36,6 +43,12 @@ from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIR
 from magpie_teach.settings import DEFAULT_BETA
 
 logger = logging.getLogger(__name__)
+
+MIN_DISTINCT_AP = 3
+"""The fewest distinct AP values a base model needs: with fewer, every ranking's rho is one of a handful of values."""
+
+CHOICE_REPLICATES = 200
+"""Bootstrap replicates (teachers drawn with replacement) behind ``choice_bootstrap``."""
 
 CALIBRATION = "calibration.json"
 CURVE = "beta_curve.csv"
@@ -276,6 +289,7 @@ def calibrate(config: CalibrateConfig) -> dict:
     config.check()
     performance = load_performance(config.performance, config.performance_columns, config.aliases)
     candidates = _load_candidates(config, performance)
+    check_performance(candidates[0])
     names = list(candidates[0].bases)
     default = candidates[0]
     best = choose(candidates, names)
@@ -292,10 +306,11 @@ def calibrate(config: CalibrateConfig) -> dict:
         logger.warning("one base model: no base model to hold out, so the held-out rho is not reported")
     car = best if best.metric == "car" else choose(candidates, names, car_only=True)
     chosen = next(c for c in candidates if c.scores == car.scores and c.reward_shift == car.reward_shift)
+    uncertainty = choice_bootstrap(candidates, names, best)
     result = {
         "best_metric": best.metric,
         "best_beta": car.beta,
-        "beta_interval": list(car.interval),
+        "stable_beta_range": list(car.interval),
         "best_scores": car.scores,
         "best_reward_shift": car.reward_shift,
         "default_beta": DEFAULT_BETA,
@@ -314,6 +329,7 @@ def calibrate(config: CalibrateConfig) -> dict:
         "crossings": np.unique(
             np.concatenate([crossings(default.bases[n].reward, default.bases[n].loss) for n in names])
         ).tolist(),  # fmt: skip
+        "choice_bootstrap": uncertainty,
         "scores": config.scores,
         "performance": config.performance,
     }
@@ -329,8 +345,79 @@ def calibrate(config: CalibrateConfig) -> dict:
     write_atomic(out / CORRELATIONS, lambda tmp: table.to_csv(tmp))
     write_atomic(out / CURVE, lambda tmp: curve.to_csv(tmp, index=False))
     write_atomic(out / FIGURE, lambda tmp: _figure(curve, result, tmp))
-    write_atomic(out / CALIBRATION, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    result = _finite(result)
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # valid JSON: no NaN or Infinity
+    write_atomic(out / CALIBRATION, lambda tmp: Path(tmp).write_text(text))
     return result
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite number replaced by None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def check_performance(candidate: Candidate) -> None:
+    """A one-line error naming the first base model whose AP cannot rank teachers (see the module docstring)."""
+    for base in candidate.bases.values():
+        finite = base.ap[np.isfinite(base.ap)]
+        distinct = len(np.unique(finite))
+        if distinct < MIN_DISTINCT_AP:
+            what = "all NaN" if not len(finite) else "constant" if distinct == 1 else f"{distinct} distinct values"
+            raise DataError(f"the performance of {base.name}'s teachers is {what}: calibrate needs at least "
+                            f"{MIN_DISTINCT_AP} distinct AP values per base model to rank them; nothing was written")  # fmt: skip
+
+
+def choice_bootstrap(candidates: list[Candidate], names: list[str], best: Choice, replicates: int = CHOICE_REPLICATES,
+                     seed: int = 0, confidence: float = 0.95) -> dict:  # fmt: skip
+    """How sure the choice is: the fit repeated on teachers drawn with replacement within every base model (the
+    same draw for every candidate). Returns the share of replicates choosing ``best``'s metric, and a percentile
+    interval of CAR's fitted beta (None where no replicate fits one)."""
+    rng = np.random.default_rng(seed)
+    same, betas = 0, []
+    for _ in range(replicates):
+        draw = {n: rng.integers(0, len(candidates[0].bases[n].teachers), len(candidates[0].bases[n].teachers))
+                for n in names}  # fmt: skip
+        drawn = [
+            Candidate(c.scores, c.reward_shift, {n: _take(c.bases[n], draw[n]) for n in names}) for c in candidates
+        ]
+        try:
+            choice = choose(drawn, names)
+            car = choice if choice.metric == "car" else choose(drawn, names, car_only=True)
+        except AssertionError:  # pragma: no cover (choose always finds an option)
+            continue
+        same += choice.metric == best.metric
+        if car.mean_rho > -math.inf:
+            betas.append(car.beta)
+    alpha = (1 - confidence) / 2
+    interval = [float(np.quantile(betas, alpha)), float(np.quantile(betas, 1 - alpha))] if betas else None
+    return {"replicates": replicates, "seed": seed, "confidence": confidence,
+            "same_metric_share": same / replicates, "best_beta_ci": interval}  # fmt: skip
+
+
+def choice_sentence(result: dict) -> str:
+    """The uncertainty of calibrate's choice in one sentence (from ``choice_bootstrap``)."""
+    boot = result.get("choice_bootstrap") or {}
+    if not boot:
+        return ""
+    share = boot["same_metric_share"]
+    text = (f"Teachers drawn again ({boot['replicates']} bootstrap replicates) choose {result['best_metric']} "
+            f"{100 * share:.0f}% of the time")  # fmt: skip
+    text += ": the choice is firm." if share >= 0.9 else ": another metric could predict as well on other teachers."
+    if boot.get("best_beta_ci"):
+        low, high = boot["best_beta_ci"]
+        text += f" CAR's fitted beta: {boot['confidence']:.0%} interval [{low:.3g}, {high:.3g}]."
+    return text
+
+
+def _take(base: Base, rows: np.ndarray) -> Base:
+    return Base(base.name, [base.teachers[i] for i in rows], base.reward[rows], base.loss[rows], base.ap[rows],
+                {m: v[rows] for m, v in base.metrics.items()})  # fmt: skip
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -350,7 +437,7 @@ def correlation_table(candidates: list[Candidate], names: list[str]) -> pd.DataF
         rows.append(
             {"metric": f"{label}car (beta {DEFAULT_BETA:g})", **{b.name: car_rho(b, DEFAULT_BETA) for b in bases}}
         )
-        rows.append({"metric": f"{label}car (beta {beta:.4g})", **{b.name: car_rho(b, beta) for b in bases}})
+        rows.append({"metric": f"{label}car (fitted beta {beta:.4g})", **{b.name: car_rho(b, beta) for b in bases}})
         for metric in bases[0].metrics:
             rows.append({"metric": f"{label}{metric}", **{b.name: _rho(b.metrics[metric], b.ap) for b in bases}})
     table = pd.DataFrame(rows).set_index("metric")
@@ -384,9 +471,9 @@ def _figure(curve: pd.DataFrame, result: dict, path: str) -> None:
     ax.step(shown["beta"], shown["mean_rho"], where="post", color="black", label="mean over base models")
     for name in result["base_models"]:
         ax.step(shown["beta"], shown[name], where="post", alpha=0.35, linewidth=1)
-    lo, hi = result["beta_interval"]
+    lo, hi = result["stable_beta_range"]
     ax.axvspan(max(lo, shown["beta"].min()), min(hi, shown["beta"].max()), color="tab:green", alpha=0.15,
-               label=f"best interval (beta {result['best_beta']:.3g})")  # fmt: skip
+               label=f"stable range of the best beta ({result['best_beta']:.3g})")  # fmt: skip
     ax.axvline(DEFAULT_BETA, color="tab:blue", linestyle="--", label=f"default beta {DEFAULT_BETA:g}")
     ax.set_xscale("log")
     ax.set_xlabel("CAR beta")
