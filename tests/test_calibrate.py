@@ -461,7 +461,6 @@ def test_calibration_json_is_strict_json_and_the_choice_carries_its_bootstrap(pl
     assert low <= high
     # the same protocol by hand: teachers drawn with replacement per base model, in base-model order
     from magpie_teach.scoring import calibrate as module
-
     from magpie_teach.scoring.metrics import load_performance
 
     table = load_performance(str(tmp_path / "noisy.csv"), ["AE2_LC_WR", "ArenaHard_WR"], None)
