@@ -60,6 +60,11 @@ def test_push_is_one_tagged_commit_that_loads_back(local_hub, ranked_sample):
     assert 'load_dataset("lab/ranking", revision="v1.0.0"' in card
     best = expected.sort_values("car", ascending=False).iloc[0]
     assert f"| {best['teacher']} |" in card and "@inproceedings{xu2025stronger" in card
+    # the uncertainty travels with the ranking: intervals, p_best and rank's own sentences
+    assert "| teacher | car | car_ci_low | car_ci_high | p_best |" in card
+    assert f"| {best['teacher']} | {best['car']:.4g} | {best['car_ci_low']:.4g} | {best['car_ci_high']:.4g} |" in card
+    summary = json.loads((ranked_sample / "summary.json").read_text())
+    assert all(sentence in card for sentence in summary["confidence"]["sentences"])
     config = yaml.safe_load(read_remote(local_hub, "lab/ranking", "v1.0.0", "magpie_teach/rank_config.yaml"))
     assert config["beta"] == 3.0
 

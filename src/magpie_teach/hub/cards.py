@@ -55,9 +55,9 @@ def markdown_table(frame: Any, digits: int = 4) -> str:
 
 def ranking_markdown(ranking: Any) -> str:
     """One short table per base model, best teacher first: CAR and the baselines beside it."""
-    keep = [
-        c for c in ("teacher", "car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "n") if c in ranking
-    ]
+    columns = ("teacher", "car", "car_ci_low", "car_ci_high", "p_best", "reward", "compat_loss", "length", "ppl_self",
+               "ifd_self", "n")  # fmt: skip
+    keep = [c for c in columns if c in ranking]
     parts = []
     for base, group in ranking.groupby("base_model", sort=False):
         group = group.sort_values("car", ascending=False)
@@ -172,6 +172,7 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
             counts=summary.get("counts") or {},
             dropped={k: v for k, v in (summary.get("counts") or {}).items() if not k.startswith(("rows_", "truncated[", "reward_truncated"))},
             ranking=ranking_markdown(ranking) if ranking is not None and len(ranking) else None,
+            confidence=summary.get("confidence") or {},
             pretty_name="Teacher ranking (CAR)" if kind == "ranking" else "Scored multi-teacher responses",
         )  # fmt: skip
     elif kind == "sft":
