@@ -341,14 +341,16 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
             correlation_figure(corr, out), corr.reset_index().round(3),
         ))  # fmt: skip
     if performance is not None:
-        best = performance.loc[
-            performance.groupby("base_model", sort=False)["ap"].idxmax(), ["base_model", "teacher", "ap"]
-        ]
+        shown = ["base_model", "teacher", "ap", *[c for c in ("win_rate",) if c in performance.columns]]
+        best = performance.loc[performance.groupby("base_model", sort=False)["ap"].idxmax(), shown]
+        text = (f"From `{_shareable(config.performance)}`: the teacher whose responses gave the highest AP "
+                f"(mean of {', '.join(config.performance_columns)}).")  # fmt: skip
+        if "win_rate" in best.columns:
+            text += (" AP is not the raw win rate (shown beside it): where they disagree, the length-controlled "
+                     "rate has removed what the judge gave for length.")  # fmt: skip
         sections.append(Section(
-            "Best teacher per base model (measured)",
-            f"From `{_shareable(config.performance)}`: the teacher whose responses gave the highest AP "
-            f"(mean of {', '.join(config.performance_columns)}).",
-            table=best.rename(columns={"teacher": "best teacher", "ap": "AP"}).round(2),
+            "Best teacher per base model (measured)", text,
+            table=best.rename(columns={"teacher": "best teacher", "ap": "AP", "win_rate": "raw win rate"}).round(2),
         ))  # fmt: skip
         try:
             pairs = find_paradox_pairs(performance, source=config.performance)
@@ -489,6 +491,13 @@ def evaluation_section(folder: Path, out: Path) -> Section:
             "n/a" if pd.isna(v) else f"{v:.1f}" + ("" if low is None or pd.isna(lo) else f" [{lo:.1f}, {hi:.1f}]")
             for v, lo, hi in zip(rates[column], low if low is not None else rates[column], high if high is not None else rates[column])
         ]  # fmt: skip
+    if "win_rate_low" in rates.columns:  # what the intervals let one say, student by student
+        from magpie_teach.scoring.winrates import comparison
+
+        said = [f"{short_name(str(r.student))} {comparison(r.win_rate_low, r.win_rate_high)} {baseline}"
+                for r in rates.itertuples() if pd.notna(r.win_rate)]  # fmt: skip
+        if said:
+            text += " By the win rate's interval: " + "; ".join(said) + "."
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(rates) * len(EVALUATION_RATES)))
     ys, labels = [], []
     for i, row in enumerate(rates.itertuples()):

@@ -249,3 +249,11 @@ def test_report_of_an_evaluation_shows_each_students_win_rates_with_their_interv
                  for c in ("win_rate", "lc_win_rate", "bt_score")]  # fmt: skip
         assert f"| {row.student} | {row.n} | " + " | ".join(cells) + " |" in markdown
     assert (out / "figures" / "evaluation.png").exists()
+    # the words follow the intervals, computed here: above 50 beats, below loses to, across cannot be told apart
+    words = []
+    for row in rates.itertuples():
+        word = (
+            "beats" if row.win_rate_low > 50 else "loses to" if row.win_rate_high < 50 else "cannot be told apart from"
+        )
+        words.append(f"{row.student} {word} my-baseline")
+    assert "By the win rate's interval: " + "; ".join(words) + "." in markdown
