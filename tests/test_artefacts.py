@@ -7,7 +7,17 @@ import sys
 
 import pytest
 
-from magpie_teach.artefacts import LOCK, OUTPUTS, RunOutputs, locked, slug, write_atomic
+from magpie_teach.artefacts import (
+    LOCK,
+    MANIFEST,
+    OUTPUTS,
+    RunOutputs,
+    content_digest,
+    locked,
+    slug,
+    verify_run,
+    write_atomic,
+)
 from magpie_teach.errors import DataError
 
 
@@ -58,7 +68,12 @@ def test_finish_removes_only_the_kinds_files_this_run_did_not_write(tmp_path):
     files.write("ranking.csv", lambda tmp: open(tmp, "w").write("teacher\n"))
     files.write("correlations.csv", lambda tmp: open(tmp, "w").write("metric\n"))
     assert files.finish() == ["dropped.csv"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["correlations.csv", "notes.txt", "ranking.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "correlations.csv",
+        "manifest.json",
+        "notes.txt",
+        "ranking.csv",
+    ]
     assert "dropped.csv" in OUTPUTS["rank"] and "notes.txt" not in OUTPUTS["rank"]
 
 
@@ -75,3 +90,74 @@ def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
     with locked(tmp_path / "kept"):
         pass
     assert (tmp_path / "kept").exists()  # a folder that was there stays
+
+
+def _finished_rank(folder):
+    files = RunOutputs(folder, "rank")
+    for name, text in (("ranking.csv", "teacher,car\nt1,0.5\n"), ("summary.json", '{"beta": 3}'),
+                       ("rank_config.yaml", "beta: 3\n")):  # fmt: skip
+        files.write(name, lambda tmp, text=text: open(tmp, "w").write(text))
+    files.finish()
+    return files
+
+
+def test_a_finished_run_lists_each_file_with_its_digest_and_reads_back(tmp_path):
+    files = _finished_rank(tmp_path)
+    manifest = verify_run(tmp_path, "push")
+    assert manifest["kind"] == "rank" and manifest["complete"] is True and manifest["run_id"] == files.run_id
+    assert manifest["files"] == {
+        n: content_digest(tmp_path / n) for n in ("rank_config.yaml", "ranking.csv", "summary.json")
+    }
+    assert verify_run(tmp_path / "nothing-here", "push") is None  # a folder without a manifest is read as it is
+
+
+def test_a_run_killed_while_writing_leaves_a_folder_every_reader_refuses(tmp_path):
+    """The issue's case: a new ranking.csv beside the old run's config and summary, left by a killed `rank`."""
+    _finished_rank(tmp_path)
+    second = RunOutputs(tmp_path, "rank")  # the next run starts ...
+    second.write("ranking.csv", lambda tmp: open(tmp, "w").write("teacher,car\nt2,0.9\n"))  # ... and is killed
+    with pytest.raises(DataError) as err:
+        verify_run(tmp_path, "push")
+    assert str(err.value) == (f"{tmp_path}: its `rank` run did not finish (killed, or still running): push reads "
+                              "only a finished run; rerun `magpie-teach rank` into it")  # fmt: skip
+
+
+def test_a_file_changed_or_left_by_another_run_is_named(tmp_path):
+    files = _finished_rank(tmp_path)
+    (tmp_path / "summary.json").write_text('{"beta": 1}')  # copied in from another run
+    with pytest.raises(
+        DataError, match=rf"summary.json: changed since the `rank` run wrote .* \(run {files.run_id}\)"
+    ):
+        verify_run(tmp_path, "report")
+    _finished_rank(tmp_path)
+    (tmp_path / "dropped.csv").write_text("id\n")  # one of rank's files that this run did not write
+    with pytest.raises(DataError, match="dropped.csv: not written by the `rank` run .*another run's leftover"):
+        verify_run(tmp_path, "select")
+    (tmp_path / "dropped.csv").unlink()
+    (tmp_path / "ranking.csv").unlink()
+    with pytest.raises(DataError, match="ranking.csv: missing, though the `rank` run"):
+        verify_run(tmp_path, "push")
+
+
+def test_a_verb_refuses_a_folder_that_holds_another_verbs_run(tmp_path):
+    _finished_rank(tmp_path / "by-manifest")
+    with pytest.raises(DataError, match=r"it holds a `rank` run \(manifest.json\); a folder holds one run"):
+        RunOutputs(tmp_path / "by-manifest", "select")
+    (tmp_path / "by-files").mkdir()
+    (tmp_path / "by-files" / "ranking.csv").write_text("teacher\n")  # written before manifests existed
+    with pytest.raises(DataError, match="it holds a `rank` run's ranking.csv"):
+        RunOutputs(tmp_path / "by-files", "select")
+    assert not (tmp_path / "by-files" / MANIFEST).exists()  # refused before anything was written
+    RunOutputs(tmp_path / "by-manifest", "rank")  # the same verb again replaces its own run
+
+
+def test_the_command_record_joins_the_finished_runs_manifest(tmp_path):
+    from magpie_teach.artefacts import COMMAND_FILE, record_command
+
+    _finished_rank(tmp_path)
+    record_command(tmp_path, ["rank", "--beta", "3"])
+    manifest = verify_run(tmp_path, "push")
+    assert manifest["command"] == ["rank", "--beta", "3"]
+    assert manifest["files"][COMMAND_FILE] == content_digest(tmp_path / COMMAND_FILE)
+    RunOutputs(tmp_path, "rank")  # a new run: the old command is not left for the card to read
+    assert not (tmp_path / COMMAND_FILE).exists()

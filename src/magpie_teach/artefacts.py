@@ -50,6 +50,9 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": (JUDGEMENTS, WIN_RATES, PERFORMANCE, EVALUATE_CONFIG),
 }
 LOCK = ".magpie-teach.lock"
+MANIFEST = "manifest.json"
+"""Written first as ``{"complete": false}`` and last with every file's digest: the run that wrote a folder, and
+the proof that the folder's files are that run's (see :func:`verify_run`)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,15 @@ def record_command(output_dir: str | Path, argv: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"argv": list(argv), "magpie_teach_version": __version__}, indent=2)
     write_atomic(path, lambda tmp: Path(tmp).write_text(body))
+    try:  # the command belongs to the run the manifest names: listed with its digest
+        manifest = json.loads((path.parent / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return
+    if manifest.get("complete"):
+        manifest["files"][COMMAND_FILE] = content_digest(path)
+        manifest["command"] = list(argv)
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_atomic(path.parent / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
 
 def slug(name: str) -> str:
@@ -206,18 +218,35 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
         handle.flush()
         yield folder
     finally:
-        if created and [p.name for p in folder.iterdir()] == [LOCK]:
+        if created and {p.name for p in folder.iterdir()} <= {LOCK, MANIFEST} and not _finished(folder):
+            (folder / MANIFEST).unlink(missing_ok=True)  # the manifest of a run that wrote nothing else
             (folder / LOCK).unlink()  # still locked by this handle: no other run can have taken it
             folder.rmdir()
         handle.close()
 
 
 class RunOutputs:
-    """The files one run writes into its folder; :meth:`finish` removes what an earlier run left."""
+    """The files one run writes into its folder; :meth:`finish` removes what an earlier run left and writes the
+    manifest.
+
+    A folder holds one run: a folder that holds another verb's run (its manifest, or another kind's config
+    file) is refused before anything is written. The run first writes a manifest that says it is not complete
+    (so a run killed half-way leaves a folder that every reader refuses) and removes the earlier run's command
+    record; :meth:`finish` writes the manifest again with the run id, the kind and each file's digest."""
 
     def __init__(self, folder: str | os.PathLike, kind: str):
+        import uuid
+
         self.folder, self.kind = Path(folder), kind
         self.written: set[str] = set()
+        self.run_id = uuid.uuid4().hex
+        other = _other_run(self.folder, kind)
+        if other:
+            raise DataError(f"{self.folder}: it holds {other}; a folder holds one run: give `{kind}` another "
+                            "--output (or delete that run first)")  # fmt: skip
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / COMMAND_FILE).unlink(missing_ok=True)
+        self._manifest({"run_id": self.run_id, "kind": kind, "complete": False})
 
     def write(self, name: str, write: Callable[[str], Any]) -> Path:
         path = self.folder / name
@@ -226,11 +255,76 @@ class RunOutputs:
         return path
 
     def finish(self) -> list[str]:
-        """Removes the kind's files this run did not write; returns their names."""
+        """Removes the kind's files this run did not write, then writes the complete manifest; returns the names
+        removed."""
+        import datetime
+
         stale = [name for name in OUTPUTS[self.kind] if name not in self.written and (self.folder / name).exists()]
         for name in stale:
             (self.folder / name).unlink()
+        files = {name: content_digest(self.folder / name) for name in sorted(self.written)}
+        finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._manifest({"run_id": self.run_id, "kind": self.kind, "complete": True, "finished": finished,
+                        "files": files})  # fmt: skip
         return stale
+
+    def _manifest(self, body: dict) -> None:
+        text = json.dumps(body, indent=2) + "\n"
+        write_atomic(self.folder / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+
+
+def _finished(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / MANIFEST).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _other_run(folder: Path, kind: str) -> str | None:
+    """What in FOLDER says it holds another verb's run than KIND's: its manifest's kind, or another kind's files."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("kind") not in (None, kind):
+        return f"a `{manifest['kind']}` run ({MANIFEST})"
+    for other, names in OUTPUTS.items():
+        if other != kind:
+            found = [n for n in names if n not in OUTPUTS[kind] and (folder / n).exists()]
+            if found:
+                return f"a `{other}` run's {found[0]}"
+    return None
+
+
+def verify_run(folder: str | os.PathLike, reader: str) -> dict | None:
+    """Checks that FOLDER's files are one finished run's (its manifest, see :class:`RunOutputs`): a run that did
+    not finish, a file changed or copied in since, a file listed and missing, or a file of its kind that the run
+    did not write is a one-line DataError naming it. Returns the manifest; None for a folder with none (written
+    by hand or by a version before manifests), which is read as it is."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{folder / MANIFEST}: unreadable ({err}); {reader} reads only a finished run") from None
+    kind = manifest.get("kind")
+    if not manifest.get("complete"):
+        raise DataError(f"{folder}: its `{kind}` run did not finish (killed, or still running): {reader} reads only "
+                        f"a finished run; rerun `magpie-teach {kind}` into it")  # fmt: skip
+    files = manifest.get("files") or {}
+    for name, digest in files.items():
+        path = folder / name
+        if not path.exists():
+            raise DataError(f"{path}: missing, though the `{kind}` run that wrote {folder} listed it")
+        if content_digest(path) != digest:
+            raise DataError(f"{path}: changed since the `{kind}` run wrote {folder} (run {manifest.get('run_id')}); "
+                            f"{reader} reads only one run's files: rerun `magpie-teach {kind}`")  # fmt: skip
+    extra = [n for n in OUTPUTS.get(kind, ()) if n not in files and (folder / n).exists()]
+    if extra:
+        raise DataError(f"{folder / extra[0]}: not written by the `{kind}` run that wrote {folder} (run "
+                        f"{manifest.get('run_id')}): another run's leftover; {reader} reads only one run's files")  # fmt: skip
+    return manifest
 
 
 def recorded_rank_config(scores: str, commit: str | None = None) -> tuple[dict | None, str]:
@@ -334,6 +428,7 @@ def open_scores(path: str, base_model: str | None, revision: str | None = None) 
 
     file = Path(path) / SCORES if Path(path).is_dir() else Path(path)
     if file.exists():
+        verify_run(file.parent, "select")
         table, name = open_table(str(file)), str(file)
     elif path.count("/") == 1 and not path.startswith((".", "/")):
         table = open_table(path, revision=revision)
@@ -356,7 +451,11 @@ def open_scores(path: str, base_model: str | None, revision: str | None = None) 
     if base_model not in bases:
         from magpie_teach.scoring.metrics import short_name
 
+        def stem(name: str) -> str:  # a published name keeps the local folder's name before "@sha256:"
+            return short_name(name).split("@sha256:")[0]
+
         short = [b for b in bases if short_name(b) == short_name(base_model)]
+        short = short or [b for b in bases if stem(b) == stem(base_model)]
         if len(short) != 1:
             raise ConfigError(f"{name}: no scores for base model {base_model!r}; it has {bases}")
         base_model = short[0]
@@ -374,6 +473,7 @@ def read_rank_folder(rank_dir: str | os.PathLike) -> tuple[Any, Any, dict]:
     import pandas as pd
 
     rank_dir = Path(rank_dir)
+    verify_run(rank_dir, "report and calibrate")
     ranking_path = rank_dir / RANKING
     if not ranking_path.exists():
         raise DataError(f"{rank_dir}: no ranking.csv; give the output folder of `magpie-teach rank`.")

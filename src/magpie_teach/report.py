@@ -472,6 +472,9 @@ def evaluation_section(folder: Path, out: Path) -> Section:
     intervals (a table and a figure), and how many verdicts could not be read."""
     import matplotlib.pyplot as plt
 
+    from magpie_teach.artefacts import verify_run
+
+    verify_run(folder, "report")
     try:
         rates = pd.read_csv(folder / "win_rates.csv")
         judgements = pd.read_parquet(folder / "judgements.parquet", columns=["id", "student", "baseline", "parsed"])

@@ -123,6 +123,7 @@ def test_versions_are_immutable_and_reruns_do_not_republish(local_hub, ranked_sa
     shutil.copytree(ranked_sample, changed)
     ranking = pd.read_csv(changed / "ranking.csv")
     ranking.head(1).to_csv(changed / "ranking.csv", index=False)
+    (changed / "manifest.json").unlink()  # edited by hand: no longer the run its manifest describes
     refused = cli("push", str(changed), "--repo-id", "lab/r", "--tag", "v1.0.0", env=env)
     assert refused.returncode == 2 and "tag v1.0.0 already exists" in refused.stderr
     assert "--overwrite" in refused.stderr
@@ -157,6 +158,7 @@ def test_bad_input_fails_before_any_upload(local_hub, ranked_sample, tmp_path, a
         (source / "rank_config.yaml").write_text(yaml.safe_dump(config))
     elif edit == "data":
         (source / "ranking.csv").unlink()
+    (source / "manifest.json").unlink(missing_ok=True)  # edited by hand: these are the checks before the manifest's
     before = sorted(p.name for p in source.iterdir())
     result = cli("push", str(source), *args, env=local_hub.env())
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -191,6 +193,7 @@ def test_a_500_on_the_commit_leaves_the_last_version_and_a_rerun_finishes(local_
     changed = tmp_path / "changed"
     shutil.copytree(ranked_sample, changed)
     pd.read_csv(changed / "ranking.csv").head(2).to_csv(changed / "ranking.csv", index=False)
+    (changed / "manifest.json").unlink()  # edited by hand: no longer the run its manifest describes
 
     local_hub.fault(r"^POST /api/datasets/lab/f/commit/", status=500, message="simulated outage")
     failed = cli("push", str(changed), "--repo-id", "lab/f", env=env)
@@ -445,3 +448,70 @@ def test_evaluate_push_to_hub_publishes_the_judgements_with_the_win_rates_on_the
 def read_remote_path(hub, repo, revision, path):
     code = f"from huggingface_hub import hf_hub_download; print(hf_hub_download({repo!r}, {path!r}, repo_type='dataset', revision={revision!r}))"
     return python(code, hub.env()).stdout.strip().splitlines()[-1]
+
+
+EVERY_STRING = """
+import json, sys
+from pathlib import Path
+import pyarrow.parquet as pq
+from huggingface_hub import snapshot_download
+folder = Path(snapshot_download({repo!r}, repo_type="dataset", revision={revision!r}))
+out = []
+for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    name = str(path.relative_to(folder))
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        out.append([name + " (metadata)", json.dumps({{k.decode(): v.decode() for k, v in (table.schema.metadata or {{}}).items()}})])
+        for column in table.column_names:
+            out.append([name + ":" + column, json.dumps(table.column(column).to_pylist(), default=str)])
+    else:
+        out.append([name, path.read_text(errors="replace")])
+print(json.dumps(out))
+"""
+
+
+def _every_published_string(hub, repo, revision):
+    """(file or file:column, text) for every file of the published commit: texts whole, parquet files decoded
+    column by column with their schema metadata (compressed bytes would hide a path)."""
+    return json.loads(python(EVERY_STRING.format(repo=repo, revision=revision), hub.env()).stdout.splitlines()[-1])
+
+
+def test_no_kind_publishes_a_local_path_and_a_local_name_still_selects_after_the_round_trip(
+    local_hub, ranked_sample, tiny_suite, tmp_path
+):
+    """Scores, ranking, SFT data chosen by CAR (its decision rides in the parquet's metadata) and an evaluation
+    against a local baseline model: every file, column and metadata field of every published commit is searched
+    for this machine's paths; then `select` names the base model as the user did locally, on the published scores."""
+    from pathlib import Path
+
+    env = local_hub.env()
+    sft, evaluation = tmp_path / "sft", tmp_path / "evaluate"
+    assert cli("select", "--scores", str(ranked_sample), "--output", str(sft), env=env).returncode == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": f"Name a colour {i}."}) + "\n" for i in range(3))
+    )
+    result = cli("evaluate", "--student", f"tiny-s={tiny_suite.base_small}", "--baseline", tiny_suite.base_medium,
+                 "--judge-reward-model", tiny_suite.reward, "--prompts", str(prompts), "--max-new-tokens", "4",
+                 "--bootstrap", "20", "--output", str(evaluation), env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pushes = [(ranked_sample, "lab/p-scores", "scores"), (ranked_sample, "lab/p-ranking", "ranking"),
+              (sft, "lab/p-sft", "sft"), (evaluation, "lab/p-evaluation", "evaluation")]  # fmt: skip
+    local = [str(tiny_suite.base_small), str(tiny_suite.base_medium), str(tiny_suite.reward), str(tmp_path),
+             str(ranked_sample), str(Path.home())]  # fmt: skip
+    for source, repo, kind in pushes:
+        pushed = cli("push", str(source), "--repo-id", repo, "--kind", kind, env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        for where, text in _every_published_string(local_hub, repo, "v1.0.0"):
+            assert not [p for p in local if p in text], (kind, where, [p for p in local if p in text])
+    # the name the user gave (the local folder's name) selects the same rows from the published scores
+    name = Path(tiny_suite.base_small).name
+    again = cli("select", "--scores", "lab/p-scores", "--base-model", name, "--strategy", "best-of-n",
+                "--output", str(tmp_path / "sft-hub"), env=env)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    mine = cli("select", "--scores", str(ranked_sample), "--base-model", name, "--strategy", "best-of-n",
+               "--output", str(tmp_path / "sft-local"), env=env)  # fmt: skip
+    assert mine.returncode == 0, mine.stderr
+    hub_rows = pd.read_parquet(tmp_path / "sft-hub" / "data" / "train-00000-of-00001.parquet")
+    local_rows = pd.read_parquet(tmp_path / "sft-local" / "data" / "train-00000-of-00001.parquet")
+    assert hub_rows[["id", "teacher"]].values.tolist() == local_rows[["id", "teacher"]].values.tolist()

@@ -146,6 +146,7 @@ def test_a_version_with_fewer_files_publishes_and_loads_by_tag(local_hub, ranked
     shutil.copytree(ranked_sample, with_dropped)
     first_row = pd.read_csv(ranked_sample / "ranking.csv").head(1)
     pd.DataFrame({"id": ["x"], "reason": ["empty_response"]}).to_csv(with_dropped / "dropped.csv", index=False)
+    (with_dropped / "manifest.json").unlink()  # edited by hand: no longer the run its manifest describes
     first = cli("push", str(with_dropped), "--repo-id", "lab/shrink", env=env)
     assert first.returncode == 0, first.stderr
     assert "magpie_teach/dropped.csv" in local_hub.git("lab/shrink", "ls-tree", "-r", "--name-only", "v1.0.0")
@@ -154,6 +155,7 @@ def test_a_version_with_fewer_files_publishes_and_loads_by_tag(local_hub, ranked
     shutil.copytree(ranked_sample, plain)
     (plain / "dropped.csv").unlink(missing_ok=True)
     first_row.to_csv(plain / "ranking.csv", index=False)
+    (plain / "manifest.json").unlink()  # edited by hand: no longer the run its manifest describes
     second = cli("push", str(plain), "--repo-id", "lab/shrink", env=env)
     assert second.returncode == 0 and "tag v1.1.0" in second.stdout, second.stderr
     files = local_hub.git("lab/shrink", "ls-tree", "-r", "--name-only", "v1.1.0").split()

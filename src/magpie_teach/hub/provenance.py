@@ -23,7 +23,12 @@ from typing import Any
 from magpie_teach.artefacts import content_digest
 
 MODEL_COLUMNS = ("base_model", "teacher", "model", "settings")
-"""Data columns that may hold a local path (directly or inside JSON): rewritten in the published copy."""
+"""Data columns known to hold model names or settings (``settings`` as JSON). Every other column of strings is
+searched too (``magpie_model``, ``baseline``, ...), but for the texts themselves (:data:`TEXT_COLUMNS`)."""
+
+TEXT_COLUMNS = frozenset({"instruction", "response", "context", "answer", "baseline_answer", "messages", "prompt",
+                          "text", "completion", "chosen", "rejected", "system_prompt"})  # fmt: skip
+"""Columns of generated or given texts: what a model wrote is published as it was written."""
 
 
 def is_local_path(value: str) -> bool:
@@ -67,6 +72,8 @@ class Publisher:
 
     def learn(self, values: Iterable[str]) -> None:
         for value in values:
+            if "=" in value and value not in self.names:  # NAME=PATH (evaluate's --student): the path part
+                self.learn([value.split("=", 1)[1]])
             if value not in self.names and is_local_path(value):
                 self.names[value] = public_name(value)
                 resolved = str(Path(value).expanduser().resolve())
@@ -88,17 +95,27 @@ class Publisher:
         return text
 
     def rewrite_frame(self, frame: Any) -> Any:
-        """A copy of ``frame`` with :data:`MODEL_COLUMNS` rewritten (each distinct value once); None if unchanged."""
+        """A copy of ``frame`` with every column of strings but the texts rewritten (each distinct value once), and
+        its ``attrs`` (which parquet keeps in its metadata) too; None if unchanged."""
         changed = {}
-        for column in MODEL_COLUMNS:
-            if column not in frame.columns or frame[column].dtype.kind not in "OT":  # object or pandas' str dtype
+        attrs = None
+        if frame.attrs:
+            self.learn(collect_strings(frame.attrs))
+            rewritten = json.loads(self.rewrite(json.dumps(frame.attrs, default=str)))
+            attrs = rewritten if rewritten != json.loads(json.dumps(frame.attrs, default=str)) else None
+        for column in frame.columns:
+            if column in TEXT_COLUMNS or frame[column].dtype.kind not in "OT":  # object or pandas' str dtype
                 continue
             values = frame[column].dropna().unique()
-            if column == "settings":
+            if column == "settings" or column not in MODEL_COLUMNS:  # JSON, or a plain string
                 self.learn_json_strings(v for v in values if isinstance(v, str))
             else:
                 self.learn(v for v in values if isinstance(v, str))
             mapping = {v: self.rewrite(v) for v in values if isinstance(v, str)}
             if any(k != v for k, v in mapping.items()):
                 changed[column] = frame[column].map(lambda v, m=mapping: m.get(v, v) if isinstance(v, str) else v)
-        return frame.assign(**changed) if changed else None
+        if not changed and attrs is None:
+            return None
+        public = frame.assign(**changed)
+        public.attrs = attrs if attrs is not None else dict(frame.attrs)
+        return public

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from magpie_teach.artefacts import COMMAND_FILE, KINDS, SFT_DATA, content_digest, detect_kind
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, SFT_DATA, content_digest, detect_kind, verify_run
 from magpie_teach.errors import ConfigError, DataError, network_errors
 from magpie_teach.hub import cards
 
@@ -114,6 +114,8 @@ def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir
     for name in side:
         if Path(name).suffix in (".json", ".yaml", ".yml"):
             publisher.learn(collect_strings(cards.yaml_or_json(source / name)))
+        elif Path(name).suffix == ".csv":  # a table's strings (performance.csv's student models, say)
+            publisher.rewrite_frame(pd.read_csv(source / name))
     files: dict[str, Path] = {}
     data = source / spec.data
     public = publisher.rewrite_frame(frame)
@@ -130,6 +132,13 @@ def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir
             table = pd.read_parquet(path)
             rewritten = publisher.rewrite_frame(table)
             (table if rewritten is None else rewritten).to_parquet(copy, index=False)
+        elif path.suffix == ".csv":
+            table = pd.read_csv(path)
+            rewritten = publisher.rewrite_frame(table)
+            if rewritten is None:
+                copy.write_bytes(path.read_bytes())
+            else:
+                rewritten.to_csv(copy, index=False)
         else:
             copy.write_text(publisher.rewrite(path.read_text(encoding="utf-8")), encoding="utf-8")
         files[f"magpie_teach/{name}"] = copy
@@ -190,6 +199,7 @@ def _push(config: PushConfig) -> PushResult:
         check_tag(config.tag)
     source = Path(config.source)
     kind = detect_kind(source, config.kind)
+    verify_run(source, "push")  # one finished run's files, or nothing is published
     api = HfApi(token=hub_token())
     _set_timeout(config.timeout)
 

@@ -34,7 +34,8 @@ MIN_TEACHERS = 3
 
 def normalise(name: Any) -> str:
     """The key a name is compared by (see the module docstring)."""
-    text = str(name).strip().rstrip("/").split("/")[-1].lower().replace("_", "-").replace(" ", "-")
+    text = str(name).strip().rstrip("/").split("/")[-1].split("@sha256:")[0]  # a published local model's name
+    text = text.lower().replace("_", "-").replace(" ", "-")
     if text.startswith("meta-"):
         text = text[len("meta-") :]
     for suffix in SUFFIXES:
