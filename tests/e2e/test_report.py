@@ -155,9 +155,11 @@ def test_report_of_a_calibration_states_its_fit_and_shows_its_figure(tmp_path):
     markdown = (out / "report.md").read_text()
     low, high = fit["stable_beta_range"]
     assert (
-        f"CAR's best beta is {fit['best_beta']:.4g}, the same choice for any beta in [{low:.4g}, {high:.4g}]"
-        in markdown
+        f"CAR's best beta is {fit['best_beta']:.4g}, the same order of teachers for any beta in [{low:.4g}, "
+        f"{high:.4g}] (where the fit is stable, not a confidence interval)" in markdown
     )
+    share = fit["choice_bootstrap"]["same_metric_share"]
+    assert f"Teachers drawn again (200 bootstrap replicates) choose car {100 * share:.0f}% of the time" in markdown
     assert f"mean rho {fit['held_out_mean_rho']['fitted']:.3f} for the fitted choice" in markdown
     assert "![Which beta (calibration)](figures/calibration.png)" in markdown
     assert (out / "figures" / "calibration.png").read_bytes() == (calibration / "calibration.png").read_bytes()
