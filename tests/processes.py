@@ -41,6 +41,25 @@ def greedy_generate_config(out, sample_path, teachers: list[dict], max_new_token
 
 
 @contextlib.contextmanager
+HEADS: dict[str, int] = {}
+"""The PID of the `ray start` process of each head this test run started, by address."""
+
+
+def ray_processes(address: str, title: str) -> list[int]:
+    """PIDs of the processes under the Ray head this test run started at ADDRESS (its raylet's workers) whose
+    command line holds TITLE (Ray names an actor's process ``ray::MapWorker...``): never another run's processes."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(HEADS[address]).children(recursive=True):
+        try:
+            if title in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.Error:  # ended meanwhile
+            continue
+    return found
+
+
 def ray_head(log_folder: Path, num_cpus: int = 2, env: dict | None = None) -> Iterator[str]:
     """A local Ray head on 127.0.0.1 (`ray start --head --block`) with NUM_CPUS CPUs and ENV (its workers' too;
     default this process's), stopped by PID; yields its address."""
@@ -59,8 +78,10 @@ def ray_head(log_folder: Path, num_cpus: int = 2, env: dict | None = None) -> It
         while "Ray runtime started" not in log.read_text():  # the head says when it is up
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        HEADS[f"127.0.0.1:{port}"] = process.pid
         yield f"127.0.0.1:{port}"
     finally:
+        HEADS.pop(f"127.0.0.1:{port}", None)
         stop_group(
             process, grace=5
         )  # a head asked to stop takes ~30 s to say goodbye to its workers; the test is done

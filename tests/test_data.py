@@ -671,3 +671,28 @@ def test_a_shard_set_missing_a_shard_or_mixing_two_counts_is_an_error_naming_wha
         DataError, match=r"the shards of 'train' disagree on how many there are \(-of-00002, -of-00004\)"
     ):
         load_responses(str(tmp_path / "zoo"))
+
+
+def test_sample_picks_the_same_instructions_in_processes_of_different_hash_seeds(tmp_path):
+    """`--sample N --seed S` must choose the same instructions on every machine and run: two processes with
+    different PYTHONHASHSEED (which reorders sets and dicts of strings) draw from the same file."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rows = [{"instruction": f"question number {i}?", "response": f"answer {i}", "teacher": t}
+            for i in range(200) for t in ("t1", "t2")]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = ("import sys, json; from magpie_teach.data import load_responses, sample_instructions; "
+            "rows = load_responses(sys.argv[1]).rows; "
+            "print(json.dumps(sorted(sample_instructions(rows, 17, seed=5)['instruction'].unique())))")  # fmt: skip
+    drawn = []
+    for hash_seed in ("1", "987654"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, check=True
+        )
+        drawn.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert len(drawn[0]) == 17 and drawn[0] == drawn[1]

@@ -94,6 +94,22 @@ def test_an_aliases_file_adds_spellings_and_correlations_use_it(tmp_path):
     assert key("Llama-3.1-Minitron-4B-Width", shipped) == "llama-3.1-minitron-4b"
 
 
+def test_a_users_alias_wins_over_the_shipped_one_for_the_same_spelling(tmp_path):
+    """The docs: the file given with --aliases is read over the shipped aliases. Minitron-4B ships as an alias of
+    Llama-3.1-Minitron-4B; a user who means another row of the table by it gets that row."""
+    shipped = load_aliases()
+    assert key("Minitron-4B", shipped) == "llama-3.1-minitron-4b"
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text("Minitron-4B: Qwen2-1.5B\n")
+    mine = load_aliases(str(aliases))
+    assert key("Minitron-4B", mine) == "qwen2-1.5b"
+    assert key("Llama-3.1-Minitron-4B-Width", mine) == "llama-3.1-minitron-4b"  # the other shipped ones stay
+    performance = load_performance(str(TABLE6), aliases=str(aliases))
+    teachers = ["Qwen2-7B-Instruct", "Gemma-2-9b-it", "Meta-Llama-3-8B-Instruct"]
+    (match,) = match_names(teachers, ["org/Minitron-4B"], performance)
+    assert match.table_name == "Qwen2-1.5B"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

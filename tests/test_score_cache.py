@@ -286,3 +286,21 @@ def test_a_local_model_whose_weights_are_replaced_keeping_size_and_mtime_gets_a_
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     second = model_identity(str(model), cache)
     assert second != first and second.startswith("sha256:")
+
+
+def test_a_run_at_another_max_length_scores_again_and_gets_its_own_numbers(tiny_suite, sample_rows, tmp_path):
+    """max_length changes what is scored (a conversation is cut there): a run at another max_length must not read
+    the first run's scores from the cache, and gets what a run without any cache gets at that length."""
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    n_rows = len(rows)
+    first, _ = _ranked(rows, tmp_path, "long", [tiny_suite.base_small], tiny_suite.reward, max_length=256)
+    short, counts = _ranked(rows, tmp_path, "short", [tiny_suite.base_small], tiny_suite.reward, max_length=64)
+    assert short.summary["work"]["reward"]["scored"] == n_rows and counts["LlamaForSequenceClassification"] == n_rows
+    assert short.summary["work"]["compat tiny-llama-s"] == {"scored": n_rows, "from_cache": 0}
+    (tmp_path / "fresh").mkdir()
+    alone, _ = _ranked(rows, tmp_path / "fresh", "short", [tiny_suite.base_small], tiny_suite.reward, max_length=64,
+                       cache=False)  # fmt: skip
+    key = ["id", "teacher"]
+    got = short.scores.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, alone.scores.sort_values(key).reset_index(drop=True))
+    assert not np.allclose(got["compat_loss"], first.scores.sort_values(key)["compat_loss"])  # 64 tokens cut some

@@ -356,6 +356,7 @@ def run_hub_serve(args: argparse.Namespace) -> int:
         port=args.port,
         verbose=not args.quiet,
         ready_file=args.ready_file,
+        require_token=args.require_token,
     )
     return 0
 
@@ -638,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.add_argument(
+        "--require-token",
+        action="store_true",
+        help="take writes only with the root's token (ROOT/.hub-secret, mode 0600; `push` to this root sends it): "
+        "other local users and programs can then read but not write",
+    )
     p.add_argument(
         "--ready-file", help="write the base URL to this file once listening (for scripts; use with --port 0)"
     )

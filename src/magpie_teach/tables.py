@@ -16,6 +16,7 @@ the columns asked for, so that memory depends on the batch, not on the data's si
 
 import gzip
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,8 +73,18 @@ def hub_commit(source: str, revision: str | None) -> str:
         raise DataError(f"{source}: no revision {revision!r} (a branch, tag or commit id) on the Hub.") from None
     except RepositoryNotFoundError:
         raise DataError(f"{source}: no such data set on the Hub (or it is private and no token was given).") from None
-    except (HfHubHTTPError, OSError) as err:
-        raise DataError(f"{source}@{revision or 'main'}: the Hub could not be reached: {err}") from None
+    except Exception as err:  # noqa: BLE001 - httpx's transport errors are no OSError: any failure is one line
+        if not isinstance(err, HfHubHTTPError | OSError) and not _transport_error(err):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise DataError(f"{source}@{revision or 'main'}: the Hub ({endpoint}) could not be reached: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None  # fmt: skip
+
+
+def _transport_error(err: BaseException) -> bool:
+    """Whether ERR is the HTTP client's failure to reach a server (httpx or requests), not a bug."""
+    names = {cls.__module__.split(".")[0] for cls in type(err).__mro__}
+    return any(name.startswith(("httpx", "httpcore", "requests", "urllib3")) for name in names)
 
 
 def open_table(source: str, revision: str | None = None, split: str = "train") -> Table:

@@ -206,3 +206,112 @@ def test_a_push_whose_client_times_out_publishes_no_tag_and_a_rerun_finishes(loc
     # the rerun tagged the commit the first attempt made, instead of committing the same files again
     assert local_hub.git("lab/slow", "rev-list", "--count", "main") == "2"
     assert local_hub.git("lab/slow", "rev-parse", "v1.0.0^{commit}") == landed
+
+
+def _head(hub):
+    return json.loads(request(hub, "GET", f"/api/datasets/{REPO}/refs")[2])
+
+
+def test_a_web_page_and_a_rebound_name_are_refused_and_writes_need_the_hub_api_types(hub_with_decoys):
+    """The cross-origin attacks, as a browser would send them: a simple POST (text/plain, no preflight) with an
+    Origin to commit, create a tag or a repo; a DNS-rebound Host to read. Each is refused and changes nothing; the
+    same requests as the Hub client sends them (no Origin, the server's Host, its content types) still work."""
+    hub, _, _ = hub_with_decoys
+    before = _head(hub)
+    commit = (json.dumps({"key": "header", "value": {"summary": "evil", "description": ""}}) + "\n"
+              + json.dumps({"key": "file", "value": {"content": "ZXZpbA==", "path": "evil.txt", "encoding": "base64"}})).encode()  # fmt: skip
+    page = {"Origin": "http://attacker.example", "Content-Type": "text/plain"}
+    for method, path, body in (("POST", f"/api/datasets/{REPO}/commit/main", commit),
+                               ("POST", f"/api/datasets/{REPO}/tag/main", {"tag": "v9.0.0"}),
+                               ("POST", "/api/repos/create", {"name": "planted", "organization": "lab", "type": "dataset"})):  # fmt: skip
+        status, headers, _ = request(hub, method, path, body, page)
+        assert status == 403 and "web pages" in headers["X-Error-Message"], (path, status)
+        status, headers, _ = request(
+            hub, method, path, body, {"Content-Type": "text/plain"}
+        )  # no Origin, still simple
+        assert status == 415 and "Content-Type 'text/plain'" in headers["X-Error-Message"], (path, status)
+    assert _head(hub) == before
+    assert request(hub, "GET", "/api/datasets/lab/planted")[0] == 404
+    status, headers, _ = request(hub, "GET", f"/api/datasets/{REPO}", headers={"Host": "attacker.example:80"})
+    assert status == 403 and "is not this server's address" in headers["X-Error-Message"]
+    status, _, _ = request(hub, "GET", f"/api/datasets/{REPO}", headers={"Host": f"attacker.example:{hub.port}"})
+    assert status == 403
+    assert request(hub, "GET", f"/api/datasets/{REPO}", headers={"Host": f"localhost:{hub.port}"})[0] == 200
+    own = {"Origin": f"http://127.0.0.1:{hub.port}", "Content-Type": "application/json"}
+    status, _, _ = request(hub, "POST", f"/api/datasets/{REPO}/tag/main", {"tag": "v0.0.1"}, own)
+    assert status == 200
+    assert (
+        request(hub, "DELETE", f"/api/datasets/{REPO}/tag/v0.0.1", headers={"Content-Type": "application/json"})[0]
+        == 200
+    )
+    assert _head(hub) == before
+
+
+def test_a_repo_name_with_a_newline_and_a_non_latin_file_name_get_4xx_with_a_safe_header(hub_with_decoys):
+    hub, _, _ = hub_with_decoys
+    status, headers, body = request(hub, "POST", "/api/repos/create",
+                                    {"name": "name\n", "organization": "lab", "type": "dataset"},
+                                    {"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400 and "\n" not in headers["X-Error-Message"] and "name\\n" in json.loads(body)["error"]
+    status, headers, body = request(hub, "GET", f"/datasets/{REPO}/resolve/main/%E6%95%B0%E6%8D%AE.csv")
+    assert status == 404 and headers["X-Error-Message"].isascii()
+    assert "数据.csv" in json.loads(body)["error"]
+
+
+def test_an_impostor_that_claims_the_root_does_not_get_the_push(tmp_path):
+    """A server on the local hub's port that answers /_local/stats with the victim's root: it cannot answer the
+    nonce with the root's secret, so `start_local_hub` serves the root itself on another port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from magpie_teach.hub.target import serves_root, start_local_hub
+
+    root = (tmp_path / "hub").resolve()
+    received = []
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            received.append(self.path)
+            body = json.dumps({"root": str(root), "lfs_uploads": 0, "commits": 0}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        port = impostor.server_address[1]
+        assert not serves_root(f"http://127.0.0.1:{port}", root)
+        url = start_local_hub(root, port=port)
+        assert url != f"http://127.0.0.1:{port}" and serves_root(url, root)
+        assert all(path.startswith("/_local/stats") for path in received)  # nothing but the probes reached it
+        assert oct((root / ".hub-secret").stat().st_mode & 0o777) == "0o600"
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["select", "--scores", "org/scores", "--output", "{out}"],
+     ["evaluate", "--prompts", "org/prompts", "--student", "s=org/student", "--baseline", "org/base",
+      "--judge", "org/judge", "--output", "{out}"]],
+)  # fmt: skip
+def test_a_hub_data_set_id_with_the_hub_unreachable_is_one_line(tmp_path, argv):
+    import os
+    import sys
+
+    from tests.processes import free_port
+
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    args = [a.format(out=tmp_path / "out") for a in argv]
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", *args], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "could not be reached" in result.stderr or "cannot be reached" in result.stderr

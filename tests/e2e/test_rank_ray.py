@@ -153,9 +153,11 @@ def test_an_actor_killed_mid_run_is_retried_and_the_scores_do_not_change(
     run = _cli(*_rank_args(many_rows, out, tiny_suite.base_small, "--ray-address", cluster, "--num-workers", "2",
                            "--cache-dir", str(cache)))  # fmt: skip
     _first_part(cache, run)
-    actors = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True).stdout.split()
-    assert actors, "no Ray Data actor process found"
-    os.kill(int(actors[0]), signal.SIGKILL)
+    from tests.processes import ray_processes
+
+    actors = ray_processes(cluster, "MapWorker")  # under this module's own head only
+    assert actors, "no Ray Data actor process found under the test's Ray head"
+    os.kill(actors[0], signal.SIGKILL)
     at_kill = len(list(cache.glob("*/*/part-*.parquet")))
     _, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr

@@ -40,8 +40,15 @@ LFS_SUFFIXES = (
 )  # fmt: skip
 LFS_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}\Z")  # \Z: "$" would let a trailing newline through
+SHA_RE = re.compile(r"[0-9a-f]{40}\Z")
+SECRET_FILE = ".hub-secret"
+"""In the root, mode 0600: what proves a server serves that root (:func:`proof`), and the write token of
+``hub serve --require-token``."""
+BODY_TYPES = ("application/json", "application/x-ndjson", "application/vnd.git-lfs+json")
+"""What a POST that writes must declare: the Hub API's types. A web page can send only a "simple" request without
+asking first (text/plain, a form), so a cross-origin page cannot write whatever else it does."""
+READING_POSTS = ("paths-info",)  # POSTs that only read (huggingface_hub sends paths-info as a form)
 # Request bodies read into memory (JSON, NDJSON commits) are capped; LFS uploads stream to disk up to the Hub's
 # per-file limit.
 MAX_BODY = 256 * 1024 * 1024
@@ -93,6 +100,33 @@ def check_ref_name(kind: str, name: str) -> None:
         or subprocess.run(["git", "check-ref-format", f"refs/{kind}/{name}"], capture_output=True).returncode
     ):
         raise HubError(400, f"Invalid {'branch' if kind == 'heads' else 'tag'} name {name!r}")
+
+
+def root_secret(root: str | os.PathLike) -> str:
+    """ROOT's secret (created, mode 0600, on first use): only this user and a server serving ROOT know it."""
+    import secrets
+
+    path = Path(root) / SECRET_FILE
+    if not path.exists():
+        Path(root).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path.read_text().strip()
+
+
+def proof(secret: str, nonce: str) -> str:
+    """What a server serving a root answers to NONCE: HMAC-SHA256 of it under the root's secret."""
+    import hmac
+
+    return hmac.new(secret.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def header_safe(text: str, limit: int = 400) -> str:
+    """TEXT for an HTTP header value: ASCII without control characters (the JSON body keeps the full text)."""
+    safe = "".join(c if 32 <= ord(c) < 127 else "?" for c in str(text))
+    return safe[:limit]
 
 
 def _date(unix: str) -> str:
@@ -357,17 +391,46 @@ class Handler(BaseHTTPRequestHandler):
         self.query = parse_qs(url.query)
         raw_parts = url.path.strip("/").split("/")
         try:
+            self.check_caller(raw_parts)
             if not self.before_route(url.path):
                 self.route(raw_parts)
         except HubError as err:
-            headers = {"X-Error-Message": err.message}
+            headers = {"X-Error-Message": header_safe(err.message)}
             if err.code:
                 headers["X-Error-Code"] = err.code
             self._send(err.status, {"error": err.message, **err.extra}, headers)
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as err:  # noqa: BLE001 - a server answers 500 and goes on
-            self._send(500, {"error": f"{type(err).__name__}: {err}"}, {"X-Error-Message": str(err)[:200]})
+            self._send(500, {"error": f"{type(err).__name__}: {err}"}, {"X-Error-Message": header_safe(err, 200)})
+
+    def check_caller(self, parts: list[str]) -> None:
+        """403 unless the request could come from a client on this machine and not from a web page: the ``Host``
+        is this server's address (an IP literal or localhost, with its port: a DNS-rebound name is refused), an
+        ``Origin`` (which browsers send and the Hub clients do not) is this server's own, and a POST that writes
+        declares one of :data:`BODY_TYPES`. With a write token (``hub serve --require-token``), every write
+        presents it."""
+        host = self.headers.get("Host") or ""
+        name, _, port = host.rpartition(":")
+        name = name.strip("[]")
+        if port != str(self.server.server_address[1]) or not (name == "localhost" or _ip_literal(name)):
+            raise HubError(403, f"Host {header_safe(host, 100)!r} is not this server's address")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{host}":
+            raise HubError(403, f"requests from web pages ({header_safe(origin, 100)}) are refused")
+        writes = self.command in ("POST", "PUT", "DELETE") and not (len(parts) > 4 and parts[4] in READING_POSTS)
+        if self.command == "POST" and writes and parts[:1] != ["lfs-verify"]:
+            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind not in BODY_TYPES:
+                raise HubError(
+                    415, f"Content-Type {header_safe(kind, 100)!r}: a write is one of {', '.join(BODY_TYPES)}"
+                )
+        if writes and self.server.token is not None:
+            import hmac
+
+            given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+                raise HubError(401, "this hub takes writes with its token only (the root's .hub-secret)")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _dispatch  # noqa: N815 - BaseHTTPRequestHandler's names
 
@@ -448,7 +511,11 @@ class Handler(BaseHTTPRequestHandler):
     # ---- endpoints ---------------------------------------------------------------------------
     def local_admin(self, parts: list[str]) -> None:
         if parts == ["stats"]:
-            return self._send(200, {**self.server.stats, "root": str(self.server.store.root.resolve())})
+            body = {**self.server.stats, "root": str(self.server.store.root.resolve())}
+            nonce = (self.query.get("nonce") or [""])[0]
+            if nonce:  # proves the root: only a server that can read its secret answers this
+                body["proof"] = proof(self.server.secret, nonce)
+            return self._send(200, body)
         raise HubError(404, "unknown admin route")
 
     def create_repo(self, body: dict) -> None:
@@ -817,9 +884,12 @@ class LocalHubServer(ThreadingHTTPServer):
         port: int = 0,
         verbose: bool = False,
         handler: type[Handler] = Handler,
+        require_token: bool = False,
     ):
         super().__init__((host, port), handler)
         self.store = Store(root)
+        self.secret = root_secret(root)
+        self.token = self.secret if require_token else None
         self.verbose = verbose
         self.stats = {"lfs_uploads": 0, "commits": 0}
         self.stats_lock = threading.Lock()
@@ -833,9 +903,10 @@ def serve(
     verbose: bool = True,
     ready_file: str | None = None,
     handler: type[Handler] = Handler,
+    require_token: bool = False,
 ) -> None:
     """Serves ROOT until interrupted. With ``ready_file``, writes the base URL there once listening."""
-    server = LocalHubServer(root, host, port, verbose, handler)
+    server = LocalHubServer(root, host, port, verbose, handler, require_token)
     print(f"local hub serving {Path(root).resolve()} at {server.base_url}", flush=True)
     print(f"  export HF_ENDPOINT={server.base_url} HF_HUB_DISABLE_XET=1", flush=True)
     if ready_file:
@@ -848,6 +919,16 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+def _ip_literal(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def repo_url(base_url: str, repo_type: str, repo_id: str) -> str:

@@ -53,23 +53,42 @@ def hub_token() -> str | None:
     return get_token()
 
 
-def _probe(base_url: str) -> dict | None:
+def _probe(base_url: str, nonce: str = "") -> dict | None:
+    query = f"?nonce={nonce}" if nonce else ""
     try:
-        with urllib.request.urlopen(f"{base_url}/_local/stats", timeout=2) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"{base_url}/_local/stats{query}", timeout=2) as response:  # noqa: S310 - loopback
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
 
 
+def serves_root(base_url: str, root: str | Path) -> bool:
+    """Whether the server at BASE_URL proves that it serves ROOT: it answers a fresh nonce with the HMAC of the
+    root's secret, which only this user (and a server they started on ROOT) can read. A server that only says
+    it serves ROOT (an impostor on the port) does not get the push."""
+    import hmac
+    import secrets
+
+    from magpie_teach.hub.server import proof, root_secret
+
+    nonce = secrets.token_hex(16)
+    answer = _probe(base_url, nonce) or {}
+    expected = proof(root_secret(root), nonce)
+    return answer.get("root") == str(Path(root).resolve()) and hmac.compare_digest(str(answer.get("proof")), expected)
+
+
 def start_local_hub(root: str | Path, port: int = DEFAULT_PORT) -> str:
-    """Serves ROOT on 127.0.0.1 in a background thread of this process (or reuses a hub already serving
-    ROOT on PORT); returns the base URL."""
+    """Serves ROOT on 127.0.0.1 in a background thread of this process (or reuses a hub on PORT that proves it
+    serves ROOT, see :func:`serves_root`); returns the base URL."""
     from magpie_teach.hub.server import LocalHubServer
 
     root = str(Path(root).resolve())
     existing = _probe(f"http://127.0.0.1:{port}")
     if existing and existing.get("root") == root:
-        return f"http://127.0.0.1:{port}"
+        if serves_root(f"http://127.0.0.1:{port}", root):
+            return f"http://127.0.0.1:{port}"
+        print(f"warning: the server on 127.0.0.1:{port} says it serves {root} but cannot prove it (it does not "
+              "know the root's secret): it is not used; serving the root on another port", file=sys.stderr)  # fmt: skip
     try:
         server = LocalHubServer(root, port=port)
     except OSError:  # the port is taken by something else: any free port will do
@@ -86,13 +105,17 @@ def choose_target(announce: bool = True) -> Target:
         return Target("https://huggingface.co", local=False, why="a Hugging Face token was found")
     if "huggingface_hub" in sys.modules:
         raise RuntimeError("choose_target() must run before huggingface_hub is imported (it reads HF_ENDPOINT then)")
+    from magpie_teach.hub.server import root_secret
+
     root = hub_root()
     url = start_local_hub(root)
     os.environ["HF_ENDPOINT"] = url
     os.environ["HF_HUB_DISABLE_XET"] = "1"
+    os.environ["HF_TOKEN"] = root_secret(root)  # the write token of a hub that requires one; sent to it alone
     if announce:
         print(
-            f"no Hugging Face token found: publishing to the local hub in {root} ({url}).\n"
+            f"no Hugging Face token found: publishing to the local hub in {root} ({url}, which proved it serves "
+            "that folder).\n"
             f"  read it back with: magpie-teach hub serve   (then export HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1)\n"
             "  publish to huggingface.co instead: set HF_TOKEN or run `hf auth login`",
             file=sys.stderr,
