@@ -40,7 +40,6 @@ def greedy_generate_config(out, sample_path, teachers: list[dict], max_new_token
     }
 
 
-@contextlib.contextmanager
 HEADS: dict[str, int] = {}
 """The PID of the `ray start` process of each head this test run started, by address."""
 
@@ -60,6 +59,7 @@ def ray_processes(address: str, title: str) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
 def ray_head(log_folder: Path, num_cpus: int = 2, env: dict | None = None) -> Iterator[str]:
     """A local Ray head on 127.0.0.1 (`ray start --head --block`) with NUM_CPUS CPUs and ENV (its workers' too;
     default this process's), stopped by PID; yields its address."""
