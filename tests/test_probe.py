@@ -271,3 +271,29 @@ def test_a_probe_on_compatibility_loss_keeps_the_lowest_loss_and_a_shift_reaches
     means = subset.groupby("teacher")[["reward", "compat_loss"]].mean()
     expected = (means["reward"] + 6.0) / (1 + 3.0 * means["compat_loss"])
     assert first["value"].to_dict() == pytest.approx(expected.to_dict())
+
+
+def test_no_equivalence_on_too_few_instructions_and_nothing_on_flat_scores():
+    """The minimum evidence of `rank` in the probe: twins within a huge epsilon are not declared equivalent on
+    fewer than MIN_DECISION_INSTRUCTIONS instructions (the first round that reaches it decides), and a teacher
+    whose scores are all equal is neither eliminated nor decided on, however far behind it looks."""
+    from magpie_teach.scoring.confidence import MIN_DECISION_INSTRUCTIONS
+
+    twins = {"x": (3.0, 1.0), "y": (3.0, 1.0)}
+    scores, ids = pool(twins, n=64, seed=1)
+    settings = ProbeSettings(start=4, growth=2, epsilon=10.0)
+    result = run_probe(ids, list(twins), ["m"], Revealer(scores), settings, beta=3.0)
+    decision = result.decisions[0]
+    assert decision["decided"] and "within epsilon" in decision["reason"]
+    first_enough = next(k for k, n in enumerate(result.sizes, start=1) if n >= MIN_DECISION_INSTRUCTIONS)
+    assert result.finished_round == first_enough  # 4, 8, 16: too few; 32 decides
+    short = run_probe(ids, list(twins), ["m"], Revealer(scores), ProbeSettings(start=4, epsilon=10.0,
+                      max_instructions=16), beta=3.0)  # fmt: skip
+    assert not short.decisions[0]["decided"]
+    assert short.decisions[0]["reason"].startswith("16 instruction(s) are too few to decide on")
+
+    flat, ids = pool({"good": (3.0, 1.0), "flat": (1.0, 1.0)}, n=64, seed=2)
+    flat.loc[flat["teacher"] == "flat", ["reward", "compat_loss"]] = [1.0, 1.0]
+    result = run_probe(ids, ["good", "flat"], ["m"], Revealer(flat), ProbeSettings(start=32, epsilon=0.0), beta=3.0)
+    assert set(result.rounds["status"]) <= {"leader", "candidate"} and not result.decisions[0]["decided"]
+    assert "distinct value(s)" in result.decisions[0]["reason"]

@@ -277,7 +277,8 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     printed = finish(generate(path))
     assert "p_best" in printed and "wrote " + str(out / "rank") in printed
     assert printed.index("instruction(s) to generate") < printed.index("rows/s")  # the plan, then the progress
-    assert sum("the top stays the same for beta" in line for line in printed.splitlines()) == 2  # one per base model
+    # one sentence per base model: 8 instructions are below the minimum a decision needs, and it says so
+    assert sum("but nothing is decided: 8 instruction(s) are too few" in line for line in printed.splitlines()) == 2
     scored = pd.read_parquet(out / "rank" / "scores.parquet")
     responses = pd.read_parquet(out / "responses.parquet")
     assert len(responses) == 8 + 16  # 8 greedy + 8 x 2 sampled generations

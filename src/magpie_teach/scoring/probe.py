@@ -14,9 +14,11 @@ with their leader (the highest point estimate of ``metric``) on the paired boots
   probability at most ``1 - confidence`` over the whole probe (up to the normal approximation of the paired
   bootstrap), whichever teacher leads in each round. A normal quantile is used because the corrected level is
   far in the tail, where a thousand bootstrap replicates cannot resolve a percentile;
-* nothing is eliminated or decided on a round of fewer than
-  :data:`magpie_teach.scoring.confidence.MIN_DECISION_INSTRUCTIONS` instructions (or too few distinct scores):
-  a bootstrap of a handful of instructions has almost no variance;
+* nothing is eliminated or decided while a teacher's scores take fewer than
+  :data:`magpie_teach.scoring.confidence.MIN_DISTINCT_SCORES` distinct values (a bootstrap of a handful of values
+  has almost no variance), and the candidates are not declared equivalent (``epsilon``) on a round of fewer than
+  :data:`magpie_teach.scoring.confidence.MIN_DECISION_INSTRUCTIONS` instructions; a loser may go earlier, on
+  the corrected lead below (a Bonferroni-corrected z of about 3, not a 95% bootstrap interval);
 * the base model is **decided** when one candidate is left, or when every candidate is within ``epsilon`` of
   the leader at the same confidence (``d + z * se < epsilon * |leader|``: no survivor can be worse by more than
   ``epsilon``, relative to the leader's value).
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.scoring.confidence import (
+    MIN_DECISION_INSTRUCTIONS,
     distinct_scores,
     evidence_shortfall,
     paired_samples,
@@ -164,7 +167,9 @@ def _judge(
     point = sign * ranking[settings.metric].to_numpy(dtype=np.float64)
     lead = int(np.argmax(point))
     p_best = posterior_p_best(point, values, settings.seed + round_number)
-    too_few = evidence_shortfall(int(rows["id"].nunique()), distinct_scores(rows))
+    distinct = distinct_scores(rows)
+    too_few = evidence_shortfall(int(rows["id"].nunique()), distinct)
+    flat = evidence_shortfall(MIN_DECISION_INSTRUCTIONS, distinct)  # too few distinct scores, whatever the count
     low, high = percentile_interval(samples[settings.metric], settings.confidence)
     eliminated, within = [], True
     lead_z = np.full(len(point), np.nan)
@@ -174,7 +179,7 @@ def _judge(
         gap = point[lead] - point[j]
         spread = float(np.nanstd(values[:, lead] - values[:, j], ddof=1))
         lead_z[j] = gap / spread if spread > 0 else math.inf
-        if too_few:  # no elimination, no decision on too little evidence
+        if flat:  # scores with (almost) no variance: nothing to tell a lead from noise by
             within = False
             continue
         if gap - z * spread > 0:
@@ -191,12 +196,14 @@ def _judge(
     state.candidates = [t for j, t in enumerate(teachers) if j not in eliminated]
     state.leader = teachers[lead]
     state.p_best = float(p_best[lead])
-    if len(state.candidates) == 1:
+    if len(state.candidates) == 1 and not flat:  # every other one lost at the corrected confidence
         state.decided, state.reason = True, "only candidate left"
+    elif too_few:  # no claim that the candidates are equivalent on too little evidence
+        state.reason = too_few
     elif within:
         state.decided, state.reason = True, f"every candidate within epsilon={settings.epsilon:g} of the leader"
-    else:  # undecided: at the end, "budget spent", or why the rounds were too small to decide
-        state.reason = too_few or ""
+    else:  # undecided: "budget spent" at the end
+        state.reason = ""
 
 
 def fixed_sample_choice(
