@@ -21,8 +21,10 @@ def request(hub, method: str, path: str, body: bytes | dict | None = None, heade
         body = json.dumps(body).encode()
     connection = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=20)
     try:
-        connection.putrequest(method, path, skip_accept_encoding=True)
         headers = dict(headers or {})
+        connection.putrequest(method, path, skip_accept_encoding=True, skip_host="Host" in headers)
+        if method == "POST":  # what the Hub client declares (a POST without it is refused: a web page's kind)
+            headers.setdefault("Content-Type", "application/json")
         if body is not None and "Content-Length" not in headers and "Transfer-Encoding" not in headers:
             headers["Content-Length"] = str(len(body))
         for key, value in headers.items():

@@ -63,7 +63,8 @@ class LocalHub:
 
     def admin(self, path: str, body: dict | None = None, method: str | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.url}/_local/{path}", data=data, method=method)
+        request = urllib.request.Request(f"{self.url}/_local/{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
