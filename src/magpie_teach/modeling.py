@@ -86,6 +86,24 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kw
         raise ConfigError(f"Could not load {what} {name_or_path!r}: {first}") from err
 
 
+@functools.cache
+def attention_for(name_or_path: str, revision: str | None = None) -> str | None:
+    """``"eager"`` for a model whose attention soft-caps its logits (Gemma-2: ``attn_logit_softcapping``), else
+    None (transformers' default). PyTorch's SDPA kernels have no soft-capping: loaded with the default, Gemma-2 is
+    scored without it (its logits do not change when the cap does) although it was trained, and is fine-tuned
+    here, with it."""
+    from transformers import AutoConfig
+
+    try:
+        config = from_pretrained(AutoConfig.from_pretrained, name_or_path, "the config of", revision=revision)
+    except ConfigError:
+        return None  # the model's own load names what is wrong
+    configs = [config, getattr(config, "text_config", None)]
+    if any(getattr(c, "attn_logit_softcapping", None) for c in configs if c is not None):
+        return "eager"
+    return None
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -108,8 +126,12 @@ def load_model(
 
     cls = {"causal-lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
     device = resolve_device(device)
+    attention = attention_for(name_or_path, revision)
+    extra = {"attn_implementation": attention} if attention else {}
     model = from_pretrained(
-        cls.from_pretrained, name_or_path, f"{kind} model", dtype=resolve_dtype(dtype), revision=revision
+        cls.from_pretrained, name_or_path, f"{kind} model", dtype=resolve_dtype(dtype), revision=revision, **extra
     )
+    if attention:
+        logger.info("%s: %s attention (its logits are soft-capped; SDPA would drop the cap)", name_or_path, attention)
     logger.info("Loaded %s %s (%.1fM parameters) on %s", kind, name_or_path, model.num_parameters() / 1e6, device)
     return model.to(device).eval()

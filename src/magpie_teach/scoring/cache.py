@@ -114,12 +114,17 @@ def _hub_commit(repo_id: str) -> str | None:
     return None
 
 
-def scorer_identity(kind: str, model: str, model_id: str, tokenizer: Any, max_length: int, dtype: str) -> dict:
-    """What a scorer's numbers depend on (see the module docstring), as a JSON-able dict."""
+def scorer_identity(kind: str, model: str, model_id: str, tokenizer: Any, max_length: int, dtype: str,
+                    attention: str | None = None) -> dict:  # fmt: skip
+    """What a scorer's numbers depend on (see the module docstring), as a JSON-able dict; ``attention``, the
+    attention implementation when it is not transformers' default (:func:`magpie_teach.modeling.attention_for`),
+    is part of it then."""
     from magpie_teach.chat import MASK_RULE
 
     template = getattr(tokenizer, "chat_template", None) or ""
+    extra = {"attention": attention} if attention else {}
     return {
+        **extra,
         "kind": kind,
         "rule": MASK_RULE,
         "model": model,

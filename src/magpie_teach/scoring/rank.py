@@ -131,8 +131,11 @@ def _score_caches(config: RankConfig, kinds: list[str], model: str, tokenizer: A
     model_id = model_identity(model, root)
     if model_id is None:
         return [None] * len(kinds)
-    return [ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype))
-            for kind in kinds]  # fmt: skip
+    from magpie_teach.modeling import attention_for
+
+    attention = attention_for(model)
+    return [ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype,
+                                             attention)) for kind in kinds]  # fmt: skip
 
 
 def _free(*objects: Any) -> None:
