@@ -58,3 +58,54 @@ def test_no_cap_means_the_default_attention(tmp_path, cap):
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=cap)  # fmt: skip
     Gemma2ForCausalLM(config).save_pretrained(tmp_path / "m")
     assert attention_for(str(tmp_path / "m")) is None
+
+
+def _bos_adding(tiny_suite, folder):
+    """The tiny model with a tokenizer that adds a BOS (as Llama-3's and Gemma's do) and a chat template that
+    writes one too."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_suite.base_small, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    assert tokenizer.chat_template.startswith("{%- if bos_token %}{{ bos_token }}")  # the template writes one
+    tokenizer.save_pretrained(folder)
+    return str(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_teacher_prompt_starts_with_one_bos_when_template_and_tokenizer_both_write_it(tiny_suite, tmp_path):
+    """What the teacher's model is given: the transformers pipeline of a teacher (its generate call captured)
+    and the ids the vLLM backend sends, for a template that writes BOS and a tokenizer that adds one."""
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from magpie_teach.generation.llms import _BatchedPipeline, bos_twice, prompt_ids
+
+    path, tokenizer = _bos_adding(tiny_suite, tmp_path / "bos")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    bos = tokenizer.bos_token_id
+    assert tokenizer(text)["input_ids"][:2] == [bos, bos] and bos_twice(tokenizer, text)  # the bug, unfixed
+    ids = prompt_ids(tokenizer, text)
+    assert ids[0] == bos and ids[1] != bos and ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    plain = tokenizer(text[len(tokenizer.bos_token) :])["input_ids"]  # the template without its BOS: one added
+    assert prompt_ids(tokenizer, text[len(tokenizer.bos_token) :]) == plain and plain[0] == bos
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    seen = []
+    generate = model.generate
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return generate(*args, **kwargs)
+
+    model.generate = capture
+    tokenizer.padding_side = "left"
+    batched = _BatchedPipeline(pipeline("text-generation", model=model, tokenizer=tokenizer))
+    batched([text], max_new_tokens=2, do_sample=False, return_full_text=False)
+    assert seen and seen[0][:2] != [bos, bos] and seen[0] == ids

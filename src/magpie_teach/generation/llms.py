@@ -21,6 +21,8 @@ class _BatchedPipeline:
         return getattr(self._pipeline, name)
 
     def __call__(self, inputs: list, **kwargs: Any) -> Any:
+        if inputs and isinstance(inputs[0], str) and bos_twice(self._pipeline.tokenizer, inputs[0]):
+            kwargs["add_special_tokens"] = False  # the chat template wrote the BOS already
         if self._seed is not None:  # seeded by the batch's own prompts: a rerun of a batch samples the same text
             import zlib
 
@@ -28,6 +30,21 @@ class _BatchedPipeline:
 
             set_seed((self._seed + zlib.crc32("\x00".join(map(str, inputs)).encode())) % 2**32)
         return self._pipeline(inputs, batch_size=max(len(inputs), 1), **kwargs)
+
+
+def bos_twice(tokenizer: Any, text: str) -> bool:
+    """Whether tokenizing TEXT (a prompt the chat template wrote) the default way starts with two BOS tokens: a
+    template that writes ``{{ bos_token }}`` (Llama-3, Gemma) and a tokenizer that adds one too."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer(text[:200])["input_ids"]
+    return len(ids) >= 2 and ids[0] == bos and ids[1] == bos
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """TEXT's token ids with one BOS however the template and the tokenizer share the job of writing it."""
+    return tokenizer(text, add_special_tokens=not bos_twice(tokenizer, text))["input_ids"]
 
 
 class BatchedTransformersLLM(TransformersLLM):
@@ -132,15 +149,13 @@ class VLLMTeacher(_EngineTeacher):
         from vllm import SamplingParams
 
         prompts = [self._tokenizer.apply_chat_template(i, tokenize=False, add_generation_prompt=True) for i in inputs]
+        # the engine is seeded (LLM(seed=...)): one seed for every request would give every prompt the same noise
+        # and send vLLM down its slow per-request sampler
         params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty,
-            seed=self.seed,
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, repetition_penalty=repetition_penalty
         )
-        outputs = self._engine.generate(prompts, params, use_tqdm=False)
+        requests = [{"prompt_token_ids": prompt_ids(self._tokenizer, p)} for p in prompts]  # one BOS, not two
+        outputs = self._engine.generate(requests, params, use_tqdm=False)
         return [_prepare_output([c.text for c in out.outputs], self._tokenizer, p) for p, out in zip(prompts, outputs)]
 
 
