@@ -259,3 +259,22 @@ def test_report_of_an_evaluation_shows_each_students_win_rates_with_their_interv
         )
         words.append(f"{row.student} {word} my-baseline")
     assert "By the win rate's interval: " + "; ".join(words) + "." in markdown
+
+
+def test_the_measured_best_teacher_shows_its_raw_win_rate_beside_ap(tmp_path):
+    """An `evaluate` performance table whose best student by AP (mean of LC and Bradley-Terry) is not the best by
+    raw win rate: the report names the best by AP, and shows each one's raw win rate beside it, so the page does
+    not read as if the worse raw rate won."""
+    rows = [("s-long", 40.0, 64.0, 55.0), ("s-plain", 52.0, 50.0, 48.0), ("s-short", 47.0, 45.0, 44.0)]
+    table = pd.DataFrame([{"teacher": t, "base_model": "base", "AE2_LC_WR": lc, "ArenaHard_WR": bt, "win_rate": wr}
+                          for t, lc, bt, wr in rows])  # fmt: skip
+    table.to_csv(tmp_path / "performance.csv", index=False)
+    out = tmp_path / "report"
+    run_report("--performance", str(tmp_path / "performance.csv"), "--output", str(out))
+    markdown = (out / "report.md").read_text()
+    ap = {t: (lc + bt) / 2 for t, lc, bt, _ in rows}
+    best = max(ap, key=ap.get)
+    raw = dict((t, wr) for t, _, _, wr in rows)[best]
+    assert f"| base | {best} | {ap[best]:.4g} | {raw:.4g} |" in markdown
+    assert "| base_model | best teacher | AP | raw win rate |" in markdown
+    assert "AP is not the raw win rate" in markdown
