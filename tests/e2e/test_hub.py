@@ -515,3 +515,19 @@ def test_no_kind_publishes_a_local_path_and_a_local_name_still_selects_after_the
     hub_rows = pd.read_parquet(tmp_path / "sft-hub" / "data" / "train-00000-of-00001.parquet")
     local_rows = pd.read_parquet(tmp_path / "sft-local" / "data" / "train-00000-of-00001.parquet")
     assert hub_rows[["id", "teacher"]].values.tolist() == local_rows[["id", "teacher"]].values.tolist()
+
+
+def test_push_refuses_a_file_linked_from_outside_the_folder(local_hub, ranked_sample, tmp_path):
+    """A symlink in the folder would publish whatever it points at (here a private file next to the folder): push
+    refuses it in one line before anything is uploaded."""
+    source = tmp_path / "src"
+    shutil.copytree(ranked_sample, source)
+    secret = tmp_path / "private.json"
+    secret.write_text('{"api_key": "not for publishing"}')
+    (source / "summary.json").unlink()
+    (source / "summary.json").symlink_to(secret)
+    (source / "manifest.json").unlink()  # edited by hand
+    result = cli("push", str(source), "--repo-id", "lab/linked", env=local_hub.env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{source / 'summary.json'}: a symbolic link to {secret}" in result.stderr
+    assert local_hub.stats() | {"root": None} == {"lfs_uploads": 0, "commits": 0, "root": None}

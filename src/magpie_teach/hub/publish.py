@@ -110,6 +110,12 @@ def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir
     side = [
         name for name in (spec.config, spec.summary, COMMAND_FILE, *spec.extras) if name and (source / name).exists()
     ]
+    for name in (spec.data, *side):  # what is published is the folder's own: no link out of it
+        path = source / name
+        inside = source.resolve()
+        if path.is_symlink() or inside not in path.resolve().parents:
+            raise DataError(f"{path}: a symbolic link to {path.resolve()}; push publishes only files that are in "
+                            f"the folder itself: copy the file in instead of linking it")  # fmt: skip
     publisher = Publisher()
     for name in side:
         if Path(name).suffix in (".json", ".yaml", ".yml"):
