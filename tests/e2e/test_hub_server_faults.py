@@ -317,3 +317,25 @@ def test_a_hub_data_set_id_with_the_hub_unreachable_is_one_line(tmp_path, argv):
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "could not be reached" in result.stderr or "cannot be reached" in result.stderr
+
+
+def test_an_lfs_pointer_that_misstates_the_objects_size_is_refused(hub_with_decoys):
+    """A commit whose lfsFile declares fewer bytes than the stored object made the server serve a truncated file
+    that hf_hub_download accepted (more bytes: a client waiting for ever). The size is checked against the object."""
+    import hashlib
+
+    hub, _, _ = hub_with_decoys
+    data = b"parquet bytes, say" * 100
+    oid = hashlib.sha256(data).hexdigest()
+    status, _, _ = request(hub, "PUT", f"/lfs-upload/{oid}", data, {"Content-Type": "application/octet-stream"})
+    assert status == 200
+    before = _head(hub)
+    for size in (len(data) - 10, len(data) + 10):
+        body = (json.dumps({"key": "header", "value": {"summary": "lie", "description": ""}}) + "\n"
+                + json.dumps({"key": "lfsFile", "value": {"path": "data.bin", "algo": "sha256", "oid": oid,
+                                                          "size": size}})).encode()  # fmt: skip
+        status, headers, _ = request(hub, "POST", f"/api/datasets/{REPO}/commit/main", body,
+                                     {"Content-Type": "application/x-ndjson"})  # fmt: skip
+        assert status == 400 and f"declares {size} bytes, but LFS object {oid} holds {len(data)}" in \
+            headers["X-Error-Message"]  # fmt: skip
+    assert _head(hub) == before

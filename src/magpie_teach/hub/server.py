@@ -283,7 +283,11 @@ class Store:
                         oid = value["oid"]
                         if not self.lfs_path(oid).exists():
                             raise HubError(400, f"LFS object {oid} of {path} was never uploaded")
-                        size = value.get("size") or self.lfs_path(oid).stat().st_size
+                        size = self.lfs_path(oid).stat().st_size  # stored objects are verified by sha256
+                        declared = value.get("size")
+                        if declared is not None and declared != size:  # a pointer that lies truncates downloads
+                            raise HubError(400, f"{path}: lfsFile declares {declared} bytes, but LFS object {oid} "
+                                                f"holds {size}")  # fmt: skip
                         pointer = LFS_POINTER + f"oid sha256:{oid}\nsize {size}\n".encode()
                         self._add(repo, path, pointer, env)
                     else:  # deletedFile / deletedFolder
