@@ -339,3 +339,30 @@ def test_an_lfs_pointer_that_misstates_the_objects_size_is_refused(hub_with_deco
         assert status == 400 and f"declares {size} bytes, but LFS object {oid} holds {len(data)}" in \
             headers["X-Error-Message"]  # fmt: skip
     assert _head(hub) == before
+
+
+def _ndjson_commit(*paths: str) -> bytes:
+    lines = [{"key": "header", "value": {"summary": "s", "description": ""}}]
+    lines += [{"key": "file", "value": {"path": p, "content": "eA==", "encoding": "base64"}} for p in paths]
+    return "\n".join(json.dumps(line) for line in lines).encode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "content_type", "message"),
+    [
+        ("POST", f"/api/datasets/{REPO}/commit/main", _ndjson_commit("a/.git/config"), "application/x-ndjson",
+         "Invalid path in repo: 'a/.git/config'"),
+        ("POST", f"/api/datasets/{REPO}/commit/main", _ndjson_commit("x", "x/y"), "application/x-ndjson",
+         "x/y: cannot be added to the commit: 'x/y' appears as both a file and as a directory"),
+        ("POST", f"/api/datasets/{REPO}/tag/main", json.dumps({"tag": "v" * 300}).encode(), "application/json",
+         "Invalid tag name"),
+        ("POST", f"/api/datasets/{REPO}/tag/main", b"[" * 100_000 + b"]" * 100_000, "application/json",
+         "invalid JSON body: maximum recursion depth"),
+    ],
+)  # fmt: skip
+def test_client_mistakes_that_answered_500_answer_400(hub_with_decoys, method, path, body, content_type, message):
+    hub, _, _ = hub_with_decoys
+    before = _head(hub)
+    status, headers, _ = request(hub, method, path, body, {"Content-Type": content_type})
+    assert status == 400 and message in headers["X-Error-Message"], (status, headers.get("X-Error-Message"))
+    assert _head(hub) == before

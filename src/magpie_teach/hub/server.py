@@ -84,7 +84,7 @@ def check_repo_path(path: str) -> str:
     if (
         not clean
         or any(part in ("", ".", "..") for part in clean.split("/"))
-        or clean.split("/")[0] == ".git"
+        or ".git" in clean.split("/")
         or any(ord(char) < 32 or ord(char) == 127 for char in clean)
     ):
         raise HubError(400, f"Invalid path in repo: {path!r}")
@@ -95,6 +95,7 @@ def check_ref_name(kind: str, name: str) -> None:
     """400 unless NAME is a branch or tag name git accepts and the Hub would: not HEAD, not a full ref, no '-' start."""
     if (
         not name
+        or len(name) > 200  # git's ref is a file: a longer name fails on the file system
         or name.startswith(("-", "refs/"))
         or name == "HEAD"
         or subprocess.run(["git", "check-ref-format", f"refs/{kind}/{name}"], capture_output=True).returncode
@@ -311,7 +312,11 @@ class Store:
 
     def _add(self, repo: Path, path: str, data: bytes, env: dict) -> None:
         blob = self.git(repo, "hash-object", "-w", "--stdin", input=data).decode().strip()
-        self.git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+        try:
+            self.git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+        except RuntimeError as err:  # git refuses the path: a file where a folder is (or the other way round)
+            detail = str(err).split(": error: ")[-1].split("\n")[0]
+            raise HubError(400, f"{path}: cannot be added to the commit: {detail}") from None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -379,8 +384,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._body()
         try:
             body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HubError(400, f"invalid JSON body: {err}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise HubError(400, f"invalid JSON body: {str(err)[:200]}") from None
         if not isinstance(body, dict):
             raise HubError(400, f"invalid JSON body: expected an object, got {type(body).__name__}")
         return body
@@ -736,8 +741,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Type", "").startswith("application/json"):
             try:
                 body = json.loads(raw or "{}")
-            except json.JSONDecodeError as err:
-                raise HubError(400, f"invalid JSON body: {err}") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise HubError(400, f"invalid JSON body: {str(err)[:200]}") from None
             if not isinstance(body, dict):
                 raise HubError(400, "invalid JSON body: expected an object")
             paths, expand = _field(body, "paths", list, default=[]), bool(body.get("expand"))
@@ -853,8 +858,8 @@ def parse_commit(body: bytes) -> tuple[dict, list[tuple[str, str, dict]]]:
             continue
         try:
             item = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise HubError(400, f"commit payload line {number}: invalid JSON ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise HubError(400, f"commit payload line {number}: invalid JSON ({str(err)[:200]})") from None
         try:
             key, value = _field(item, "key", str), _field(item, "value", dict)
             if key == "header":
