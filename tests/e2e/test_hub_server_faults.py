@@ -366,3 +366,16 @@ def test_client_mistakes_that_answered_500_answer_400(hub_with_decoys, method, p
     status, headers, _ = request(hub, method, path, body, {"Content-Type": content_type})
     assert status == 400 and message in headers["X-Error-Message"], (status, headers.get("X-Error-Message"))
     assert _head(hub) == before
+
+
+def test_what_a_killed_server_left_is_removed_when_a_server_starts_on_the_root(tmp_path):
+    from magpie_teach.hub.server import Store
+
+    Store(tmp_path).create_repo("dataset", "lab/r", False)
+    index = tmp_path / "repos" / "datasets" / "lab" / "r.git" / "index-x1y2"  # a commit's temporary git index
+    index.write_bytes(b"DIRC")
+    upload = tmp_path / "lfs" / "tmp" / ("a" * 64 + ".1234")  # an upload cut short
+    upload.write_bytes(b"part")
+    Store(tmp_path)
+    assert not index.exists() and not upload.exists()
+    assert (tmp_path / "repos" / "datasets" / "lab" / "r.git" / "HEAD").exists()

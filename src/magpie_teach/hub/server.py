@@ -143,6 +143,9 @@ class Store:
         (self.root / "repos").mkdir(parents=True, exist_ok=True)
         (self.root / "lfs" / "tmp").mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
+        # what a killed server left: a commit's temporary git index, an upload that never finished
+        for stale in [*(self.root / "repos").glob("*/*/*.git/index-*"), *(self.root / "lfs" / "tmp").iterdir()]:
+            stale.unlink(missing_ok=True)
 
     # ---- git plumbing -------------------------------------------------------------------------
     def git(self, repo: Path, *args: str, input: bytes | None = None, env: dict | None = None) -> bytes:
