@@ -531,3 +531,20 @@ def test_push_refuses_a_file_linked_from_outside_the_folder(local_hub, ranked_sa
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{source / 'summary.json'}: a symbolic link to {secret}" in result.stderr
     assert local_hub.stats() | {"root": None} == {"lfs_uploads": 0, "commits": 0, "root": None}
+
+
+def test_a_push_whose_tag_is_refused_says_its_commit_was_published_and_a_rerun_tags_it(local_hub, ranked_sample):
+    """The loser of two concurrent pushes: its commit made it to main, its tag did not (409, as when the other push
+    took it). The message says what was published; the rerun tags that commit without committing again."""
+    env = local_hub.env()
+    local_hub.fault(r"^POST /api/datasets/lab/t/tag/", status=409, message="tag already exists")
+    failed = cli("push", str(ranked_sample), "--repo-id", "lab/t", env=env)
+    head = local_hub.git("lab/t", "rev-parse", "main")
+    assert failed.returncode == 2 and "Nothing was published" not in failed.stderr, failed.stderr
+    assert (
+        f"the files were committed to main (commit {head[:12]}), but tag v1.0.0 could not be created" in failed.stderr
+    )
+    assert local_hub.git("lab/t", "tag") == ""
+    rerun = cli("push", str(ranked_sample), "--repo-id", "lab/t", env=env)
+    assert rerun.returncode == 0 and f"tag v1.0.0 commit {head}" in rerun.stdout, rerun.stderr
+    assert local_hub.git("lab/t", "rev-parse", "main") == head  # tagged, not committed again

@@ -270,6 +270,14 @@ def _push(config: PushConfig) -> PushResult:
         )
     except RevisionNotFoundError as err:  # pragma: no cover - the commit was just made
         raise DataError(f"{config.repo_id}: commit {commit} vanished before tagging: {err}") from None
+    except network_errors() as err:  # the files are on the branch: say so, not "nothing was published"
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"push of {config.source} to {config.repo_id}: the files were committed to {config.branch} (commit "
+            f"{commit[:12]}), but tag {tag} could not be created ({f'HTTP {status}: ' if status else ''}{first}; "
+            "another push may have taken it). The version is published untagged; rerun the same command to tag it."
+        ) from None
     url = f"{api.endpoint}/datasets/{config.repo_id}/tree/{tag}"
     return PushResult(config.repo_id, tag, commit, kind, url, sorted(files), unchanged)
 
