@@ -224,6 +224,19 @@ def test_select_filters_change_the_rows_not_the_best_teacher_unless_asked(tmp_pa
     reranked = select(SelectConfig(scores=str(ranked_at_beta_0), output_dir=str(tmp_path / "b"), max_tokens=50,
                                    rerank_after_filters=True))  # fmt: skip
     assert set(reranked.dataset["teacher"]) == {"fit"}
+    # the decision recorded is the bootstrap of the rows kept, computed here on them, not of every scored row
+    from magpie_teach.artefacts import load_scores
+    from magpie_teach.scoring.confidence import bootstrap_ranking
+    from magpie_teach.scoring.metrics import aggregate
+
+    scores = load_scores(str(ranked_at_beta_0), None)
+    kept = scores[scores["n_tokens_full"] <= 50]
+    _, (on_kept,) = bootstrap_ranking(kept, aggregate(kept, beta=0.0))
+    _, (on_all,) = bootstrap_ranking(scores, aggregate(scores, beta=0.0))
+    assert on_kept.leader != on_all.leader  # the two decisions differ: the test can tell them apart
+    decision = reranked.summary["decision"]
+    assert (decision["leader"], decision["n_instructions"]) == (on_kept.leader, on_kept.n_instructions)
+    assert decision["p_best"] == pytest.approx(on_kept.p_best)
 
 
 def test_validate_and_review_use_the_beta_rank_recorded(tmp_path, ranked_at_beta_0):
