@@ -256,3 +256,36 @@ def test_a_killed_evaluate_resumes_asking_the_judge_only_for_the_verdicts_it_lac
     assert fresh.judge_forward_passes == total // 8
     assert np.allclose(resumed["p_student_first"], fresh.judgements["p_student_first"], atol=1e-6)
     assert np.allclose(resumed["p_baseline_first"], fresh.judgements["p_baseline_first"], atol=1e-6)
+
+
+def test_a_student_retrained_in_place_gets_new_answers(tmp_path, tiny_suite):
+    """A student folder fine-tuned again into the same path (other weights, same file names): `evaluate` must
+    generate its answers again, not read the first run's back; unchanged, they are read back."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_suite.base_small, student)
+    prompts = _prompts(tmp_path, 4)
+    config = dict(output_dir=str(tmp_path / "out"), base_model="tiny-base", prompts=str(prompts),
+                  baseline=tiny_suite.base_small, judge_reward_model=tiny_suite.reward, max_new_tokens=6,
+                  device="cpu", bootstrap=20, cache_dir=str(tmp_path / "cache"), students=[f"s={student}"])  # fmt: skip
+    ev.evaluate(ev.EvaluateConfig(**config))
+    answers = tmp_path / "out" / "answers" / "s.parquet"
+    first = pd.read_parquet(answers)
+    stamp = answers.stat().st_mtime_ns
+    ev.evaluate(ev.EvaluateConfig(**config))
+    assert answers.stat().st_mtime_ns == stamp  # the same weights: read back, not generated again
+    model = AutoModelForCausalLM.from_pretrained(student)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(torch.randn_like(weight) * 0.5, alpha=1.0)
+    model.save_pretrained(student)  # "retrained": the same files, other weights
+    ev.evaluate(ev.EvaluateConfig(**config))
+    again = pd.read_parquet(answers)
+    assert (again["model_id"] != first["model_id"]).all()
+    direct = ev.generate_answers(str(student), again["instruction"].tolist(), 6, "transformers", None, "cpu",
+                                 "float32")  # fmt: skip
+    assert again["response"].tolist() == direct  # the new weights' answers
