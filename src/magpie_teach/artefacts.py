@@ -44,6 +44,7 @@ EVALUATE_CONFIG = "evaluate_config.yaml"
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
+    "generate": (RESPONSES, GENERATE_CONFIG, GENERATE_SUMMARY),  # instructions.parquet is a cache a rerun reads
     "rank": (SCORES, RANKING, CORRELATIONS, RANK_DROPPED, RANK_SUMMARY, RANK_CONFIG),
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
     "probe": (PROBE_SUMMARY, PROBE_ROUNDS),

@@ -172,6 +172,13 @@ def test_magpie_instructions_then_teachers(tmp_path, tiny_suite):
     again = finish(generate(path))
     assert "small: 0 instruction(s) to generate" in again
     pd.testing.assert_frame_equal(pd.read_parquet(out / "instructions.parquet"), instructions)
+    # the run's manifest lists what push publishes of both kinds, Magpie's instructions with the responses
+    from magpie_teach.artefacts import content_digest, verify_run
+
+    manifest = verify_run(out, "push")
+    assert manifest["kind"] == "generate" and manifest["complete"]
+    for name in ("instructions.parquet", "responses.parquet", "generate_config.yaml", "summary.json"):
+        assert manifest["files"][name] == content_digest(out / name), name
 
 
 def test_instructions_need_exactly_one_source(tmp_path, tiny_suite):

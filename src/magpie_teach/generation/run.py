@@ -269,8 +269,10 @@ def _generate(config: GenerateConfig) -> dict:
     work = plan(config)
     summary: dict = {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
     out = Path(config.output_dir)
+    files = artefacts.RunOutputs(out, "generate")  # its manifest says "not finished" until the end
     summary["instructions_revision"] = work.instructions.attrs.get("revision")
     dump_config(config, out / artefacts.GENERATE_CONFIG)
+    files.written.add(artefacts.GENERATE_CONFIG)
     failure = run_pipeline(config, work)
     rows = response_store(config).read()
     rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
@@ -292,10 +294,13 @@ def _generate(config: GenerateConfig) -> dict:
             f"finished batches are kept in {out / 'store'}, and rerunning the same command generates only what "
             "is missing"
         )
-    write_atomic(out / artefacts.RESPONSES, lambda tmp: rows.to_parquet(tmp, index=False))
+    files.write(artefacts.RESPONSES, lambda tmp: rows.to_parquet(tmp, index=False))
     if config.scoring is not None:
         from magpie_teach.generation.score_stage import score_responses
 
         summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows, StoreProgress)}
-    write_atomic(out / artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    files.write(artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if (out / artefacts.INSTRUCTIONS).exists():  # Magpie's instructions: published with the run that used them
+        files.written.add(artefacts.INSTRUCTIONS)
+    files.finish()
     return summary
