@@ -111,15 +111,11 @@ def record_command(output_dir: str | Path, argv: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"argv": list(argv), "magpie_teach_version": __version__}, indent=2)
     write_atomic(path, lambda tmp: Path(tmp).write_text(body))
-    try:  # the command belongs to the run the manifest names: listed with its digest
-        manifest = json.loads((path.parent / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return
-    if manifest.get("complete"):
+    manifest = _read_manifest(path.parent)
+    if manifest.get("complete"):  # the command belongs to the run the manifest names: listed with its digest
         manifest["files"][COMMAND_FILE] = content_digest(path)
         manifest["command"] = list(argv)
-        text = json.dumps(manifest, indent=2) + "\n"
-        write_atomic(path.parent / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        _write_manifest(path.parent, manifest)
 
 
 def slug(name: str) -> str:
@@ -219,7 +215,11 @@ def locked(folder: str | os.PathLike) -> Iterator[Path]:
         handle.flush()
         yield folder
     finally:
-        if created and {p.name for p in folder.iterdir()} <= {LOCK, MANIFEST} and not _finished(folder):
+        if (
+            created
+            and {p.name for p in folder.iterdir()} <= {LOCK, MANIFEST}
+            and not _read_manifest(folder).get("complete")
+        ):
             (folder / MANIFEST).unlink(missing_ok=True)  # the manifest of a run that wrote nothing else
             (folder / LOCK).unlink()  # still locked by this handle: no other run can have taken it
             folder.rmdir()
@@ -247,7 +247,7 @@ class RunOutputs:
                             "--output (or delete that run first)")  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / COMMAND_FILE).unlink(missing_ok=True)
-        self._manifest({"run_id": self.run_id, "kind": kind, "complete": False})
+        _write_manifest(self.folder, {"run_id": self.run_id, "kind": kind, "complete": False})
 
     def write(self, name: str, write: Callable[[str], Any]) -> Path:
         path = self.folder / name
@@ -265,28 +265,27 @@ class RunOutputs:
             (self.folder / name).unlink()
         files = {name: content_digest(self.folder / name) for name in sorted(self.written)}
         finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self._manifest({"run_id": self.run_id, "kind": self.kind, "complete": True, "finished": finished,
-                        "files": files})  # fmt: skip
+        _write_manifest(self.folder, {"run_id": self.run_id, "kind": self.kind, "complete": True,
+                                      "finished": finished, "files": files})  # fmt: skip
         return stale
 
-    def _manifest(self, body: dict) -> None:
-        text = json.dumps(body, indent=2) + "\n"
-        write_atomic(self.folder / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
-
-def _finished(folder: Path) -> bool:
+def _read_manifest(folder: Path) -> dict:
+    """FOLDER's manifest, or {} when it has none or it cannot be read (:func:`verify_run` tells those apart)."""
     try:
-        return bool(json.loads((folder / MANIFEST).read_text()).get("complete"))
+        return json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def _write_manifest(folder: Path, body: dict) -> None:
+    text = json.dumps(body, indent=2) + "\n"
+    write_atomic(folder / MANIFEST, lambda tmp: Path(tmp).write_text(text))
 
 
 def _other_run(folder: Path, kind: str) -> str | None:
     """What in FOLDER says it holds another verb's run than KIND's: its manifest's kind, or another kind's files."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
+    manifest = _read_manifest(folder)
     if manifest.get("kind") not in (None, kind):
         return f"a `{manifest['kind']}` run ({MANIFEST})"
     for other, names in OUTPUTS.items():

@@ -133,14 +133,13 @@ def run_paradox(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate, choice_sentence
+    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate, choice_sentence, stable_range_text
 
     config = _config(args, CalibrateConfig)
     result = calibrate(config)
     means, held = result["mean_rho"], result["held_out_mean_rho"]
     best = result["best_metric"] + (f" (beta {result['best_beta']:.4g})" if result["best_metric"] == "car" else "")
-    low, high = result["stable_beta_range"]
-    stable = f"[{low:.4g}, {'infinity' if high is None else format(high, '.4g')}]"
+    stable = stable_range_text(result)
     print(
         f"best predictor of AP over {len(result['base_models'])} base model(s): {best}, mean rho {means['best']:.3f}"
     )

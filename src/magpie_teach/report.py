@@ -443,14 +443,13 @@ def calibration_section(folder: Path, out: Path) -> Section:
         table = pd.read_csv(folder / CORRELATIONS, index_col=0)
     except (OSError, ValueError) as err:
         raise DataError(f"--calibration {folder}: not a `calibrate` output folder ({err})") from None
-    from magpie_teach.scoring.calibrate import choice_sentence
+    from magpie_teach.scoring.calibrate import choice_sentence, stable_range_text
 
-    low, high = result["stable_beta_range"]
     means, held = result["mean_rho"], result["held_out_mean_rho"]
     text = (
         f"Over {len(result['base_models'])} base model(s), **{result['best_metric']}** predicts AP best "
         f"(mean Spearman rho {means['best']:.3f}). CAR's best beta is {result['best_beta']:.4g}, the same order of "
-        f"teachers for any beta in [{low:.4g}, {'infinity' if high is None else format(high, '.4g')}] (where the "
+        f"teachers for any beta in {stable_range_text(result)} (where the "
         f"fit is stable, not a confidence interval): mean rho {means['car_best_beta']:.3f}, against "
         f"{means['default']:.3f} at the default beta {result['default_beta']:g}. {choice_sentence(result)}"
     )

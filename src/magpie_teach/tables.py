@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from magpie_teach.errors import DataError
+from magpie_teach.errors import DataError, network_errors
 
 BATCH_BYTES = 16 << 20
 """About how much decoded data one batch holds (parquet and Arrow sources; rows per batch follow from it)."""
@@ -65,7 +65,7 @@ class Table:
 def hub_commit(source: str, revision: str | None) -> str:
     """The commit id that REVISION (branch, tag, commit; default main) of Hub data set SOURCE points at."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return HfApi().dataset_info(source, revision=revision).sha
@@ -73,18 +73,10 @@ def hub_commit(source: str, revision: str | None) -> str:
         raise DataError(f"{source}: no revision {revision!r} (a branch, tag or commit id) on the Hub.") from None
     except RepositoryNotFoundError:
         raise DataError(f"{source}: no such data set on the Hub (or it is private and no token was given).") from None
-    except Exception as err:  # noqa: BLE001 - httpx's transport errors are no OSError: any failure is one line
-        if not isinstance(err, HfHubHTTPError | OSError) and not _transport_error(err):
-            raise
+    except network_errors() as err:  # the HTTP client's transport errors too (httpx's are no OSError)
         endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
         raise DataError(f"{source}@{revision or 'main'}: the Hub ({endpoint}) could not be reached: "
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None  # fmt: skip
-
-
-def _transport_error(err: BaseException) -> bool:
-    """Whether ERR is the HTTP client's failure to reach a server (httpx or requests), not a bug."""
-    names = {cls.__module__.split(".")[0] for cls in type(err).__mro__}
-    return any(name.startswith(("httpx", "httpcore", "requests", "urllib3")) for name in names)
 
 
 def open_table(source: str, revision: str | None = None, split: str = "train") -> Table:

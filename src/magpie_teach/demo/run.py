@@ -202,10 +202,7 @@ def _read_win_rates(path: Path) -> tuple[str, str]:
 
     with open(path) as handle:
         row = next(csv.DictReader(handle))
-    if row.get("win_rate_low") and row.get("win_rate_high"):
-        word = comparison(float(row["win_rate_low"]), float(row["win_rate_high"]))
-    else:
-        word = "cannot be told apart from"
+    word = comparison(float(row.get("win_rate_low") or "nan"), float(row.get("win_rate_high") or "nan"))
 
     def rate(name: str) -> str:
         if not row.get(name):

@@ -94,28 +94,36 @@ class Publisher:
                 text = text.replace(local, self.names[local])
         return text
 
+    def learn_frame(self, frame: Any) -> None:
+        """Learns the paths in ``frame``'s columns of strings but the texts (JSON read inside, but for the plain
+        model columns) and in its ``attrs`` (which parquet keeps in its metadata)."""
+        self.learn(collect_strings(frame.attrs))
+        for column, values in _string_columns(frame):
+            if column in MODEL_COLUMNS and column != "settings":
+                self.learn(values)
+            else:
+                self.learn_json_strings(values)
+
     def rewrite_frame(self, frame: Any) -> Any:
         """A copy of ``frame`` with every column of strings but the texts rewritten (each distinct value once), and
-        its ``attrs`` (which parquet keeps in its metadata) too; None if unchanged."""
+        its ``attrs`` too, after :meth:`learn_frame`; None if unchanged."""
+        self.learn_frame(frame)
         changed = {}
-        attrs = None
-        if frame.attrs:
-            self.learn(collect_strings(frame.attrs))
-            rewritten = json.loads(self.rewrite(json.dumps(frame.attrs, default=str)))
-            attrs = rewritten if rewritten != json.loads(json.dumps(frame.attrs, default=str)) else None
-        for column in frame.columns:
-            if column in TEXT_COLUMNS or frame[column].dtype.kind not in "OT":  # object or pandas' str dtype
-                continue
-            values = frame[column].dropna().unique()
-            if column == "settings" or column not in MODEL_COLUMNS:  # JSON, or a plain string
-                self.learn_json_strings(v for v in values if isinstance(v, str))
-            else:
-                self.learn(v for v in values if isinstance(v, str))
-            mapping = {v: self.rewrite(v) for v in values if isinstance(v, str)}
+        for column, values in _string_columns(frame):
+            mapping = {v: self.rewrite(v) for v in values}
             if any(k != v for k, v in mapping.items()):
                 changed[column] = frame[column].map(lambda v, m=mapping: m.get(v, v) if isinstance(v, str) else v)
-        if not changed and attrs is None:
+        dumped = json.dumps(frame.attrs, default=str)
+        attrs = self.rewrite(dumped)
+        if not changed and attrs == dumped:
             return None
         public = frame.assign(**changed)
-        public.attrs = attrs if attrs is not None else dict(frame.attrs)
+        public.attrs = json.loads(attrs) if attrs != dumped else dict(frame.attrs)
         return public
+
+
+def _string_columns(frame: Any) -> Iterable[tuple[str, list[str]]]:
+    """(column, its distinct strings) for every column of strings but the texts (:data:`TEXT_COLUMNS`)."""
+    for column in frame.columns:
+        if column not in TEXT_COLUMNS and frame[column].dtype.kind in "OT":  # object or pandas' str dtype
+            yield column, [v for v in frame[column].dropna().unique() if isinstance(v, str)]

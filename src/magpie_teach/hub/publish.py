@@ -110,9 +110,9 @@ def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir
     side = [
         name for name in (spec.config, spec.summary, COMMAND_FILE, *spec.extras) if name and (source / name).exists()
     ]
+    inside = source.resolve()
     for name in (spec.data, *side):  # what is published is the folder's own: no link out of it
         path = source / name
-        inside = source.resolve()
         if path.is_symlink() or inside not in path.resolve().parents:
             raise DataError(f"{path}: a symbolic link to {path.resolve()}; push publishes only files that are in "
                             f"the folder itself: copy the file in instead of linking it")  # fmt: skip
@@ -121,7 +121,7 @@ def stage(source: Path, kind: str, repo_id: str, tag: str, license: str, workdir
         if Path(name).suffix in (".json", ".yaml", ".yml"):
             publisher.learn(collect_strings(cards.yaml_or_json(source / name)))
         elif Path(name).suffix == ".csv":  # a table's strings (performance.csv's student models, say)
-            publisher.rewrite_frame(pd.read_csv(source / name))
+            publisher.learn_frame(pd.read_csv(source / name))
     files: dict[str, Path] = {}
     data = source / spec.data
     public = publisher.rewrite_frame(frame)

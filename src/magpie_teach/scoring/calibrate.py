@@ -386,11 +386,8 @@ def choice_bootstrap(candidates: list[Candidate], names: list[str], best: Choice
         drawn = [
             Candidate(c.scores, c.reward_shift, {n: _take(c.bases[n], draw[n]) for n in names}) for c in candidates
         ]
-        try:
-            choice = choose(drawn, names)
-            car = choice if choice.metric == "car" else choose(drawn, names, car_only=True)
-        except AssertionError:  # pragma: no cover (choose always finds an option)
-            continue
+        choice = choose(drawn, names)
+        car = choice if choice.metric == "car" else choose(drawn, names, car_only=True)
         same += choice.metric == best.metric
         if car.mean_rho > -math.inf:
             betas.append(car.beta)
@@ -398,6 +395,12 @@ def choice_bootstrap(candidates: list[Candidate], names: list[str], best: Choice
     interval = [float(np.quantile(betas, alpha)), float(np.quantile(betas, 1 - alpha))] if betas else None
     return {"replicates": replicates, "seed": seed, "confidence": confidence,
             "same_metric_share": same / replicates, "best_beta_ci": interval}  # fmt: skip
+
+
+def stable_range_text(result: dict) -> str:
+    """``stable_beta_range`` as ``[low, high]`` (its open end, null in JSON, as infinity)."""
+    low, high = result["stable_beta_range"]
+    return f"[{low:.4g}, {'infinity' if high is None else format(high, '.4g')}]"
 
 
 def choice_sentence(result: dict) -> str:

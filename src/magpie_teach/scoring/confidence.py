@@ -128,9 +128,8 @@ def posterior_p_best(point: np.ndarray, samples: np.ndarray, seed: int = DEFAULT
     # the noise of a teacher's value against the others': what every instruction adds to all teachers alike
     # (paired) cancels from it, as it does from the question of which teacher is highest
     scale = float(np.sqrt(max(np.trace(centring @ cov @ centring), 0.0) / (k - 1)))
-    if not scale > 1e-9 * max(
-        float(np.max(np.abs(point))), 1e-300
-    ):  # rounding's noise is no noise  # no variance in the data (one instruction): nothing tells a lead from noise
+    # no variance in the data (one instruction; rounding's noise is no noise): nothing tells a lead from noise
+    if not scale > 1e-9 * max(float(np.max(np.abs(point))), 1e-300):
         return np.full(k, 1.0 / k)  # pragma: no mutate (the same for every order)
     cov = cov + 1e-9 * scale**2 * np.eye(k)
     spread = float(np.sqrt(np.mean((point - point.mean()) ** 2)))
@@ -139,12 +138,11 @@ def posterior_p_best(point: np.ndarray, samples: np.ndarray, seed: int = DEFAULT
     log_weight = np.empty(_TAU_GRID)
     for g, tau in enumerate(taus):
         v = cov + tau**2 * np.eye(k)
-        chol = np.linalg.cholesky(v)
-        vi1, vic = np.linalg.solve(v, ones), np.linalg.solve(v, point)
+        vi1, vic = np.linalg.solve(v, np.column_stack([ones, point])).T
         a = float(ones @ vi1)
-        residual = point - float(ones @ vic) / a
-        quad = float(residual @ np.linalg.solve(v, residual))
-        log_lik = -np.sum(np.log(np.diag(chol))) - 0.5 * math.log(a) - 0.5 * quad
+        m = float(ones @ vic) / a  # the mean's estimate under this tau
+        quad = float((point - m) @ (vic - m * vi1))  # (point - m)' V^-1 (point - m), from the same solve
+        log_lik = -0.5 * np.linalg.slogdet(v)[1] - 0.5 * math.log(a) - 0.5 * quad
         prior = -math.log1p((tau / scale) ** 2)
         log_weight[g] = log_lik + prior + math.log(tau)  # d tau = tau d log tau on the geometric grid
     weight = np.exp(log_weight - log_weight.max())

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.scoring.confidence import (
-    MIN_DECISION_INSTRUCTIONS,
+    MIN_DISTINCT_SCORES,
     distinct_scores,
     evidence_shortfall,
     paired_samples,
@@ -169,7 +169,7 @@ def _judge(
     p_best = posterior_p_best(point, values, settings.seed + round_number)
     distinct = distinct_scores(rows)
     too_few = evidence_shortfall(int(rows["id"].nunique()), distinct)
-    flat = evidence_shortfall(MIN_DECISION_INSTRUCTIONS, distinct)  # too few distinct scores, whatever the count
+    flat = distinct < MIN_DISTINCT_SCORES  # too few distinct scores, whatever the number of instructions
     low, high = percentile_interval(samples[settings.metric], settings.confidence)
     eliminated, within = [], True
     lead_z = np.full(len(point), np.nan)

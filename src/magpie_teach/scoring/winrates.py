@@ -87,7 +87,7 @@ def instruction_difficulty(judgements: pd.DataFrame, tol: float = 1e-12) -> pd.S
     target = judgements["preference"].to_numpy(dtype=float)
     features = np.zeros((len(judgements), 2))
     for rows in judgements.groupby("student", sort=False).indices.values():
-        features[rows] = length_features(judgements.iloc[rows], None)[:, :2]
+        features[rows] = length_features(judgements.iloc[rows], None)
     k = features.shape[1]
     n_theta = k * len(students)
     columns = m[:, None] * k + np.arange(k)  # each row's student parameters: theta_m, phi_m
