@@ -103,6 +103,8 @@ def run_rank(args: argparse.Namespace) -> int:
     from magpie_teach.scoring.rank import RankConfig, rank
 
     config = _config(args, RankConfig)
+    if config.dry_run:
+        return _print_plan(config)
     result = rank(config)
     _print_ranking(result.ranking, result.correlations, result.summary.get("confidence"))
     dropped = {k: v for k, v in result.counts.items() if k not in ("rows_in", "rows_kept")}
@@ -112,6 +114,29 @@ def run_rank(args: argparse.Namespace) -> int:
     )
     print(f"wrote {result.output_dir}/ranking.csv and scores.parquet")
     _finish(args, result.output_dir)
+    return 0
+
+
+def _print_plan(config: Any) -> int:
+    """``rank --dry-run``: what would load and what would be scored, after every check a run makes first."""
+    from magpie_teach.scoring.rank import plan
+
+    what = plan(config)
+    counts = what["counts"]
+    print(f"data {config.data}: {counts['rows_kept']} of {counts['rows_in']} responses kept, "
+          f"{len(what['teachers'])} teacher(s)")  # fmt: skip
+    loads = 0
+    for model in what["models"]:
+        left = sum(stage["to_score"] for stage in model["stages"])
+        loads += left > 0
+        note = "" if model["cached"] or not config.cache else " (no score-cache identity: nothing is kept)"
+        print(f"{model['model']}: from {model['source']}{note}; " + ("loads" if left else "does not load"))
+        for stage in model["stages"]:
+            print(f"  {stage['stage']}: {stage['examples']} examples, {stage['in_cache']} in the score cache, "
+                  f"{stage['to_score']} to score")  # fmt: skip
+    total = sum(stage["to_score"] for model in what["models"] for stage in model["stages"])
+    print(f"dry run: {total} example(s) to score by {loads} model(s); nothing was loaded but tokenizers, nothing "
+          f"written (the run writes {config.output_dir})")  # fmt: skip
     return 0
 
 

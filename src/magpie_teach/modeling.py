@@ -60,7 +60,9 @@ def hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """huggingface_hub's offline switch: HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE which it honours as well."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
@@ -76,7 +78,11 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kw
                     **({"local_files_only": True} if unreachable else {}), **kwargs)  # fmt: skip
     except (*network_errors(), ValueError) as err:
         if unreachable or (not local and _offline()):
-            why = f"the Hub at {hub_endpoint()} cannot be reached" if unreachable else "HF_HUB_OFFLINE is set"
+            why = (
+                f"the Hub at {hub_endpoint()} cannot be reached"
+                if unreachable
+                else "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
+            )
             raise ConfigError(
                 f"Could not load {what} {name_or_path!r}: it is not a folder here, {why}, and it is not in the Hugging "
                 "Face cache. Use a local folder, download it first where there is a network (it is then read from "
@@ -84,6 +90,50 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kw
             ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"Could not load {what} {name_or_path!r}: {first}") from err
+
+
+def locate_model(name_or_path: str, what: str) -> str:
+    """Where NAME_OR_PATH would be loaded from (a local folder, a Hub commit, the Hugging Face cache), found without
+    loading anything: a run checks every model it names this way before the first one loads, so a mistyped or
+    unreachable model fails at once and not after the others have scored. A ConfigError naming WHAT when it cannot
+    be loaded at all."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{what}: the folder {name_or_path!r} holds no config.json: it is not a saved model")
+        return f"local folder {path.resolve()}"
+    check_model_source(name_or_path, what)
+    from huggingface_hub import try_to_load_from_cache
+
+    if not _offline() and hub_reachable(hub_endpoint()):
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        try:
+            return f"the Hub ({hub_endpoint()}), commit {HfApi().model_info(name_or_path).sha}"
+        except GatedRepoError:
+            raise ConfigError(f"{what}: {name_or_path!r} is gated on the Hub; accept its terms and log in "
+                              "(hf auth login), or use a local copy") from None  # fmt: skip
+        except RepositoryNotFoundError:
+            raise ConfigError(f"{what}: no model {name_or_path!r} on the Hub at {hub_endpoint()} (or it is "
+                              "private and no token is set)") from None  # fmt: skip
+        except network_errors() as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{what}: could not look up {name_or_path!r} on the Hub at {hub_endpoint()}: "
+                              f"{first}") from None  # fmt: skip
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):  # .../snapshots/<commit>/config.json
+        return f"the Hugging Face cache, commit {Path(cached).parent.name}"
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
+        if _offline()
+        else f"the Hub at {hub_endpoint()} cannot be reached"
+    )
+    raise ConfigError(
+        f"{what} {name_or_path!r}: it is not a folder here, {why}, and it is not in the Hugging Face cache. Use a "
+        "local folder, download it first where there is a network (it is then read from the cache, with "
+        "HF_HUB_OFFLINE=1 to skip the Hub), or set HF_ENDPOINT to a reachable mirror."
+    )
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,20 +207,9 @@ def test_a_rerun_reads_every_score_from_the_cache_loads_no_model_and_ranks_ident
     first = json.loads((out / "summary.json").read_text())["work"]
     assert first and all(stage["from_cache"] == 0 and stage["scored"] > 0 for stage in first.values())
     # the rerun, in a process that counts what it loads: no model at all (every score is cached)
-    code = (
-        "import sys, json, magpie_teach.modeling as m\n"
-        "loaded = []\n"
-        "real = m.load_model\n"
-        "def counting(name, kind='causal-lm', *a, **k):\n"
-        "    loaded.append(kind)\n"
-        "    return real(name, kind, *a, **k)\n"
-        "m.load_model = counting\n"
-        "from magpie_teach.cli import main\n"
-        "code = main(sys.argv[1:])\n"
-        "print('LOADED', json.dumps(loaded))\n"
-        "sys.exit(code)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", _COUNTING_LOADS, *args], capture_output=True, text=True, timeout=600
     )
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.split("LOADED ")[1].splitlines()[0])
     assert loaded == []
@@ -227,6 +217,80 @@ def test_a_rerun_reads_every_score_from_the_cache_loads_no_model_and_ranks_ident
     assert second == {stage: {"scored": 0, "from_cache": n["scored"]} for stage, n in first.items()}
     assert f"reward: {first['reward']['scored']} of {first['reward']['scored']} from the score cache" in result.stderr
     pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), before)
+
+
+_COUNTING_LOADS = (
+    "import sys, json, magpie_teach.modeling as m\n"
+    "loaded = []\n"
+    "real = m.load_model\n"
+    "def counting(name, kind='causal-lm', *a, **k):\n"
+    "    loaded.append(kind)\n"
+    "    return real(name, kind, *a, **k)\n"
+    "m.load_model = counting\n"
+    "from magpie_teach.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('LOADED', json.dumps(loaded))\n"
+    "sys.exit(code)\n"
+)
+
+
+def test_dry_run_says_where_each_model_loads_from_and_what_it_would_score_loading_and_writing_nothing(
+    rank_run, tiny_suite, sample_rows, tmp_path
+):
+    """After `rank_run` scored its models, a dry run that adds a third base model: the cached models would not load
+    and score nothing, the new one would score every response and every instruction; no model loads, no folder."""
+    _, args, _ = rank_run
+    out = tmp_path / "never-written"
+    kept = args[: args.index("--performance")]  # the table has no row for the new base model (a run checks that)
+    argv = [*kept, "--base-model", tiny_suite.base_large, "--output", str(out), "--dry-run"]
+    result = subprocess.run([sys.executable, "-c", _COUNTING_LOADS, *argv], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.split("LOADED ")[1].splitlines()[0]) == []
+    assert not out.exists()
+    n, m = len(sample_rows), sample_rows["instruction"].nunique()
+    for model in (tiny_suite.reward, tiny_suite.base_small, tiny_suite.base_medium, tiny_suite.reference):
+        assert f"{model}: from local folder {Path(model).resolve()}; does not load" in result.stdout
+    assert (
+        f"{tiny_suite.base_large}: from local folder {Path(tiny_suite.base_large).resolve()}; loads" in result.stdout
+    )
+    assert f"compat tiny-llama-l: {n} examples, 0 in the score cache, {n} to score" in result.stdout
+    assert f"L(x) tiny-llama-l: {m} examples, 0 in the score cache, {m} to score" in result.stdout
+    assert f"compat tiny-llama-s: {n} examples, {n} in the score cache, 0 to score" in result.stdout
+    assert f"dry run: {n + m} example(s) to score by 1 model(s)" in result.stdout
+
+
+@pytest.mark.parametrize("hub", ["reachable, without the model", "unreachable"])
+def test_a_hub_model_named_second_that_cannot_load_fails_in_one_line_before_any_model_scores(
+    hub, tmp_path, tiny_suite, sample_path
+):
+    """Every model is located before the first one loads: the second base model, a Hub id that the Hub does not
+    hold (or a Hub that cannot be reached), fails the run before the reward model and the first base model score
+    anything (the cache stays empty)."""
+    import os
+
+    from tests.hub.local import OFFLINE_FLAGS, LocalHub
+    from tests.processes import free_port
+
+    server = LocalHub(tmp_path / "hub").start() if hub.startswith("reachable") else None
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in OFFLINE_FLAGS}
+        env.update(HF_ENDPOINT=server.url if server else f"http://127.0.0.1:{free_port()}",
+                   HF_HOME=str(tmp_path / "hf-home"), MAGPIE_TEACH_CACHE=str(tmp_path / "cache"))  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "magpie_teach.cli", "rank", "--data", sample_path, "--reward-model",
+             tiny_suite.reward, "--base-model", tiny_suite.base_small, "--base-model", "lab/missing-model",
+             "--output", str(tmp_path / "out")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        if server:
+            server.stop()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    expected = "no model 'lab/missing-model' on the Hub" if server else "it is not a folder here, the Hub at"
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert lines[0].startswith("magpie-teach rank: error: --base-model")
+    assert not list((tmp_path / "cache").rglob("*.parquet"))
 
 
 def test_rank_with_reward_column_and_sample(tmp_path, tiny_suite):
@@ -388,11 +452,12 @@ def test_a_mistyped_model_path_and_an_unreachable_hub_are_one_line_errors(tmp_pa
     import os
     import time
 
+    from tests.hub.local import OFFLINE_FLAGS
     from tests.processes import free_port
 
     data = tmp_path / "zoo.parquet"
     _zoo_with_one_empty_response(data)
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_FLAGS}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
     base = ["rank", "--data", str(data), "--drop-invalid", "--reward-column", "rm", "--output", str(tmp_path / "o")]
     for model, expected in (

@@ -379,3 +379,125 @@ def test_what_a_killed_server_left_is_removed_when_a_server_starts_on_the_root(t
     Store(tmp_path)
     assert not index.exists() and not upload.exists()
     assert (tmp_path / "repos" / "datasets" / "lab" / "r.git" / "HEAD").exists()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+
+
+def test_concurrent_large_commits_keep_the_server_in_bounded_memory_and_all_land(tmp_path):
+    """Four commits of 64 MiB each at once (inline files just under the 10 MiB LFS threshold): the old server held
+    each body whole, several times over (it grew by 915 MiB); a body read a line at a time, at most two at once,
+    holds a few copies of a 12 MiB line per body (and glibc must give large buffers back, or the server still grew by
+    273 MiB and more with every further body). The bound: two bodies' lines, 8 copies each, about 200 MiB."""
+    import base64
+    import os
+    import threading
+
+    from tests.hub.local import LocalHub
+
+    hub = LocalHub(tmp_path / "hub").start()
+    try:
+        python(f"from huggingface_hub import HfApi; HfApi().create_repo({REPO!r}, repo_type='dataset')", hub.env())
+        content = base64.b64encode(os.urandom(9 * 2**20)).decode()  # 12 MiB per line as base64
+        bodies = [
+            "\n".join(
+                json.dumps(line)
+                for line in [
+                    {"key": "header", "value": {"summary": f"big {n}"}},
+                    *({"key": "file", "value": {"path": f"big/{n}-{i}.txt", "content": content,
+                                                "encoding": "base64"}} for i in range(5)),
+                ]
+            ).encode()
+            for n in range(4)
+        ]  # fmt: skip
+        before = _peak_rss_mb(hub.process.pid)
+        results: list = []
+
+        def send(body: bytes) -> None:
+            results.append(request(hub, "POST", f"/api/datasets/{REPO}/commit/main", body,
+                                   {"Content-Type": "application/x-ndjson"})[0])  # fmt: skip
+
+        threads = [threading.Thread(target=send, args=(body,)) for body in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        grown = _peak_rss_mb(hub.process.pid) - before
+        assert results == [200] * 4
+        listed = hub.git(REPO, "ls-tree", "-r", "--name-only", "main", "big").split()
+        assert sorted(listed) == sorted(f"big/{n}-{i}.txt" for n in range(4) for i in range(5))
+        assert grown < 2 * 8 * 12.5, f"server peak RSS grew {grown:.0f} MiB for 4 bodies of 64 MiB"
+    finally:
+        hub.stop()
+
+
+def test_an_inline_file_over_the_lfs_threshold_is_refused_with_a_message_and_the_connection_closed(hub_with_decoys):
+    hub, _, _ = hub_with_decoys
+    before = _head(hub)
+    line = json.dumps({"key": "file", "value": {"path": "huge.txt", "content": "eA" * (8 * 2**20),
+                                                "encoding": "base64"}})  # fmt: skip
+    status, headers, _ = request(hub, "POST", f"/api/datasets/{REPO}/commit/main", line.encode(),
+                                 {"Content-Type": "application/x-ndjson"})  # fmt: skip
+    assert status == 413 and "goes through LFS" in headers["X-Error-Message"]
+    assert headers.get("Connection") == "close"
+    assert _head(hub) == before
+
+
+def test_a_page_from_another_origin_in_headless_chromium_cannot_commit_tag_or_create_a_repo(hub_with_decoys, tmp_path):
+    """The attack as it happens: the user's browser opens a page served from another origin (here another port on
+    127.0.0.1), whose script sends the "simple" requests a page may send without asking first. Chromium delivers
+    them (the page sees an answer to each, opaque as no-cors answers are), and the hub refuses them all: main's
+    head, its tags and its repos are as before."""
+    import http.server
+    import threading
+
+    from tests.e2e.test_report import chromium
+
+    hub, _, _ = hub_with_decoys
+    before = _head(hub)
+    commit = (json.dumps({"key": "header", "value": {"summary": "evil", "description": ""}}) + "\n"
+              + json.dumps({"key": "file", "value": {"content": "ZXZpbA==", "path": "evil.txt", "encoding": "base64"}}))  # fmt: skip
+    attacks = [
+        (f"/api/datasets/{REPO}/commit/main", commit),
+        (f"/api/datasets/{REPO}/tag/main", json.dumps({"tag": "v9.0.0"})),
+        ("/api/repos/create", json.dumps({"name": "planted", "organization": "lab", "type": "dataset"})),
+    ]
+    calls = ", ".join(
+        f"fetch(hub + {json.dumps(path)}, {{method: 'POST', mode: 'no-cors', "
+        f"headers: {{'Content-Type': 'text/plain'}}, body: {json.dumps(body)}}})"
+        for path, body in attacks
+    )
+    page = f"""<!doctype html><html><body><script>
+const hub = "http://127.0.0.1:{hub.port}";
+Promise.allSettled([{calls}]).then(results => {{
+  document.body.setAttribute("data-answers", results.map(r => r.status === "fulfilled" ? r.value.type : "failed").join(","));
+}});
+</script></body></html>""".encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom",
+                          f"http://127.0.0.1:{site.server_address[1]}/")  # fmt: skip
+    finally:
+        site.shutdown()
+        site.server_close()
+    assert 'data-answers="opaque,opaque,opaque"' in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+    assert _head(hub) == before
+    assert request(hub, "GET", f"/api/datasets/{REPO}/tree/main")[0] == 200
+    assert "evil.txt" not in hub.git(REPO, "ls-tree", "-r", "--name-only", "main")
+    assert request(hub, "GET", "/api/datasets/lab/planted")[0] == 404

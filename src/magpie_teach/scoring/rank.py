@@ -96,6 +96,15 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSetti
         },
     )
 
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Check the data and every model (where each would load from), print how many examples each "
+            "model would score and how many the score cache holds already, and stop: no model loads, nothing is "
+            "written."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not self.base_models:
             raise ConfigError("give at least one --base-model")
@@ -456,15 +465,23 @@ def rank(config: RankConfig) -> RankResult:
         return _rank(config)
 
 
-def _rank(config: RankConfig) -> RankResult:
+def _model_flags(config: RankConfig) -> dict[str, str]:
+    """Each model the run names, with the flag that names it."""
+    flags = {config.reward_model: "--reward-model", config.reference_model: "--reference-model"}
+    flags.update({model: "--base-model" for model in config.base_models})
+    return {model: flag for model, flag in flags.items() if model}
+
+
+def _prepare(config: RankConfig) -> tuple[Any, Any, dict[str, str]]:
+    """What `rank` checks before any model loads: the models' names, the cache and the cluster, the performance
+    table, the data (opened and validated), the names matched, and where each model would be loaded from (a
+    mistyped or unreachable one fails now, not after the others have scored). (performance, stream, sources)."""
     from magpie_teach.data import open_responses
-    from magpie_teach.modeling import check_model_source
+    from magpie_teach.modeling import check_model_source, locate_model
     from magpie_teach.scoring.metrics import load_performance
 
-    for flag, models in (("--base-model", config.base_models), ("--reward-model", [config.reward_model]),
-                         ("--reference-model", [config.reference_model])):  # fmt: skip
-        for model in filter(None, models):
-            check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
+    for model, flag in _model_flags(config).items():
+        check_model_source(model, flag)  # a mistyped path fails now, not after the data is read
     if config.cache:  # the driver writes every score (Ray's actors only return theirs): its cache, checked now
         from magpie_teach.artefacts import check_writable
         from magpie_teach.scoring.cache import default_cache_dir
@@ -489,7 +506,6 @@ def _rank(config: RankConfig) -> RankResult:
         sample=config.sample,
         seed=config.seed,
     )
-    counts = dict(stream.counts)
     if performance is not None:  # names are matched now, before any model loads
         from magpie_teach.scoring.names import match_names
 
@@ -497,6 +513,44 @@ def _rank(config: RankConfig) -> RankResult:
             stream.teachers, config.base_models, performance, f"--performance {config.performance}"
         ):
             print(f"performance: {match.line()}", file=sys.stderr, flush=True)
+    sources = {model: locate_model(model, flag) for model, flag in _model_flags(config).items()}
+    return performance, stream, sources
+
+
+def plan(config: RankConfig) -> dict:
+    """What `rank` would do (``--dry-run``), having checked all it checks before a model loads: the rows, and per
+    model where it would load from and, per stage, how many examples it would score and how many the score cache
+    holds already. Loads tokenizers only (the cache's keys name them); writes nothing."""
+    from magpie_teach import data
+    from magpie_teach.scoring.cache import example_keys
+
+    _, stream, sources = _prepare(config)
+    session, models = _Session(), []
+    for model, kinds in _models(config):
+        _, caches = session.caches_of(config, model, kinds)
+        stages: dict[str, dict] = {}
+        seen: set = set()  # an instruction's L(x) is one example, whichever windows its responses fall in
+        for rows in stream.windows(data.WINDOW_ROWS if data.WINDOW_ROWS > 0 else stream.n_rows):
+            keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
+            for stage, cache in zip(_stages(model, kinds, rows, keys), caches):
+                keys = np.array([key for key in stage.keys if key not in seen]) if stage.kind == "instruction-loss" \
+                    else stage.keys  # fmt: skip
+                seen.update(keys if stage.kind == "instruction-loss" else ())
+                found = cache.lookup(keys)[0] if cache is not None and len(keys) else np.zeros(len(keys), bool)
+                count = stages.setdefault(stage.desc, {"stage": stage.desc, "examples": 0, "in_cache": 0})
+                count["examples"] += len(keys)
+                count["in_cache"] += int(found.sum())
+        for count in stages.values():
+            count["to_score"] = count["examples"] - count["in_cache"]
+        models.append({"model": model, "source": sources[model], "stages": list(stages.values()),
+                       "cached": all(cache is not None for cache in caches)})  # fmt: skip
+        session.forget(model)
+    return {"counts": dict(stream.counts), "teachers": list(stream.teachers), "models": models}
+
+
+def _rank(config: RankConfig) -> RankResult:
+    performance, stream, _ = _prepare(config)
+    counts = dict(stream.counts)
     work: dict = {}
     session = _Session()
     window = _window_rows(config, stream.n_rows, session)
