@@ -119,6 +119,31 @@ def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+def test_a_teacher_named_last_that_cannot_load_fails_in_one_line_before_anything_runs(tmp_path, tiny_suite,
+                                                                                       sample_path):  # fmt: skip
+    """Every model is located first: a second teacher the (unreachable) Hub would have to supply fails the run,
+    dry or not, in one line naming its key, before the first teacher generates anything."""
+    import os
+
+    from tests.hub.local import OFFLINE_FLAGS
+    from tests.processes import free_port
+
+    config = write_config(tmp_path / "c.yaml", tiny_suite, sample_path, tmp_path / "out")
+    values = yaml.safe_load(config.read_text())
+    values["teachers"].append({**values["teachers"][0], "name": "hub-teacher", "model": "lab/missing-teacher"})
+    last = len(values["teachers"]) - 1
+    config.write_text(yaml.safe_dump(values))
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_FLAGS}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    for extra in (["--dry-run"], []):
+        result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "generate", str(config), *extra],
+                                capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert f"teachers[{last}].model 'lab/missing-teacher': it is not a folder here, the Hub at" in lines[0]
+        assert not (tmp_path / "out" / "store").exists()
+
+
 def test_shipped_configs_validate(tmp_path, monkeypatch, tiny_suite):
     """The shipped configs load where `magpie-teach tiny --output outputs/models` was run; without those models
     the error names the key and the missing folder (a path that cannot be a Hub id is not sent to the Hub)."""

@@ -213,6 +213,28 @@ def _absolute(value: str | None, key: str = "") -> str | None:
     return check_model_source(value, key) if key else value
 
 
+def locate_models(config: GenerateConfig) -> None:
+    """Every model the run loads (Magpie's, the teachers' but an OpenAI-compatible server's, the scoring stage's)
+    located before the first one loads (:func:`magpie_teach.modeling.locate_model`): a teacher named last that the
+    Hub lacks fails now, not after the others have generated."""
+    from magpie_teach.modeling import locate_model
+
+    named = {}
+    if config.instructions.magpie is not None:
+        named[config.instructions.magpie.model] = "instructions.magpie.model"
+    for i, teacher in enumerate(config.teachers):
+        if teacher.backend != "openai":
+            named.setdefault(teacher.model, f"teachers[{i}].model")
+    if config.scoring is not None:
+        if config.scoring.reward_model:
+            named.setdefault(config.scoring.reward_model, "scoring.reward_model")
+        for i, base in enumerate(config.scoring.base_models):
+            named.setdefault(base, f"scoring.base_models[{i}]")
+    for model, key in named.items():
+        if model:
+            locate_model(model, key)
+
+
 def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
     """Relative paths resolved against this process's folder: the pipeline's steps may run elsewhere (Ray
     workers keep their own working directory), and they must read and write the same files."""

@@ -207,11 +207,11 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
     generations = rows.groupby("teacher")[["id"]].size().floordiv(len(ids)).clip(lower=1).to_dict()
     if dry_run:
         return {"plan": plan_text(sizes, generations), "sizes": sizes}
-    from magpie_teach.modeling import check_model_source
+    from magpie_teach.modeling import locate_model
 
     for model in [*config.base_models, config.reward_model]:
-        if model:
-            check_model_source(model, "--base-model" if model in config.base_models else "--reward-model")
+        if model:  # every model located before the first loads
+            locate_model(model, "--base-model" if model in config.base_models else "--reward-model")
     out = Path(config.output_dir)
     with artefacts.locked(out):
         rank_config = _replay_rank_config(config)
@@ -232,11 +232,14 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
 
 def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = None, dry_run: bool = False) -> dict:
     """The probe of a `generate` YAML with ``scoring:`` and ``probe:`` blocks (``overrides``: flags given)."""
+    from magpie_teach.generation.config import locate_models
     from magpie_teach.generation.run import GeneratePlan, load_instructions, response_store, run_pipeline
+
     from magpie_teach.generation.score_stage import rank_config as scoring_rank_config
 
     if config.scoring is None:
         raise ConfigError("probe: the config needs a scoring: block (reward_model and base_models)")
+    locate_models(config)
     settings = dataclasses.replace(config.probe or ProbeSettings(), **(overrides or {}))
     settings.validate()
     if config.instructions.magpie is not None:

@@ -250,6 +250,9 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
 
 def generate(config: GenerateConfig, dry_run: bool = False) -> dict:
     """Runs (or with ``dry_run`` only plans) the generation; returns the summary."""
+    from magpie_teach.generation.config import locate_models
+
+    locate_models(config)
     if dry_run:
         work = plan(config, dry_run)
         return {"counts": work.counts, "remaining": work.remaining, "teachers": {}}
