@@ -109,3 +109,35 @@ def test_a_teacher_prompt_starts_with_one_bos_when_template_and_tokenizer_both_w
     batched = _BatchedPipeline(pipeline("text-generation", model=model, tokenizer=tokenizer))
     batched([text], max_new_tokens=2, do_sample=False, return_full_text=False)
     assert seen and seen[0][:2] != [bos, bos] and seen[0] == ids
+
+
+def test_choosing_the_device_does_not_initialise_cuda_in_a_process_that_forks_workers():
+    """`device: auto` asks torch with its NVML-based check (the env var, which forked steps inherit), so the main
+    process has not initialised CUDA when distilabel forks its steps or vLLM its engine."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, torch\nfrom magpie_teach.modeling import resolve_device\nresolve_device('auto')\n"
+            "print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'), torch.cuda.is_initialized())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["1", "False"], result.stderr
+
+
+def test_auto_on_a_machine_whose_gpus_torch_cannot_see_warns_and_names_them(tmp_path, monkeypatch, caplog):
+    from magpie_teach import modeling
+
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:01:00.0", "0000:02:00.0"):
+        (gpus / bus).mkdir(parents=True)
+    monkeypatch.setattr(modeling, "NVIDIA_GPUS", gpus)
+    monkeypatch.setattr(modeling, "cuda_visible", lambda: False)  # this machine's torch is a CPU build anyway
+    with caplog.at_level("WARNING", logger="magpie_teach.modeling"):
+        assert modeling.resolve_device("auto") == "cpu"
+    assert "this machine has 2 NVIDIA GPU(s) but torch" in caplog.text and "running on the CPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(modeling, "NVIDIA_GPUS", tmp_path / "none")  # a machine without the driver: no word
+    with caplog.at_level("WARNING", logger="magpie_teach.modeling"):
+        assert modeling.resolve_device("auto") == "cpu"
+    assert not caplog.text

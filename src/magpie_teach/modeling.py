@@ -13,13 +13,36 @@ from magpie_teach.settings import DTYPES
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``."""
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+"""Where the NVIDIA driver lists the machine's GPUs (one folder each), whatever torch can see."""
+
+
+def cuda_visible() -> bool:
+    """Whether torch sees a CUDA GPU, asked without initialising CUDA in this process: distilabel's steps and vLLM's
+    engine are forked from it, and a forked child cannot use CUDA once its parent has initialised it ("Cannot
+    re-initialize CUDA in forked subprocess"). PyTorch's NVML-based check counts the GPUs without that."""
     import torch
 
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # read by torch.cuda at each call; children inherit it
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``, with a warning when the machine has NVIDIA GPUs
+    that torch cannot use (a CPU build of torch, ``CUDA_VISIBLE_DEVICES`` empty): a run meant for them would
+    otherwise go on at CPU speed without a word."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        if cuda_visible():
+            return "cuda"
+        gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+        if gpus:
+            import torch
+
+            logger.warning("device auto: this machine has %d NVIDIA GPU(s) but torch %s sees none (CUDA_VISIBLE_DEVICES"
+                           "=%r): running on the CPU, much slower; install a CUDA build of torch (see the README)",
+                           gpus, torch.__version__, os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
+        return "cpu"
+    if device.startswith("cuda") and not cuda_visible():
         raise ConfigError(f"device={device!r} was asked for but no CUDA GPU is visible.")
     return device
 

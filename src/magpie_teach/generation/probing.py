@@ -234,7 +234,6 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
     """The probe of a `generate` YAML with ``scoring:`` and ``probe:`` blocks (``overrides``: flags given)."""
     from magpie_teach.generation.config import locate_models
     from magpie_teach.generation.run import GeneratePlan, load_instructions, response_store, run_pipeline
-
     from magpie_teach.generation.score_stage import rank_config as scoring_rank_config
 
     if config.scoring is None:

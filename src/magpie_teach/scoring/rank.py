@@ -153,7 +153,9 @@ def _free(*objects: Any) -> None:
     try:
         import torch
 
-        if torch.cuda.is_available():
+        from magpie_teach.modeling import cuda_visible
+
+        if cuda_visible():
             torch.cuda.empty_cache()
     except ImportError:
         pass
