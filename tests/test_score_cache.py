@@ -304,3 +304,32 @@ def test_a_run_at_another_max_length_scores_again_and_gets_its_own_numbers(tiny_
     got = short.scores.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(got, alone.scores.sort_values(key).reset_index(drop=True))
     assert not np.allclose(got["compat_loss"], first.scores.sort_values(key)["compat_loss"])  # 64 tokens cut some
+
+
+def test_dtype_auto_is_float32_on_the_cpu_so_it_reads_what_float32_stored_and_bfloat16_on_gpu_actors(
+    tiny_suite, sample_rows, tmp_path
+):
+    """The default dtype is auto: float32 where the scores are computed on the CPU (a run with --dtype float32
+    stored them: nothing is scored again), bfloat16 where a Ray actor holds a GPU (the cache keys say so, so those
+    scores are never read as float32 ones); float16 stays float16."""
+    from magpie_teach.errors import ConfigError
+    from magpie_teach.modeling import dtype_for, load_tokenizer
+    from magpie_teach.scoring.rank import _score_caches
+
+    assert (dtype_for("auto", "cpu"), dtype_for("auto", "cuda:1"), dtype_for("float16", "cuda")) == (
+        "float32", "bfloat16", "float16")  # fmt: skip
+    with pytest.raises(ConfigError, match="dtype='fp8' is not one of"):
+        dtype_for("fp8", "cpu")
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    _ranked(rows, tmp_path, "fp32", [tiny_suite.base_small], tiny_suite.reward, dtype="float32")
+    again, counts = _ranked(rows, tmp_path, "auto", [tiny_suite.base_small], tiny_suite.reward)
+    assert RankConfig.__dataclass_fields__["dtype"].default == "auto" and not counts
+    assert all(stage["scored"] == 0 for stage in again.summary["work"].values())
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    on_gpus = RankConfig(data="x", output_dir=str(tmp_path / "o"), base_models=[tiny_suite.base_small], reward_model=tiny_suite.reward,
+                         cache_dir=str(tmp_path / "cache"), ray_address="127.0.0.1:6379", gpus_per_worker=1)  # fmt: skip
+    (cache,) = _score_caches(on_gpus, ["compat"], tiny_suite.base_small, tokenizer)
+    assert cache.identity["dtype"] == "bfloat16"
+    (cache,) = _score_caches(RankConfig(**{**vars(on_gpus), "gpus_per_worker": 0}), ["compat"], tiny_suite.base_small,
+                             tokenizer)  # fmt: skip
+    assert cache.identity["dtype"] == "float32"

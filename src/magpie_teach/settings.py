@@ -152,7 +152,10 @@ class ModelRunSettings:
         metadata={"help": "Conversations longer than this many tokens are cut (counted in n_truncated)."},
     )
     batch_tokens: int = field(default=DEFAULT_BATCH_TOKENS, metadata={"help": "Padded tokens per forward pass."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype.", "choices": list(DTYPES)})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Model dtype; auto is bfloat16 on a GPU, float32 on the CPU.", "choices": list(DTYPES)},
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto."})
 
     def check_run(self, where: str = "--") -> None:

@@ -118,7 +118,9 @@ class EvaluateConfig(JudgeSettings, ConfidenceSettings):
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer, in tokens (greedy decoding)."})
     judge_batch_size: int = field(default=8, metadata={"help": "Judge prompts per forward pass (transformers)."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (every local model)."})
-    dtype: str = field(default="float32", metadata={"help": "dtype of every local model."})
+    dtype: str = field(
+        default="auto", metadata={"help": "dtype of every local model; auto is bfloat16 on a GPU, float32 on the CPU."}
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Judgement cache (default: the score cache, $MAGPIE_TEACH_CACHE).",
                                 "flag": "--cache-dir"},
@@ -195,7 +197,7 @@ def load_prompts(source: str | None, revision: str | None = None) -> pd.DataFram
 
 
 def generate_answers(model: str, instructions: list[str], max_new_tokens: int, backend: str = "transformers",
-                     base_url: str | None = None, device: str = "auto", dtype: str = "float32") -> list[str]:  # fmt: skip
+                     base_url: str | None = None, device: str = "auto", dtype: str = "auto") -> list[str]:  # fmt: skip
     """Greedy answers of MODEL, with its chat template, through `generate`'s backend (transformers, vllm or
     openai); a failed request of the openai backend is an error naming the model (no answer is invented)."""
     from magpie_teach.chat import build_messages
@@ -287,8 +289,10 @@ class TransformersJudge:
     distribution (right padding, each row read at its own last token: the batch does not change a verdict)."""
 
     def __init__(self, model: str, device: str, dtype: str, batch_size: int, cache_root: Path):
-        from magpie_teach.modeling import load_model, load_tokenizer
+        from magpie_teach.modeling import dtype_for, load_model, load_tokenizer, resolve_device
         from magpie_teach.scoring.cache import model_identity
+
+        device = resolve_device(device)
 
         self.name, self.batch_size = model, batch_size
         self.tokenizer = load_tokenizer(model)
@@ -301,7 +305,7 @@ class TransformersJudge:
         if not self.letters["A"] or not self.letters["B"]:
             raise ConfigError(f"judge {model}: its tokenizer has no token that reads 'A' or 'B'")
         self.identity = {"kind": "judge", "rule": JUDGE_RULE, "backend": "transformers", "model": model,
-                         "model_id": model_identity(model, cache_root), "dtype": dtype,
+                         "model_id": model_identity(model, cache_root), "dtype": dtype_for(dtype, device),
                          "chat_template_sha256": hashlib.sha256((self.tokenizer.chat_template or "").encode()).hexdigest()}  # fmt: skip
 
     def p_first(self, triples: list[tuple[str, str, str]]) -> list[float | None]:
@@ -398,8 +402,10 @@ class RewardJudge:
     (instruction, answer)."""
 
     def __init__(self, model: str, device: str, dtype: str, cache_root: Path):
-        from magpie_teach.modeling import load_model, load_tokenizer
+        from magpie_teach.modeling import dtype_for, load_model, load_tokenizer, resolve_device
         from magpie_teach.scoring.cache import model_identity
+
+        device = resolve_device(device)
 
         self.name = model
         self.tokenizer = load_tokenizer(model)
@@ -407,7 +413,7 @@ class RewardJudge:
         self.forward_passes = 0
         self.model.register_forward_hook(lambda *_: setattr(self, "forward_passes", self.forward_passes + 1))
         self.identity = {"kind": "judge-reward", "rule": "sigmoid-reward-difference", "model": model,
-                         "model_id": model_identity(model, cache_root), "dtype": dtype,
+                         "model_id": model_identity(model, cache_root), "dtype": dtype_for(dtype, device),
                          "chat_template_sha256": hashlib.sha256((self.tokenizer.chat_template or "").encode()).hexdigest()}  # fmt: skip
 
     def rewards(self, instructions: list[str], answers: list[str], cache: Any) -> np.ndarray:

@@ -34,7 +34,7 @@ class TeacherConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     num_generations: int = 1
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on the CPU (modeling.dtype_for)
     # vllm backend: GPUs one engine spans, engine copies (distilabel step replicas), context length, and any other
     # keyword of `vllm.LLM` (e.g. gpu_memory_utilization, enforce_eager)
     tensor_parallel_size: int = 1

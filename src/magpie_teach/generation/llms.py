@@ -221,11 +221,12 @@ def build_teacher_llm(teacher: Any, threads: int | None = None) -> tuple[LLM, in
     """The distilabel LLM for one teacher config (``backend``: transformers, vllm or openai), and the GPUs its step
     needs (for distilabel's ``StepResources``; None when it is not placed on GPUs by distilabel). THREADS caps
     torch's threads for a transformers teacher on the CPU, where several teachers share the cores."""
-    from magpie_teach.modeling import resolve_device
+    from magpie_teach.modeling import dtype_for, resolve_device
 
     device = resolve_device(teacher.device)
+    dtype = dtype_for(teacher.dtype, device)
     if teacher.backend == "vllm":
-        llm = VLLMTeacher(model=teacher.model, dtype=teacher.dtype, tensor_parallel_size=teacher.tensor_parallel_size,
+        llm = VLLMTeacher(model=teacher.model, dtype=dtype, tensor_parallel_size=teacher.tensor_parallel_size,
                           max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0,
                           engine_kwargs=teacher.engine_kwargs)  # fmt: skip
         return llm, teacher.tensor_parallel_size if device.startswith("cuda") else None
@@ -233,5 +234,5 @@ def build_teacher_llm(teacher: Any, threads: int | None = None) -> tuple[LLM, in
         return OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
                              timeout=teacher.timeout, max_retries=teacher.max_retries,
                              concurrency=teacher.concurrency, seed=teacher.sampling.seed), None  # fmt: skip
-    return BatchedTransformersLLM(model=teacher.model, device=device, threads=threads if device == "cpu" else None,
-                                  seed=teacher.sampling.seed), None  # fmt: skip
+    return BatchedTransformersLLM(model=teacher.model, device=device, torch_dtype=dtype,
+                                  threads=threads if device == "cpu" else None, seed=teacher.sampling.seed), None  # fmt: skip

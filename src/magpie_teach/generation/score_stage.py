@@ -147,7 +147,9 @@ def _score_on_ray(ranked: "RankConfig", loaded: Any) -> dict:
     from magpie_teach.scoring.on_ray import check_cluster
     from magpie_teach.scoring.rank import score_rows, truncation_counts, write_rank_outputs
 
-    ranked.ray_address = check_cluster(ranked.ray_address, ranked.output_dir)
+    ranked.ray_address = check_cluster(
+        ranked.ray_address, ranked.output_dir, ranked.gpus_per_worker, ranked.num_workers
+    )
     work: dict = {}
     scores = score_rows(ranked, loaded.rows, work)
     counts = {**loaded.counts, **truncation_counts(ranked, scores)}

@@ -45,11 +45,13 @@ def resolve_address(address: str) -> str:
     return address
 
 
-def check_cluster(address: str, output_dir: str | os.PathLike, timeout: float = 5.0) -> str:
+def check_cluster(address: str, output_dir: str | os.PathLike, gpus_per_worker: float = 0.0, num_workers: int = 1,
+                  timeout: float = 5.0) -> str:  # fmt: skip
     """Connects to the cluster at ADDRESS; a ConfigError in one line, before any model loads, when the ``ray``
     extra is missing, the cluster cannot be reached (a TCP connection to its host and port first, so that a
-    wrong address fails in seconds) or a node cannot read ``output_dir`` (:func:`check_visible`); returns the
-    address connected to."""
+    wrong address fails in seconds), it has fewer GPUs than ``num_workers`` actors of ``gpus_per_worker`` each
+    need (Ray Data would wait for ever for actors it cannot place, their logs hidden) or a node cannot read
+    ``output_dir`` (:func:`check_visible`); returns the address connected to."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -65,6 +67,18 @@ def check_cluster(address: str, output_dir: str | os.PathLike, timeout: float = 
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--ray-address {address}: could not join the Ray cluster ({first})") from None
+    if gpus_per_worker > 0:
+        import ray
+
+        there, asked = float(ray.cluster_resources().get("GPU", 0)), num_workers * gpus_per_worker
+        if there < asked:
+            fits = int(there // gpus_per_worker)
+            advice = f"lower --num-workers to {fits}" if fits else "use --gpus-per-worker 0 to score on CPUs"
+            raise ConfigError(
+                f"--gpus-per-worker {gpus_per_worker:g} x --num-workers {num_workers} asks {asked:g} GPU(s), but the "
+                f"Ray cluster at {address} has {there:g}: its actors could never start; {advice}, or add GPU nodes "
+                "(an autoscaling cluster: start them first)"
+            )
     check_visible(Path(output_dir))
     return address
 

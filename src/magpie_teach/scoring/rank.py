@@ -140,11 +140,21 @@ def _score_caches(config: RankConfig, kinds: list[str], model: str, tokenizer: A
     model_id = model_identity(model, root)
     if model_id is None:
         return [None] * len(kinds)
-    from magpie_teach.modeling import attention_for
+    from magpie_teach.modeling import attention_for, dtype_for
 
-    attention = attention_for(model)
-    return [ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, config.dtype,
+    attention, dtype = attention_for(model), dtype_for(config.dtype, _scoring_device(config))
+    return [ScoreCache(root, scorer_identity(kind, model, model_id, tokenizer, config.max_length, dtype,
                                              attention)) for kind in kinds]  # fmt: skip
+
+
+def _scoring_device(config: RankConfig) -> str:
+    """Where the scores are computed: on a Ray cluster the actors' (a GPU each with ``--gpus-per-worker``), else
+    ``--device`` as this machine resolves it."""
+    from magpie_teach.modeling import resolve_device
+
+    if config.ray_address:
+        return "cuda" if config.gpus_per_worker > 0 else "cpu"
+    return resolve_device(config.device)
 
 
 def _free(*objects: Any) -> None:
@@ -493,7 +503,9 @@ def _prepare(config: RankConfig) -> tuple[Any, Any, dict[str, str]]:
         from magpie_teach.scoring.on_ray import check_cluster
 
         # unreachable, no ray extra, or an output folder a node cannot read (the rows are staged there): one line, now
-        config.ray_address = check_cluster(config.ray_address, config.output_dir)
+        config.ray_address = check_cluster(
+            config.ray_address, config.output_dir, config.gpus_per_worker, config.num_workers
+        )
 
     performance = None
     if config.performance:

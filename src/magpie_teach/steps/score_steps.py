@@ -49,7 +49,9 @@ class _ModelStep(Step):
     batch_tokens: RuntimeParameter[int] = Field(
         default=DEFAULT_BATCH_TOKENS, description="Padded tokens per forward pass."
     )
-    dtype: RuntimeParameter[str] = Field(default="float32", description="float32, bfloat16, float16 or auto.")
+    dtype: RuntimeParameter[str] = Field(
+        default="auto", description="float32, bfloat16, float16, or auto (bfloat16 on a GPU, float32 on the CPU)."
+    )
     device: RuntimeParameter[str] = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
     response_column: str = Field(default="response", description="Column holding the response text.")
 
