@@ -233,6 +233,22 @@ def test_an_unreachable_cluster_and_a_missing_ray_are_one_line_each_before_any_m
     assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "out" / "scores.parquet").exists()
 
 
+def test_more_gpus_than_the_cluster_has_is_one_line_before_any_model_loads(tiny_suite, sample_path, tmp_path,
+                                                                          cluster):  # fmt: skip
+    """This CPU head has no GPU: actors of one GPU each could never start (Ray Data would wait for ever, their logs
+    hidden). The run says so in one line, with what would fit, and leaves no output."""
+    args = ["rank", "--data", sample_path, "--base-model", tiny_suite.base_small, "--reward-model", tiny_suite.reward,
+            "--output", str(tmp_path / "out"), "--ray-address", cluster, "--num-workers", "2",
+            "--gpus-per-worker", "1"]  # fmt: skip
+    run = _cli(*args)
+    _, stderr = run.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, stderr
+    assert "--gpus-per-worker 1 x --num-workers 2 asks 2 GPU(s), but the Ray cluster" in lines[0]
+    assert "has 0: its actors could never start; use --gpus-per-worker 0" in lines[0]
+    assert not (tmp_path / "out" / "scores.parquet").exists()
+
+
 ZOO_REWARDS = ["ArmoRM-Llama3-8B-v0.1", "Skywork-Reward-Llama-3.1-8B", "Skywork-Reward-Gemma-2-27B"]
 PAPER_BASES = {"Qwen/Qwen2-1.5B": "base_small", "google/gemma-2-2b": "base_medium", "Qwen/Qwen2.5-3B": "base_large",
                "meta-llama/Llama-3.2-3B": "base_small", "nvidia/Llama-3.1-Minitron-4B-Width-Base": "base_medium"}  # fmt: skip

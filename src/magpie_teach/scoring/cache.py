@@ -123,6 +123,10 @@ def scorer_identity(kind: str, model: str, model_id: str, tokenizer: Any, max_le
 
     template = getattr(tokenizer, "chat_template", None) or ""
     extra = {"attention": attention} if attention else {}
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if kind == "reward" and (pad is None or pad == getattr(tokenizer, "eos_token_id", None)):
+        # rewards of a model whose pad is its EOS were read one token early before this rule: not reused
+        extra["pooling"] = "last-real-token/1"
     return {
         **extra,
         "kind": kind,

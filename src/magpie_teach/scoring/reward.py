@@ -49,6 +49,7 @@ def score_reward(
     if model.config.pad_token_id is None:  # pooling finds the last non-pad token; it needs a pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     pad_id = model.config.pad_token_id
+    vocabulary = model.get_input_embeddings().num_embeddings
     template = resolve_chat_template(tokenizer)
     device = next(model.parameters()).device
     rewards = np.zeros(len(instructions), dtype=np.float64)
@@ -67,7 +68,8 @@ def score_reward(
                 ids[i], truncated[offset + i] = seq[:max_length], True
         for batch in plan_batches([len(s) for s in ids], batch_tokens):
             width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            model.config.pad_token_id = _absent_id(pad_id, [ids[i] for i in batch], vocabulary)
+            input_ids = torch.full((len(batch), width), model.config.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
@@ -86,3 +88,14 @@ def score_reward(
             "reward: %d of %d conversations were cut at max_length=%d", truncated.sum(), len(truncated), max_length
         )
     return rewards, truncated
+
+
+def _absent_id(pad_id: int, batch: list[list[int]], vocabulary: int) -> int:
+    """A padding id that no row of BATCH holds: the model pools at the last token that is not its pad id, so a pad
+    id that also ends a conversation (a reward model whose pad is its EOS, under a template that ends a turn with
+    EOS) would be read one token early. PAD_ID itself when it is absent; else the highest id that is (right padding
+    under causal attention: what the padding holds never reaches a real token)."""
+    used = set().union(*map(set, batch))
+    if pad_id not in used:
+        return pad_id
+    return next(candidate for candidate in range(vocabulary - 1, -1, -1) if candidate not in used)
