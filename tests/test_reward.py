@@ -73,3 +73,11 @@ def test_a_reward_model_whose_pad_is_its_eos_is_read_at_the_last_token_of_a_temp
             hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
             expected = model.score(hidden).item()
         assert rewards[i] == pytest.approx(expected, abs=1e-4), i
+
+
+def test_a_checkpoint_without_the_reward_head_is_refused_rather_than_given_a_random_one(tiny_suite):
+    """A causal LM named as the reward model: transformers would add a randomly initialised score head and go on
+    (random rewards, cached as if real). The load names the missing weights and what to do instead."""
+    with pytest.raises(ConfigError, match=r"its checkpoint has no weights for score\.weight.*--reward-column"):
+        load_model(tiny_suite.base_small, "reward", device="cpu")
+    assert load_model(tiny_suite.reward, "reward", device="cpu").config.num_labels == 1

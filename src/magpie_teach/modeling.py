@@ -213,8 +213,16 @@ def load_model(
     attention = attention_for(name_or_path, revision)
     extra = {"attn_implementation": attention} if attention else {}
     dtype = dtype_for(dtype, device)
-    model = from_pretrained(cls.from_pretrained, name_or_path, f"{kind} model", dtype=resolve_dtype(dtype, device),
-                            revision=revision, **extra)  # fmt: skip
+    model, info = from_pretrained(cls.from_pretrained, name_or_path, f"{kind} model", revision=revision,
+                                  dtype=resolve_dtype(dtype, device), output_loading_info=True, **extra)  # fmt: skip
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would initialise them at random and go on: random rewards, cached as if real
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        hint = (" It is not a sequence-classification reward model with its head saved (a causal LM, or a model "
+                "whose head lives in its own remote code, such as ArmoRM: score with its rewards as a column, "
+                "--reward-column)." if kind == "reward" else "")  # fmt: skip
+        raise ConfigError(f"{kind} model {name_or_path!r}: its checkpoint has no weights for {shown}, which "
+                          f"transformers would initialise at random.{hint}")  # fmt: skip
     if attention:
         logger.info("%s: %s attention (its logits are soft-capped; SDPA would drop the cap)", name_or_path, attention)
     print(f"loaded {kind} model {name_or_path} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} in "
