@@ -95,6 +95,22 @@ def _plain_verdicts(model_path, triples):
     return np.array(verdicts)
 
 
+def test_the_judge_computes_logits_at_each_rows_last_token_only_and_its_verdicts_match_a_plain_forward(
+    tmp_path, tiny_suite
+):
+    """A batch of prompts of different lengths: the model's logits cover one position per row (not every
+    position: 8.4 GB at 8 x 2,048 tokens with a 128K vocabulary), and the verdicts are those of one unpadded
+    forward pass per prompt."""
+    judge = ev.TransformersJudge(tiny_suite.base_medium, "cpu", "float32", 4, tmp_path)
+    shapes = []
+    judge.model.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.logits.shape)))
+    triples = [("Why?", "Because " * n, "No.") for n in (1, 9, 30, 4)]
+    verdicts = judge.p_first(triples)
+    (shape,) = shapes
+    assert shape[0] == 4 and shape[1] <= 4, shape  # rows x positions kept x vocabulary
+    assert np.allclose(verdicts, _plain_verdicts(tiny_suite.base_medium, triples), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_evaluate_judges_each_answer_once_and_matches_a_plain_forward_pass(tmp_path, tiny_suite):
     prompts = _prompts(tmp_path)

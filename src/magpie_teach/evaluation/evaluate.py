@@ -31,6 +31,7 @@ answers and their lengths), ``win_rates.csv``, ``evaluate_config.yaml`` (what `p
 """
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -300,6 +301,9 @@ class TransformersJudge:
         self.model = load_model(model, "causal-lm", dtype=dtype, device=device)
         self.forward_passes = 0
         self.model.register_forward_hook(lambda *_: setattr(self, "forward_passes", self.forward_passes + 1))
+        # a verdict reads one position per row: with a 128K vocabulary, fp32 logits at every position of a batch of
+        # 8 x 2,048 tokens would take 8.4 GB; models that take logits_to_keep compute those positions' logits only
+        self.keeps_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         vocabulary = [self.tokenizer.decode([i]).strip() for i in range(len(self.tokenizer))]
         self.letters = {x: [i for i, t in enumerate(vocabulary) if t == x] for x in "AB"}
         if not self.letters["A"] or not self.letters["B"]:
@@ -317,10 +321,14 @@ class TransformersJudge:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(self.model.device)  # fmt: skip
-            with torch.inference_mode():
-                logits = self.model(**batch).logits.float()
             last = batch["attention_mask"].sum(dim=1) - 1
-            logp = torch.log_softmax(logits[torch.arange(len(last)), last], dim=-1)
+            with torch.inference_mode():
+                if self.keeps_positions:  # logits at the rows' last tokens only, not (batch x length x vocabulary)
+                    logits = self.model(**batch, logits_to_keep=last).logits
+                    logits = logits[torch.arange(len(last)), torch.arange(len(last))].float()
+                else:
+                    logits = self.model(**batch).logits[torch.arange(len(last)), last].float()
+            logp = torch.log_softmax(logits, dim=-1)
             a = torch.logsumexp(logp[:, self.letters["A"]], dim=-1)
             b = torch.logsumexp(logp[:, self.letters["B"]], dim=-1)
             verdicts += torch.sigmoid(a - b).tolist()
