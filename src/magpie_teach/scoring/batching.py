@@ -1,8 +1,14 @@
 """Length-sorted, token-budgeted batches over a stream of variable-length sequences."""
 
-from collections.abc import Iterable, Iterator
+import gc
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import TypeVar
+
+from magpie_teach.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -41,3 +47,30 @@ def windows(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
+
+
+def run_halving(batch: list[int], run: Callable[[list[int]], None], tokens: Callable[[list[int]], int],
+                what: str) -> None:  # fmt: skip
+    """``run(batch)``; when it runs out of GPU memory (a long batch, memory another process took), the batch's
+    halves in turn, down to single rows: a run goes on at a smaller batch instead of failing the whole data set (and
+    failing again on the same batch when rerun). A single row that does not fit is a ConfigError naming its size.
+    ``tokens(rows)``: the padded tokens of rows, for the messages."""
+    import torch
+
+    try:
+        run(batch)
+        return
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise ConfigError(
+                f"{what}: one conversation of {tokens(batch)} tokens does not fit in the GPU's memory; lower "
+                "--max-length, use --dtype bfloat16, or a GPU with more memory"
+            ) from None
+    gc.collect()  # the failed forward's tensors are unreferenced once the exception is gone
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    logger.warning("%s: out of GPU memory on a batch of %d rows (%d padded tokens): scoring it in halves; a lower "
+                   "--batch-tokens avoids the retries", what, len(batch), tokens(batch))  # fmt: skip
+    half = len(batch) // 2
+    run_halving(batch[:half], run, tokens, what)
+    run_halving(batch[half:], run, tokens, what)

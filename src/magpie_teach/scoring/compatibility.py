@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.chat import TokenizedExample, context_token_id, tokenize_conversation, unconditioned
-from magpie_teach.scoring.batching import plan_batches, windows
+from magpie_teach.scoring.batching import plan_batches, run_halving, windows
 from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -134,11 +134,14 @@ class TokenNLLScorer:
         """Returns (sum of NLL, number of scored tokens) per example, in the order given."""
         sums = np.zeros(len(examples), dtype=np.float64)
         counts = np.zeros(len(examples), dtype=np.int64)
-        batches = plan_batches([len(e.input_ids) for e in examples], self.batch_tokens, self.max_batch_size)
+        lengths = [len(e.input_ids) for e in examples]
+
+        def run(batch: list[int]) -> None:
+            sums[batch], counts[batch] = self._batch([examples[i] for i in batch])
+
         with self.torch.inference_mode():
-            for batch in batches:
-                batch_sums, batch_counts = self._batch([examples[i] for i in batch])
-                sums[batch], counts[batch] = batch_sums, batch_counts
+            for batch in plan_batches(lengths, self.batch_tokens, self.max_batch_size):
+                run_halving(batch, run, lambda rows: len(rows) * max(lengths[i] for i in rows), "scoring")
         return sums, counts
 
 

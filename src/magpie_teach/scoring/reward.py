@@ -14,7 +14,7 @@ import pandas as pd
 
 from magpie_teach.chat import build_messages, resolve_chat_template
 from magpie_teach.errors import ConfigError
-from magpie_teach.scoring.batching import plan_batches, windows
+from magpie_teach.scoring.batching import plan_batches, run_halving, windows
 from magpie_teach.scoring.compatibility import DEFAULT_WINDOW
 from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
@@ -66,7 +66,8 @@ def score_reward(
         for i, seq in enumerate(ids):
             if len(seq) > max_length:
                 ids[i], truncated[offset + i] = seq[:max_length], True
-        for batch in plan_batches([len(s) for s in ids], batch_tokens):
+
+        def run(batch: list[int], ids: list[list[int]] = ids, offset: int = offset) -> None:
             width = max(len(ids[i]) for i in batch)
             model.config.pad_token_id = _absent_id(pad_id, [ids[i] for i in batch], vocabulary)
             input_ids = torch.full((len(batch), width), model.config.pad_token_id, dtype=torch.long)
@@ -77,6 +78,9 @@ def score_reward(
             with torch.inference_mode():
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             rewards[[offset + i for i in batch]] = logits[:, 0].float().cpu().numpy()
+
+        for batch in plan_batches([len(s) for s in ids], batch_tokens):
+            run_halving(batch, run, lambda rows, ids=ids: len(rows) * max(len(ids[i]) for i in rows), "reward")
         if on_window is not None:
             done = slice(offset, offset + len(chunk))
             on_window(offset, pd.DataFrame({"reward": rewards[done], "truncated": truncated[done]}))
