@@ -192,3 +192,20 @@ def test_unknown_recipe_lists_the_shipped_ones():
     assert resolve_recipe("tiny/sft/config_cpu.yaml").is_file()
     with pytest.raises(ConfigError, match="shipped recipes: .*tiny/sft/config_cpu.yaml"):
         resolve_recipe("recipes/nope.yaml")
+
+
+def test_bfloat16_recipe_weights_are_trained_as_float32_master_weights_except_under_deepspeed(
+    tiny_suite, sft_data, tmp_path, capsys
+):
+    """The paper's recipes say dtype: bfloat16: held as the trained weights, AdamW's small updates round away. The
+    trainer's model holds float32 weights (and says so); DeepSpeed, which keeps float32 master weights itself,
+    keeps the recipe's dtype."""
+    import torch
+
+    from magpie_teach.training.sft import build_trainer, master_weights_dtype
+
+    trainer, _ = build_trainer(*_args(tiny_suite, sft_data, tmp_path / "x", "--dtype", "bfloat16"))
+    assert trainer.model.dtype == torch.float32
+    assert "weights held in float32" in capsys.readouterr().err
+    assert master_weights_dtype("bfloat16", deepspeed=True) == "bfloat16"
+    assert master_weights_dtype("float32", deepspeed=False) == "float32"
