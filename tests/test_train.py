@@ -177,6 +177,7 @@ def test_paper_recipes_parse_with_the_papers_settings(name):
     assert training_args.learning_rate == 2e-5 and training_args.num_train_epochs == 2
     assert training_args.warmup_steps == 100 and training_args.max_length == 4096
     assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * 4 == 32
+    assert data_args.global_batch_size == 32  # so 1 GPU (validate) or 8 train on the paper's batch too
     assert training_args.lr_scheduler_type.value == "cosine"
     assert model_args.model_name_or_path == PAPER_BASE_MODELS[name]
 
@@ -209,3 +210,19 @@ def test_bfloat16_recipe_weights_are_trained_as_float32_master_weights_except_un
     assert "weights held in float32" in capsys.readouterr().err
     assert master_weights_dtype("bfloat16", deepspeed=True) == "bfloat16"
     assert master_weights_dtype("float32", deepspeed=False) == "float32"
+
+
+def test_global_batch_size_sets_the_accumulation_for_the_number_of_processes(tiny_suite, sft_data, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    """The paper's batch of 32 examples per step whatever the number of GPUs: on one process the accumulation
+    grows (the paper recipes on one GPU trained with a batch of 8 before); a batch the processes cannot share is
+    an error."""
+    from magpie_teach.training.sft import accumulation_steps, build_trainer
+
+    trainer, _ = build_trainer(*_args(tiny_suite, sft_data, tmp_path / "x", "--global_batch_size", "8"))
+    assert trainer.args.gradient_accumulation_steps == 2  # 8 / (4 per device x 1 process)
+    assert accumulation_steps(32, 1, 4) == 8 and accumulation_steps(32, 1, 1) == 32
+    with pytest.raises(
+        ConfigError, match="global_batch_size 12 is not a multiple of per_device_train_batch_size 4 x 2"
+    ):
+        accumulation_steps(12, 4, 2)

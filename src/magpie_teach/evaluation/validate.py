@@ -130,7 +130,7 @@ def _judge(config: ValidateConfig, prompts: pd.DataFrame, rows: list[dict], out:
     else:
         baseline = ev.generate_answers(config.baseline, prompts["instruction"].tolist(), config.max_new_tokens,
                                        device=config.device)  # fmt: skip
-    judge = ev.build_judge(config, config.device, "float32", 8, cache_root)
+    judge = ev.build_judge(config, config.device, "auto", 8, cache_root)  # bfloat16 on a GPU, float32 on the CPU
     answers = {row["teacher"]: row.pop("answers") for row in rows}
     judgements = ev.judge_students(judge, prompts, answers, baseline, cache_root)
     rates = ev.summarise(judgements, 1000, 0.95, config.seed).set_index("student")

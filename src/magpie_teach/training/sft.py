@@ -45,6 +45,13 @@ class DataArguments:
         default=None, metadata={"help": "Revision of a Hub data set (branch, tag or commit)."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per optimizer step over all processes: gradient_accumulation_steps is set to it / "
+            "(per_device_train_batch_size x processes), so the batch is the recipe's on 1 GPU as on 4 or 8."
+        },
+    )
 
 
 @dataclass
@@ -215,6 +222,12 @@ def build_trainer(data_args: DataArguments, training_args: Any, model_args: Any)
         )
     if not training_args.assistant_only_loss:
         dataset = _to_prompt_completion(dataset)
+    if data_args.global_batch_size:
+        training_args.gradient_accumulation_steps = accumulation_steps(
+            data_args.global_batch_size,
+            training_args.per_device_train_batch_size,
+            int(os.environ.get("WORLD_SIZE", "1")),
+        )
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "dtype": master_weights_dtype(model_args.dtype, _under_deepspeed(training_args)),
@@ -225,6 +238,18 @@ def build_trainer(data_args: DataArguments, training_args: Any, model_args: Any)
         model=model_args.model_name_or_path, args=training_args, train_dataset=dataset, processing_class=tokenizer
     )
     return trainer, revision
+
+
+def accumulation_steps(global_batch: int, per_device: int, processes: int) -> int:
+    """Gradient accumulation steps that make GLOBAL_BATCH examples per optimizer step; a ConfigError when they
+    cannot (the recipe's batch would silently change with the number of GPUs otherwise)."""
+    per_step = per_device * processes
+    if global_batch % per_step:
+        raise ConfigError(f"global_batch_size {global_batch} is not a multiple of per_device_train_batch_size "
+                          f"{per_device} x {processes} process(es)")  # fmt: skip
+    print(f"train: {global_batch} examples per optimizer step = {per_device} per device x {processes} process(es) x "
+          f"{global_batch // per_step} accumulation step(s)", file=sys.stderr)  # fmt: skip
+    return global_batch // per_step
 
 
 def master_weights_dtype(dtype: str | None, deepspeed: bool) -> str | None:
