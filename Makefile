@@ -8,10 +8,11 @@ PYTEST_ARGS ?=
 # pip's configured find-links (where a machine keeps its wheels, such as the CPU build of torch) when there is one.
 UV_VERSION ?= 0.13.9
 UV := $(VENV)/bin/uv
+comma := ,
 FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_INSTALL = $(UV) pip install -q --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
-.PHONY: install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation mutation-stats mutation-all mutation-clean
+.PHONY: gpu-resolve install system-packages argilla-server olah browser vllm style quality test test-fast test-gpu bench demo lock clean mutation mutation-stats mutation-all mutation-clean
 
 install: $(VENV)/.installed
 
@@ -126,6 +127,14 @@ mutation-clean:
 
 demo: install
 	$(VENV)/bin/magpie-teach demo --output outputs/demo
+
+# The GPU install path (README, "One GPU"), resolved without installing: CI has no GPU, but a pin that no longer
+# resolves (vLLM's torch against ours, DeepSpeed's) fails here, not on a user's GPU machine.
+GPU_EXTRAS ?= gpu,pipelines,train,ray,openai
+gpu-resolve: $(UV)
+	$(UV) pip compile -q pyproject.toml $(foreach e,$(subst $(comma), ,$(GPU_EXTRAS)),--extra $(e)) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o /dev/null
+	@echo "gpu-resolve: the [$(GPU_EXTRAS)] install resolves for Linux x86_64 with torch==2.13.0 (CUDA build there)"
 
 lock: install
 	{ echo '# Exact versions CI and `make install` test with (pip install -c constraints.txt). Regenerate with `make lock`.'; \
