@@ -51,3 +51,22 @@ def test_a_failing_scoring_step_fails_the_run_loudly(tiny_suite, sample_rows, tm
     rows[3]["response"] = None  # the engine raises on this batch; distilabel would fill the column with None
     with pytest.raises(MagpieTeachError, match=r"a step failed"):
         run_checked(_pipeline("fails-loudly", rows, tiny_suite), use_cache=False)
+
+
+def test_hit_max_new_tokens_follows_the_engines_finish_reason_and_guesses_only_without_one(tiny_suite, tmp_path):
+    """vLLM and OpenAI-compatible servers say why a generation stopped: "length" is the cap, whatever the text
+    re-tokenises to (a short text can have used up the cap, a long one can have stopped on its own). Without that
+    word (transformers), a response of max_new_tokens tokens is taken to have hit the cap."""
+    from magpie_teach.steps.generation import ResponseFormat
+
+    step = ResponseFormat(teacher="t", model=tiny_suite.base_small, settings="{}", max_new_tokens=8,
+                          store_dir=str(tmp_path / "store"))  # fmt: skip
+    step.load()
+    long_text = "plants need water and light to grow every single day"
+    rows = [
+        {"id": "a", "instruction": "x", "generation": ["short", long_text],
+         "llm_text_generation_0_finish_reason": ["length", "stop"]},
+        {"id": "b", "instruction": "y", "generation": ["short", long_text]},
+    ]  # fmt: skip
+    (out,) = list(step.process(rows))
+    assert [r["hit_max_new_tokens"] for r in out] == [True, False, False, True]

@@ -156,7 +156,10 @@ class VLLMTeacher(_EngineTeacher):
         )
         requests = [{"prompt_token_ids": prompt_ids(self._tokenizer, p)} for p in prompts]  # one BOS, not two
         outputs = self._engine.generate(requests, params, use_tqdm=False)
-        return [_prepare_output([c.text for c in out.outputs], self._tokenizer, p) for p, out in zip(prompts, outputs)]
+        # finish_reason ("length": stopped by max_tokens) is an extra output, `llm_<step>_finish_reason` on the row:
+        # what hit_max_new_tokens reads instead of re-tokenising the text
+        return [{**_prepare_output([c.text for c in out.outputs], self._tokenizer, p),
+                 "finish_reason": [c.finish_reason for c in out.outputs]} for p, out in zip(prompts, outputs)]  # fmt: skip
 
 
 class OpenAITeacher(_EngineTeacher):
@@ -203,7 +206,8 @@ class OpenAITeacher(_EngineTeacher):
                 error = f"{type(err).__name__} after {self.max_retries} retries: {str(err)[:300]}"
                 self._logger.warning(f"{self.base_url}: request failed: {error}")
                 # `error` is an extra output: distilabel carries it to the row as `llm_<step>_error`, the row's reason
-                return {**prepare_output([None] * n, input_tokens=[0], output_tokens=[0] * n), "error": [error] * n}
+                return {**prepare_output([None] * n, input_tokens=[0], output_tokens=[0] * n), "error": [error] * n,
+                        "finish_reason": [None] * n}  # fmt: skip
             texts = [choice.message.content for choice in reply.choices]
             usage = reply.usage
             output = prepare_output(
@@ -211,7 +215,8 @@ class OpenAITeacher(_EngineTeacher):
                 input_tokens=[usage.prompt_tokens if usage else 0],
                 output_tokens=[usage.completion_tokens // max(len(texts), 1) if usage else 0] * len(texts),
             )
-            return {**output, "error": [None] * len(texts)}
+            return {**output, "error": [None] * len(texts),
+                    "finish_reason": [choice.finish_reason for choice in reply.choices]}  # fmt: skip
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(inputs)))) as pool:
             return list(pool.map(one, inputs))

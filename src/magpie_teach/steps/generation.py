@@ -60,15 +60,20 @@ class ResponseFormat(Step):
             generations = row.get("generation")
             # a backend's error per generation (OpenAITeacher's extra output, `llm_<step>_error`), if any
             errors = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith("_error")), None)
+            # the engine's own word on why each generation stopped (vLLM, OpenAI-compatible servers): "length" is
+            # the cap; without it (transformers) a response of max_new_tokens tokens is taken to have hit it
+            finishes = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith("_finish_reason")), None)
             for index, text in enumerate(generations if isinstance(generations, list) else [generations]):
                 ok = isinstance(text, str) and bool(text.strip())
                 error = errors[index] if isinstance(errors, list) and index < len(errors) else errors
                 n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
+                finish = finishes[index] if isinstance(finishes, list) and index < len(finishes) else None
+                capped = finish == "length" if finish is not None else n_tokens >= self.max_new_tokens
                 rows.append(
                     {
                         "id": str(row["id"]), "instruction": row["instruction"], "teacher": self.teacher,
                         "response": text if ok else None, "generation_index": index, "n_tokens": n_tokens,
-                        "hit_max_new_tokens": ok and n_tokens >= self.max_new_tokens, "status": "ok" if ok else "failed",
+                        "hit_max_new_tokens": ok and capped, "status": "ok" if ok else "failed",
                         "reason": None if ok else ("empty completion" if isinstance(text, str)
                                                    else error if isinstance(error, str) else "no completion (backend error)"),
                         "settings": self.settings,
