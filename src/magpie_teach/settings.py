@@ -168,6 +168,27 @@ class ModelRunSettings:
 
 
 @dataclass(kw_only=True)
+class ScoreCacheSettings:
+    """The content-keyed score cache (:mod:`magpie_teach.scoring.cache`), the one store every verb that scores
+    resumes from: `rank`, `probe` (live and replay) and `generate`'s scoring read what any of them stored."""
+
+    cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Use the score cache: each example is scored once per model and setting, a killed run resumes, "
+            "and a rerun with another beta, reward shift or performance table loads no model."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "The score cache's folder, shared by the runs that name it (default: $MAGPIE_TEACH_CACHE, "
+            "else ~/.cache/magpie-teach/scores)."
+        },
+    )
+
+
+@dataclass(kw_only=True)
 class ClusterSettings:
     """Scoring on a Ray cluster (:mod:`magpie_teach.scoring.on_ray`): Ray Data runs the same scorer code in an
     actor pool, one model per actor."""

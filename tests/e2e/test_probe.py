@@ -118,11 +118,13 @@ def test_a_probe_drops_the_losers_generates_only_their_rounds_and_resumes_after_
     assert ranking.loc[ranking["car"].idxmax(), "teacher"] == "tiny-greedy" and "confidence" in rank_summary
 
     # a rerun of the finished probe generates and scores nothing again, and decides the same
-    files = {p: p.stat().st_mtime_ns for p in [*out.glob("store/*/batch-*"), *out.glob(".probe/**/batch-*")]}
+    files = {p: p.stat().st_mtime_ns for p in out.glob("store/*/batch-*")}
     again = cli(*command, cwd=folder, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in [*out.glob("store/*/batch-*"), *out.glob(".probe/**/batch-*")]} == files
-    assert json.loads((out / "probe_summary.json").read_text())["decisions"] == summary["decisions"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("store/*/batch-*")} == files
+    rerun = json.loads((out / "probe_summary.json").read_text())
+    assert rerun["decisions"] == summary["decisions"]
+    assert rerun["work"] and all(stage["scored"] == 0 and stage["from_cache"] for stage in rerun["work"].values())
 
 
 def zoo_file(path: Path, n: int = 64) -> Path:
@@ -161,11 +163,24 @@ def test_replay_of_a_zoo_layout_file_measures_the_spend_and_resumes(tmp_path, ti
         uuid = f"u{int(row.instruction.split()[2])}"
         assert row.reward == zoo.set_index("uuid").loc[uuid, row.teacher]["ArmoRM-Llama3-8B-v0.1"]
 
-    batches = {p: p.stat().st_mtime_ns for p in (tmp_path / "replay" / ".probe").glob("**/batch-*")}
+    assert summary["work"] and all(stage["scored"] for stage in summary["work"].values())
     again = cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "replay" / ".probe").glob("**/batch-*")} == batches
-    assert json.loads((tmp_path / "replay" / "probe_summary.json").read_text())["decisions"] == summary["decisions"]
+    rerun = json.loads((tmp_path / "replay" / "probe_summary.json").read_text())
+    assert rerun["decisions"] == summary["decisions"]
+    assert all(stage["scored"] == 0 and stage["from_cache"] for stage in rerun["work"].values())  # resumed: no model
+    # a rank of the same data and base model after the probe scores only what the probe never revealed
+    ranked = cli("rank", "--data", str(data), "--reward-column", "ArmoRM-Llama3-8B-v0.1", "--base-model",
+                 tiny_suite.base_small, "--output", str(tmp_path / "ranked"))  # fmt: skip
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    work = json.loads((tmp_path / "ranked" / "summary.json").read_text())["work"]
+    compat = work["compat tiny-llama-s"]
+    assert compat["from_cache"] == summary["responses_used"] and compat["scored"] == 192 - summary["responses_used"]
+    # and a probe after that rank scores nothing at all
+    after = cli(*args[:-1], str(tmp_path / "replay-after"))
+    assert after.returncode == 0, after.stderr[-3000:]
+    later = json.loads((tmp_path / "replay-after" / "probe_summary.json").read_text())["work"]
+    assert later and all(stage["scored"] == 0 for stage in later.values())
 
 
 def test_probe_argument_errors_are_one_line(tmp_path, tiny_suite, sample_path):

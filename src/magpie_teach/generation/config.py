@@ -11,6 +11,7 @@ from magpie_teach.settings import (
     ConfidenceSettings,
     ModelRunSettings,
     ProbeSettings,
+    ScoreCacheSettings,
 )
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -264,7 +265,7 @@ def load_generate_config(path: str) -> GenerateConfig:
 
 
 @dataclass
-class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings):
+class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings, ScoreCacheSettings):
     """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the model run's are
     inherited."""
 

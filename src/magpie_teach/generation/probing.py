@@ -9,18 +9,19 @@ Two ways to feed the rounds of :func:`magpie_teach.scoring.probe.run_probe`:
 * ``probe --replay DATA``: responses already generated (long or Generator-Zoo layout) are revealed in the same
   rounds, to measure what a probe would have spent.
 
-Scores of revealed responses are stored per base model under OUTPUT/.probe (a killed probe resumes without
-scoring again). Outputs: ``probe_summary.json``, ``probe_rounds.csv``, and OUTPUT/rank, a `rank`-layout folder of
+Revealed responses are scored through the content-keyed score cache, `rank`'s (``--cache-dir``): a killed probe
+resumes without scoring again, and a `rank` of the same data and models after a probe (or a probe after a `rank`)
+scores nothing twice; ``probe_summary.json``'s ``work`` counts, per stage, what was scored and what was read. Outputs: ``probe_summary.json``, ``probe_rounds.csv``, and OUTPUT/rank, a `rank`-layout folder of
 every response the probe scored (a teacher eliminated early has fewer instructions: its ``n``), which `report`,
 `select` and `push` read.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from magpie_teach.settings import CARSettings, ModelRunSettings, ProbeSettings
 
 if TYPE_CHECKING:
     from magpie_teach.generation.config import GenerateConfig
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.scoring.rank import RankConfig, ScoringSession
 
 logger = logging.getLogger(__name__)
 
@@ -44,41 +45,17 @@ RULE = (
 )
 
 
-class ScoreStore:
-    """Per-example scores of revealed responses, one batch store stage per base model, so a rerun scores only
-    what it has not scored yet."""
+def scored(rank_config: "RankConfig", session: "ScoringSession", work: dict) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The probe's scorer of revealed responses: `rank`'s own (:func:`magpie_teach.scoring.rank.score_rows`), through
+    the score cache, so a rerun, a `rank` of the same data and models, or a probe after a `rank` scores nothing
+    again; SESSION keeps a model loaded from one round to the next when nothing else needs scoring between them;
+    WORK counts, per stage, the examples scored and read from the cache."""
+    from magpie_teach.scoring.rank import score_rows
 
-    def __init__(self, out: Path, rank_config: "RankConfig"):
-        from magpie_teach.batch_store import BatchStore
+    def scores(rows: pd.DataFrame) -> pd.DataFrame:
+        return score_rows(rank_config, rows.reset_index(drop=True), work, session)
 
-        self.store = BatchStore(out / ".probe" / "scores")
-        self.config = rank_config
-        self.stages = {
-            base: f"base-{i}-{hashlib.sha1(base.encode()).hexdigest()[:8]}"
-            for i, base in enumerate(rank_config.base_models)
-        }
-
-    def scores(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """Scores of ``rows`` (validated responses) under every base model, scoring only the new ones."""
-        from magpie_teach.batch_store import BATCH_KEY
-        from magpie_teach.generation.score_stage import rows_not_stored
-        from magpie_teach.scoring.rank import score_rows
-
-        stored = {base: self.store.read(stage) for base, stage in self.stages.items()}
-        todo = rows_not_stored(rows, stored[self.config.base_models[0]])
-        if len(todo):
-            fresh = score_rows(self.config, todo.reset_index(drop=True))
-            for base, stage in self.stages.items():  # the first base model last: it marks the rows done
-                if base != self.config.base_models[0]:
-                    self.store.write(stage, fresh[fresh["base_model"] == base])
-            self.store.write(
-                self.stages[self.config.base_models[0]], fresh[fresh["base_model"] == self.config.base_models[0]]
-            )
-            stored = {base: self.store.read(stage) for base, stage in self.stages.items()}
-        keys = rows[BATCH_KEY]
-        return pd.concat(
-            [keys.merge(frame, on=BATCH_KEY, how="inner") for frame in stored.values()], ignore_index=True
-        )
+    return scores
 
 
 def _with_generation_index(rows: pd.DataFrame) -> pd.DataFrame:
@@ -118,6 +95,7 @@ def _write_outputs(
     source: str,
     n_available: int,
     failed: dict[str, int] | None = None,
+    work: dict | None = None,
 ) -> dict:
     from magpie_teach.data import LoadedResponses
     from magpie_teach.scoring.rank import write_rank_outputs
@@ -139,6 +117,7 @@ def _write_outputs(
         "round_sizes": result.sizes,
         "stopped_because": result.stop_reason,
         "instructions_available": n_available,
+        "work": work or {},
         "rule": RULE,
         "elimination_z": result.z,
         "settings": dataclasses.asdict(settings),
@@ -164,7 +143,8 @@ def _replay_rank_config(config: ReplayConfig) -> "RankConfig":
     return RankConfig(
         data=config.replay, output_dir=str(Path(config.output_dir) / artefacts.PROBE_RANK), base_models=list(config.base_models),
         reward_model=config.reward_model, reward_column=config.reward_column, revision=config.revision,
-        split=config.split, teachers=list(config.teachers), drop_invalid=config.drop_invalid, cache=False,
+        split=config.split, teachers=list(config.teachers), drop_invalid=config.drop_invalid, cache=config.cache,
+        cache_dir=config.cache_dir,
         bootstrap=config.bootstrap, confidence=config.confidence, bootstrap_seed=config.seed, **shared,
     )  # fmt: skip
 
@@ -215,19 +195,23 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
     out = Path(config.output_dir)
     with artefacts.locked(out):
         rank_config = _replay_rank_config(config)
-        store = ScoreStore(out, rank_config)
+        from magpie_teach.scoring.rank import ScoringSession
+
+        work: dict = {}
+        score = scored(rank_config, ScoringSession(), work)
         indexed = rows.set_index(["teacher", "id"]).sort_index()
 
         def reveal(who: list[str], new: list) -> pd.DataFrame:
             wanted = indexed.loc[indexed.index.isin(pd.MultiIndex.from_product([who, new]))].reset_index()
-            return store.scores(wanted)
+            return score(wanted)
 
         full = sum(sizes[-1] * generations.get(t, 1) for t in teachers)
         result = run_probe(ids, teachers, list(config.base_models), reveal, config, config.beta, config.reward_shift,
                            on_round=_Progress(len(teachers), sizes, full, generations))  # fmt: skip
         used = rows.merge(result.scores[["teacher", "id", "generation_index"]].drop_duplicates(), how="inner")
         tokens = used.groupby("teacher")["n_tokens"].sum().astype(int).to_dict() if "n_tokens" in used else {}
-        return _write_outputs(out, result, rank_config, config, generations, tokens, config.replay, len(ids))
+        return _write_outputs(out, result, rank_config, config, generations, tokens, config.replay, len(ids),
+                              work=work)  # fmt: skip
 
 
 def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = None, dry_run: bool = False) -> dict:
@@ -256,9 +240,12 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
     with artefacts.locked(out), reap_descendants():
         rank_config = dataclasses.replace(
             scoring_rank_config(config), output_dir=str(out / artefacts.PROBE_RANK), bootstrap=settings.bootstrap,
-            confidence=settings.confidence, bootstrap_seed=settings.seed, cache=False,
+            confidence=settings.confidence, bootstrap_seed=settings.seed,
         )  # fmt: skip
-        store = ScoreStore(out, rank_config)
+        from magpie_teach.scoring.rank import ScoringSession
+
+        work: dict = {}
+        score = scored(rank_config, ScoringSession(), work)
         responses = response_store(config)
         by_id = instructions.set_index("id", drop=False)
         failed: dict[str, int] = {}
@@ -267,8 +254,8 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
             wanted = by_id.loc[new].reset_index(drop=True)
             todo = {t.name: (wanted[~wanted["id"].isin(responses.done_ids(t.name))] if t.name in who
                              else wanted.iloc[:0]) for t in config.teachers}  # fmt: skip
-            work = GeneratePlan(wanted, counts, {n: len(r) for n, r in todo.items()}, todo)
-            failure = run_pipeline(config, work)
+            batch_plan = GeneratePlan(wanted, counts, {n: len(r) for n, r in todo.items()}, todo)
+            failure = run_pipeline(config, batch_plan)
             rows = responses.read()
             rows = rows[rows["teacher"].isin(who) & rows["id"].isin(new)]
             missing = {t: len(new) * generations[t] - int((rows["teacher"] == t).sum()) for t in who}
@@ -282,7 +269,7 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
             for teacher, n in rows.loc[bad, "teacher"].value_counts().items():
                 failed[str(teacher)] = failed.get(str(teacher), 0) + int(n)
             rows = rows[~bad].merge(wanted.drop(columns=["instruction"], errors="ignore"), on="id", how="left")
-            return store.scores(_with_generation_index(rows))
+            return score(_with_generation_index(rows))
 
         teachers = [t.name for t in config.teachers]
         full = sum(sizes[-1] * g for g in generations.values())
@@ -292,7 +279,7 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
         used = stored.merge(result.scores[["teacher", "id", "generation_index"]].drop_duplicates(), how="inner")
         tokens = used.groupby("teacher")["n_tokens"].sum().astype(int).to_dict()
         return _write_outputs(out, result, rank_config, settings, generations, tokens, str(config.instructions.path),
-                              len(ids), failed)  # fmt: skip
+                              len(ids), failed, work)  # fmt: skip
 
 
 def describe(summary: dict) -> list[str]:

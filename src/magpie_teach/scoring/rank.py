@@ -14,13 +14,19 @@ import pandas as pd
 
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import add_sums, short_name, sum_scores
-from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
+from magpie_teach.settings import (
+    CARSettings,
+    ClusterSettings,
+    ConfidenceSettings,
+    ModelRunSettings,
+    ScoreCacheSettings,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings):
+class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings, ScoreCacheSettings):
     """`rank`'s settings; CAR's (``beta``, ``reward_shift``), the bootstrap's (``bootstrap``, ``confidence``,
     ``bootstrap_seed``) and the model run's (``max_length``, ``batch_tokens``, ``dtype``, ``device``) are
     inherited from :mod:`magpie_teach.settings`."""
@@ -81,21 +87,6 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSetti
             "help": "Drop (and count) instructions with empty responses, missing rewards or missing teachers instead of failing."
         },
     )
-    cache: bool = field(
-        default=True,
-        metadata={
-            "help": "Use the score cache: each example is scored once per model and setting, a killed run resumes, "
-            "and a rerun with another beta, reward shift or performance table loads no model."
-        },
-    )
-    cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "The score cache's folder, shared by the runs that name it (default: $MAGPIE_TEACH_CACHE, "
-            "else ~/.cache/magpie-teach/scores)."
-        },
-    )
-
     dry_run: bool = field(
         default=False,
         metadata={
@@ -187,7 +178,7 @@ class _Stage:
     desc: str
 
 
-class _Session:
+class ScoringSession:
     """What scoring keeps across the windows of one `rank` run: each model's tokenizer and score caches (named
     once), and the model being scored (loaded at its first miss, kept until :meth:`release`)."""
 
@@ -233,14 +224,14 @@ def _tally(work: dict | None, desc: str, scored: int, from_cache: int, say: bool
 
 
 def _cached(config: RankConfig, model: str, stages: list[_Stage], work: dict | None,
-            session: _Session | None = None) -> list[pd.DataFrame]:  # fmt: skip
+            session: ScoringSession | None = None) -> list[pd.DataFrame]:  # fmt: skip
     """Each stage's scores of every row of its frame, in order: those in the score cache read from it, the others
     scored (here, or on the Ray cluster with ``--ray-address``) and stored in the cache as each window ends;
     ``work[desc]`` counts both. The stages share ``model``: it is loaded once (once per Ray actor), and only
     when something is left to score; with a ``session`` (`rank`'s windows) it stays loaded for the next call."""
     from magpie_teach.scoring.scorers import OUTPUTS
 
-    tokenizer, caches = (session or _Session()).caches_of(config, model, [stage.kind for stage in stages])
+    tokenizer, caches = (session or ScoringSession()).caches_of(config, model, [stage.kind for stage in stages])
     results, todo = [], []
     for stage, cache in zip(stages, caches):
         found, values = cache.lookup(stage.keys) if cache is not None else (np.zeros(len(stage.keys), bool), None)
@@ -351,7 +342,7 @@ def _run_on_ray(config: RankConfig, model: str, stages: list[_Stage], caches: li
 
 
 def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np.ndarray,
-               work: dict | None = None, session: _Session | None = None) -> pd.DataFrame:  # fmt: skip
+               work: dict | None = None, session: ScoringSession | None = None) -> pd.DataFrame:  # fmt: skip
     """Per-example losses of one causal LM: compat_loss, uncond_loss, instruction loss, token counts."""
     stages = _stages(model_name, ["compat", "instruction-loss"], rows, keys)
     scores, text = _cached(config, model_name, stages, work, session)
@@ -368,7 +359,7 @@ def _lm_scores(config: RankConfig, model_name: str, rows: pd.DataFrame, keys: np
 
 
 def _rewards(config: RankConfig, rows: pd.DataFrame, keys: np.ndarray, work: dict | None = None,
-             session: _Session | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+             session: ScoringSession | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(rewards, truncated): a precomputed column, or the reward model's scores."""
     if config.reward_column is not None:
         return rows[config.reward_column].to_numpy(dtype=np.float64), np.zeros(len(rows), dtype=bool)
@@ -539,7 +530,7 @@ def plan(config: RankConfig) -> dict:
     from magpie_teach.scoring.cache import example_keys
 
     _, stream, sources = _prepare(config)
-    session, models = _Session(), []
+    session, models = ScoringSession(), []
     for model, kinds in _models(config):
         _, caches = session.caches_of(config, model, kinds)
         stages: dict[str, dict] = {}
@@ -566,7 +557,7 @@ def _rank(config: RankConfig) -> RankResult:
     performance, stream, _ = _prepare(config)
     counts = dict(stream.counts)
     work: dict = {}
-    session = _Session()
+    session = ScoringSession()
     window = _window_rows(config, stream.n_rows, session)
     if window >= stream.n_rows:  # one window: scored and aggregated in memory
         (rows,) = stream.windows(stream.n_rows)
@@ -597,7 +588,7 @@ def _rank(config: RankConfig) -> RankResult:
         return write_rank_outputs(config, numbers, stream, counts, performance, work, file.write, file.sums)
 
 
-def _window_rows(config: RankConfig, n_rows: int, session: _Session) -> int:
+def _window_rows(config: RankConfig, n_rows: int, session: ScoringSession) -> int:
     """Rows scored per window: :data:`magpie_teach.data.WINDOW_ROWS`, or all of them where the score cache cannot
     carry scores from one pass to the next (``--no-cache``, a model whose identity is unknown)."""
     from magpie_teach import data
@@ -622,7 +613,7 @@ def _models(config: RankConfig) -> list[tuple[str, list[str]]]:
 
 
 def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, work: dict,
-          session: _Session) -> None:  # fmt: skip
+          session: ScoringSession) -> None:  # fmt: skip
     """Scores into the score cache what it lacks of one window under ``model``, through the stages
     :func:`score_rows` reads them back with."""
     from magpie_teach.scoring.cache import example_keys
@@ -635,7 +626,7 @@ def _fill(config: RankConfig, model: str, kinds: list[str], rows: pd.DataFrame, 
 
 
 def _fill_on_ray(config: RankConfig, model: str, kinds: list[str], stream: Any, window: int, work: dict,
-                 session: _Session) -> None:  # fmt: skip
+                 session: ScoringSession) -> None:  # fmt: skip
     """Scores into the score cache what it lacks of every window under ``model``, on the Ray cluster: a window at a
     time, the rows the cache lacks are staged (an instruction once, though its answers fall in several windows),
     then one Ray Data pipeline scores them all, so that each actor loads the model once."""
@@ -751,7 +742,7 @@ def truncation_counts(config: RankConfig, scores: pd.DataFrame) -> dict[str, int
 
 
 def score_rows(
-    config: RankConfig, rows: pd.DataFrame, work: dict | None = None, session: _Session | None = None
+    config: RankConfig, rows: pd.DataFrame, work: dict | None = None, session: ScoringSession | None = None
 ) -> pd.DataFrame:
     """Per-example scores of validated long-format ``rows`` under every base model of ``config`` (the rows of
     ``scores.parquet``): the reward (model or column), each base model's losses, the reference model's
