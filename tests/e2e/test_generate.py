@@ -345,13 +345,20 @@ def test_scoring_in_the_pipeline_gives_the_numbers_of_rank_and_resumes(tmp_path,
     pd.testing.assert_frame_equal(
         pd.read_csv(out / "rank" / "ranking.csv"), pd.read_csv(reference / "ranking.csv"), rtol=1e-4, atol=1e-5
     )
-    # resumable: drop one stored batch of one stage, rerun: only that batch is scored again
-    stored = sorted((out / "rank" / ".store").glob("compat-1-*/batch-*.parquet"))
-    untouched = set((out / "rank" / ".store").glob("*/batch-*.parquet")) - {stored[0]}
-    stored[0].unlink()
+    # one resume store: `rank` after `generate` scored nothing again (generate's scoring is rank's executor)
+    reused = json.loads((reference / "summary.json").read_text())["work"]
+    assert reused and all(stage["scored"] == 0 and stage["from_cache"] for stage in reused.values())
+    # resumable: drop what the cache holds of one base model's losses, rerun: only those are scored again
+    cache = Path(os.environ["MAGPIE_TEACH_CACHE"])
+    large = [part for part in cache.glob("compat/*/part-*.parquet")
+             if json.loads((part.parent / "scorer.json").read_text())["model"] == tiny_suite.base_large]  # fmt: skip
+    assert large
+    for part in large:
+        part.unlink()
     finish(generate(path))
-    new = set((out / "rank" / ".store").glob("*/batch-*.parquet")) - untouched
-    assert len(new) == 1 and new.pop().parent == stored[0].parent
+    work = json.loads((out / "rank" / "summary.json").read_text())["work"]
+    assert work["compat tiny-llama-l"] == {"scored": len(kept), "from_cache": 0}
+    assert all(stage["scored"] == 0 for name, stage in work.items() if name != "compat tiny-llama-l")
     again = pd.read_parquet(out / "rank" / "scores.parquet").sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(again, mine, check_exact=False, rtol=1e-4, atol=1e-5)
     summary = json.loads((out / "summary.json").read_text())

@@ -301,7 +301,7 @@ def _generate(config: GenerateConfig) -> dict:
     if config.scoring is not None:
         from magpie_teach.generation.score_stage import score_responses
 
-        summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows, StoreProgress)}
+        summary["scoring"] = {"output": str(out / "rank"), "counts": score_responses(config, rows)}
     files.write(artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if (out / artefacts.INSTRUCTIONS).exists():  # Magpie's instructions: published with the run that used them
         files.written.add(artefacts.INSTRUCTIONS)
