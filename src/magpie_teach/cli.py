@@ -66,6 +66,8 @@ def _add_push_flags(parser: argparse.ArgumentParser) -> None:
 def _print_ranking(ranking, correlations=None, confidence=None) -> None:  # noqa: ANN001 - pandas stays lazy
     import pandas as pd
 
+    from magpie_teach.scoring.metrics import SHOWN_METRICS
+
     ranking = ranking.copy()
     if "car_ci_low" in ranking.columns:  # the interval beside the value it belongs to
         ranking.insert(ranking.columns.get_loc("car") + 1, "car_ci",
@@ -78,11 +80,7 @@ def _print_ranking(ranking, correlations=None, confidence=None) -> None:  # noqa
             "car",
             "car_ci",
             "p_best",
-            "reward",
-            "compat_loss",
-            "length",
-            "ppl_self",
-            "ifd_self",
+            *(m for m in SHOWN_METRICS if m != "car"),
             "n_truncated",
             "n_hit_max_new_tokens",
         )  # fmt: skip

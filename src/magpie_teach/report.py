@@ -22,22 +22,15 @@ import pandas as pd
 from magpie_teach.artefacts import read_rank_folder, slug
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.hub.cards import markdown_table
-from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIRECTIONS, short_name
+from magpie_teach.scoring.metrics import (
+    DEFAULT_PERFORMANCE_COLUMNS,
+    METRIC_DIRECTIONS,
+    METRIC_LABELS,
+    SHOWN_METRICS,
+    short_name,
+)
 
-BASELINES = ["car", "reward", "compat_loss", "length", "ppl_self", "ifd_self", "ppl_ref", "ifd_ref"]
-METRIC_LABELS = {
-    "car": "CAR",
-    "reward": "reward",
-    "compat_loss": "compat. loss",
-    "length": "length",
-    "ppl_self": "PPL (base)",
-    "ifd_self": "IFD (base)",
-    "ic_ifd_self": "IC-IFD (base)",
-    "ppl_ref": "PPL (ref)",
-    "ifd_ref": "IFD (ref)",
-    "ic_ifd_ref": "IC-IFD (ref)",
-    "logprob_norm": "log-prob",
-}
+LABELS = {**METRIC_LABELS, "logprob_norm": "log-prob"}  # and a per-example score's, shown in its figure
 
 
 @dataclass
@@ -239,7 +232,7 @@ def correlation_figure(corr: pd.DataFrame, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2.5, 0.42 * table.shape[0] + 1.4))
     image = ax.imshow(table.to_numpy(dtype=float), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(table.shape[1]), [short_name(c) for c in table.columns], rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(table.shape[0]), [METRIC_LABELS.get(m, m) for m in table.index], fontsize=8)
+    ax.set_yticks(range(table.shape[0]), [LABELS.get(m, m) for m in table.index], fontsize=8)
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         if not np.isnan(value):
             ax.text(
@@ -305,7 +298,7 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
             )
         sections.append(Section("Setup", setup_text(Path(config.rank_dir), ranking, summary)))
         table_columns = ["base_model", "teacher", "car", "car_ci_low", "car_ci_high", "p_best",
-                         *[c for c in BASELINES if c in ranking and c != "car"], "n"]  # fmt: skip
+                         *[c for c in SHOWN_METRICS if c in ranking and c != "car"], "n"]  # fmt: skip
         table = ranking[[c for c in table_columns if c in ranking]]
         legend = (
             "Higher is better for car, p_best, reward, length and IFD; lower is better for compat_loss and PPL "

@@ -3,6 +3,7 @@
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,19 +16,37 @@ logger = logging.getLogger(__name__)
 DEFAULT_PERFORMANCE_COLUMNS = ("AE2_LC_WR", "ArenaHard_WR")
 """The paper's Average Performance: mean of AlpacaEval 2 length-controlled win rate and Arena-Hard win rate."""
 
-# metric -> True when a higher value means a better teacher (the orientation used for ranks and rho).
-METRIC_DIRECTIONS = {
-    "car": True,
-    "reward": True,
-    "compat_loss": False,
-    "length": True,  # longer responses score better on AlpacaEval 2 / Arena-Hard (the paper's length baseline)
-    "ppl_self": False,
-    "ifd_self": True,  # Li et al. (IFD): a higher IFD marks a more informative response
-    "ic_ifd_self": True,
-    "ppl_ref": False,
-    "ifd_ref": True,
-    "ic_ifd_ref": True,
-}
+
+@dataclass(frozen=True)
+class Metric:
+    """A teacher-level metric of ``ranking.csv``: its column, whether a higher value means a better teacher (the
+    orientation of its rank and of its rho with performance), its label in tables and figures, and whether `rank`'s
+    printout and `report` show it by default (when the ranking has it). A new metric is a row here and its
+    teacher-level mean in :func:`aggregate_sums` (its per-example
+    score, if new, in :func:`magpie_teach.scoring.rank.example_scores`)."""
+
+    name: str
+    higher_is_better: bool
+    label: str
+    shown: bool = True
+
+
+METRICS = (
+    Metric("car", True, "CAR"),
+    Metric("reward", True, "reward"),
+    Metric("compat_loss", False, "compat. loss"),
+    Metric("length", True, "length"),  # longer responses score better on AlpacaEval 2 / Arena-Hard (paper's baseline)
+    Metric("ppl_self", False, "PPL (base)"),
+    Metric("ifd_self", True, "IFD (base)"),  # Li et al. (IFD): a higher IFD marks a more informative response
+    Metric("ic_ifd_self", True, "IC-IFD (base)", shown=False),
+    Metric("ppl_ref", False, "PPL (ref)"),
+    Metric("ifd_ref", True, "IFD (ref)"),
+    Metric("ic_ifd_ref", True, "IC-IFD (ref)", shown=False),
+)
+METRIC_DIRECTIONS = {m.name: m.higher_is_better for m in METRICS}
+"""metric -> True when a higher value means a better teacher (the orientation used for ranks and rho)."""
+METRIC_LABELS = {m.name: m.label for m in METRICS}
+SHOWN_METRICS = [m.name for m in METRICS if m.shown]
 
 
 def car(reward: float | np.ndarray, compat_loss: float | np.ndarray, beta: float = DEFAULT_BETA) -> float | np.ndarray:
