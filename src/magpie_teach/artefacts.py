@@ -41,6 +41,11 @@ JUDGEMENTS = "judgements.parquet"
 WIN_RATES = "win_rates.csv"
 PERFORMANCE = "performance.csv"  # the layout `rank --performance` reads
 EVALUATE_CONFIG = "evaluate_config.yaml"
+CALIBRATION = "calibration.json"  # what `rank --beta-from` reads
+BETA_CURVE = "beta_curve.csv"
+CALIBRATION_FIGURE = "calibration.png"
+REPORT_MARKDOWN = "report.md"
+REPORT_HTML = "report.html"
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -49,6 +54,8 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
     "probe": (PROBE_SUMMARY, PROBE_ROUNDS),
     "evaluate": (JUDGEMENTS, WIN_RATES, PERFORMANCE, EVALUATE_CONFIG),
+    "calibrate": (CALIBRATION, CORRELATIONS, BETA_CURVE, CALIBRATION_FIGURE),
+    "report": (REPORT_MARKDOWN, REPORT_HTML),  # and figures/, written with them
 }
 LOCK = ".magpie-teach.lock"
 MANIFEST = "manifest.json"

@@ -609,15 +609,20 @@ class ReportResult:
 def report(config: ReportConfig) -> ReportResult:
     import matplotlib
 
-    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.artefacts import REPORT_HTML, REPORT_MARKDOWN, RunOutputs, locked
 
     matplotlib.use("Agg")
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(config, out)
-    markdown = render_markdown(config.title, sections, out)
-    page = render_html(config.title, sections)
-    write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
-    write_atomic(out / "report.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-    figures = [s.figure for s in sections if s.figure is not None]
-    return ReportResult(out / "report.md", out / "report.html", figures, [s.title for s in sections])
+    with locked(out):  # one run per folder; its manifest names this run's files, figures included
+        files = RunOutputs(out, "report")
+        sections = build_sections(config, out)
+        markdown = render_markdown(config.title, sections, out)
+        page = render_html(config.title, sections)
+        files.write(REPORT_MARKDOWN, lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+        files.write(REPORT_HTML, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+        figures = [s.figure for s in sections if s.figure is not None]
+        for stale in set((out / "figures").glob("*.png")) - set(figures):  # an earlier report's figure
+            stale.unlink()
+        files.written.update(str(figure.relative_to(out)) for figure in figures)
+        files.finish()
+    return ReportResult(out / REPORT_MARKDOWN, out / REPORT_HTML, figures, [s.title for s in sections])

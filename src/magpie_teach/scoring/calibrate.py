@@ -38,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import BETA_CURVE as CURVE  # the file names live in artefacts.py
+from magpie_teach.artefacts import CALIBRATION, CORRELATIONS
+from magpie_teach.artefacts import CALIBRATION_FIGURE as FIGURE
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIRECTIONS
 from magpie_teach.settings import DEFAULT_BETA
@@ -49,11 +52,6 @@ MIN_DISTINCT_AP = 3
 
 CHOICE_REPLICATES = 200
 """Bootstrap replicates (teachers drawn with replacement) behind ``choice_bootstrap``."""
-
-CALIBRATION = "calibration.json"
-CURVE = "beta_curve.csv"
-CORRELATIONS = "correlations.csv"
-FIGURE = "calibration.png"
 
 
 @dataclass
@@ -283,7 +281,7 @@ def _choice_rho(candidates: list[Candidate], choice: Choice, base: str) -> float
 def calibrate(config: CalibrateConfig) -> dict:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """Fits and writes the calibration (see the module docstring); returns what calibration.json holds."""
-    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.artefacts import RunOutputs, locked
     from magpie_teach.scoring.metrics import load_performance
 
     config.check()
@@ -338,16 +336,17 @@ def calibrate(config: CalibrateConfig) -> dict:
         result["note"] = (f"{best.metric} predicts AP better than CAR at any beta here; best_beta is CAR's best, "
                           "which rank --beta-from uses")  # fmt: skip
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = correlation_table(candidates, names)
     curve = beta_curve(chosen, names, result["crossings"])
-    write_atomic(out / CORRELATIONS, lambda tmp: table.to_csv(tmp))
-    write_atomic(out / CURVE, lambda tmp: curve.to_csv(tmp, index=False))
-    write_atomic(out / FIGURE, lambda tmp: _figure(curve, result, tmp))
     result = _finite(result)
     text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # valid JSON: no NaN or Infinity
-    write_atomic(out / CALIBRATION, lambda tmp: Path(tmp).write_text(text))
+    with locked(config.output_dir):  # one run per folder; its manifest says which files are this run's
+        files = RunOutputs(config.output_dir, "calibrate")
+        files.write(CORRELATIONS, lambda tmp: table.to_csv(tmp))
+        files.write(CURVE, lambda tmp: curve.to_csv(tmp, index=False))
+        files.write(FIGURE, lambda tmp: _figure(curve, result, tmp))
+        files.write(CALIBRATION, lambda tmp: Path(tmp).write_text(text))
+        files.finish()
     return result
 
 
