@@ -44,6 +44,7 @@ EVALUATE_CONFIG = "evaluate_config.yaml"
 CALIBRATION = "calibration.json"  # what `rank --beta-from` reads
 BETA_CURVE = "beta_curve.csv"
 CALIBRATION_FIGURE = "calibration.png"
+STUDENTS = "students.csv"  # validate: one row per teacher's student and its score
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 
@@ -56,6 +57,8 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": (JUDGEMENTS, WIN_RATES, PERFORMANCE, EVALUATE_CONFIG),
     "calibrate": (CALIBRATION, CORRELATIONS, BETA_CURVE, CALIBRATION_FIGURE),
     "report": (REPORT_MARKDOWN, REPORT_HTML),  # and figures/, written with them
+    # and its resumable work: students/, data/ (select's folders), generations/
+    "validate": (STUDENTS, CORRELATIONS, RANKING, JUDGEMENTS, WIN_RATES),
 }
 LOCK = ".magpie-teach.lock"
 MANIFEST = "manifest.json"

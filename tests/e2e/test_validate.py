@@ -1,6 +1,8 @@
 """`magpie-teach validate` end to end on tiny models: select, train, generate, score (a reward model's mean, or
 win rates judged by a judge LLM), correlate."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,8 +23,13 @@ def test_validate_fine_tunes_each_teacher_and_correlates(tmp_path, tiny_suite, r
     assert sorted(students["teacher"]) == ["tiny-teacher-lists", "tiny-teacher-terse", "tiny-teacher-thorough"]
     for teacher in students["teacher"]:
         assert (tmp_path / "students" / teacher / "model.safetensors").exists()
+        # save_steps=2 wrote a checkpoint (weights and optimizer state): evaluation needs the model only
+        assert not list((tmp_path / "students" / teacher).glob("checkpoint-*"))
         generations = pd.read_parquet(tmp_path / "generations" / f"{teacher}.parquet")
         assert len(generations) == 4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["kind"] == "validate" and manifest["complete"]
+    assert set(manifest["files"]) == {"students.csv", "correlations.csv", "ranking.csv"}
     # held-out instructions were not trained on
     heldout = set(pd.read_parquet(tmp_path / "generations" / "tiny-teacher-terse.parquet")["id"])
     trained = set(

@@ -16,8 +16,10 @@ trained again, finished generations not regenerated.
 """
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,14 +115,16 @@ def _train_student(config: ValidateConfig, teacher: str, base: str, heldout: lis
         overrides += [f"--{key}", value]
     overrides += ["--model_name_or_path", base, "--dataset_name", str(data), "--output_dir", str(student)]
     train(*parse_recipe(config.recipe, overrides))
+    for checkpoint in student.glob("checkpoint-*"):  # optimizer states for resuming: evaluation reads the model only
+        shutil.rmtree(checkpoint)
     return student
 
 
-def _judge(config: ValidateConfig, prompts: pd.DataFrame, rows: list[dict], out: Path) -> None:
+def _judge(config: ValidateConfig, prompts: pd.DataFrame, rows: list[dict], files: Any) -> None:
     """`evaluate`'s judging of the students' answers against the baseline's: each row gains its win rates and
     ``ap``, the mean of the length-controlled win rate and the Bradley-Terry score; the judgements and win rates
-    are written to OUT as `evaluate` writes them."""
-    from magpie_teach.artefacts import write_atomic
+    are written through FILES (the run's :class:`~magpie_teach.artefacts.RunOutputs`) as `evaluate` writes them."""
+    from magpie_teach.artefacts import JUDGEMENTS, WIN_RATES
     from magpie_teach.evaluation import evaluate as ev
     from magpie_teach.scoring.cache import default_cache_dir
 
@@ -139,19 +143,36 @@ def _judge(config: ValidateConfig, prompts: pd.DataFrame, rows: list[dict], out:
         row.update(win_rate=rate["win_rate"], AE2_LC_WR=rate["lc_win_rate"], ArenaHard_WR=rate["bt_score"],
                    n_unparseable=int(rate["n_unparseable"]))  # fmt: skip
         row["ap"] = float(np.mean([rate["lc_win_rate"], rate["bt_score"]]))
-    write_atomic(out / "judgements.parquet", lambda tmp: judgements.to_parquet(tmp, index=False))
-    write_atomic(out / "win_rates.csv", lambda tmp: rates.to_csv(tmp))
+    files.write(JUDGEMENTS, lambda tmp: judgements.to_parquet(tmp, index=False))
+    files.write(WIN_RATES, lambda tmp: rates.to_csv(tmp))
 
 
 def validate(config: ValidateConfig) -> ValidateResult:
-    """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores."""
-    from magpie_teach.artefacts import load_scores, recorded_rank_config, write_atomic
+    """Fine-tunes a student per teacher (or reads imported results) and correlates metrics with the students' scores.
+    One run per output folder (locked); its manifest names this run's files; students, their data and answers are
+    kept between runs (a rerun resumes from them)."""
+    from magpie_teach.artefacts import locked
+
+    with locked(config.output_dir):
+        return _validate(config)
+
+
+def _validate(config: ValidateConfig) -> ValidateResult:
+    from magpie_teach.artefacts import (
+        CORRELATIONS,
+        STUDENTS,
+        RunOutputs,
+        load_scores,
+        recorded_rank_config,
+        write_atomic,
+    )
     from magpie_teach.evaluation.evaluate import generate_answers
     from magpie_teach.modeling import load_model, load_tokenizer
     from magpie_teach.scoring.metrics import aggregate, correlations, load_performance
     from magpie_teach.scoring.reward import score_reward
 
     out = Path(config.output_dir)
+    files = RunOutputs(out, "validate")
     scores = load_scores(config.scores, config.base_model)
     base = str(scores["base_model"].iloc[0])
     teachers = config.teachers or sorted(scores["teacher"].unique())
@@ -186,7 +207,7 @@ def validate(config: ValidateConfig) -> ValidateResult:
                 write_atomic(path, lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
             rows.append({"teacher": teacher, "base_model": base, "student": str(student), "answers": answers})
         if config.judge is not None or config.judge_reward_model is not None:
-            _judge(config, pd.DataFrame({"id": heldout, "instruction": prompts}), rows, out)
+            _judge(config, pd.DataFrame({"id": heldout, "instruction": prompts}), rows, files)
         else:
             tokenizer = load_tokenizer(config.reward_model)
             model = load_model(config.reward_model, "reward", device=config.device)
@@ -196,7 +217,8 @@ def validate(config: ValidateConfig) -> ValidateResult:
                 row["ap"] = float(np.mean(rewards))
         students = pd.DataFrame(rows)
     corr = correlations(ranking, students)
-    write_atomic(out / "students.csv", lambda tmp: students.to_csv(tmp, index=False))
-    write_atomic(out / "correlations.csv", lambda tmp: corr.to_csv(tmp))
-    write_atomic(out / RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
+    files.write(STUDENTS, lambda tmp: students.to_csv(tmp, index=False))
+    files.write(CORRELATIONS, lambda tmp: corr.to_csv(tmp))
+    files.write(RANKING, lambda tmp: ranking.to_csv(tmp, index=False))
+    files.finish()
     return ValidateResult(students, corr, out)
