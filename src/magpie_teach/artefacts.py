@@ -45,6 +45,9 @@ CALIBRATION = "calibration.json"  # what `rank --beta-from` reads
 BETA_CURVE = "beta_curve.csv"
 CALIBRATION_FIGURE = "calibration.png"
 STUDENTS = "students.csv"  # validate: one row per teacher's student and its score
+REVIEWS = "reviews.parquet"  # review pull: one row per (record, annotator)
+REVIEW_SUMMARY = "review_summary.csv"
+REVIEW_AGREEMENT = "review_summary.json"
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
 
@@ -59,6 +62,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "report": (REPORT_MARKDOWN, REPORT_HTML),  # and figures/, written with them
     # and its resumable work: students/, data/ (select's folders), generations/
     "validate": (STUDENTS, CORRELATIONS, RANKING, JUDGEMENTS, WIN_RATES),
+    "review": (REVIEWS, REVIEW_SUMMARY, REVIEW_AGREEMENT),
 }
 LOCK = ".magpie-teach.lock"
 MANIFEST = "manifest.json"

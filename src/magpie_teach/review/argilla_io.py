@@ -217,7 +217,7 @@ def review_sample(config: ReviewPushConfig) -> pd.DataFrame:
 def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Fetches submitted responses, one row per (record, annotator), joined to the scored rows; writes
     ``reviews.parquet``, ``review_summary.csv`` and ``review_summary.json`` under ``output_dir``."""
-    from magpie_teach.artefacts import write_atomic
+    from magpie_teach.artefacts import REVIEW_AGREEMENT, REVIEW_SUMMARY, REVIEWS, RunOutputs, locked
     from magpie_teach.review.summary import summarize_reviews
 
     client = connect()
@@ -272,11 +272,11 @@ def pull_reviews(config: ReviewPullConfig) -> tuple[pd.DataFrame, pd.DataFrame, 
         scored = scores.drop(columns=[c for c in ("reward", "compat_loss") if c in reviews.columns])
         reviews = reviews.merge(scored, on=["id", "teacher", "base_model"], how="left", suffixes=("", "_scored"))
     table, agreement = summarize_reviews(reviews)
-    out = Path(config.output_dir)
-    write_atomic(out / "reviews.parquet", lambda tmp: reviews.to_parquet(tmp, index=False))
-    write_atomic(out / "review_summary.csv", lambda tmp: table.to_csv(tmp, index=False))
-    write_atomic(
-        out / "review_summary.json",
-        lambda tmp: Path(tmp).write_text(json.dumps({"agreement": agreement, "records": len(reviews)}, indent=2)),
-    )
+    text = json.dumps({"agreement": agreement, "records": len(reviews)}, indent=2)
+    with locked(config.output_dir):  # one run per folder; its manifest names this run's files
+        files = RunOutputs(config.output_dir, "review")
+        files.write(REVIEWS, lambda tmp: reviews.to_parquet(tmp, index=False))
+        files.write(REVIEW_SUMMARY, lambda tmp: table.to_csv(tmp, index=False))
+        files.write(REVIEW_AGREEMENT, lambda tmp: Path(tmp).write_text(text))
+        files.finish()
     return reviews, table, agreement
