@@ -338,8 +338,8 @@ def calibrate(config: CalibrateConfig) -> dict:
 
     table = correlation_table(candidates, names)
     curve = beta_curve(chosen, names, result["crossings"])
-    result = _finite(result)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # valid JSON: no NaN or Infinity
+    finite = _finite(result)  # the figure reads the NaNs as NaNs; the JSON holds None for them
+    text = json.dumps(finite, indent=2, allow_nan=False) + "\n"  # valid JSON: no NaN or Infinity
     with locked(config.output_dir):  # one run per folder; its manifest says which files are this run's
         files = RunOutputs(config.output_dir, "calibrate")
         files.write(CORRELATIONS, lambda tmp: table.to_csv(tmp))
@@ -347,7 +347,7 @@ def calibrate(config: CalibrateConfig) -> dict:
         files.write(FIGURE, lambda tmp: _figure(curve, result, tmp))
         files.write(CALIBRATION, lambda tmp: Path(tmp).write_text(text))
         files.finish()
-    return result
+    return finite
 
 
 def _finite(value):
