@@ -171,16 +171,16 @@ def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
 
 
 def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
-    """One distilabel branch per teacher with work left: load -> TextGeneration -> ResponseFormat (stores batches)."""
+    """One distilabel branch per teacher with work left: load -> TeacherGeneration (distilabel's TextGeneration) ->
+    ResponseFormat (stores batches)."""
     import os
 
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts, StepResources
-    from distilabel.steps.tasks import ChatGeneration, TextGeneration
 
     from magpie_teach.chat import build_messages
     from magpie_teach.generation.llms import build_teacher_llm
-    from magpie_teach.steps.generation import ResponseFormat
+    from magpie_teach.steps.generation import ResponseFormat, TeacherChat, TeacherGeneration
 
     store = response_store(config)
     busy = [t for t in config.teachers if not work.todo[t.name].empty]
@@ -198,7 +198,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
             llm, gpus = build_teacher_llm(teacher, threads)
-            generate = (ChatGeneration if multi_turn else TextGeneration)(
+            generate = (TeacherChat if multi_turn else TeacherGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
                 num_generations=teacher.num_generations,

@@ -9,11 +9,24 @@ responses.
 from typing import TYPE_CHECKING, Any
 
 from distilabel.steps import Step, StepInput
-from distilabel.steps.tasks import MagpieGenerator
+from distilabel.steps.tasks import ChatGeneration, MagpieGenerator, TextGeneration
 from pydantic import Field, PrivateAttr
 
 if TYPE_CHECKING:
     from distilabel.typing import GeneratorStepOutput, StepOutput
+
+
+class TeacherGeneration(TextGeneration):
+    """distilabel's ``TextGeneration``, a teacher answering one instruction per row.
+
+    Subclassed for its docstring only: the parent's names a web page among its references, and distilabel, when
+    it builds a run's ``Distiset``, tries to turn every reference into a BibTeX entry by scraping a web service
+    (which needs ``bs4`` and the network, and printed ``Untracked error: No module named 'bs4'`` in every run)."""
+
+
+class TeacherChat(ChatGeneration):
+    """distilabel's ``ChatGeneration``, a teacher answering the last user turn of each conversation (see
+    :class:`TeacherGeneration` for why it is subclassed)."""
 
 
 class ResponseFormat(Step):
