@@ -481,3 +481,45 @@ def test_calibration_json_is_strict_json_and_the_choice_carries_its_bootstrap(pl
     assert boot["same_metric_share"] == same / 200
     assert boot["best_beta_ci"] == pytest.approx(list(np.quantile(betas, [0.025, 0.975])))
     assert choice_bootstrap(candidates, names, best) == boot  # seeded: the same again
+
+
+def test_the_choice_sentence_and_the_stable_range_read_exactly_as_their_numbers_say():
+    """The sentences calibrate prints and report shows, word for word: firm at 90% of replicates or more, and
+    otherwise a warning; the fitted beta's interval when one was fitted; an open range end read as infinity."""
+    from magpie_teach.scoring.calibrate import choice_sentence, stable_range_text
+
+    firm = {"best_metric": "car", "choice_bootstrap": {"replicates": 200, "same_metric_share": 0.9, "confidence": 0.95,
+                                                       "best_beta_ci": [1.25, 7.5]}}  # fmt: skip
+    assert choice_sentence(firm) == (
+        "Teachers drawn again (200 bootstrap replicates) choose car 90% of the time: the choice is firm. "
+        "CAR's fitted beta: 95% interval [1.25, 7.5]."
+    )
+    shaky = {"best_metric": "reward", "choice_bootstrap": {"replicates": 50, "same_metric_share": 0.894,
+                                                           "confidence": 0.9, "best_beta_ci": None}}  # fmt: skip
+    assert choice_sentence(shaky) == (
+        "Teachers drawn again (50 bootstrap replicates) choose reward 89% of the time: another metric could "
+        "predict as well on other teachers."
+    )
+    assert choice_sentence({"best_metric": "car"}) == "" and choice_sentence({"choice_bootstrap": None}) == ""
+    assert stable_range_text({"stable_beta_range": [0.5, None]}) == "[0.5, infinity]"
+    assert stable_range_text({"stable_beta_range": [0.123456, 12.34567]}) == "[0.1235, 12.35]"
+
+
+@pytest.mark.parametrize(
+    ("ap", "what"),
+    [([np.nan] * 4, "all NaN"), ([3.0, 3.0, 3.0, np.nan], "constant"), ([1.0, 2.0, 2.0, 1.0], "2 distinct values")],
+)
+def test_performance_that_cannot_rank_teachers_names_the_base_model_and_why(ap, what):
+    from magpie_teach.errors import DataError
+    from magpie_teach.scoring.calibrate import Base, Candidate, check_performance
+
+    teachers = ["a", "b", "c", "d"]
+    good = Base("good", teachers, np.ones(4), np.ones(4), np.array([1.0, 2.0, 3.0, 4.0]), {})
+    bad = Base("qwen", teachers, np.ones(4), np.ones(4), np.array(ap), {})
+    check_performance(Candidate("s", 0.0, {"good": good}))
+    with pytest.raises(DataError) as caught:
+        check_performance(Candidate("s", 0.0, {"good": good, "qwen": bad}))
+    assert str(caught.value) == (
+        f"the performance of qwen's teachers is {what}: calibrate needs at least 3 distinct AP values per base "
+        "model to rank them; nothing was written"
+    )

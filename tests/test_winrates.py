@@ -242,3 +242,31 @@ def test_one_students_features_and_fit_are_the_published_model_at_any_length_sca
         assert fit.win_rate == pytest.approx(100 * np.mean(expit(theta + psi * expected[:, 2])), abs=1e-6)
     constant = length_features(judgements.assign(length_diff=5.0), gamma)
     assert (constant[:, 1] == 0).all()  # a constant difference says nothing about length: a zero column
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "verb"),
+    [(50.5, 60.0, "beats"), (40.0, 49.9, "loses to"), (49.4, 55.0, "cannot be told apart from"),
+     (50.0, 70.0, "cannot be told apart from"), (30.0, 50.0, "cannot be told apart from"),
+     (float("nan"), float("nan"), "cannot be told apart from")],
+)  # fmt: skip
+def test_the_verdict_follows_the_interval_and_reads_as_one_sentence(low, high, verb):
+    """ "beats" only when the whole interval is above 50% (an interval that touches 50 holds "as good as"), "loses
+    to" only when it is wholly below; the sentence carries the rate, the interval and its level."""
+    from magpie_teach.scoring.winrates import comparison, verdict_sentence
+
+    assert comparison(low, high) == verb
+    rate = (low + high) / 2
+    assert verdict_sentence("s1", "gpt2", rate, low, high, 0.95) == (
+        f"s1 {verb} gpt2: win rate {rate:.1f}% [{low:.1f}, {high:.1f}] (95% interval)"
+    )
+
+
+def test_first_position_preference_is_the_mean_over_both_orders_of_the_readable_verdicts():
+    from magpie_teach.scoring.winrates import first_position_preference
+
+    student_first = np.array([0.9, 0.8, np.nan])
+    baseline_first = np.array([0.7, np.nan, 0.6])
+    assert first_position_preference(student_first, baseline_first) == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 4)
+    assert first_position_preference([0.2], [0.8]) == pytest.approx(0.5)  # no bias: both orders agree
+    assert np.isnan(first_position_preference([np.nan], [np.nan]))
