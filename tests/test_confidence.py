@@ -377,6 +377,19 @@ def test_p_best_is_the_hierarchical_posterior_computed_another_way(gaps):
         assert ranking["p_best"].iloc[lead] < share_of_firsts(samples)[lead] - 0.05
 
 
+def test_p_best_of_six_teachers_weighs_the_spread_of_true_cars_by_its_marginal_likelihood():
+    """Six teachers, spread from a tie to a clear gap: how much the posterior shrinks the teachers toward each other
+    hangs on the weight each tau gets from the data (its marginal likelihood); the reference integrates tau on its
+    own grid, and a wrong weight (the quadratic form mis-signed or mis-scaled) moves p_best past this tolerance."""
+    gaps = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
+    truth = {name: (2.0 - gap, 1.0) for name, gap in zip("abcdef", gaps)}
+    scores = synthetic_scores(truth, n=40, seed=4)
+    ranking, _ = bootstrap_ranking(scores, aggregate(scores), n_replicates=2000, seed=3)
+    samples = paired_samples(scores, aggregate(scores).reset_index(drop=True), 2000, 3)["car"]
+    expected = _posterior_reference(ranking["car"].to_numpy(), np.cov(samples, rowvar=False))
+    np.testing.assert_allclose(ranking["p_best"], expected, atol=0.008)
+
+
 def test_p_best_is_seeded_and_follows_each_teacher_whatever_the_order_of_the_columns():
     scores = synthetic_scores({"a": (2.0, 1.0), "b": (1.9, 1.0), "c": (1.7, 1.2)}, n=30, seed=2)
     ranking = aggregate(scores).reset_index(drop=True)
