@@ -457,6 +457,7 @@ def test_calibration_json_is_strict_json_and_the_choice_carries_its_bootstrap(pl
     json.loads((out / "calibration.json").read_text(), parse_constant=strict)
     boot = result["choice_bootstrap"]
     assert boot["replicates"] == 200 and 0.0 <= boot["same_metric_share"] <= 1.0
+    assert boot["seed"] == 0 and boot["confidence"] == 0.95
     low, high = boot["best_beta_ci"]
     assert low <= high
     # the same protocol by hand: teachers drawn with replacement per base model, in base-model order

@@ -455,3 +455,12 @@ def test_a_clear_lead_on_too_few_instructions_or_values_is_not_separated_and_say
     same.loc[flat, ["reward", "compat_loss"]] = [2.0, 1.0]
     _, (verdict,) = bootstrap_ranking(same, aggregate(same), n_replicates=200)
     assert not verdict.separated and verdict.too_few.startswith("a teacher's scores take only 4 distinct value(s)")
+
+
+def test_distinct_scores_counts_the_poorest_teachers_distinct_pairs_and_none_is_zero():
+    from magpie_teach.scoring.confidence import distinct_scores
+
+    scores = pd.DataFrame({"teacher": ["a", "a", "a", "b", "b"], "reward": [1.0, 1.0, 2.0, 3.0, 3.0],
+                           "compat_loss": [0.5, 0.5, 0.5, 0.1, 0.2]})  # fmt: skip
+    assert distinct_scores(scores) == 2  # a: (1, .5) and (2, .5); b: (3, .1) and (3, .2)
+    assert distinct_scores(scores.iloc[:0]) == 0

@@ -35,6 +35,7 @@ PAPER_BASES = ["Qwen/Qwen2-1.5B", "google/gemma-2-2b", "Qwen/Qwen2.5-3B", "meta-
         ("-Base", "-base"),  # a suffix alone is a name, not nothing
         ("models/Model-X/", "model-x"),
         ("Gemma 2 9b it", "gemma-2-9b-it"),
+        ("tiny-llama-s@sha256:0123456789ab", "tiny-llama-s"),  # a local model as `push` publishes its name
     ],
 )
 def test_names_normalise_by_the_documented_rules(name, expected):
