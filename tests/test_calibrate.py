@@ -504,6 +504,7 @@ def test_the_choice_sentence_and_the_stable_range_read_exactly_as_their_numbers_
     assert choice_sentence({"best_metric": "car"}) == "" and choice_sentence({"choice_bootstrap": None}) == ""
     assert stable_range_text({"stable_beta_range": [0.5, None]}) == "[0.5, infinity]"
     assert stable_range_text({"stable_beta_range": [0.123456, 12.34567]}) == "[0.1235, 12.35]"
+    assert stable_range_text({"stable_beta_range": [1e-5, 123456.0]}) == "[1e-05, 1.235e+05]"
 
 
 @pytest.mark.parametrize(
@@ -518,6 +519,8 @@ def test_performance_that_cannot_rank_teachers_names_the_base_model_and_why(ap, 
     good = Base("good", teachers, np.ones(4), np.ones(4), np.array([1.0, 2.0, 3.0, 4.0]), {})
     bad = Base("qwen", teachers, np.ones(4), np.ones(4), np.array(ap), {})
     check_performance(Candidate("s", 0.0, {"good": good}))
+    three = Base("three", teachers, np.ones(4), np.ones(4), np.array([1.0, 2.0, 3.0, 3.0]), {})
+    check_performance(Candidate("s", 0.0, {"three": three}))  # three distinct values are enough
     with pytest.raises(DataError) as caught:
         check_performance(Candidate("s", 0.0, {"good": good, "qwen": bad}))
     assert str(caught.value) == (

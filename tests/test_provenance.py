@@ -90,3 +90,37 @@ def test_name_equals_path_learns_the_path_part_and_json_that_is_a_path_alone(dis
     other = Publisher()
     other.learn_json_strings([str(data), "[1, 2]", json.dumps([str(plain)])])
     assert other.rewrite(f"{data} {plain}") == f"{public_name(str(data))} gen"
+
+
+def test_nested_paths_are_rewritten_longest_first_and_a_relative_path_by_its_resolved_spelling_too(disk, tmp_path):
+    model, plain, data = disk
+    inner = plain / "student"  # a model folder inside an output folder: the longer path must win
+    inner.mkdir()
+    (inner / "config.json").write_text("{}")
+    publisher = Publisher()
+    publisher.learn(["runs/gen", "runs/gen/student"])  # relative to the working folder
+    student = public_name(str(inner))
+    assert publisher.rewrite("runs/gen/student and runs/gen") == f"{student} and gen"
+    assert publisher.rewrite(f"{inner.resolve()} in {plain.resolve()}") == f"{student} in gen"
+
+
+def test_a_path_with_an_equals_sign_after_a_name_and_an_over_long_component(disk, tmp_path):
+    folder = tmp_path / "k=v"
+    folder.mkdir()
+    publisher = Publisher()
+    publisher.learn([f"s1={folder}"])  # evaluate's --student NAME=PATH, the path holding "=" itself
+    assert publisher.rewrite(f"s1={folder}") == "s1=k=v"
+    assert not is_local_path(str(tmp_path / ("y" * 300)))  # the system refuses the name: not a local path
+
+
+def test_json_columns_are_searched_whatever_their_name_and_settings_alone_holds_a_path(disk):
+    import numpy as np
+
+    model, plain, data = disk
+    frame = pd.DataFrame({"teacher": ["Qwen/Qwen2-1.5B"], "settings": [json.dumps({"model": str(model)})],
+                          "magpie_config": [json.dumps({"path": str(data)})]})  # fmt: skip
+    frame.attrs = {"rows": np.int64(3)}  # not JSON itself: kept as it is when nothing in it changes
+    public = Publisher().rewrite_frame(frame)
+    assert json.loads(public["settings"][0]) == {"model": public_name(str(model))}
+    assert json.loads(public["magpie_config"][0]) == {"path": public_name(str(data))}
+    assert public.attrs == {"rows": 3} and isinstance(public.attrs["rows"], np.integer)
