@@ -464,3 +464,18 @@ def test_distinct_scores_counts_the_poorest_teachers_distinct_pairs_and_none_is_
                            "compat_loss": [0.5, 0.5, 0.5, 0.1, 0.2]})  # fmt: skip
     assert distinct_scores(scores) == 2  # a: (1, .5) and (2, .5); b: (3, .1) and (3, .2)
     assert distinct_scores(scores.iloc[:0]) == 0
+
+
+def test_the_evidence_rule_holds_exactly_at_its_minimums():
+    """20 instructions and 5 distinct scores are enough; one fewer of either is not (and says how many more)."""
+    from magpie_teach.scoring.confidence import MIN_DECISION_INSTRUCTIONS, MIN_DISTINCT_SCORES, evidence_shortfall
+
+    assert (MIN_DECISION_INSTRUCTIONS, MIN_DISTINCT_SCORES) == (20, 5)
+    assert evidence_shortfall(20, 5) is None
+    assert evidence_shortfall(19, 5) == (
+        "19 instruction(s) are too few to decide on (a decision needs at least 20): score at least 1 more"
+    )
+    assert evidence_shortfall(20, 4) == (
+        "a teacher's scores take only 4 distinct value(s) on these 20 instructions (a decision needs at least 5): "
+        "score more instructions"
+    )
