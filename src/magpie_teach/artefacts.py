@@ -341,16 +341,43 @@ def verify_run(folder: str | os.PathLike, reader: str) -> dict | None:
     return manifest
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ERROR naming the file otherwise. The
+    project's one YAML reader (:func:`parse_yaml_mapping` for a text already read)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise error(f"{path}: could not be read: {err}") from err
+    return parse_yaml_mapping(text, str(path), error)
+
+
+def parse_yaml_mapping(text: str, where: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """TEXT as YAML whose top level is a mapping (empty is ``{}``); ERROR naming WHERE when it is not YAML or not a
+    mapping."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise error(f"{where}: could not be read: not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise error(f"{where}: expected a mapping of keys to values at the top level.")
+    return loaded
+
+
+def short_name(name: str) -> str:
+    """The last path component of a model or teacher name: ``models/Qwen2-1.5B`` -> ``Qwen2-1.5B``."""
+    return str(name).rstrip("/").split("/")[-1]
+
+
 def recorded_rank_config(scores: str, commit: str | None = None) -> tuple[dict | None, str]:
     """The resolved config `rank` recorded beside SCORES (a rank folder, its scores.parquet, or a Hub data set
     pushed with ``--kind scores``, read at COMMIT): (the config, or None when there is none; where it was looked
     for)."""
-    import yaml
-
     path = Path(scores)
     if path.exists():
         recorded = (path if path.is_dir() else path.parent) / RANK_CONFIG
-        return (yaml.safe_load(recorded.read_text()) if recorded.exists() else None), str(recorded)
+        return (read_yaml_mapping(recorded, DataError) if recorded.exists() else None), str(recorded)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -359,7 +386,7 @@ def recorded_rank_config(scores: str, commit: str | None = None) -> tuple[dict |
         local = hf_hub_download(scores, f"magpie_teach/{RANK_CONFIG}", repo_type="dataset", revision=commit)
     except EntryNotFoundError:
         return None, where
-    return yaml.safe_load(Path(local).read_text()), where
+    return read_yaml_mapping(local, DataError), where
 
 
 # ---- readers ---------------------------------------------------------------------------------------------
@@ -463,7 +490,6 @@ def open_scores(path: str, base_model: str | None, revision: str | None = None) 
             raise ConfigError(f"{name} holds scores for several base models; choose one with --base-model: {bases}")
         base_model = bases[0]
     if base_model not in bases:
-        from magpie_teach.scoring.metrics import short_name
 
         def stem(name: str) -> str:  # a published name keeps the local folder's name before "@sha256:"
             return short_name(name).split("@sha256:")[0]

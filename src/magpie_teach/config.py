@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from magpie_teach.artefacts import parse_yaml_mapping, read_yaml_mapping  # noqa: F401 - the one YAML reader
 from magpie_teach.errors import ConfigError
 
 C = TypeVar("C")
@@ -206,19 +207,6 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError naming the file otherwise."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: could not be read: {err}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
-    return loaded
 
 
 def dump_config(config: Any, path: str | Path) -> None:

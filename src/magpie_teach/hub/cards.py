@@ -8,9 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from magpie_teach.artefacts import COMMAND_FILE, KINDS, RANKING, WIN_RATES, Kind
+from magpie_teach.artefacts import COMMAND_FILE, KINDS, RANKING, WIN_RATES, Kind, read_yaml_mapping
 from magpie_teach.errors import DataError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "dataset_cards"
@@ -83,12 +81,12 @@ def render(kind: str, context: dict, card_data: dict, source: str) -> str:
 def yaml_or_json(path: Path) -> dict:
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".json":
+        return read_yaml_mapping(path, DataError)
     try:
-        loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        return json.loads(path.read_text(encoding="utf-8")) or {}
+    except json.JSONDecodeError as err:
         raise DataError(f"{path}: unreadable: {err}") from err
-    return loaded or {}
 
 
 # ---- what each kind's card says ------------------------------------------------------------------------

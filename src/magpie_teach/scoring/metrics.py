@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from magpie_teach.artefacts import short_name  # noqa: F401 - re-exported: the engine's readers name models by it
 from magpie_teach.errors import ConfigError
 from magpie_teach.settings import DEFAULT_BETA
 
@@ -213,11 +214,6 @@ def load_performance(
         )
     frame.attrs["aliases"] = alias_map
     return frame
-
-
-def short_name(name: str) -> str:
-    """The last path component of a model or teacher name: ``models/Qwen2-1.5B`` -> ``Qwen2-1.5B``."""
-    return str(name).rstrip("/").split("/")[-1]
 
 
 def match_performance(group: pd.DataFrame, performance: pd.DataFrame, base: str, warn: bool = False) -> pd.DataFrame:

@@ -45,14 +45,9 @@ def normalise(name: Any) -> str:
 
 
 def _read_aliases(text: str, where: str) -> dict[str, str]:
-    import yaml
+    from magpie_teach.artefacts import parse_yaml_mapping
 
-    try:
-        loaded = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{where}: expected a mapping of alias: name in the performance table.")
+    loaded = parse_yaml_mapping(text, where)
     aliases = {}
     for alias, name in loaded.items():
         if not isinstance(name, (str, int, float)) or isinstance(name, bool) or name in ("", None):
