@@ -5,22 +5,30 @@ inside functions), so a late import counts like any other.
 """
 
 import ast
+import re
 
 from tests.conftest import REPO
 
 PACKAGE = REPO / "src" / "magpie_teach"
-FLOORS = [  # module prefixes per floor, ground first (ARCHITECTURE.md's table)
-    ("errors", "settings", "processes", "progress"),
-    ("artefacts", "batch_store", "config", "chat", "data", "modeling", "scoring", "selection", "tables", "tiny"),
-    ("steps", "hub", "review", "training", "report"),
-    ("generation", "evaluation"),
-    ("demo", "cli"),
-]
+
+
+def floors_of_the_document() -> dict[str, int]:
+    """Module prefix -> floor, read from ARCHITECTURE.md's table (``| N, name | `a.py`, `b/` | ... |``): the test
+    checks what the document says, so the two cannot drift apart."""
+    placed = {}
+    for line in (REPO / "ARCHITECTURE.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and re.match(r"\d+,", cells[0]):
+            for name in re.findall(r"`([^`]+)`", cells[1]):
+                placed[name.removesuffix(".py").rstrip("/")] = int(cells[0].split(",")[0])
+    return placed
+
+
+FLOORS = floors_of_the_document()
 
 
 def floor(module: str) -> int:
-    head = module.split(".")[0]
-    return next(i for i, names in enumerate(FLOORS) if head in names)
+    return FLOORS[module.split(".")[0]]  # KeyError names a module ARCHITECTURE.md does not place
 
 
 def modules() -> dict[str, set[str]]:
@@ -31,20 +39,37 @@ def modules() -> dict[str, set[str]]:
         if name == "__init__" or name.endswith("__main__"):
             continue
         name = name.removesuffix(".__init__")
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("magpie_teach"):
-                base = node.module.removeprefix("magpie_teach").lstrip(".")
-                if base:
-                    imported.add(base)
-                else:  # from magpie_teach import artefacts
-                    imported.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.Import):
-                imported.update(
-                    a.name.removeprefix("magpie_teach.") for a in node.names if a.name.startswith("magpie_teach.")
-                )
-        graph[name] = {m for m in imported if m and m != "__version__"}
+        graph[name] = imports_of(path.read_text())
     return graph
+
+
+def imports_of(source: str) -> set[str]:
+    """The magpie_teach modules SOURCE imports (dotted, below magpie_teach), wherever the import stands."""
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("magpie_teach"):
+            base = node.module.removeprefix("magpie_teach").lstrip(".")
+            for alias in node.names:  # `from magpie_teach.hub import cards` imports the module hub.cards
+                sub = f"{base}.{alias.name}" if base else alias.name
+                imported.add(sub if _is_module(sub) else base)
+        elif isinstance(node, ast.Import):
+            imported.update(
+                a.name.removeprefix("magpie_teach.") for a in node.names if a.name.startswith("magpie_teach.")
+            )
+    return {m for m in imported if m and m != "__version__"}
+
+
+def _is_module(dotted: str) -> bool:
+    path = PACKAGE.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_the_document_places_the_floors_as_the_code_stands():
+    assert FLOORS["errors"] == 0 and FLOORS["scoring"] == 1 and FLOORS["hub"] == 2 and FLOORS["cli"] == 4
+    assert FLOORS["generation"] == FLOORS["evaluation"] == 3
+    source = "from magpie_teach.hub import cards\nfrom magpie_teach import artefacts\nimport magpie_teach.data\n" \
+             "def f():\n    from magpie_teach.scoring.metrics import car\n"  # fmt: skip
+    assert imports_of(source) == {"hub.cards", "artefacts", "data", "scoring.metrics"}
 
 
 def test_every_module_has_a_floor():
