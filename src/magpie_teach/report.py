@@ -23,18 +23,18 @@ from magpie_teach.artefacts import read_rank_folder, slug
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.hub.cards import markdown_table
 from magpie_teach.scoring.metrics import (
-    DEFAULT_PERFORMANCE_COLUMNS,
     METRIC_DIRECTIONS,
     METRIC_LABELS,
     SHOWN_METRICS,
     short_name,
 )
+from magpie_teach.settings import PerformanceSettings
 
 LABELS = {**METRIC_LABELS, "logprob_norm": "log-prob"}  # and a per-example score's, shown in its figure
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(PerformanceSettings):
     rank_dir: str | None = field(
         default=None,
         metadata={
@@ -47,10 +47,6 @@ class ReportConfig:
         default=None,
         metadata={"help": "CSV of teacher, base_model and benchmark columns (e.g. the paper's Table 6): correlations, paradox pairs, best teachers."},
     )  # fmt: skip
-    performance_columns: list[str] = field(
-        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
-        metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
-    )
     calibration: str | None = field(
         default=None,
         metadata={"help": "A `calibrate` output folder: its beta fit, held-out figures and mean rho against beta."},

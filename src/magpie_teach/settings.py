@@ -167,6 +167,21 @@ class ModelRunSettings:
             raise ConfigError(f"{_key(where, 'dtype')} {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
+DEFAULT_PERFORMANCE_COLUMNS = ("AE2_LC_WR", "ArenaHard_WR")
+"""The paper's Average Performance: mean of AlpacaEval 2 length-controlled win rate and Arena-Hard win rate."""
+
+
+@dataclass(kw_only=True)
+class PerformanceSettings:
+    """The columns of a performance table averaged into AP, for every verb that reads one (`rank`, `calibrate`,
+    `paradox`, `report`, `validate`): one declaration, one default."""
+
+    performance_columns: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
+        metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
+    )
+
+
 @dataclass(kw_only=True)
 class ScoreCacheSettings:
     """The content-keyed score cache (:mod:`magpie_teach.scoring.cache`), the one store every verb that scores

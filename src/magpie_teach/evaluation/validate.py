@@ -26,13 +26,13 @@ import pandas as pd
 
 from magpie_teach.artefacts import RANKING, slug
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import JudgeSettings, RecordedCARSettings
+from magpie_teach.settings import JudgeSettings, PerformanceSettings, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ValidateConfig(RecordedCARSettings, JudgeSettings):
+class ValidateConfig(RecordedCARSettings, JudgeSettings, PerformanceSettings):
     """`validate`'s settings; CAR's ``beta`` and ``reward_shift`` default to the ones `rank` recorded with the
     scores (:class:`magpie_teach.settings.RecordedCARSettings`); ``--judge`` (or ``--judge-reward-model``) and
     ``--baseline`` are `evaluate`'s (:class:`magpie_teach.settings.JudgeSettings`)."""
@@ -67,10 +67,6 @@ class ValidateConfig(RecordedCARSettings, JudgeSettings):
         metadata={
             "help": "Imported benchmark results instead of fine-tuning (teacher, base_model, benchmark columns)."
         },
-    )
-    performance_columns: list[str] = field(
-        default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"],
-        metadata={"help": "Columns averaged into AP; repeat.", "flag": "--performance-column"},
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Generation length of the students' answers (greedy)."})
     device: str = field(default="auto", metadata={"help": "Device for generation and reward scoring."})

@@ -42,8 +42,8 @@ from magpie_teach.artefacts import BETA_CURVE as CURVE  # the file names live in
 from magpie_teach.artefacts import CALIBRATION, CORRELATIONS
 from magpie_teach.artefacts import CALIBRATION_FIGURE as FIGURE
 from magpie_teach.errors import ConfigError, DataError
-from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, METRIC_DIRECTIONS
-from magpie_teach.settings import DEFAULT_BETA
+from magpie_teach.scoring.metrics import METRIC_DIRECTIONS
+from magpie_teach.settings import DEFAULT_BETA, PerformanceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ CHOICE_REPLICATES = 200
 
 
 @dataclass
-class CalibrateConfig:
+class CalibrateConfig(PerformanceSettings):
     scores: list[str] = field(
         metadata={
             "help": "A `rank` output folder (ranking.csv); repeat to compare reward models or runs. The first is "
@@ -67,10 +67,6 @@ class CalibrateConfig:
         metadata={"help": "CSV with teacher, base_model and the benchmark columns (the layout of rank --performance)."}
     )
     output_dir: str = field(metadata={"help": "Folder for calibration.json, correlations.csv, beta_curve.csv and the figure.", "flag": "--output"})  # fmt: skip
-    performance_columns: list[str] = field(
-        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
-        metadata={"help": "Benchmark column averaged into AP; repeat.", "flag": "--performance-column"},
-    )
     reward_shifts: list[str] = field(
         default_factory=list,
         metadata={

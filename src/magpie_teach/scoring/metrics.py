@@ -10,12 +10,9 @@ import pandas as pd
 
 from magpie_teach.artefacts import short_name  # noqa: F401 - re-exported: the engine's readers name models by it
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import DEFAULT_BETA
+from magpie_teach.settings import DEFAULT_BETA, DEFAULT_PERFORMANCE_COLUMNS  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PERFORMANCE_COLUMNS = ("AE2_LC_WR", "ArenaHard_WR")
-"""The paper's Average Performance: mean of AlpacaEval 2 length-controlled win rate and Arena-Hard win rate."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from magpie_teach.errors import DataError
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, load_performance
+from magpie_teach.settings import PerformanceSettings
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbt]?)\s*$", re.IGNORECASE)
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
@@ -98,7 +99,7 @@ def paradox_report(
 
 
 @dataclass
-class ParadoxConfig:
+class ParadoxConfig(PerformanceSettings):
     performance: str = field(
         metadata={
             "help": "CSV with teacher (or generator), base_model, benchmark columns, and family/size columns "
@@ -107,10 +108,6 @@ class ParadoxConfig:
     )
     families: str | None = field(
         default=None, metadata={"help": "CSV with teacher, family, size (overrides the performance file's)."}
-    )
-    performance_columns: list[str] = field(
-        default_factory=lambda: list(DEFAULT_PERFORMANCE_COLUMNS),
-        metadata={"help": "Benchmark column averaged into AP; repeat.", "flag": "--performance-column"},
     )
     output: str | None = field(default=None, metadata={"help": "Also write the pairs to this CSV."})
 

@@ -19,6 +19,7 @@ from magpie_teach.settings import (
     ClusterSettings,
     ConfidenceSettings,
     ModelRunSettings,
+    PerformanceSettings,
     ScoreCacheSettings,
 )
 
@@ -26,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings, ScoreCacheSettings):
+class RankConfig(
+    CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings, ScoreCacheSettings, PerformanceSettings
+):
     """`rank`'s settings; CAR's (``beta``, ``reward_shift``), the bootstrap's (``bootstrap``, ``confidence``,
     ``bootstrap_seed``) and the model run's (``max_length``, ``batch_tokens``, ``dtype``, ``device``) are
     inherited from :mod:`magpie_teach.settings`."""
@@ -61,10 +64,6 @@ class RankConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSetti
     seed: int = field(default=42, metadata={"help": "Seed of --sample."})
     performance: str | None = field(
         default=None, metadata={"help": "CSV of teacher, base_model and benchmark columns: writes correlations.csv."}
-    )
-    performance_columns: list[str] = field(
-        default_factory=lambda: ["AE2_LC_WR", "ArenaHard_WR"],
-        metadata={"help": "Benchmark columns averaged into AP; repeat the flag.", "flag": "--performance-column"},
     )
     aliases: str | None = field(
         default=None,
