@@ -361,15 +361,21 @@ def _posterior_reference(point, cov, draws=60_000, seed=0):
     return firsts / draws
 
 
+def _race_against_the_reference(gaps):
+    """Teachers whose true rewards trail the first by GAPS (40 instructions, seeded): `rank`'s ranking with its
+    p_best, the paired bootstrap's CAR replicates, and the reference's p_best from the same covariance."""
+    truth = {name: (2.0 - gap, 1.0) for name, gap in zip("abcdefgh", gaps)}
+    scores = synthetic_scores(truth, n=40, seed=4)
+    ranking, _ = bootstrap_ranking(scores, aggregate(scores), n_replicates=2000, seed=3)
+    samples = paired_samples(scores, aggregate(scores).reset_index(drop=True), 2000, 3)["car"]
+    return ranking, samples, _posterior_reference(ranking["car"].to_numpy(), np.cov(samples, rowvar=False))
+
+
 @pytest.mark.parametrize("gaps", [(0.0, 0.05, 0.1), (0.0, 0.3, 0.35), (0.0, 1.0, 1.5)])
 def test_p_best_is_the_hierarchical_posterior_computed_another_way(gaps):
     """`rank`'s p_best against the same model fitted independently (a proper wide prior for the mean, a linear grid
     of tau, draws of tau then mu): close, middling and clear races, the paired bootstrap's covariance."""
-    truth = {name: (2.0 - gap, 1.0) for name, gap in zip("abc", gaps)}
-    scores = synthetic_scores(truth, n=40, seed=4)
-    ranking, _ = bootstrap_ranking(scores, aggregate(scores), n_replicates=2000, seed=3)
-    samples = paired_samples(scores, aggregate(scores).reset_index(drop=True), 2000, 3)["car"]
-    expected = _posterior_reference(ranking["car"].to_numpy(), np.cov(samples, rowvar=False))
+    ranking, samples, expected = _race_against_the_reference(gaps)
     np.testing.assert_allclose(ranking["p_best"], expected, atol=0.012)
     # shrinkage: in a close race the posterior's leader is less sure than the share of replicates it leads
     lead = int(np.argmax(ranking["car"]))
@@ -381,12 +387,7 @@ def test_p_best_of_six_teachers_weighs_the_spread_of_true_cars_by_its_marginal_l
     """Six teachers, spread from a tie to a clear gap: how much the posterior shrinks the teachers toward each other
     hangs on the weight each tau gets from the data (its marginal likelihood); the reference integrates tau on its
     own grid, and a wrong weight (the quadratic form mis-signed or mis-scaled) moves p_best past this tolerance."""
-    gaps = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8)
-    truth = {name: (2.0 - gap, 1.0) for name, gap in zip("abcdef", gaps)}
-    scores = synthetic_scores(truth, n=40, seed=4)
-    ranking, _ = bootstrap_ranking(scores, aggregate(scores), n_replicates=2000, seed=3)
-    samples = paired_samples(scores, aggregate(scores).reset_index(drop=True), 2000, 3)["car"]
-    expected = _posterior_reference(ranking["car"].to_numpy(), np.cov(samples, rowvar=False))
+    ranking, _, expected = _race_against_the_reference((0.0, 0.1, 0.2, 0.3, 0.5, 0.8))
     np.testing.assert_allclose(ranking["p_best"], expected, atol=0.008)
 
 

@@ -99,6 +99,30 @@ def _offline() -> bool:
     return value.lower() in ("1", "true", "yes", "on")
 
 
+def _not_available(label: str) -> ConfigError:
+    """The one-line error for a Hub model that can be had neither from the Hub (offline, or unreachable) nor from the
+    Hugging Face cache; LABEL says which model and where it was named."""
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
+        if _offline()
+        else f"the Hub at {hub_endpoint()} cannot be reached"
+    )
+    return ConfigError(
+        f"{label}: it is not a folder here, {why}, and it is not in the Hugging Face cache. Use a local folder, "
+        "download it first where there is a network (it is then read from the cache, with HF_HUB_OFFLINE=1 to skip "
+        "the Hub), or set HF_ENDPOINT to a reachable mirror."
+    )
+
+
+@functools.cache
+def hub_model_commit(repo_id: str) -> str:
+    """The commit of Hub model REPO_ID, asked once per process (locating a model and naming it for the score cache
+    both need it); huggingface_hub's errors pass through (an error is not cached)."""
+    from huggingface_hub import HfApi
+
+    return HfApi().model_info(repo_id).sha
+
+
 def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kwargs: Any) -> Any:
     """``load(name_or_path, **kwargs)`` (a ``from_pretrained``) with errors a user can act on, as one line.
 
@@ -112,16 +136,7 @@ def from_pretrained(load: Callable[..., Any], name_or_path: str, what: str, **kw
                     **({"local_files_only": True} if unreachable else {}), **kwargs)  # fmt: skip
     except (*network_errors(), ValueError) as err:
         if unreachable or (not local and _offline()):
-            why = (
-                f"the Hub at {hub_endpoint()} cannot be reached"
-                if unreachable
-                else "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
-            )
-            raise ConfigError(
-                f"Could not load {what} {name_or_path!r}: it is not a folder here, {why}, and it is not in the Hugging "
-                "Face cache. Use a local folder, download it first where there is a network (it is then read from "
-                "the cache, with HF_HUB_OFFLINE=1 to skip the Hub), or set HF_ENDPOINT to a reachable mirror."
-            ) from None
+            raise _not_available(f"Could not load {what} {name_or_path!r}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"Could not load {what} {name_or_path!r}: {first}") from err
 
@@ -140,11 +155,10 @@ def locate_model(name_or_path: str, what: str) -> str:
     from huggingface_hub import try_to_load_from_cache
 
     if not _offline() and hub_reachable(hub_endpoint()):
-        from huggingface_hub import HfApi
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
         try:
-            return f"the Hub ({hub_endpoint()}), commit {HfApi().model_info(name_or_path).sha}"
+            return f"the Hub ({hub_endpoint()}), commit {hub_model_commit(name_or_path)}"
         except GatedRepoError:
             raise ConfigError(f"{what}: {name_or_path!r} is gated on the Hub; accept its terms and log in "
                               "(hf auth login), or use a local copy") from None  # fmt: skip
@@ -158,16 +172,7 @@ def locate_model(name_or_path: str, what: str) -> str:
     cached = try_to_load_from_cache(name_or_path, "config.json")
     if isinstance(cached, str):  # .../snapshots/<commit>/config.json
         return f"the Hugging Face cache, commit {Path(cached).parent.name}"
-    why = (
-        "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)"
-        if _offline()
-        else f"the Hub at {hub_endpoint()} cannot be reached"
-    )
-    raise ConfigError(
-        f"{what} {name_or_path!r}: it is not a folder here, {why}, and it is not in the Hugging Face cache. Use a "
-        "local folder, download it first where there is a network (it is then read from the cache, with "
-        "HF_HUB_OFFLINE=1 to skip the Hub), or set HF_ENDPOINT to a reachable mirror."
-    )
+    raise _not_available(f"{what} {name_or_path!r}")
 
 
 @functools.cache

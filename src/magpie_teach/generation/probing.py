@@ -187,16 +187,12 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
     generations = rows.groupby("teacher")[["id"]].size().floordiv(len(ids)).clip(lower=1).to_dict()
     if dry_run:
         return {"plan": plan_text(sizes, generations), "sizes": sizes}
-    from magpie_teach.modeling import locate_model
+    from magpie_teach.scoring.rank import ScoringSession, locate_models
 
-    for model in [*config.base_models, config.reward_model]:
-        if model:  # every model located before the first loads
-            locate_model(model, "--base-model" if model in config.base_models else "--reward-model")
+    rank_config = _replay_rank_config(config)
+    locate_models(rank_config)  # every model located before the first loads
     out = Path(config.output_dir)
     with artefacts.locked(out):
-        rank_config = _replay_rank_config(config)
-        from magpie_teach.scoring.rank import ScoringSession
-
         work: dict = {}
         score = scored(rank_config, ScoringSession(), work)
         indexed = rows.set_index(["teacher", "id"]).sort_index()

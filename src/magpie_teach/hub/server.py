@@ -291,7 +291,7 @@ class Store:
                 self.git(repo, "read-tree", head, env=env)
                 for key, path, value in ops:
                     if key == "file":
-                        self._add(repo, path, value.get("blob") or self.write_blob(repo, value["data"]), env)
+                        self._add(repo, path, value["blob"], env)
                     elif key == "lfsFile":
                         oid = value["oid"]
                         if not self.lfs_path(oid).exists():
@@ -908,18 +908,16 @@ def _b64(text: str, what: str) -> bytes:
         raise HubError(400, f"invalid base64 in {what}: {err}") from err
 
 
-def parse_commit(
-    lines: bytes | Iterable[bytes], keep: Callable[[bytes], str] | None = None
-) -> tuple[dict, list[tuple[str, str, dict]]]:
-    """An NDJSON commit payload (bytes, or its lines) -> (header, [(key, checked path, value)]); 400 naming the line
-    on any error.
+def parse_commit(lines: Iterable[bytes], keep: Callable[[bytes], str]) -> tuple[dict, list[tuple[str, str, dict]]]:
+    """An NDJSON commit payload, line by line -> (header, [(key, checked path, value)]); 400 naming the line on any
+    error.
 
-    A "file" value's content is decoded into ``value["data"]`` (bytes), or, with KEEP, handed to KEEP as soon as it
-    is read and replaced by what KEEP returns, ``value["blob"]`` (so the payload is never held whole).
+    A "file" value's content is decoded and handed to KEEP as soon as its line is read, and replaced by what KEEP
+    returns, ``value["blob"]`` (so the payload is never held whole).
     """
     header: dict = {}
     ops: list[tuple[str, str, dict]] = []
-    for number, line in enumerate(lines.split(b"\n") if isinstance(lines, bytes) else lines, start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -937,8 +935,7 @@ def parse_commit(
             if key == "file":
                 content = _field(value, "content", str)
                 data = _b64(content, path) if value.get("encoding") == "base64" else content.encode()
-                rest = {k: v for k, v in value.items() if k != "content"}
-                value = {**rest, "blob": keep(data)} if keep else {**rest, "data": data}
+                value = {**{k: v for k, v in value.items() if k != "content"}, "blob": keep(data)}
             elif key == "lfsFile":
                 _field(value, "oid", str)
             ops.append((key, path, value))

@@ -100,12 +100,12 @@ def _hub_commit(repo_id: str) -> str | None:
     """Asked once per process: a run that names a Hub model in several stages (or under several scorers) asks the Hub
     for its commit once."""
     try:
-        from huggingface_hub import HfApi, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
-        from magpie_teach.modeling import _offline, hub_endpoint, hub_reachable
+        from magpie_teach.modeling import _offline, hub_endpoint, hub_model_commit, hub_reachable
 
         if not _offline() and hub_reachable(hub_endpoint()):
-            return f"{repo_id}@{HfApi().model_info(repo_id).sha}"
+            return f"{repo_id}@{hub_model_commit(repo_id)}"
         cached = try_to_load_from_cache(repo_id, "config.json")
         if isinstance(cached, str):  # .../snapshots/<commit>/config.json
             return f"{repo_id}@{Path(cached).parent.name}"

@@ -474,12 +474,20 @@ def _model_flags(config: RankConfig) -> dict[str, str]:
     return {model: flag for model, flag in flags.items() if model}
 
 
+def locate_models(config: RankConfig) -> dict[str, str]:
+    """Where each model the run names would load from (:func:`magpie_teach.modeling.locate_model`), found before
+    any loads: a mistyped or unreachable one fails now, not after the others have scored."""
+    from magpie_teach.modeling import locate_model
+
+    return {model: locate_model(model, flag) for model, flag in _model_flags(config).items()}
+
+
 def _prepare(config: RankConfig) -> tuple[Any, Any, dict[str, str]]:
     """What `rank` checks before any model loads: the models' names, the cache and the cluster, the performance
     table, the data (opened and validated), the names matched, and where each model would be loaded from (a
     mistyped or unreachable one fails now, not after the others have scored). (performance, stream, sources)."""
     from magpie_teach.data import open_responses
-    from magpie_teach.modeling import check_model_source, locate_model
+    from magpie_teach.modeling import check_model_source
     from magpie_teach.scoring.metrics import load_performance
 
     for model, flag in _model_flags(config).items():
@@ -517,8 +525,7 @@ def _prepare(config: RankConfig) -> tuple[Any, Any, dict[str, str]]:
             stream.teachers, config.base_models, performance, f"--performance {config.performance}"
         ):
             print(f"performance: {match.line()}", file=sys.stderr, flush=True)
-    sources = {model: locate_model(model, flag) for model, flag in _model_flags(config).items()}
-    return performance, stream, sources
+    return performance, stream, locate_models(config)
 
 
 def plan(config: RankConfig) -> dict:
@@ -537,9 +544,10 @@ def plan(config: RankConfig) -> dict:
         for rows in stream.windows(data.WINDOW_ROWS if data.WINDOW_ROWS > 0 else stream.n_rows):
             keys = example_keys(rows["instruction"].tolist(), rows["response"].tolist(), _contexts(rows))
             for stage, cache in zip(_stages(model, kinds, rows, keys), caches):
-                keys = np.array([key for key in stage.keys if key not in seen]) if stage.kind == "instruction-loss" \
-                    else stage.keys  # fmt: skip
-                seen.update(keys if stage.kind == "instruction-loss" else ())
+                keys = stage.keys
+                if stage.kind == "instruction-loss":
+                    keys = np.array([key for key in keys if key not in seen])
+                    seen.update(keys)
                 found = cache.lookup(keys)[0] if cache is not None and len(keys) else np.zeros(len(keys), bool)
                 count = stages.setdefault(stage.desc, {"stage": stage.desc, "examples": 0, "in_cache": 0})
                 count["examples"] += len(keys)

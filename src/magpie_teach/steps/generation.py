@@ -71,16 +71,14 @@ class ResponseFormat(Step):
         rows = []
         for row in inputs:  # TextGeneration runs with group_generations: a row's generations arrive together
             generations = row.get("generation")
-            # a backend's error per generation (OpenAITeacher's extra output, `llm_<step>_error`), if any
-            errors = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith("_error")), None)
-            # the engine's own word on why each generation stopped (vLLM, OpenAI-compatible servers): "length" is
-            # the cap; without it (transformers) a response of max_new_tokens tokens is taken to have hit it
-            finishes = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith("_finish_reason")), None)
             for index, text in enumerate(generations if isinstance(generations, list) else [generations]):
                 ok = isinstance(text, str) and bool(text.strip())
-                error = errors[index] if isinstance(errors, list) and index < len(errors) else errors
+                # a backend's error for this generation (OpenAITeacher's), if any
+                error = _extra_output(row, "error", index)
                 n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) if ok else 0
-                finish = finishes[index] if isinstance(finishes, list) and index < len(finishes) else None
+                # the engine's own word on why it stopped (vLLM, OpenAI-compatible servers): "length" is the cap;
+                # without it (transformers) a response of max_new_tokens tokens is taken to have hit it
+                finish = _extra_output(row, "finish_reason", index)
                 capped = finish == "length" if finish is not None else n_tokens >= self.max_new_tokens
                 rows.append(
                     {
@@ -127,3 +125,13 @@ class MagpieInstructions(MagpieGenerator):
             conversations = self._generate_with_pre_query_template(inputs=[{} for _ in range(size)])
             generated += size
             yield conversations, generated >= self.num_rows
+
+
+def _extra_output(row: dict, name: str, index: int) -> Any:
+    """Generation INDEX's value of a backend's extra output NAME, which distilabel puts on the row as
+    ``llm_<step>_<name>`` (a list, one per generation, the rows being grouped); a value that is not a list stands
+    for every generation; None when the backend gives none."""
+    values = next((v for k, v in row.items() if k.startswith("llm_") and k.endswith(f"_{name}")), None)
+    if not isinstance(values, list):
+        return values
+    return values[index] if index < len(values) else None

@@ -224,9 +224,7 @@ def build_trainer(data_args: DataArguments, training_args: Any, model_args: Any)
         dataset = _to_prompt_completion(dataset)
     if data_args.global_batch_size:
         training_args.gradient_accumulation_steps = accumulation_steps(
-            data_args.global_batch_size,
-            training_args.per_device_train_batch_size,
-            int(os.environ.get("WORLD_SIZE", "1")),
+            data_args.global_batch_size, training_args.per_device_train_batch_size, training_args.world_size
         )
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
