@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 
-def matmul_flops(device: str, n: int = 1024, seconds: float = 0.5) -> float:
-    """Dense matmul FLOP/s: as many 1024x1024 products as fit in ``seconds``, timed together (a sustained rate,
-    steadier than the best of a few single products)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_flops(device: str, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s in the model's DTYPE: as many square products as fit in ``seconds``, timed together (a
+    sustained rate, steadier than the best of a few single products); 1024x1024 on the CPU, 8192x8192 on a GPU
+    (small products leave a GPU's tensor cores idle: the reference would understate its peak)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
@@ -182,7 +184,7 @@ def main() -> None:
     references, real, padded = [], 0, 0
     chunks = np.array_split(np.arange(len(examples)), args.chunks)
     for index, chunk in enumerate(chunks):
-        references.append(matmul_flops(device))
+        references.append(matmul_flops(device, getattr(torch, args.dtype)))
         for path in ("naive", "engine") if index % 2 == 0 else ("engine", "naive"):
             if path == "naive":
                 naive_s += naive_loop(model, [examples[i] for i in chunk], device)
@@ -203,10 +205,11 @@ def main() -> None:
             chunk_tokens = sum(len(examples[i].input_ids) for i in chunk)
             real += chunk_tokens
             padded += chunk_tokens / (1 - out.attrs["padding_fraction"])
-    references.append(matmul_flops(device))
+    references.append(matmul_flops(device, getattr(torch, args.dtype)))
     peak = float(np.median(references))
     padding = 1 - real / padded
-    print(f"dense matmul (1024x1024 fp32), median of {len(references)} measurements interleaved with the work: "
+    side = 8192 if device.startswith("cuda") else 1024
+    print(f"dense matmul ({side}x{side} {args.dtype}), median of {len(references)} measurements interleaved with the work: "
           f"{peak / 1e9:.1f} GFLOP/s (range {min(references) / 1e9:.1f}-{max(references) / 1e9:.1f})")  # fmt: skip
     print(f"plain forward, batch 1, length 256: {plain_forward / peak:.0%} of matmul")
 

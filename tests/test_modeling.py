@@ -141,3 +141,28 @@ def test_auto_on_a_machine_whose_gpus_torch_cannot_see_warns_and_names_them(tmp_
     with caplog.at_level("WARNING", logger="magpie_teach.modeling"):
         assert modeling.resolve_device("auto") == "cpu"
     assert not caplog.text
+
+
+def test_weights_go_straight_to_their_device_and_span_gpus_only_when_one_cannot_hold_them():
+    from magpie_teach.modeling import device_map_for
+
+    assert device_map_for("cuda") == "sequential"  # fits one GPU: stays on it; larger: the next GPUs in order
+    assert device_map_for("cuda:3") == {"": "cuda:3"}
+    assert device_map_for("cpu") is None
+
+
+def test_a_model_partly_left_on_the_cpu_or_disk_is_refused_naming_it():
+    from magpie_teach.errors import ConfigError
+    from magpie_teach.modeling import check_on_gpus
+
+    check_on_gpus("m", {"model.embed_tokens": 0, "model.layers.0": 1, "lm_head": 1})
+    check_on_gpus("m", None)  # loaded without a device map
+    with pytest.raises(ConfigError, match=r"'org/big' does not fit .* from the cpu and disk"):
+        check_on_gpus("org/big", {"model.embed_tokens": 0, "model.layers.30": "cpu", "lm_head": "disk"})
+
+
+def test_a_model_loaded_on_the_cpu_is_placed_as_before(tiny_suite):
+    from magpie_teach.modeling import load_model
+
+    model = load_model(tiny_suite.base_small, "causal-lm", device="cpu")
+    assert model.device.type == "cpu" and not model.training and getattr(model, "hf_device_map", None) is None

@@ -193,6 +193,37 @@ def attention_for(name_or_path: str, revision: str | None = None) -> str | None:
     return None
 
 
+def device_map_for(device: str) -> Any:
+    """Where ``from_pretrained`` puts the weights for DEVICE, so that they go straight there instead of through host
+    memory first (eight Ray actors loading an 8B model at once): ``cuda`` spreads the layers over the visible GPUs
+    in order, each taking what the one before could not hold (accelerate's ``"sequential"``: a model that fits one
+    GPU stays on it; a larger one spans as many as it needs, as on a Ray actor with ``--gpus-per-worker 2``);
+    ``cuda:N`` is that GPU; on the CPU, None (transformers' default)."""
+    if device == "cuda":
+        return "sequential"
+    if device.startswith("cuda:"):
+        return {"": device}
+    return None
+
+
+def gpu_memory() -> dict[int, int]:
+    """What a model loaded with ``device_map`` may fill on each visible GPU: 90% of its free bytes (the rest for
+    the activations), and nothing on the CPU or the disk."""
+    import torch
+
+    return {i: int(0.9 * torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())}
+
+
+def check_on_gpus(name_or_path: str, placed: dict | None) -> None:
+    """A ConfigError when part of a model was left off the GPUs (accelerate puts what no GPU can hold on the CPU or
+    the disk, where it runs many times slower without a word); PLACED is the model's ``hf_device_map``."""
+    off = sorted({str(v) for v in (placed or {}).values() if str(v) in ("cpu", "disk")})
+    if off:
+        raise ConfigError(f"model {name_or_path!r} does not fit in the visible GPUs' free memory (part of it would "
+                          f"run from the {' and '.join(off)}): free GPU memory, use more GPUs (Ray: "
+                          "--gpus-per-worker), or a smaller dtype")  # fmt: skip
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -218,8 +249,14 @@ def load_model(
     attention = attention_for(name_or_path, revision)
     extra = {"attn_implementation": attention} if attention else {}
     dtype = dtype_for(dtype, device)
+    placement = device_map_for(device)
+    if placement is not None:
+        extra["device_map"] = placement
+        if placement == "sequential":
+            extra["max_memory"] = gpu_memory()
     model, info = from_pretrained(cls.from_pretrained, name_or_path, f"{kind} model", revision=revision,
                                   dtype=resolve_dtype(dtype, device), output_loading_info=True, **extra)  # fmt: skip
+    check_on_gpus(name_or_path, getattr(model, "hf_device_map", None))
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would initialise them at random and go on: random rewards, cached as if real
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -230,6 +267,10 @@ def load_model(
                           f"transformers would initialise at random.{hint}")  # fmt: skip
     if attention:
         logger.info("%s: %s attention (its logits are soft-capped; SDPA would drop the cap)", name_or_path, attention)
-    print(f"loaded {kind} model {name_or_path} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} in "
+    where = device
+    if placement is not None:  # already there
+        gpus = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()})
+        where = f"GPU(s) {', '.join(gpus)}" if len(gpus) > 1 else device
+    print(f"loaded {kind} model {name_or_path} ({model.num_parameters() / 1e6:.1f}M parameters) on {where} in "
           f"{dtype}", file=sys.stderr, flush=True)  # fmt: skip
-    return model.to(device).eval()
+    return (model if placement is not None else model.to(device)).eval()

@@ -517,3 +517,59 @@ def test_kill_9_of_the_main_process_leaves_no_process_of_the_run(tmp_path, tiny_
     process.wait()
     _, alive = psutil.wait_procs(run, timeout=30)
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_each_replica_of_a_teacher_runs_in_a_process_that_sees_only_its_planned_gpus(tmp_path, tiny_suite,
+                                                                                  sample_path):  # fmt: skip
+    """The plan reaches the replicas' own processes: distilabel's two replicas of one step each set
+    CUDA_VISIBLE_DEVICES to their share before loading (here the CPU build ignores it), and the rows are complete.
+    A process of its own (forked steps of a process that has run torch hang in its thread pool), with the plan
+    given in place of this machine's GPUs."""
+    values = yaml.safe_load(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, tmp_path / "out").read_text())
+    values["teachers"] = [{**values["teachers"][0], "replicas": 2}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    code = ("from magpie_teach.generation import run\n"
+            "from magpie_teach.generation.config import load_generate_config\n"
+            f"config = load_generate_config({str(tmp_path / 'c.yaml')!r})\n"
+            "run.gpu_plan = lambda config, teachers: {'small': ['3', '5,6']}\n"
+            "print('failure', run.run_pipeline(config, run.plan(config)))\n"
+            "print('rows', len(run.response_store(config).read()))")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "300"}
+    )  # fmt: skip (distilabel's log lines unwrapped)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = "".join((result.stdout + result.stderr).split())
+    assert "generate_0-replica-0:onGPU(s)3" in said and "generate_0-replica-1:onGPU(s)5,6" in said, said[-3000:]
+    assert "failureNone" in said and "rows24" in said
+
+
+def test_after_this_process_has_used_cuda_the_steps_start_as_new_processes_and_the_run_completes(
+    tmp_path, tiny_suite, sample_path, monkeypatch
+):
+    """probe on a GPU scores a round in its own process (CUDA initialised), then runs the next round's teachers: a
+    forked step could not use CUDA, so they are spawned. Here CUDA is said to be initialised; the pool starts
+    under spawn, the run completes, and the start method is restored after it."""
+    import multiprocessing
+
+    from distilabel.pipeline import local
+
+    from magpie_teach.generation import run
+    from magpie_teach.generation.config import load_generate_config
+    from magpie_teach.steps import pipelines
+
+    config = load_generate_config(str(write_config(tmp_path / "c.yaml", tiny_suite, sample_path, tmp_path / "out")))
+    seen = []
+    pool = local._NoDaemonPool.__init__
+
+    def record(self, *args, **kwargs):
+        seen.append(multiprocessing.get_start_method())
+        pool(self, *args, **kwargs)
+
+    monkeypatch.setattr(local._NoDaemonPool, "__init__", record)
+    monkeypatch.setattr(pipelines, "cuda_initialised", lambda: True)
+    before, context = multiprocessing.get_start_method(), local._NoDaemonContext
+    assert run.run_pipeline(config, run.plan(config)) is None
+    assert seen == ["spawn"] and multiprocessing.get_start_method() == before
+    assert local._NoDaemonContext is context
+    rows = run.response_store(config).read()
+    assert len(rows) == 48 and (rows["status"] == "ok").all()

@@ -297,3 +297,24 @@ def test_the_readme_ranks_the_zoo_under_the_five_paper_base_models_on_a_ray_clus
     assert (correlations.loc["n_teachers", list(PAPER_BASES)] == 19).all()
     scores = pd.read_parquet(tmp_path / "runs" / "zoo" / "scores.parquet")
     assert len(scores) == 4 * 19 * 5 and scores["compat_loss"].notna().all()
+
+
+def test_the_drivers_hub_token_and_endpoint_reach_the_workers_and_are_not_printed(cluster, tmp_path):
+    """Gated and private models need the token on every node; the nodes' own environment has none (the head was
+    started without it). A driver connected through `connect` gives its token (here from a stored login, as `hf
+    auth login` leaves it) and its endpoint to the job's workers, and prints neither."""
+    token = "hf_planted" + "x" * 24
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    (home / "token").write_text(token)  # huggingface_hub's stored login
+    code = ("import os, ray\nfrom magpie_teach.scoring.on_ray import connect\n"
+            f"connect({cluster!r})\n"
+            "got = ray.get(ray.remote(lambda: (os.environ.get('HF_TOKEN'), os.environ.get('HF_ENDPOINT')))"
+            ".options(num_cpus=0).remote())\n"
+            f"print('token ok' if got[0] == {token!r} else f'token {{got[0]!r}}', 'endpoint', got[1])")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9", RAY_USAGE_STATS_ENABLED="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "token ok endpoint http://127.0.0.1:9" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert token not in result.stdout + result.stderr

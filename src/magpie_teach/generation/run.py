@@ -20,7 +20,13 @@ import pandas as pd
 from magpie_teach import artefacts
 from magpie_teach.errors import DataError, MagpieTeachError
 from magpie_teach.generation.config import GenerateConfig
-from magpie_teach.steps.pipelines import StoreProgress, import_before_fork, scratch_cache, without_distilabel_cache
+from magpie_teach.steps.pipelines import (
+    StoreProgress,
+    import_before_fork,
+    scratch_cache,
+    steps_start_fresh,
+    without_distilabel_cache,
+)
 
 if TYPE_CHECKING:
     from magpie_teach.batch_store import BatchStore
@@ -170,6 +176,22 @@ def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
     return GeneratePlan(instructions, counts, {name: len(rows) for name, rows in todo.items()}, todo)
 
 
+def gpu_plan(config: GenerateConfig, teachers: list) -> dict[str, list[str]]:
+    """The GPUs of each replica of the TEACHERS that run on a GPU here (auto or cuda, not an explicit cuda:N), for a
+    local pipeline (on Ray, Ray places them): :mod:`magpie_teach.generation.placement`."""
+    from magpie_teach.generation.placement import GpuDemand, plan_gpus, visible_gpus
+    from magpie_teach.modeling import resolve_device
+
+    if config.ray is not None:
+        return {}
+    demands = [
+        GpuDemand(t.name, t.tensor_parallel_size if t.backend == "vllm" else 1, t.replicas, t.backend == "vllm")
+        for t in teachers
+        if t.backend != "openai" and t.device in ("auto", "cuda") and resolve_device(t.device) == "cuda"
+    ]
+    return plan_gpus(demands, visible_gpus()) if demands else {}
+
+
 def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
     """One distilabel branch per teacher with work left: load -> TeacherGeneration (distilabel's TextGeneration) ->
     ResponseFormat (stores batches)."""
@@ -185,6 +207,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     store = response_store(config)
     busy = [t for t in config.teachers if not work.todo[t.name].empty]
     threads = max(1, (os.cpu_count() or 1) // max(len(busy), 1))  # teachers run in parallel processes
+    placed = gpu_plan(config, busy)
     parameters: dict = {}
     with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config.output_dir, "generate")) as pipeline:
         for i, teacher in enumerate(config.teachers):
@@ -197,7 +220,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 for record in records:
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
-            llm, gpus = build_teacher_llm(teacher, threads)
+            llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name))
             generate = (TeacherChat if multi_turn else TeacherGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
@@ -233,12 +256,20 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
         return None
     pipeline, parameters = build_pipeline(config, work)
     if config.ray is not None:
-        pipeline = pipeline.ray(ray_head_node_url=config.ray.address, ray_init_kwargs=config.ray.init_kwargs)
+        import ray
+
+        from magpie_teach.scoring.on_ray import hub_runtime_env
+
+        if not ray.is_initialized():  # connected here, with the driver's Hub token and settings for every node
+            kwargs = dict(config.ray.init_kwargs)
+            ray.init(address=config.ray.address, runtime_env=hub_runtime_env(kwargs.pop("runtime_env", None)),
+                     **kwargs)  # fmt: skip
+        pipeline = pipeline.ray(ray_init_kwargs=config.ray.init_kwargs)  # no address: it uses this connection
     else:
         import_before_fork()
     pipeline = without_distilabel_cache(pipeline)
     totals = {t.name: work.remaining[t.name] * t.num_generations for t in config.teachers if work.remaining[t.name]}
-    with StoreProgress(response_store(config), totals):
+    with StoreProgress(response_store(config), totals), steps_start_fresh():
         try:
             pipeline.run(use_cache=False, parameters=parameters)
         except Exception as err:  # noqa: BLE001 - the caller reports it with what was kept and what is missing

@@ -98,11 +98,36 @@ def _reachable(address: str, timeout: float) -> None:
         ) from None
 
 
-def connect(address: str) -> None:
+HUB_SETTINGS = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+"""The driver's Hugging Face settings every node needs to load the same models the same way."""
+
+
+def hub_runtime_env(runtime_env: dict | None = None) -> dict:
+    """RUNTIME_ENV (Ray's, for the job) with the driver's Hub settings added to its ``env_vars``: the token that
+    gated and private models need on every node (``HF_TOKEN``, or the one ``hf auth login`` stored here, which the
+    other nodes do not have), the endpoint and the offline switches. What RUNTIME_ENV sets already wins. Ray gives
+    them to this job's workers; nothing here logs them (Ray's dashboard shows a job's runtime env to whoever can
+    open it, as for any Ray job given a token)."""
+    from huggingface_hub import get_token
+
+    runtime_env = dict(runtime_env or {})
+    given = dict(runtime_env.get("env_vars") or {})
+    found = {name: os.environ[name] for name in HUB_SETTINGS if os.environ.get(name)}
+    token = get_token()  # HF_TOKEN, else the stored login
+    if token:
+        found["HF_TOKEN"] = token
+    runtime_env["env_vars"] = {**found, **given}
+    return runtime_env
+
+
+def connect(address: str, **init_kwargs: Any) -> None:
+    """Connects this driver to the cluster at ADDRESS (once per process), the Hub settings passed to the nodes."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        runtime_env = hub_runtime_env(init_kwargs.pop("runtime_env", None))
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env,
+                 **init_kwargs)  # fmt: skip
     from ray.data import DataContext
 
     context = DataContext.get_current()

@@ -3,15 +3,22 @@
 * :func:`scratch_cache` and :func:`without_distilabel_cache`: distilabel's own cache is per-run scratch; the
   :class:`~magpie_teach.batch_store.BatchStore` is the resume point;
 * :func:`import_before_fork`: the step processes of a local run inherit torch and transformers;
+* :func:`steps_start_fresh`: they start as new processes instead when this one has initialised CUDA;
 * :class:`StoreProgress`: progress bars (on a terminal) or periodic lines with rate and ETA (in a log), fed by
   polling the batch store while distilabel runs the steps in their own processes.
 """
 
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from magpie_teach.batch_store import BatchStore
 from magpie_teach.progress import log_every, logs_lines, progress_line
+
+logger = logging.getLogger(__name__)
 
 
 def scratch_cache(output_dir: str | Path, name: str) -> str:
@@ -58,6 +65,42 @@ def import_before_fork() -> None:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
     except ImportError:  # the step that needs them says so
         pass
+
+
+def cuda_initialised() -> bool:
+    """Whether this process has initialised CUDA (it has loaded a model on a GPU), asked without importing torch."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+@contextlib.contextmanager
+def steps_start_fresh() -> Iterator[None]:
+    """Inside, a local pipeline's steps start as new processes (``spawn``) if this process has initialised CUDA:
+    a forked child cannot use CUDA once its parent has ("Cannot re-initialize CUDA in forked subprocess"). That
+    is ``probe``'s case on a GPU: it scores each round in this process, then forks the next round's teachers.
+    distilabel 1.5.3 (pinned: its last release) builds its queues in the default context and its pool in a context
+    class it derives from the default one when it is imported: both are switched to spawn for the duration (each
+    step then imports torch again, seconds a step, paid only here)."""
+    import multiprocessing
+
+    from distilabel.pipeline import local
+
+    if not cuda_initialised():
+        yield
+        return
+
+    class SpawnedSteps(type(multiprocessing.get_context("spawn"))):  # distilabel's non-daemon steps, spawned
+        Process = local._NoDaemonProcess
+
+    before = multiprocessing.get_start_method(allow_none=True), local._NoDaemonContext
+    logger.info("CUDA is initialised in this process: the pipeline's steps start as new processes (spawn)")
+    multiprocessing.set_start_method("spawn", force=True)
+    local._NoDaemonContext = SpawnedSteps
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before[0], force=True)
+        local._NoDaemonContext = before[1]
 
 
 class StoreProgress:
