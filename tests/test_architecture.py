@@ -112,3 +112,14 @@ def test_no_import_cycle():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
+
+
+def test_the_scoring_executor_imports_no_verb_and_every_verb_that_scores_calls_it():
+    """ARCHITECTURE.md: one executor, typed on the scoring run's settings, that never imports a verb; `rank`,
+    `generate`'s scoring stage and `probe` score through it."""
+    graph = modules()
+    verbs = {"scoring.rank", "scoring.calibrate", "scoring.paradox", "cli"}
+    assert not graph["scoring.executor"] & verbs, graph["scoring.executor"]
+    assert not any(m.startswith(("generation", "evaluation", "steps", "hub")) for m in graph["scoring.executor"])
+    for caller in ("scoring.rank", "generation.score_stage", "generation.probing"):
+        assert "scoring.executor" in graph[caller], caller

@@ -1,5 +1,5 @@
-"""The README's commands: the quick start is two commands, every `magpie-teach` command in it is valid for
-the CLI as built, and those that need only shipped files run for real."""
+"""The README's and the docs' commands: the quick start is two commands, every `magpie-teach` command in them is
+valid for the CLI as built, and those that need only shipped files run for real."""
 
 import re
 import shlex
@@ -8,7 +8,20 @@ import pytest
 
 from tests.conftest import REPO
 
-README = (REPO / "README.md").read_text()
+DOCS = ["README.md", *(f"docs/{page}.md" for page in ("generate", "rank", "probe", "report", "paradox", "select",
+          "push", "train", "validate", "evaluate", "calibrate", "review", "scaling", "python-api", "development",
+          "demo"))]  # fmt: skip
+"""The README and the docs pages, in the order a walkthrough reads them (each verb's inputs come before it)."""
+README = "\n".join((REPO / page).read_text() for page in DOCS)
+"""Their text, one after the other: what the command tests read."""
+
+
+def test_every_docs_page_is_read_and_linked_from_the_readme():
+    pages = {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")}
+    assert pages == set(DOCS) - {"README.md"}, pages ^ (set(DOCS) - {"README.md"})
+    readme = (REPO / "README.md").read_text()
+    assert all(f"]({page})" in readme for page in pages), [p for p in pages if f"]({p})" not in readme]
+    assert len(readme.splitlines()) <= 200
 
 
 def bash_blocks() -> list[str]:
@@ -35,7 +48,7 @@ def commands() -> list[list[str]]:
 
 
 def test_quick_start_is_two_commands():
-    quick = README.split("## Quick start", 1)[1].split("## ", 1)[0]
+    quick = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("## ", 1)[0]
     block = re.findall(r"```bash\n(.*?)```", quick, re.S)[0]
     lines = [line.split("#")[0].strip() for line in block.strip().splitlines()]
     assert lines == ["make demo", "make test"]

@@ -314,7 +314,7 @@ def test_dtype_auto_is_float32_on_the_cpu_so_it_reads_what_float32_stored_and_bf
     scores are never read as float32 ones); float16 stays float16."""
     from magpie_teach.errors import ConfigError
     from magpie_teach.modeling import dtype_for, load_tokenizer
-    from magpie_teach.scoring.rank import _score_caches
+    from magpie_teach.scoring.executor import score_caches
 
     assert (dtype_for("auto", "cpu"), dtype_for("auto", "cuda:1"), dtype_for("float16", "cuda")) == (
         "float32", "bfloat16", "float16")  # fmt: skip
@@ -328,8 +328,40 @@ def test_dtype_auto_is_float32_on_the_cpu_so_it_reads_what_float32_stored_and_bf
     tokenizer = load_tokenizer(tiny_suite.base_small)
     on_gpus = RankConfig(data="x", output_dir=str(tmp_path / "o"), base_models=[tiny_suite.base_small], reward_model=tiny_suite.reward,
                          cache_dir=str(tmp_path / "cache"), ray_address="127.0.0.1:6379", gpus_per_worker=1)  # fmt: skip
-    (cache,) = _score_caches(on_gpus, ["compat"], tiny_suite.base_small, tokenizer)
+    (cache,) = score_caches(on_gpus, ["compat"], tiny_suite.base_small, tokenizer)
     assert cache.identity["dtype"] == "bfloat16"
-    (cache,) = _score_caches(RankConfig(**{**vars(on_gpus), "gpus_per_worker": 0}), ["compat"], tiny_suite.base_small,
+    (cache,) = score_caches(RankConfig(**{**vars(on_gpus), "gpus_per_worker": 0}), ["compat"], tiny_suite.base_small,
                              tokenizer)  # fmt: skip
     assert cache.identity["dtype"] == "float32"
+
+
+def test_a_model_whose_weights_cannot_be_named_resumes_from_its_output_folder_and_nowhere_else(
+    tiny_suite, sample_rows, tmp_path, monkeypatch
+):
+    """A model with no content identity (a Hub id whose commit cannot be learnt) is cached under the run's folder:
+    a rerun into that folder scores nothing again; a run into another folder, which cannot know the weights are
+    the same, scores it all again; the named models' scores stay in the shared cache either way."""
+    from magpie_teach.scoring import cache
+
+    named = cache.model_identity
+    monkeypatch.setattr(cache, "model_identity", lambda model, root: None if model == tiny_suite.base_small
+                        else named(model, root))  # fmt: skip
+    rows = sample_rows[["instruction", "response", "teacher"]]
+    n_rows, n_instructions = len(rows), rows["instruction"].nunique()
+    path = tmp_path / "rows.jsonl"
+    rows.to_json(path, orient="records", lines=True)
+
+    def ranked(folder: str):
+        config = RankConfig(data=str(path), output_dir=str(tmp_path / folder), base_models=[tiny_suite.base_small],
+                            reward_model=tiny_suite.reward, bootstrap=0, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        with counted_forward_rows() as counts:
+            return rank(config), counts
+
+    first, counts = ranked("run")
+    assert counts == {"LlamaForSequenceClassification": n_rows, "LlamaModel": 2 * n_rows + n_instructions}
+    assert (tmp_path / "run" / ".score-cache").is_dir()
+    again, counts = ranked("run")
+    assert not counts and all(stage["scored"] == 0 for stage in again.summary["work"].values())
+    pd.testing.assert_frame_equal(again.scores, first.scores)
+    elsewhere, counts = ranked("other")
+    assert counts == {"LlamaModel": 2 * n_rows + n_instructions}  # the reward model's scores came from the cache

@@ -65,6 +65,8 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "review": (REVIEWS, REVIEW_SUMMARY, REVIEW_AGREEMENT),
 }
 LOCK = ".magpie-teach.lock"
+RAY_STAGING = ".ray-staging"  # the rows a Ray cluster scores, staged where every node reads (removed when done)
+FOLDER_SCORE_CACHE = ".score-cache"  # scores of models whose weights cannot be named, for reruns into the folder
 MANIFEST = "manifest.json"
 """Written first as ``{"complete": false}`` and last with every file's digest: the run that wrote a folder, and
 the proof that the folder's files are that run's (see :func:`verify_run`)."""

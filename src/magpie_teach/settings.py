@@ -233,6 +233,39 @@ class ClusterSettings:
 
 
 @dataclass(kw_only=True)
+class ScoringRunSettings(ModelRunSettings, ClusterSettings, ScoreCacheSettings):
+    """What the scoring executor (:mod:`magpie_teach.scoring.executor`) runs: the models (base models, the reward
+    model or a precomputed reward column, an optional reference model) with the model run's, the cluster's and the
+    score cache's settings. `rank`'s config, `generate`'s ``scoring:`` block and `probe --replay` inherit it."""
+
+    base_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Base model (Hub id or folder); repeat the flag for several.", "flag": "--base-model"},
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward model (AutoModelForSequenceClassification with one output)."}
+    )
+    reward_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use this precomputed reward column instead of a reward model (e.g. ArmoRM-Llama3-8B-v0.1)."
+        },
+    )
+    reference_model: str | None = field(
+        default=None, metadata={"help": "Reference LM for perplexity/IFD baselines (GPT-2 in the paper)."}
+    )
+
+    def check_models(self, where: str = "--") -> None:
+        """At least one base model, none twice, and exactly one of the reward model and the reward column."""
+        if not self.base_models:
+            raise ConfigError(f"give at least one {_key(where, 'base_model')}")
+        if len(set(self.base_models)) != len(self.base_models):
+            raise ConfigError(f"{_key(where, 'base_model')}: repeated entries in {self.base_models}")
+        if (self.reward_model is None) == (self.reward_column is None):
+            raise ConfigError(f"give exactly one of {_key(where, 'reward_model')} and {_key(where, 'reward_column')}")
+
+
+@dataclass(kw_only=True)
 class ConfidenceSettings:
     """How sure a ranking is: a paired bootstrap over instructions (see :mod:`magpie_teach.scoring.confidence`)."""
 

@@ -1,4 +1,4 @@
-"""The README, run as written: every `magpie-teach` command in it, in order, in a fresh folder.
+"""The README and docs/, run as written: every `magpie-teach` command in them, in order, in a fresh folder.
 
 The Hub model ids it names (Qwen/Qwen2.5-3B, meta-llama/Llama-3.2-3B, the Skywork reward model,
 openai-community/gpt2) are tiny models published under those names on the project's local Hub server,
@@ -53,7 +53,12 @@ def elsewhere(argv: list[str]) -> str | None:
     return next((where for head, where in RUN_ELSEWHERE.items() if tuple(argv[: len(head)]) == head), None)
 
 
-WALK = [argv for argv, comment in commented_commands() if not gpu_only(comment) and not elsewhere(argv)]
+WALK = [
+    list(argv)
+    for argv in dict.fromkeys(  # in order; a command the README repeats from a docs page runs once
+        tuple(argv) for argv, comment in commented_commands() if not gpu_only(comment) and not elsewhere(argv)
+    )
+]
 
 
 @pytest.mark.slow

@@ -5,14 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import (
-    CARSettings,
-    ClusterSettings,
-    ConfidenceSettings,
-    ModelRunSettings,
-    ProbeSettings,
-    ScoreCacheSettings,
-)
+from magpie_teach.settings import CARSettings, ConfidenceSettings, ProbeSettings, ScoringRunSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -75,20 +68,20 @@ class MagpieCategory:
 
 
 @dataclass
-class ScoringConfig(CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings):
+class ScoringConfig(CARSettings, ConfidenceSettings, ScoringRunSettings):
     """Score the responses inside the run, with the engine `magpie-teach rank` uses (same numbers). CAR's, the
     bootstrap's, the model run's and the cluster's settings are inherited from :mod:`magpie_teach.settings`, with
     rank's defaults. On a Ray cluster (``ray_address``, else the run's ``ray:`` block) the scores come from rank's
-    Ray Data path (:mod:`magpie_teach.scoring.on_ray`, ``num_workers`` actors of ``gpus_per_worker`` GPUs)."""
-
-    reward_model: str
-    base_models: list[str]
+    Ray Data path (:mod:`magpie_teach.scoring.on_ray`, ``num_workers`` actors of ``gpus_per_worker`` GPUs). The
+    models and the score cache are the scoring run's (:class:`magpie_teach.settings.ScoringRunSettings`)."""
 
     def validate(self) -> None:
-        if not self.base_models:
-            raise ConfigError("scoring.base_models: at least one base model is needed")
-        if len(set(self.base_models)) != len(self.base_models):
-            raise ConfigError(f"scoring.base_models: repeated entries in {self.base_models}")
+        if self.reward_column is not None:
+            raise ConfigError("scoring.reward_column: a generate run's responses have no reward column; give "
+                              "scoring.reward_model")  # fmt: skip
+        if self.reward_model is None:
+            raise ConfigError("scoring.reward_model: required (the reward model that scores the responses)")
+        self.check_models("scoring.")
         self.check_car("scoring.")
         self.check_confidence("scoring.")
         self.check_run("scoring.")
@@ -265,20 +258,15 @@ def load_generate_config(path: str) -> GenerateConfig:
 
 
 @dataclass
-class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings, ScoreCacheSettings):
-    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the model run's are
-    inherited."""
+class ReplayConfig(ProbeSettings, CARSettings, ScoringRunSettings):
+    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the scoring run's (the
+    models, the model run, the cluster, the score cache) are inherited."""
 
     replay: str | None = field(
         default=None,
         metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
     )
     output_dir: str | None = field(default=None, metadata={"help": "Output folder.", "flag": "--output"})
-    base_models: list[str] = field(
-        default_factory=list, metadata={"help": "Base model; repeat for several.", "flag": "--base-model"}
-    )
-    reward_model: str | None = field(default=None, metadata={"help": "Reward model."})
-    reward_column: str | None = field(default=None, metadata={"help": "A precomputed reward column instead."})
     revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
     split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
     teachers: list[str] = field(
@@ -291,10 +279,8 @@ class ReplayConfig(ProbeSettings, CARSettings, ModelRunSettings, ScoreCacheSetti
     def __post_init__(self) -> None:
         if not self.replay or not self.output_dir:
             raise ConfigError("give a generate YAML with a probe: block, or --replay DATA --output DIR")
-        if not self.base_models:
-            raise ConfigError("give at least one --base-model")
-        if (self.reward_model is None) == (self.reward_column is None):
-            raise ConfigError("give exactly one of --reward-model and --reward-column")
+        self.check_models()
         self.validate("--")
         self.check_car()
         self.check_run()
+        self.check_cluster()

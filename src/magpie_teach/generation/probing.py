@@ -16,6 +16,7 @@ every response the probe scored (a teacher eliminated early has fewer instructio
 `select` and `push` read.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,11 +32,12 @@ from magpie_teach import artefacts
 from magpie_teach.errors import ConfigError, MagpieTeachError
 from magpie_teach.generation.config import ReplayConfig
 from magpie_teach.scoring.probe import ProbeResult, round_sizes, run_probe
-from magpie_teach.settings import CARSettings, ModelRunSettings, ProbeSettings
+from magpie_teach.settings import CARSettings, ProbeSettings, ScoringRunSettings
 
 if TYPE_CHECKING:
     from magpie_teach.generation.config import GenerateConfig
-    from magpie_teach.scoring.rank import RankConfig, ScoringSession
+    from magpie_teach.scoring.executor import ScoringSession
+    from magpie_teach.scoring.rank import RankConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,11 @@ RULE = (
 
 
 def scored(rank_config: "RankConfig", session: "ScoringSession", work: dict) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    """The probe's scorer of revealed responses: `rank`'s own (:func:`magpie_teach.scoring.rank.score_rows`), through
+    """The probe's scorer of revealed responses: the scoring executor's (:func:`magpie_teach.scoring.executor.score_rows`), through
     the score cache, so a rerun, a `rank` of the same data and models, or a probe after a `rank` scores nothing
     again; SESSION keeps a model loaded from one round to the next when nothing else needs scoring between them;
     WORK counts, per stage, the examples scored and read from the cache."""
-    from magpie_teach.scoring.rank import score_rows
+    from magpie_teach.scoring.executor import score_rows
 
     def scores(rows: pd.DataFrame) -> pd.DataFrame:
         return score_rows(rank_config, rows.reset_index(drop=True), work, session)
@@ -138,13 +140,12 @@ def _replay_rank_config(config: ReplayConfig) -> "RankConfig":
     from magpie_teach.scoring.rank import RankConfig
 
     shared = {
-        f.name: getattr(config, f.name) for cls in (CARSettings, ModelRunSettings) for f in dataclasses.fields(cls)
+        f.name: getattr(config, f.name) for cls in (CARSettings, ScoringRunSettings) for f in dataclasses.fields(cls)
     }
+    shared["base_models"] = list(config.base_models)
     return RankConfig(
-        data=config.replay, output_dir=str(Path(config.output_dir) / artefacts.PROBE_RANK), base_models=list(config.base_models),
-        reward_model=config.reward_model, reward_column=config.reward_column, revision=config.revision,
-        split=config.split, teachers=list(config.teachers), drop_invalid=config.drop_invalid, cache=config.cache,
-        cache_dir=config.cache_dir,
+        data=config.replay, output_dir=str(Path(config.output_dir) / artefacts.PROBE_RANK), revision=config.revision,
+        split=config.split, teachers=list(config.teachers), drop_invalid=config.drop_invalid,
         bootstrap=config.bootstrap, confidence=config.confidence, bootstrap_seed=config.seed, **shared,
     )  # fmt: skip
 
@@ -187,14 +188,21 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
     generations = rows.groupby("teacher")[["id"]].size().floordiv(len(ids)).clip(lower=1).to_dict()
     if dry_run:
         return {"plan": plan_text(sizes, generations), "sizes": sizes}
-    from magpie_teach.scoring.rank import ScoringSession, locate_models
+    from magpie_teach.scoring.executor import ScoringSession
+    from magpie_teach.scoring.rank import locate_models
 
     rank_config = _replay_rank_config(config)
     locate_models(rank_config)  # every model located before the first loads
     out = Path(config.output_dir)
-    with artefacts.locked(out):
+    with artefacts.locked(out), ScoringSession(rank_config.output_dir) as session:
+        if rank_config.ray_address:
+            from magpie_teach.scoring.on_ray import check_cluster
+
+            Path(rank_config.output_dir).mkdir(parents=True, exist_ok=True)
+            rank_config.ray_address = check_cluster(rank_config.ray_address, rank_config.output_dir,
+                                                    rank_config.gpus_per_worker, rank_config.num_workers)  # fmt: skip
         work: dict = {}
-        score = scored(rank_config, ScoringSession(), work)
+        score = scored(rank_config, session, work)
         indexed = rows.set_index(["teacher", "id"]).sort_index()
 
         def reveal(who: list[str], new: list) -> pd.DataFrame:
@@ -231,17 +239,21 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
         caps = {t.name: t.sampling.max_new_tokens for t in config.teachers}
         return {"plan": plan_text(sizes, generations, caps), "sizes": sizes}
     from magpie_teach.processes import reap_descendants
+    from magpie_teach.steps.pipelines import cuda_initialised
 
     out = Path(config.output_dir)
-    with artefacts.locked(out), reap_descendants():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(artefacts.locked(out))
+        stack.enter_context(reap_descendants())
         rank_config = dataclasses.replace(
             scoring_rank_config(config), output_dir=str(out / artefacts.PROBE_RANK), bootstrap=settings.bootstrap,
             confidence=settings.confidence, bootstrap_seed=settings.seed,
         )  # fmt: skip
-        from magpie_teach.scoring.rank import ScoringSession
+        from magpie_teach.scoring.executor import ScoringSession
 
+        session = stack.enter_context(ScoringSession(rank_config.output_dir))
         work: dict = {}
-        score = scored(rank_config, ScoringSession(), work)
+        score = scored(rank_config, session, work)
         responses = response_store(config)
         by_id = instructions.set_index("id", drop=False)
         failed: dict[str, int] = {}
@@ -251,6 +263,8 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
             todo = {t.name: (wanted[~wanted["id"].isin(responses.done_ids(t.name))] if t.name in who
                              else wanted.iloc[:0]) for t in config.teachers}  # fmt: skip
             batch_plan = GeneratePlan(wanted, counts, {n: len(r) for n, r in todo.items()}, todo)
+            if any(batch_plan.remaining.values()) and cuda_initialised():
+                session.release()  # the scoring model leaves the GPU to this round's teachers
             failure = run_pipeline(config, batch_plan)
             rows = responses.read()
             rows = rows[rows["teacher"].isin(who) & rows["id"].isin(new)]

@@ -27,31 +27,30 @@ def rank_config(config: "GenerateConfig") -> "RankConfig":
     import dataclasses
 
     from magpie_teach.scoring.rank import RankConfig
-    from magpie_teach.settings import CARSettings, ClusterSettings, ConfidenceSettings, ModelRunSettings
+    from magpie_teach.settings import CARSettings, ConfidenceSettings, ScoringRunSettings
 
     spec = config.scoring
     out = Path(config.output_dir)
     shared = {
         f.name: getattr(spec, f.name)
-        for cls in (CARSettings, ConfidenceSettings, ModelRunSettings, ClusterSettings)
+        for cls in (CARSettings, ConfidenceSettings, ScoringRunSettings)
         for f in dataclasses.fields(cls)
     }
+    shared["base_models"] = list(spec.base_models)
     if shared["ray_address"] is None and config.ray is not None:  # the run's cluster scores too
         shared["ray_address"] = config.ray.address
-    return RankConfig(
-        data=str(out / RESPONSES), output_dir=str(out / "rank"), base_models=list(spec.base_models),
-        reward_model=spec.reward_model, drop_invalid=True, **shared,
-    )  # fmt: skip
+    return RankConfig(data=str(out / RESPONSES), output_dir=str(out / "rank"), drop_invalid=True, **shared)
 
 
 def score_responses(config: "GenerateConfig", responses: pd.DataFrame) -> dict:
     """Scores ``responses`` (the run's ``responses.parquet``) and writes OUTPUT/rank; returns its counts.
 
-    `rank`'s executor (:func:`magpie_teach.scoring.rank.score_rows`), here or on the run's Ray cluster, through the
-    content-keyed score cache: a killed run resumes from its last finished window, and a `rank` of the same
-    responses and models afterwards (or a `probe` before) scores nothing twice."""
+    The scoring executor (:func:`magpie_teach.scoring.executor.score_rows`), here or on the run's Ray cluster,
+    through the content-keyed score cache: a killed run resumes from its last finished window, and a `rank` of the
+    same responses and models afterwards (or a `probe` before) scores nothing twice."""
     from magpie_teach.data import validated_responses
-    from magpie_teach.scoring.rank import score_rows, truncation_counts, write_rank_outputs
+    from magpie_teach.scoring.executor import ScoringSession, score_rows, truncation_counts
+    from magpie_teach.scoring.rank import write_rank_outputs
 
     ranked = rank_config(config)
     Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)
@@ -63,7 +62,8 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame) -> dict:
             ranked.ray_address, ranked.output_dir, ranked.gpus_per_worker, ranked.num_workers
         )
     work: dict = {}
-    scores = score_rows(ranked, loaded.rows, work)
+    with ScoringSession(ranked.output_dir) as session:
+        scores = score_rows(ranked, loaded.rows, work, session)
     counts = {**loaded.counts, **truncation_counts(ranked, scores)}
     write_rank_outputs(ranked, scores, loaded, counts, None, work)
     return counts

@@ -21,7 +21,7 @@ class Metric:
     orientation of its rank and of its rho with performance), its label in tables and figures, and whether `rank`'s
     printout and `report` show it by default (when the ranking has it). A new metric is a row here and its
     teacher-level mean in :func:`aggregate_sums` (its per-example
-    score, if new, in :func:`magpie_teach.scoring.rank.example_scores`)."""
+    score, if new, in :func:`magpie_teach.scoring.executor.example_scores`)."""
 
     name: str
     higher_is_better: bool
