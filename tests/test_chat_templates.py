@@ -112,8 +112,9 @@ def test_train_accepts_assistant_only_loss_for_a_template_trl_patches(tiny_suite
     data = select(SelectConfig(scores=str(tmp_path / "scores"), output_dir=str(tmp_path / "sft"), teacher="t"))
     args = parse_recipe(str(resolve_recipe("tiny/sft/config_cpu.yaml")), ["--model_name_or_path", str(folder), "--dataset_name", str(data.output_dir),
                                  "--output_dir", str(tmp_path / "o")])  # fmt: skip
-    assert args[1].assistant_only_loss
+    assert args[1].assistant_only_loss is None  # the recipe's auto
     trainer, _ = build_trainer(*args)
+    assert trainer.args.assistant_only_loss is True  # TRL's training version of the template has the markers
     tokenizer = load_tokenizer(str(folder))
     by_ids = {tuple(r["input_ids"]): trained_on(r) for r in trainer.train_dataset}
     for instruction, response in CONVERSATIONS:

@@ -89,8 +89,9 @@ def test_trl_trains_on_exactly_the_tokens_the_compatibility_loss_scores(tiny_sui
     from magpie_teach.training.sft import build_trainer, load_sft_dataset
 
     args = _args(tiny_suite, sft_data, tmp_path / "x")
-    assert args[1].assistant_only_loss
+    assert args[1].assistant_only_loss is None  # the recipe's auto
     trainer, _ = build_trainer(*args)
+    assert trainer.args.assistant_only_loss is True  # the tiny template marks the assistant turn
     _assert_trains_on_the_scored_tokens(trainer, load_sft_dataset(args[0])[0], load_tokenizer(tiny_suite.base_small))
 
 
@@ -114,8 +115,8 @@ def test_data_without_messages_is_refused(tiny_suite, tmp_path):
 
 
 def test_a_template_trl_cannot_patch_trains_on_the_tokens_after_the_generation_prompt(tiny_suite, sft_data, tmp_path):
-    """A plain ChatML template (no markers, no TRL training version): assistant_only_loss is refused; without it
-    the trainer `train()` builds puts exactly the tokens the compatibility loss scores in the loss."""
+    """A plain ChatML template (no markers, no TRL training version): assistant_only_loss true is refused; false,
+    or the CPU recipe's auto, puts exactly the tokens the compatibility loss scores in the loss."""
     from transformers import AutoTokenizer
 
     from magpie_teach.modeling import load_tokenizer
@@ -126,17 +127,16 @@ def test_a_template_trl_cannot_patch_trains_on_the_tokens_after_the_generation_p
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     tokenizer.save_pretrained(model_dir)
-    args = parse_recipe(
-        RECIPE,
-        ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir", str(tmp_path / "o")],
-    )
+    base = ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir"]
+    args = parse_recipe(RECIPE, [*base, str(tmp_path / "o"), "--assistant_only_loss", "true"])
     with pytest.raises(ConfigError, match="has none and TRL has no training version"):
         train(*args)
-    args = parse_recipe(RECIPE, ["--model_name_or_path", str(model_dir), "--dataset_name", sft_data, "--output_dir",
-                                 str(tmp_path / "o2"), "--assistant_only_loss", "false", "--max_steps", "2"])  # fmt: skip
-    trainer, _ = build_trainer(*args)
     scoring = load_tokenizer(str(model_dir))
-    _assert_trains_on_the_scored_tokens(trainer, load_sft_dataset(args[0])[0], scoring)
+    for setting in (["--assistant_only_loss", "false"], [], ["--assistant_only_loss=auto"]):  # [] is the recipe's auto
+        args = parse_recipe(RECIPE, [*base, str(tmp_path / "o2"), *setting, "--max_steps", "2"])
+        trainer, _ = build_trainer(*args)
+        assert trainer.args.assistant_only_loss is False, setting
+        _assert_trains_on_the_scored_tokens(trainer, load_sft_dataset(args[0])[0], scoring)
     assert train(*args).train_tokens > 0
 
 

@@ -28,13 +28,13 @@ from magpie_teach.scoring.metrics import (
     SHOWN_METRICS,
     short_name,
 )
-from magpie_teach.settings import PerformanceSettings
+from magpie_teach.settings import AliasSettings, PerformanceSettings
 
 LABELS = {**METRIC_LABELS, "logprob_norm": "log-prob"}  # and a per-example score's, shown in its figure
 
 
 @dataclass
-class ReportConfig(PerformanceSettings):
+class ReportConfig(PerformanceSettings, AliasSettings):
     rank_dir: str | None = field(
         default=None,
         metadata={
@@ -319,7 +319,8 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
                 "metric predicts them (Spearman) and the Larger Models' Paradox pairs to this page."
             )
         sections.append(Section("What next", " ".join(next_steps)))
-    performance = load_performance(config.performance, config.performance_columns) if config.performance else None
+    performance = (load_performance(config.performance, config.performance_columns, config.aliases)
+                   if config.performance else None)  # fmt: skip
     if performance is not None and ranking is not None and corr is None:
         corr = correlations(ranking, performance)
     if corr is not None:

@@ -183,6 +183,20 @@ class PerformanceSettings:
 
 
 @dataclass(kw_only=True)
+class AliasSettings:
+    """Name aliases for matching a ranking's teacher and base-model names to a performance table's, for every verb
+    that matches them (`rank`, `calibrate`, `report`, `validate`): one declaration."""
+
+    aliases: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML of 'name: name in the performance table' for spellings the matching rules miss (added to "
+            "the shipped aliases of the paper's models; rules: Hub organisation, case, 'Meta-' and '-Base' aside)."
+        },
+    )
+
+
+@dataclass(kw_only=True)
 class ScoreCacheSettings:
     """The content-keyed score cache (:mod:`magpie_teach.scoring.cache`), the one store every verb that scores
     resumes from: `rank`, `probe` (live and replay) and `generate`'s scoring read what any of them stored."""

@@ -278,3 +278,25 @@ def test_the_measured_best_teacher_shows_its_raw_win_rate_beside_ap(tmp_path):
     assert f"| base | {best} | {ap[best]:.4g} | {raw:.4g} |" in markdown
     assert "| base_model | best teacher | AP | raw win rate |" in markdown
     assert "AP is not the raw win rate" in markdown
+
+
+def test_report_matches_names_through_the_aliases_file_as_rank_does(ranked_sample, tiny_suite, tmp_path):
+    """A performance table that spells the teachers its own way: `report --aliases` matches them as `rank
+    --aliases` does, so the correlations it shows are computed; without the file no teacher matches (one line)."""
+    base = Path(tiny_suite.base_small).name
+    table = tmp_path / "house.csv"
+    pd.DataFrame({"teacher": ["house-a", "house-b", "house-c"], "base_model": [base] * 3,
+                  "AE2_LC_WR": [10.0, 30.0, 20.0], "ArenaHard_WR": [12.0, 28.0, 18.0]}).to_csv(table, index=False)  # fmt: skip
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text("tiny-teacher-terse: house-a\ntiny-teacher-thorough: house-b\ntiny-teacher-lists: house-c\n")
+    run_report(str(ranked_sample), "--performance", str(table), "--aliases", str(aliases), "--output",
+               str(tmp_path / "with"))  # fmt: skip
+    text = (tmp_path / "with" / "report.md").read_text()
+    assert "Spearman" in text and "n_teachers" not in text.split("Spearman", 1)[0]
+    rho = re.search(r"\| reward \| (-?[0-9.]+)", text)
+    assert rho, text[:3000]
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report", str(ranked_sample), "--performance",
+                             str(table), "--output", str(tmp_path / "without")], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "only 0 teacher(s) have performance numbers" in result.stderr, result.stderr[
+        -2000:
+    ]

@@ -26,13 +26,13 @@ import pandas as pd
 
 from magpie_teach.artefacts import RANKING, slug
 from magpie_teach.errors import ConfigError
-from magpie_teach.settings import JudgeSettings, PerformanceSettings, RecordedCARSettings
+from magpie_teach.settings import AliasSettings, JudgeSettings, PerformanceSettings, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ValidateConfig(RecordedCARSettings, JudgeSettings, PerformanceSettings):
+class ValidateConfig(RecordedCARSettings, JudgeSettings, PerformanceSettings, AliasSettings):
     """`validate`'s settings; CAR's ``beta`` and ``reward_shift`` default to the ones `rank` recorded with the
     scores (:class:`magpie_teach.settings.RecordedCARSettings`); ``--judge`` (or ``--judge-reward-model``) and
     ``--baseline`` are `evaluate`'s (:class:`magpie_teach.settings.JudgeSettings`)."""
@@ -183,7 +183,7 @@ def _validate(config: ValidateConfig) -> ValidateResult:
     ranking = aggregate(scores, beta=car.beta, reward_shift=car.reward_shift)
 
     if config.performance:
-        performance = load_performance(config.performance, config.performance_columns)
+        performance = load_performance(config.performance, config.performance_columns, config.aliases)
         students = performance[["teacher", "base_model", "ap"]]
     else:
         ids = np.array(sorted(scores["id"].unique()))

@@ -43,7 +43,7 @@ from magpie_teach.artefacts import CALIBRATION, CORRELATIONS
 from magpie_teach.artefacts import CALIBRATION_FIGURE as FIGURE
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.metrics import METRIC_DIRECTIONS
-from magpie_teach.settings import DEFAULT_BETA, PerformanceSettings
+from magpie_teach.settings import DEFAULT_BETA, AliasSettings, PerformanceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ CHOICE_REPLICATES = 200
 
 
 @dataclass
-class CalibrateConfig(PerformanceSettings):
+class CalibrateConfig(PerformanceSettings, AliasSettings):
     scores: list[str] = field(
         metadata={
             "help": "A `rank` output folder (ranking.csv); repeat to compare reward models or runs. The first is "
@@ -73,10 +73,6 @@ class CalibrateConfig(PerformanceSettings):
             "help": "CAR reward shift to try besides each run's recorded one: none, auto or a number; repeat.",
             "flag": "--reward-shift",
         },
-    )
-    aliases: str | None = field(
-        default=None,
-        metadata={"help": "YAML of name aliases (teacher and base-model names), beside the shipped ones."},
     )
 
     def check(self) -> None:

@@ -24,13 +24,19 @@ from magpie_teach.scoring.executor import (
     window_rows,
 )
 from magpie_teach.scoring.metrics import add_sums, short_name, sum_scores
-from magpie_teach.settings import CARSettings, ConfidenceSettings, PerformanceSettings, ScoringRunSettings
+from magpie_teach.settings import (
+    AliasSettings,
+    CARSettings,
+    ConfidenceSettings,
+    PerformanceSettings,
+    ScoringRunSettings,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RankConfig(CARSettings, ConfidenceSettings, ScoringRunSettings, PerformanceSettings):
+class RankConfig(CARSettings, ConfidenceSettings, ScoringRunSettings, PerformanceSettings, AliasSettings):
     """`rank`'s settings; CAR's (``beta``, ``reward_shift``), the bootstrap's (``bootstrap``, ``confidence``,
     ``bootstrap_seed``), the scoring run's (the models, ``max_length``, ``batch_tokens``, ``dtype``, ``device``,
     the cluster and the score cache) and the performance table's columns are inherited from
@@ -50,13 +56,6 @@ class RankConfig(CARSettings, ConfidenceSettings, ScoringRunSettings, Performanc
     seed: int = field(default=42, metadata={"help": "Seed of --sample."})
     performance: str | None = field(
         default=None, metadata={"help": "CSV of teacher, base_model and benchmark columns: writes correlations.csv."}
-    )
-    aliases: str | None = field(
-        default=None,
-        metadata={
-            "help": "YAML of 'name: name in the performance table' for spellings the matching rules miss (added to "
-            "the shipped aliases of the paper's models; rules: Hub organisation, case, 'Meta-' and '-Base' aside)."
-        },
     )
     revision: str | None = field(
         default=None, metadata={"help": "Revision (branch, tag or commit) of a Hub data set."}

@@ -13,7 +13,8 @@ compatibility loss uses, so training computes its loss on exactly the tokens tha
   version of it): ``messages``, loss on the marked tokens, exactly those the compatibility loss averages
   over;
 * ``assistant_only_loss: false``: the conversations become TRL's prompt-completion format, loss on
-  the tokens after the generation prompt, exactly those scored for a template without markers.
+  the tokens after the generation prompt, exactly those scored for a template without markers;
+* ``assistant_only_loss: auto`` (the CPU recipe's): true where the template has markers, else false.
   Either way the loss never covers the instruction.
 
 Runs unchanged under ``accelerate launch`` (DDP, DeepSpeed ZeRO-3 via ``recipes/accelerate_configs``).
@@ -130,6 +131,8 @@ def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, 
     recipe = str(resolve_recipe(recipe))
 
     values = read_yaml_mapping(recipe)
+    overrides = list(overrides or [])
+    auto = _take_auto(values, overrides)
     known = {f.name for cls in _argument_classes() for f in fields(cls)}
     unknown = [k for k in values if k not in known]
     if unknown:
@@ -148,11 +151,32 @@ def parse_recipe(recipe: str, overrides: list[str] | None = None) -> tuple[Any, 
             [r.lstrip("-").split("=")[0] for r in remaining if r.startswith("--")] or remaining, "command line"
         )
     data_args, training_args, model_args = parsed
+    if auto:
+        training_args.assistant_only_loss = None  # decided by build_trainer from the model's chat template
     if not data_args.dataset_name:
         raise ConfigError(f"{recipe}: no dataset_name; set it in the recipe or with --dataset_name")
     if not model_args.model_name_or_path:
         raise ConfigError(f"{recipe}: no model_name_or_path; set it in the recipe or with --model_name_or_path")
     return data_args, training_args, model_args
+
+
+def _take_auto(values: dict, overrides: list[str]) -> bool:
+    """Whether the recipe or the command line sets ``assistant_only_loss: auto`` (taken out of both: TRL's field is
+    a bool): the masked conversation where the chat template marks the assistant turn, else the prompt-completion
+    format; either way the loss is on the response's tokens alone, the ones the compatibility loss scores, so one
+    recipe trains any base model."""
+    auto = str(values.get("assistant_only_loss")).lower() == "auto"
+    if auto:
+        del values["assistant_only_loss"]
+    for i, item in enumerate(list(overrides)):
+        if item == "--assistant_only_loss=auto" or (
+            item == "--assistant_only_loss" and overrides[i + 1 : i + 2] == ["auto"]
+        ):
+            del overrides[i : i + (1 if "=" in item else 2)]
+            return True
+        if item.startswith("--assistant_only_loss"):
+            return False  # the command line's true or false wins over the recipe's auto
+    return auto
 
 
 def load_sft_dataset(data_args: DataArguments) -> tuple[Any, str | None]:
@@ -214,11 +238,16 @@ def build_trainer(data_args: DataArguments, training_args: Any, model_args: Any)
     dataset, revision = load_sft_dataset(data_args)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     markers = has_generation_markers(tokenizer.chat_template)
+    if training_args.assistant_only_loss is None:  # auto
+        training_args.assistant_only_loss = markers
+        logger.info("assistant_only_loss auto: %s (%s)", markers, "the chat template marks the assistant turn" if
+                    markers else "prompt-completion: the template has no {% generation %} markers")  # fmt: skip
     if training_args.assistant_only_loss and not markers:
         raise ConfigError(
             f"{model_args.model_name_or_path}: assistant_only_loss needs a chat template with {{% generation %}} "
-            "markers; this one has none and TRL has no training version of it. Set assistant_only_loss: false to "
-            "train on the tokens after the generation prompt (what the compatibility loss scores for this template)."
+            "markers; this one has none and TRL has no training version of it. Set assistant_only_loss: false (or "
+            "auto) to train on the tokens after the generation prompt (what the compatibility loss scores for this "
+            "template)."
         )
     if not training_args.assistant_only_loss:
         dataset = _to_prompt_completion(dataset)
