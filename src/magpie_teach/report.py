@@ -266,10 +266,6 @@ def build_sections(config: ReportConfig, out: Path) -> list[Section]:
     from magpie_teach.scoring.metrics import correlations, load_performance
     from magpie_teach.scoring.paradox import find_paradox_pairs
 
-    if all(x is None for x in (config.rank_dir, config.performance, config.calibration, config.evaluation)):
-        raise ConfigError(
-            "give a `rank` output folder, --performance FILE, --calibration DIR, --evaluation DIR, or several."
-        )
     sections: list[Section] = []
     ranking = corr = None
     if config.rank_dir is not None:
@@ -609,6 +605,10 @@ def report(config: ReportConfig) -> ReportResult:
     from magpie_teach.artefacts import REPORT_HTML, REPORT_MARKDOWN, RunOutputs, locked
 
     matplotlib.use("Agg")
+    if all(x is None for x in (config.rank_dir, config.performance, config.calibration, config.evaluation)):
+        raise ConfigError(  # before the output folder is made: a command without input leaves nothing behind
+            "give a `rank` output folder, --performance FILE, --calibration DIR, --evaluation DIR, or several."
+        )
     out = Path(config.output_dir)
     with locked(out):  # one run per folder; its manifest names this run's files, figures included
         files = RunOutputs(out, "report")

@@ -123,12 +123,14 @@ def test_report_from_the_papers_table_shows_its_paradox_pairs_and_best_teachers(
     assert (out / "figures" / "paradox_pairs.png").exists()
 
 
-def test_report_needs_an_input():
-    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True)
+def test_report_needs_an_input_and_leaves_no_folder_without_one(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "magpie_teach.cli", "report"], capture_output=True, text=True,
+                            cwd=tmp_path)  # fmt: skip
     assert (
         result.returncode == 2
         and "give a `rank` output folder, --performance FILE, --calibration DIR, --evaluation DIR" in result.stderr
     )
+    assert not list(tmp_path.iterdir())  # no report/ with a lock and an unfinished manifest
 
 
 def test_report_of_a_calibration_states_its_fit_and_shows_its_figure(tmp_path):
