@@ -126,7 +126,7 @@ def argilla_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ranked_sample(tmp_path_factory, tiny_suite, sample_path):
     """`rank` output of the shipped sample under the small tiny base model, with the tiny reward model."""
-    from magpie_teach.scoring.rank import RankConfig, rank
+    from magpie_teach.ranking.rank import RankConfig, rank
 
     out = tmp_path_factory.mktemp("ranked")
     rank(

@@ -360,7 +360,8 @@ def test_among_betas_of_equal_mean_rho_the_fit_takes_the_interval_nearest_the_de
 
 
 def test_car_is_chosen_over_a_baseline_that_only_ties_it_and_a_calibration_needs_a_scores_folder(tmp_path):
-    from magpie_teach.scoring.calibrate import CalibrateConfig, Candidate, choose
+    from magpie_teach.ranking.calibrate import CalibrateConfig
+    from magpie_teach.scoring.calibrate import Candidate, choose
 
     same_loss = [_base(reward=[1.0, 2.0, 3.0], loss=[1.0, 1.0, 1.0], ap=[1.0, 2.0, 3.0], name=n) for n in "ab"]
     choice = choose([Candidate("run", 0.0, {b.name: b for b in same_loss})], ["a", "b"])
@@ -461,13 +462,12 @@ def test_calibration_json_is_strict_json_and_the_choice_carries_its_bootstrap(pl
     low, high = boot["best_beta_ci"]
     assert low <= high
     # the same protocol by hand: teachers drawn with replacement per base model, in base-model order
+    from magpie_teach.ranking import calibrate as verb
     from magpie_teach.scoring import calibrate as module
     from magpie_teach.scoring.metrics import load_performance
 
     table = load_performance(str(tmp_path / "noisy.csv"), ["AE2_LC_WR", "ArenaHard_WR"], None)
-    candidates = module._load_candidates(
-        module.CalibrateConfig(scores=[scores], performance="x", output_dir="y"), table
-    )
+    candidates = verb._load_candidates(verb.CalibrateConfig(scores=[scores], performance="x", output_dir="y"), table)
     names = list(candidates[0].bases)
     best = choose(candidates, names)
     rng = np.random.default_rng(0)

@@ -72,7 +72,7 @@ def test_a_commands_yaml_takes_the_flag_spelling_too_and_help_names_the_yaml_key
     import argparse
 
     from magpie_teach.config import add_dataclass_arguments
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
     config = tmp_path / "rank.yaml"
     config.write_text("data: d.parquet\noutput: out\nbase-model: [m1, m2]\nreward_model: r\nbootstrap-seed: 7\n")

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from magpie_teach.ranking.rank import RankConfig, rank
 from magpie_teach.scoring.cache import ScoreCache, example_keys
-from magpie_teach.scoring.rank import RankConfig, rank
 
 
 def _in_startup_check() -> bool:
@@ -210,7 +210,7 @@ def test_rank_in_windows_scores_each_example_once_and_writes_what_one_window_wri
         pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-5, atol=1e-6)
     assert not (windowed.output_dir / ".scores-partial.parquet").exists()
     # what stays in memory: the ranked columns of every row, names as categories, and no text
-    from magpie_teach.scoring.rank import RANKED_COLUMNS
+    from magpie_teach.ranking.rank import RANKED_COLUMNS
 
     assert set(windowed.scores.columns) <= set(RANKED_COLUMNS) and len(windowed.scores) == len(whole.scores)
     assert set(windowed.scores.columns) == set(RANKED_COLUMNS)

@@ -185,7 +185,7 @@ def ranked_at_beta_0(tmp_path):
     """A rank-layout folder whose rank_config.yaml records beta 0: by CAR at beta 0 teacher 'big' is best, at
     beta 3 'fit'. Half of big's rows are long (n_tokens_full 100) and carry its high rewards."""
     from magpie_teach.config import dump_config
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
     rows = []
     for i in range(8):
@@ -276,7 +276,7 @@ def test_max_tokens_drops_exactly_the_responses_over_the_limit(tmp_path, scores_
 def _two_teacher_scores(tmp_path, gap: float, n: int, confidence: float | None = None):
     """A rank-layout folder: teacher 'lead' has mean reward 2 + gap, 'other' 2 (noise sd 1, loss 1)."""
     from magpie_teach.config import dump_config
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
     rng = np.random.default_rng(1)
     rows = [{"id": f"q{i}", "instruction": f"Q{i}?", "response": f"{t} {i}", "teacher": t, "base_model": "base",

@@ -10,8 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "RankConfig": "magpie_teach.scoring.rank",
-    "rank": "magpie_teach.scoring.rank",
+    "RankConfig": "magpie_teach.ranking.rank",
+    "rank": "magpie_teach.ranking.rank",
     "score_compatibility": "magpie_teach.scoring.compatibility",
     "score_reward": "magpie_teach.scoring.reward",
     "car": "magpie_teach.scoring.metrics",

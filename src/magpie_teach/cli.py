@@ -98,7 +98,7 @@ def _print_ranking(ranking, correlations=None, confidence=None) -> None:  # noqa
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    from magpie_teach.scoring.rank import RankConfig, rank
+    from magpie_teach.ranking.rank import RankConfig, rank
 
     config = _config(args, RankConfig)
     if config.dry_run:
@@ -117,7 +117,7 @@ def run_rank(args: argparse.Namespace) -> int:
 
 def _print_plan(config: Any) -> int:
     """``rank --dry-run``: what would load and what would be scored, after every check a run makes first."""
-    from magpie_teach.scoring.rank import plan
+    from magpie_teach.ranking.rank import plan
 
     what = plan(config)
     counts = what["counts"]
@@ -141,7 +141,7 @@ def _print_plan(config: Any) -> int:
 def run_paradox(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from magpie_teach.scoring.paradox import ParadoxConfig, paradox
+    from magpie_teach.ranking.paradox import ParadoxConfig, paradox
 
     config = _config(args, ParadoxConfig)
     pairs = paradox(config)
@@ -156,7 +156,8 @@ def run_paradox(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from magpie_teach.scoring.calibrate import CalibrateConfig, calibrate, choice_sentence, stable_range_text
+    from magpie_teach.ranking.calibrate import CalibrateConfig, calibrate
+    from magpie_teach.scoring.calibrate import choice_sentence, stable_range_text
 
     config = _config(args, CalibrateConfig)
     result = calibrate(config)
@@ -437,7 +438,7 @@ def _config_command(sub: Any, name: str, cls: type, func: Callable, **kwargs: An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
     parser = argparse.ArgumentParser(
         prog="magpie-teach", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_push_flags(rank_parser)
 
-    from magpie_teach.scoring.paradox import ParadoxConfig
+    from magpie_teach.ranking.paradox import ParadoxConfig
 
     _config_command(
         sub,
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Larger Models' Paradox report: for each base model, every pair of same-family teachers where the larger one gives the lower AP.",
     )
 
-    from magpie_teach.scoring.calibrate import CalibrateConfig
+    from magpie_teach.ranking.calibrate import CalibrateConfig
 
     _config_command(
         sub,

@@ -422,7 +422,8 @@ def calibration_section(folder: Path, out: Path) -> Section:
     import json
     import shutil
 
-    from magpie_teach.scoring.calibrate import CALIBRATION, CORRELATIONS, FIGURE
+    from magpie_teach.artefacts import CALIBRATION, CORRELATIONS
+    from magpie_teach.artefacts import CALIBRATION_FIGURE as FIGURE
 
     try:
         result = json.loads((folder / CALIBRATION).read_text())

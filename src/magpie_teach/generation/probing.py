@@ -36,8 +36,8 @@ from magpie_teach.settings import CARSettings, ProbeSettings, ScoringRunSettings
 
 if TYPE_CHECKING:
     from magpie_teach.generation.config import GenerateConfig
+    from magpie_teach.ranking.rank import RankConfig
     from magpie_teach.scoring.executor import ScoringSession
-    from magpie_teach.scoring.rank import RankConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _write_outputs(
     work: dict | None = None,
 ) -> dict:
     from magpie_teach.data import LoadedResponses
-    from magpie_teach.scoring.rank import write_rank_outputs
+    from magpie_teach.ranking.rank import write_rank_outputs
 
     teachers = list(result.revealed)
     budget = result.sizes[-1]
@@ -137,7 +137,7 @@ def _write_outputs(
 
 
 def _replay_rank_config(config: ReplayConfig) -> "RankConfig":
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
     shared = {
         f.name: getattr(config, f.name) for cls in (CARSettings, ScoringRunSettings) for f in dataclasses.fields(cls)
@@ -188,8 +188,8 @@ def probe_replay(config: ReplayConfig, dry_run: bool = False) -> dict:
     generations = rows.groupby("teacher")[["id"]].size().floordiv(len(ids)).clip(lower=1).to_dict()
     if dry_run:
         return {"plan": plan_text(sizes, generations), "sizes": sizes}
+    from magpie_teach.ranking.rank import locate_models
     from magpie_teach.scoring.executor import ScoringSession
-    from magpie_teach.scoring.rank import locate_models
 
     rank_config = _replay_rank_config(config)
     locate_models(rank_config)  # every model located before the first loads

@@ -19,14 +19,14 @@ from magpie_teach.artefacts import RESPONSES
 
 if TYPE_CHECKING:
     from magpie_teach.generation.config import GenerateConfig
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
 
 
 def rank_config(config: "GenerateConfig") -> "RankConfig":
     """The `rank` config equivalent to this run's scoring (written to OUTPUT/rank/rank_config.yaml)."""
     import dataclasses
 
-    from magpie_teach.scoring.rank import RankConfig
+    from magpie_teach.ranking.rank import RankConfig
     from magpie_teach.settings import CARSettings, ConfidenceSettings, ScoringRunSettings
 
     spec = config.scoring
@@ -49,8 +49,8 @@ def score_responses(config: "GenerateConfig", responses: pd.DataFrame) -> dict:
     through the content-keyed score cache: a killed run resumes from its last finished window, and a `rank` of the
     same responses and models afterwards (or a `probe` before) scores nothing twice."""
     from magpie_teach.data import validated_responses
+    from magpie_teach.ranking.rank import write_rank_outputs
     from magpie_teach.scoring.executor import ScoringSession, score_rows, truncation_counts
-    from magpie_teach.scoring.rank import write_rank_outputs
 
     ranked = rank_config(config)
     Path(ranked.output_dir).mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,11 @@
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import pandas as pd
 
 from magpie_teach.errors import DataError
 from magpie_teach.scoring.metrics import DEFAULT_PERFORMANCE_COLUMNS, load_performance
-from magpie_teach.settings import PerformanceSettings
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbt]?)\s*$", re.IGNORECASE)
 _SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
@@ -96,28 +94,3 @@ def paradox_report(
         except (OSError, ValueError) as err:
             raise DataError(f"{families_path}: could not be read as CSV: {err}") from err
     return find_paradox_pairs(performance, families, source=performance_path)
-
-
-@dataclass
-class ParadoxConfig(PerformanceSettings):
-    performance: str = field(
-        metadata={
-            "help": "CSV with teacher (or generator), base_model, benchmark columns, and family/size columns "
-            "(or --families)."
-        }
-    )
-    families: str | None = field(
-        default=None, metadata={"help": "CSV with teacher, family, size (overrides the performance file's)."}
-    )
-    output: str | None = field(default=None, metadata={"help": "Also write the pairs to this CSV."})
-
-
-def paradox(config: ParadoxConfig) -> pd.DataFrame:
-    """The Larger Models' Paradox pairs of CONFIG's performance table (see :func:`find_paradox_pairs`); written to
-    ``config.output`` as CSV (atomically) when given."""
-    from magpie_teach.artefacts import write_atomic
-
-    pairs = paradox_report(config.performance, config.families, config.performance_columns)
-    if config.output:
-        write_atomic(config.output, lambda tmp: pairs.to_csv(tmp, index=False))
-    return pairs
