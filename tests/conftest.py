@@ -73,6 +73,34 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     if not hasattr(session.config, "workerinput") and not os.environ.get("MAGPIE_TEACH_KEEP_README_RECORD"):
         RECORD.unlink(missing_ok=True)
+    if not hasattr(session.config, "workerinput"):
+        session.config._repo_files_before = _repo_changes()
+
+
+def _repo_changes() -> set[str] | None:
+    """The checkout's files that git sees as new or changed (ignored ones aside), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line[3:] for line in out.splitlines()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that writes into the checkout (a relative output folder run from the repository root) fails the run:
+    it would be committed by whoever commits next (a stray report/ was, once). The xdist controller compares git's
+    view of the checkout before and after."""
+    before = getattr(session.config, "_repo_files_before", None)
+    after = _repo_changes() if before is not None else None
+    if after is not None and after - before:
+        written = sorted(after - before)
+        session.config.get_terminal_writer().line(
+            f"the tests wrote into the checkout (use tmp_path): {written[:10]}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,16 +8,16 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCS = ["README.md", *(f"docs/{page}.md" for page in ("generate", "rank", "probe", "report", "paradox", "select",
-          "push", "train", "validate", "evaluate", "calibrate", "review", "scaling", "python-api", "development",
-          "demo"))]  # fmt: skip
+DOCS = ["README.md", "docs/walkthrough.md", *(f"docs/{page}.md" for page in ("generate", "rank", "concepts", "probe",
+          "report", "paradox", "select", "push", "train", "validate", "evaluate", "calibrate", "review", "scaling",
+          "python-api", "demo")), "DEVELOPMENT.md"]  # fmt: skip
 """The README and the docs pages, in the order a walkthrough reads them (each verb's inputs come before it)."""
 README = "\n".join((REPO / page).read_text() for page in DOCS)
 """Their text, one after the other: what the command tests read."""
 
 
 def test_every_docs_page_is_read_and_linked_from_the_readme():
-    pages = {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")}
+    pages = {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")} | {"DEVELOPMENT.md"}
     assert pages == set(DOCS) - {"README.md"}, pages ^ (set(DOCS) - {"README.md"})
     readme = (REPO / "README.md").read_text()
     assert all(f"]({page})" in readme for page in pages), [p for p in pages if f"]({p})" not in readme]
@@ -117,3 +117,16 @@ def test_readme_generate_commands_run(tmp_path):
     assert set(ranking["teacher"]) == {"tiny-greedy", "tiny-best-of-2"} and ranking["base_model"].nunique() == 2
     run("report", "outputs/generate-magpie/rank", "--output", "outputs/generate-magpie/report", cwd=tmp_path)
     assert (tmp_path / "outputs" / "generate-magpie" / "report" / "report.html").exists()
+
+
+def test_every_relative_link_of_the_readme_and_docs_points_at_a_file_that_exists():
+    import re
+
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (REPO / page).read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (REPO / page).parent.joinpath(target).exists():
+                broken.append(f"{page}: {target}")
+    assert not broken, broken
