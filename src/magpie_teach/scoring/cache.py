@@ -127,6 +127,10 @@ def scorer_identity(kind: str, model: str, model_id: str, tokenizer: Any, max_le
     if kind == "reward" and (pad is None or pad == getattr(tokenizer, "eos_token_id", None)):
         # rewards of a model whose pad is its EOS were read one token early before this rule: not reused
         extra["pooling"] = "last-real-token/1"
+    if kind == "instruction-features":
+        from magpie_teach.scoring.features import RULE
+
+        extra["features"] = RULE
     return {
         **extra,
         "kind": kind,

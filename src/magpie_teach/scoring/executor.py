@@ -226,6 +226,19 @@ def _cached(config: ScoringRunSettings, model: str, stages: list[_Stage], work: 
     return out
 
 
+def instruction_features(config: ScoringRunSettings, model: str, rows: pd.DataFrame, work: dict | None,
+                         session: "ScoringSession") -> pd.DataFrame:  # fmt: skip
+    """The router's features of each instruction of ROWS under base model MODEL (:mod:`magpie_teach.scoring.features`:
+    one row per instruction ``id``, ``f0`` .. ``f63``), through the score cache like every other score."""
+    from magpie_teach.scoring.cache import example_keys
+
+    instructions = rows.drop_duplicates("id")[["id", "instruction"]].reset_index(drop=True)
+    stage = _Stage("instruction-features", instructions, example_keys(instructions["instruction"].tolist()),
+                   f"features {short_name(model)}")  # fmt: skip
+    (features,) = _cached(config, model, [stage], work, session)
+    return pd.concat([instructions[["id"]], features.reset_index(drop=True)], axis=1)
+
+
 def stages_of(model: str, kinds: list[str], rows: pd.DataFrame, keys: np.ndarray) -> list[_Stage]:
     """The scoring stages of ``model`` over a frame of validated rows (whose score-cache keys are ``keys``): the
     reward model's one, or a causal LM's compatibility losses and L(x) (one row per instruction, with its ``id``)."""

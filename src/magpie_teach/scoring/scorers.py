@@ -14,6 +14,7 @@ OUTPUTS = {
     },  # fmt: skip
     "instruction-loss": {"loss": "float64", "n_tokens": "int64", "truncated": "bool"},
     "reward": {"reward": "float64", "truncated": "bool"},
+    "instruction-features": {**{f"f{i}": "float32" for i in range(64)}, "n_tokens": "int64", "truncated": "bool"},
 }
 """The columns and dtypes of each stage's scores, as :func:`score_frame` returns them."""
 
@@ -67,6 +68,11 @@ def _score(kind: str, model: Any, tokenizer: Any, frame: pd.DataFrame, max_lengt
     if kind == "compat":
         return score_compatibility(model, tokenizer, instructions, frame["response"].tolist(), contexts=contexts,
                                    on_window=on_window, desc=desc or "compat", **run)  # fmt: skip
+    if kind == "instruction-features":
+        from magpie_teach.scoring.features import score_instruction_features
+
+        return score_instruction_features(model, tokenizer, instructions, on_window=on_window, desc=desc or "features",
+                                          **run)  # fmt: skip
     if kind == "reward":
         rewards, truncated = score_reward(model, tokenizer, instructions, frame["response"].tolist(),
                                           contexts=contexts, on_window=on_window, **run)  # fmt: skip
