@@ -126,22 +126,12 @@ def dtype_auto(suite):
 
 @check("5 Gemma-2 attention soft-capping kept on the GPU")
 def softcap(root: Path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from magpie_teach.modeling import load_model
+    from magpie_teach.tiny import build_tiny_gemma2
 
     logits = []
     for cap in (50.0, 1.0):
-        config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                              sliding_window=16, attn_logit_softcapping=cap)  # fmt: skip
-        torch.manual_seed(0)
-        model = Gemma2ForCausalLM(config)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(30)
-                layer.self_attn.k_proj.weight.mul_(30)
-        model.save_pretrained(root / f"gemma2-{cap}")
+        build_tiny_gemma2(root / f"gemma2-{cap}", cap)
         loaded = load_model(str(root / f"gemma2-{cap}"), "causal-lm", dtype="float32", device=GPU)
         ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1)).to(GPU)
         with torch.no_grad():
@@ -223,26 +213,9 @@ def vllm_teacher(suite):
     return ("PASS" if reasons and reasons[0] in ("length", "stop") else "FAIL"), f"finish reasons {reasons}"
 
 
-def matmul_rate(device: str, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device == "cuda":
-        torch.cuda.synchronize()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        if device == "cuda" and count % 20 == 0:
-            torch.cuda.synchronize()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
-
 def throughput(examples: int) -> None:
     """The scoring engine (compatibility losses) on a random ~0.4B Llama in bfloat16 (float32 on the CPU)."""
-    from bench_compatibility import build_model, make_texts
+    from bench_compatibility import build_model, make_texts, matmul_flops
 
     from magpie_teach.chat import prepare_tokenizer
     from magpie_teach.scoring.compatibility import score_compatibility
@@ -259,7 +232,7 @@ def throughput(examples: int) -> None:
     batch_tokens = 65536 if gpu else 8192
     score_compatibility(model, tokenizer, instructions[:8], responses[:8], batch_tokens=batch_tokens,
                         unconditioned_loss=False, show_progress=False)  # fmt: skip
-    peak = matmul_rate(device, dtype, 8192 if gpu else 1024)
+    peak = matmul_flops(device, dtype, seconds=1.0)
     if gpu:
         torch.cuda.synchronize()
     start = time.perf_counter()

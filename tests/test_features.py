@@ -66,3 +66,21 @@ def test_features_go_through_the_score_cache(tiny_suite, sample_rows, tmp_path):
     assert stage == {"scored": n, "from_cache": 0}
     assert list(again_work.values())[0] == {"scored": 0, "from_cache": n}
     assert first.equals(again) and len(first) == n and first["id"].is_unique
+
+
+def test_features_are_stored_window_by_window_and_equal_one_pass(tiny_suite, sample_rows):
+    from transformers import AutoModelForCausalLM
+
+    from magpie_teach.modeling import load_tokenizer
+    from magpie_teach.scoring.features import score_instruction_features
+
+    tokenizer = load_tokenizer(tiny_suite.base_small)
+    model = AutoModelForCausalLM.from_pretrained(tiny_suite.base_small).eval()
+    texts = list(dict.fromkeys(sample_rows["instruction"]))[:5]
+    stored = []
+    windowed = score_instruction_features(model, tokenizer, texts, window=2, show_progress=False,
+                                          on_window=lambda start, rows: stored.append((start, len(rows))))  # fmt: skip
+    assert stored == [(0, 2), (2, 2), (4, 1)]
+    whole = score_instruction_features(model, tokenizer, texts, show_progress=False)
+    np.testing.assert_allclose(windowed.iloc[:, :64].to_numpy(float), whole.iloc[:, :64].to_numpy(float), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip

@@ -5,20 +5,9 @@ import torch
 
 
 def _gemma2(folder, cap: float):
-    """A tiny Gemma-2 whose query and key weights are large enough for the attention soft-cap to bite."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from magpie_teach.tiny import build_tiny_gemma2
 
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                          sliding_window=16, attn_logit_softcapping=cap)  # fmt: skip
-    torch.manual_seed(0)
-    model = Gemma2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(30)
-            layer.self_attn.k_proj.weight.mul_(30)
-    model.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_gemma2(folder, cap)
 
 
 def test_gemma2_is_loaded_with_its_soft_capping_and_a_llama_with_the_default(tmp_path, tiny_suite):

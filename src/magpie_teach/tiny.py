@@ -97,6 +97,25 @@ def build_tiny_causal_lm(tokenizer: Any, size: str = "s", seed: int = 0, max_pos
     return LlamaForCausalLM(config)
 
 
+def build_tiny_gemma2(folder: str | os.PathLike, cap: float, seed: int = 0) -> str:
+    """A tiny Gemma-2 (64-token vocabulary, no tokenizer) saved in FOLDER, with attention soft-capping at CAP and
+    query and key weights large enough for the cap to bite; returns the folder."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                          sliding_window=16, attn_logit_softcapping=cap)  # fmt: skip
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def build_tiny_gpt2(tokenizer: Any, seed: int = 0) -> Any:
     """A randomly initialised ``GPT2LMHeadModel`` (learned absolute positions, tied output layer)."""
     import torch

@@ -256,14 +256,9 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
         return None
     pipeline, parameters = build_pipeline(config, work)
     if config.ray is not None:
-        import ray
+        from magpie_teach.scoring.on_ray import init_ray
 
-        from magpie_teach.scoring.on_ray import hub_runtime_env
-
-        if not ray.is_initialized():  # connected here, with the driver's Hub token and settings for every node
-            kwargs = dict(config.ray.init_kwargs)
-            ray.init(address=config.ray.address, runtime_env=hub_runtime_env(kwargs.pop("runtime_env", None)),
-                     **kwargs)  # fmt: skip
+        init_ray(config.ray.address, **config.ray.init_kwargs)  # with the driver's Hub token for every node
         pipeline = pipeline.ray(ray_init_kwargs=config.ray.init_kwargs)  # no address: it uses this connection
     else:
         import_before_fork()

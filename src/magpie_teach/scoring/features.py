@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from magpie_teach.scoring.compatibility import DEFAULT_WINDOW, _pad_id
 from magpie_teach.settings import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH
 
 DIMENSIONS = 64
@@ -48,44 +49,51 @@ def score_instruction_features(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    window: int = DEFAULT_WINDOW,
     on_window: Callable[[int, pd.DataFrame], None] | None = None,
     show_progress: bool | None = None,
     desc: str = "features",
 ) -> pd.DataFrame:
-    """One row per instruction: ``f0`` .. ``f63`` (float32), ``n_tokens`` and ``truncated``. Batches are planned by
-    length within ``batch_tokens`` padded tokens (padding never enters an average); ``on_window(0, rows)`` is
-    called once with every row (the score cache stores them)."""
+    """One row per instruction: ``f0`` .. ``f63`` (float32), ``n_tokens`` and ``truncated``. WINDOW instructions are
+    tokenized at a time and batched by length within ``batch_tokens`` padded tokens (padding never enters an
+    average); ``on_window(start, rows)`` is called as each window ends (the score cache stores them there, so a
+    killed run resumes from its last window)."""
     import torch
 
     from magpie_teach.progress import Progress
-    from magpie_teach.scoring.batching import plan_batches
-    from magpie_teach.scoring.compatibility import _pad_id
+    from magpie_teach.scoring.batching import plan_batches, windows
 
-    encoded = [prompt_ids(tokenizer, text, max_length) for text in instructions]
-    lengths = [len(ids) for ids, _ in encoded]
-    backbone = model.base_model
     device = next(model.parameters()).device
     matrix = torch.from_numpy(projection(model.config.hidden_size)).to(device)
-    out = np.zeros((len(encoded), DIMENSIONS), dtype=np.float32)
     pad = _pad_id(tokenizer)
-    progress = Progress(len(encoded), desc, show=show_progress)
-    with torch.inference_mode():
-        for batch in plan_batches(lengths, batch_tokens):
-            width = max(lengths[i] for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[i]] = torch.tensor(encoded[i][0])
-                mask[row, : lengths[i]] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
-            out[batch] = (pooled @ matrix).cpu().numpy()
-            progress.update(len(batch))
+    progress = Progress(len(instructions), desc, show=show_progress)
+    frames, start = [], 0
+    for chunk in windows(instructions, window):
+        encoded = [prompt_ids(tokenizer, text, max_length) for text in chunk]
+        lengths = [len(ids) for ids, _ in encoded]
+        out = np.zeros((len(encoded), DIMENSIONS), dtype=np.float32)
+        with torch.inference_mode():
+            for batch in plan_batches(lengths, batch_tokens):
+                width = max(lengths[i] for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : lengths[i]] = torch.tensor(encoded[i][0])
+                    mask[row, : lengths[i]] = 1
+                ids, mask = ids.to(device), mask.to(device)
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+                pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+                out[batch] = (pooled @ matrix).cpu().numpy()
+                progress.update(len(batch))
+        frame = pd.DataFrame(out, columns=COLUMNS)
+        frame["n_tokens"] = np.asarray(lengths, dtype=np.int64)
+        frame["truncated"] = np.array([cut for _, cut in encoded], dtype=bool)
+        if on_window is not None:
+            on_window(start, frame)
+        frames.append(frame)
+        start += len(chunk)
     progress.close()
-    frame = pd.DataFrame(out, columns=COLUMNS)
-    frame["n_tokens"] = np.asarray(lengths, dtype=np.int64)
-    frame["truncated"] = np.array([cut for _, cut in encoded], dtype=bool)
-    if on_window is not None and len(frame):
-        on_window(0, frame)
-    return frame
+    if not frames:
+        return pd.DataFrame({**{c: np.empty(0, np.float32) for c in COLUMNS}, "n_tokens": np.empty(0, np.int64),
+                             "truncated": np.empty(0, bool)})  # fmt: skip
+    return pd.concat(frames, ignore_index=True)

@@ -120,14 +120,19 @@ def hub_runtime_env(runtime_env: dict | None = None) -> dict:
     return runtime_env
 
 
-def connect(address: str, **init_kwargs: Any) -> None:
-    """Connects this driver to the cluster at ADDRESS (once per process), the Hub settings passed to the nodes."""
+def init_ray(address: str, **init_kwargs: Any) -> None:
+    """``ray.init`` of the cluster at ADDRESS once per process, the driver's Hub settings given to the job's workers
+    (:func:`hub_runtime_env`, over INIT_KWARGS' own ``runtime_env``)."""
     import ray
 
     if not ray.is_initialized():
         runtime_env = hub_runtime_env(init_kwargs.pop("runtime_env", None))
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env,
-                 **init_kwargs)  # fmt: skip
+        ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
+
+
+def connect(address: str) -> None:
+    """Connects this driver to the cluster for Ray Data scoring (the actors' logs stay on the nodes)."""
+    init_ray(address, logging_level=logging.WARNING, log_to_driver=False)
     from ray.data import DataContext
 
     context = DataContext.get_current()

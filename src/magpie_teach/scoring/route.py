@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.scoring.metrics import car
 
 PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 """Ridge penalties tried on standardised features (chosen by the seed's cross-validated squared error)."""
@@ -48,7 +49,7 @@ def example_targets(scores: pd.DataFrame, beta: float, shift: float = 0.0) -> pd
     if not needed <= set(scores.columns):
         raise ConfigError(f"scores lack {sorted(needed - set(scores.columns))}: route needs per-example rewards and "
                           "compatibility losses (a `rank` scores.parquet)")  # fmt: skip
-    values = (scores["reward"].to_numpy(float) + shift) / (1.0 + beta * scores["compat_loss"].to_numpy(float))
+    values = car(scores["reward"].to_numpy(float) + shift, scores["compat_loss"].to_numpy(float), beta)
     table = scores.assign(_s=values).pivot_table(index="id", columns="teacher", values="_s", aggfunc="mean")
     missing = table.isna().stack()
     if missing.any():
