@@ -50,10 +50,20 @@ REVIEW_SUMMARY = "review_summary.csv"
 REVIEW_AGREEMENT = "review_summary.json"
 REPORT_MARKDOWN = "report.md"
 REPORT_HTML = "report.html"
+ROUTER = "router.parquet"  # route: one row per (base model, teacher): the ridge head's weights
+ROUTE_SUMMARY = "route_summary.json"
+ROUTE_CONFIG = "route_config.yaml"
+ROUTE_TARGETS = "route_targets.parquet"  # route: the training data (per instruction and teacher, its target)
+ROUTING = "routing.csv"  # generate with routing: which teacher writes each instruction, and why
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    "generate": (RESPONSES, GENERATE_CONFIG, GENERATE_SUMMARY),  # instructions.parquet is a cache a rerun reads
+    "generate": (
+        RESPONSES,
+        GENERATE_CONFIG,
+        GENERATE_SUMMARY,
+        ROUTING,
+    ),  # instructions.parquet is a cache a rerun reads
     "rank": (SCORES, RANKING, CORRELATIONS, RANK_DROPPED, RANK_SUMMARY, RANK_CONFIG),
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
     "probe": (PROBE_SUMMARY, PROBE_ROUNDS),
@@ -63,6 +73,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     # and its resumable work: students/, data/ (select's folders), generations/
     "validate": (STUDENTS, CORRELATIONS, RANKING, JUDGEMENTS, WIN_RATES),
     "review": (REVIEWS, REVIEW_SUMMARY, REVIEW_AGREEMENT),
+    "route": (ROUTER, ROUTE_SUMMARY, ROUTE_CONFIG, ROUTE_TARGETS),
 }
 LOCK = ".magpie-teach.lock"
 RAY_STAGING = ".ray-staging"  # the rows a Ray cluster scores, staged where every node reads (removed when done)
@@ -84,17 +95,19 @@ class Kind:
 
 KINDS: dict[str, Kind] = {  # what `push` publishes of each kind of folder
     "instructions": Kind(GENERATE_CONFIG, INSTRUCTIONS, None),
-    "responses": Kind(GENERATE_CONFIG, RESPONSES, GENERATE_SUMMARY),
+    "responses": Kind(GENERATE_CONFIG, RESPONSES, GENERATE_SUMMARY, (ROUTING,)),
     "scores": Kind(RANK_CONFIG, SCORES, RANK_SUMMARY, (RANKING, CORRELATIONS, RANK_DROPPED)),
     "ranking": Kind(RANK_CONFIG, RANKING, RANK_SUMMARY, (CORRELATIONS, RANK_DROPPED)),
     "sft": Kind(SELECT_CONFIG, SFT_DATA, SELECT_SUMMARY, (SELECT_DROPPED,)),
     "evaluation": Kind(EVALUATE_CONFIG, JUDGEMENTS, None, (WIN_RATES, PERFORMANCE)),
+    "router": Kind(ROUTE_CONFIG, ROUTER, ROUTE_SUMMARY, (ROUTE_TARGETS,)),
 }  # fmt: skip
 DEFAULT_KIND = {
     GENERATE_CONFIG: "responses",
     RANK_CONFIG: "ranking",
     SELECT_CONFIG: "sft",
     EVALUATE_CONFIG: "evaluation",
+    ROUTE_CONFIG: "router",
 }
 
 
@@ -102,14 +115,14 @@ def detect_kind(source: Path, kind: str | None) -> str:
     """The kind of the output folder SOURCE (given, or found from its config file); DataError when it holds none."""
     if not source.is_dir():
         raise DataError(
-            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank, select or evaluate."
+            f"{source}: not a folder; push takes the output folder of magpie-teach generate, rank, select, evaluate or route."
         )
     if kind is None:
         found = [DEFAULT_KIND[name] for name in DEFAULT_KIND if (source / name).exists()]
         if not found:
             raise DataError(
                 f"{source}: none of {', '.join(DEFAULT_KIND)} is there; push takes the output folder of "
-                "magpie-teach generate, rank, select or evaluate."
+                "magpie-teach generate, rank, select, evaluate or route."
             )
         kind = found[0]
     spec = KINDS[kind]
@@ -462,6 +475,33 @@ class ScoresSource:
         frame = pd.concat(list(self._batches(list(self.table.columns))), ignore_index=True).drop(columns="_pos")
         frame.attrs["revision"] = self.revision
         return frame
+
+
+class RoutedResponses(ScoresSource):
+    """A routed `generate` folder's responses (one teacher per instruction, its ``routing.csv`` beside them) read
+    as :class:`ScoresSource` reads scores: `select --strategy routed` takes them without a `rank` (which compares
+    teachers on the same instructions, and these have none in common)."""
+
+    def _batches(self, columns: list[str]) -> Iterator[Any]:
+        import numpy as np
+
+        offset = 0
+        for frame in self.table.frames([c for c in columns if c != "base_model"]):
+            part = frame.reset_index(drop=True)
+            part["_pos"] = offset + np.arange(len(part))
+            offset += len(part)
+            yield part
+
+
+def open_routed_responses(folder: str | Path) -> RoutedResponses | None:
+    """FOLDER's responses when it is a routed `generate` folder (a finished run with ``routing.csv``), else None."""
+    from magpie_teach.tables import open_table
+
+    folder = Path(folder)
+    if not (folder.is_dir() and (folder / ROUTING).exists() and (folder / RESPONSES).exists()):
+        return None
+    verify_run(folder, "select")
+    return RoutedResponses(open_table(str(folder / RESPONSES)), str(folder / RESPONSES), "")
 
 
 def open_scores(path: str, base_model: str | None, revision: str | None = None) -> ScoresSource:

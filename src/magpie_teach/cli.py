@@ -179,6 +179,19 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_route(args: argparse.Namespace) -> int:
+    from magpie_teach.ranking.route import RouteConfig, describe, route
+
+    config = _config(args, RouteConfig)
+    summary = route(config)
+    for line in describe(summary):
+        print(line)
+    print(f"wrote {config.output_dir}/router.parquet, route_summary.json (generate's routing: block and select "
+          "--strategy routed read the folder)")  # fmt: skip
+    _finish(args, config.output_dir, "router")
+    return 0
+
+
 def run_select(args: argparse.Namespace) -> int:
     from magpie_teach.selection.select import SelectConfig, select
 
@@ -485,6 +498,31 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  magpie-teach calibrate --scores runs/rank --performance students.csv --output runs/calibration",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+    from magpie_teach.ranking.route import RouteConfig
+
+    route_parser = _config_command(
+        sub,
+        "route",
+        RouteConfig,
+        run_route,
+        help="learn which teacher to send each instruction to (per base model), or replay what it would give",
+        description="A per-instruction teacher router: from instructions every teacher answered and that were "
+        "scored, one ridge head per teacher on the base model's own features of the instruction predicts the "
+        "per-example CAR (reward / (1 + beta * compat_loss)); routing is used only when, cross-fitted on those "
+        "instructions, it beats the single best teacher beyond its interval, else every instruction goes to that "
+        "teacher. --scores learns a router from a rank (or probe) folder; --replay measures on data where every "
+        "teacher answered every instruction what routing would have given (single, routed, oracle, spend).",
+        epilog="outputs:\n  OUTPUT/router.parquet        the head per base model and teacher (generate's routing: "
+        "block and select --strategy routed read the folder)\n  OUTPUT/route_summary.json    per base model: "
+        "single_teacher, routed, decision, gain and its interval; with --replay score_single, score_routed, "
+        "score_oracle, spend\n  OUTPUT/route_targets.parquet the targets it learnt from\nexamples:\n"
+        "  magpie-teach route --scores runs/probe/rank --output runs/router\n"
+        "  magpie-teach route --replay zoo.parquet --reward-column reward --base-model Qwen/Qwen2.5-3B "
+        "--seed-instructions 200 --output runs/route-replay",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_push_flags(route_parser)
 
     from magpie_teach.evaluation.validate import ValidateConfig
     from magpie_teach.selection.select import SelectConfig

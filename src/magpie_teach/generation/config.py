@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magpie_teach.errors import ConfigError
+from magpie_teach.scoring.routing import RoutingSettings
 from magpie_teach.settings import CARSettings, ConfidenceSettings, ProbeSettings, ScoringRunSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -160,6 +161,8 @@ class GenerateConfig:
     scoring: ScoringConfig | None = None
     ray: RayConfig | None = None
     probe: ProbeSettings | None = None  # read by `magpie-teach probe` (`generate` generates the full grid)
+    # each instruction written by one teacher: a `route` folder's choice, or an assignment file's
+    routing: RoutingSettings | None = None
 
     def __post_init__(self) -> None:
         if (self.instructions.path is None) == (self.instructions.magpie is None):
@@ -172,6 +175,12 @@ class GenerateConfig:
             self.scoring.validate()
         if self.probe is not None:
             self.probe.validate()
+        if self.routing is not None:
+            self.routing.check_routing()
+            if self.scoring is not None:
+                raise ConfigError("routing: and scoring: together: a routed run's teachers answer different "
+                                  "instructions, which `rank`'s scoring cannot compare; remove scoring: (select "
+                                  "--strategy routed takes the routed folder as it is)")  # fmt: skip
         names = [t.name for t in self.teachers]
         if not names:
             raise ConfigError("teachers: at least one teacher is needed")
@@ -239,6 +248,9 @@ def with_absolute_paths(config: GenerateConfig) -> GenerateConfig:
     for i, teacher in enumerate(config.teachers):
         if teacher.backend != "openai":  # an openai model is the server's name for it
             teacher.model = _absolute(teacher.model, f"teachers[{i}].model")
+    if config.routing is not None:
+        config.routing.router = _absolute(config.routing.router)
+        config.routing.assignments = _absolute(config.routing.assignments)
     if config.scoring is not None:
         config.scoring.reward_model = _absolute(config.scoring.reward_model, "scoring.reward_model")
         config.scoring.base_models = [

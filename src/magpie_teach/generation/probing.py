@@ -226,6 +226,9 @@ def probe_generate(config: "GenerateConfig", overrides: dict[str, Any] | None = 
 
     if config.scoring is None:
         raise ConfigError("probe: the config needs a scoring: block (reward_model and base_models)")
+    if config.routing is not None:
+        raise ConfigError("probe: every teacher in the race answers each round's instructions; remove the routing: "
+                          "block (it is for the `generate` after `route`)")  # fmt: skip
     locate_models(config)
     settings = dataclasses.replace(config.probe or ProbeSettings(), **(overrides or {}))
     settings.validate()

@@ -40,6 +40,8 @@ class GeneratePlan:
     counts: dict
     remaining: dict[str, int]
     todo: dict[str, pd.DataFrame] = field(default_factory=dict)  # per teacher: instructions not yet stored
+    routing: pd.DataFrame | None = None  # with a routing: block, the teacher of each instruction (id, teacher, how)
+    routing_about: dict = field(default_factory=dict)  # where the routing came from, for the summary and the card
 
 
 def response_store(config: GenerateConfig) -> "BatchStore":
@@ -172,8 +174,29 @@ def plan(config: GenerateConfig, dry_run: bool = False) -> GeneratePlan:
         )
     instructions, counts = load_instructions(config)
     store = response_store(config)
-    todo = {t.name: instructions[~instructions["id"].isin(store.done_ids(t.name))] for t in config.teachers}
-    return GeneratePlan(instructions, counts, {name: len(rows) for name, rows in todo.items()}, todo)
+    routing, about = None, {}
+    if config.routing is not None:
+        from magpie_teach.scoring.routing import assignments
+
+        routing, about = assignments(config.routing, instructions, [t.name for t in config.teachers],
+                                     Path(config.output_dir))  # fmt: skip
+    todo = {}
+    for teacher in config.teachers:
+        mine = instructions
+        if routing is not None:  # each teacher writes only the instructions routed to it
+            mine = instructions[(routing["teacher"] == teacher.name).to_numpy()]
+        todo[teacher.name] = mine[~mine["id"].isin(store.done_ids(teacher.name))]
+    return GeneratePlan(instructions, counts, {name: len(rows) for name, rows in todo.items()}, todo, routing, about)
+
+
+def assigned_rows(rows: pd.DataFrame, work: GeneratePlan) -> pd.DataFrame:
+    """The stored rows this run's instructions asked for: every teacher's of each instruction, or with routing only
+    the routed teacher's (the store may hold more: a probe's seed rounds, an earlier run's)."""
+    rows = rows[rows["id"].isin(work.instructions["id"])]
+    if work.routing is None:
+        return rows
+    pairs = pd.MultiIndex.from_frame(work.routing[["teacher", "id"]])
+    return rows[pd.MultiIndex.from_frame(rows[["teacher", "id"]]).isin(pairs)]
 
 
 def gpu_plan(config: GenerateConfig, teachers: list) -> dict[str, list[str]]:
@@ -304,17 +327,25 @@ def _generate(config: GenerateConfig) -> dict:
     files.written.add(artefacts.GENERATE_CONFIG)
     failure = run_pipeline(config, work)
     rows = response_store(config).read()
-    rows = rows[rows["id"].isin(work.instructions["id"]) & rows["teacher"].isin([t.name for t in config.teachers])]
+    rows = assigned_rows(rows[rows["teacher"].isin([t.name for t in config.teachers])], work)
     rows = rows.sort_values(["teacher", "id", "generation_index"]).reset_index(drop=True)
     for teacher in config.teachers:
         mine = rows[rows["teacher"] == teacher.name]
+        asked = (
+            len(work.instructions) if work.routing is None else int((work.routing["teacher"] == teacher.name).sum())
+        )
         summary["teachers"][teacher.name] = {
+            "instructions": asked,
             "rows": len(mine),
             "ok": int((mine["status"] == "ok").sum()),
             "failed": int((mine["status"] != "ok").sum()),
             "hit_max_new_tokens": int(mine["hit_max_new_tokens"].sum()),
-            "missing": len(work.instructions) * teacher.num_generations - len(mine),
+            "missing": asked * teacher.num_generations - len(mine),
         }
+    if work.routing is not None:
+        summary["routing"] = work.routing_about
+        routing = work.routing
+        files.write(artefacts.ROUTING, lambda tmp: routing.to_csv(tmp, index=False))
     missing = {name: t["missing"] for name, t in summary["teachers"].items() if t["missing"]}
     if missing or failure:  # a step failed inside distilabel: what it did not store is missing, never a row of nulls
         write_atomic(out / artefacts.GENERATE_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))

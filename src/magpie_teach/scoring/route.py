@@ -179,6 +179,8 @@ class ReplayResult:
     assigned: dict[str, int]
     n_seed: int
     n_held_out: int
+    router: Router  # fitted on the seed (used only when the decision routes)
+    seed_positions: np.ndarray  # the seed's row positions in the targets
 
     def gap_closed(self) -> float:
         """The share of the single-to-oracle gap the routed choice closes (NaN when there is no gap)."""
@@ -192,22 +194,33 @@ def spend(n_instructions: int, n_seed: int, n_teachers: int) -> float:
     return (n_seed * n_teachers + (n_instructions - n_seed)) / (n_instructions * n_teachers)
 
 
+def check_seed(n_seed: int, n: int) -> None:
+    """ConfigError unless N_SEED of N instructions can train a router and leave some held out."""
+    if not 2 * FOLDS <= n_seed < n:
+        raise ConfigError(f"--seed-instructions {n_seed}: needs at least {2 * FOLDS} (the seed is cross-fitted in "
+                          f"{FOLDS} folds) and fewer than the {n} instructions there are")  # fmt: skip
+
+
+def seed_rows(n: int, n_seed: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(seed, held out): the positions of N_SEED of N instructions drawn with SEED, and of the others."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:n_seed], order[n_seed:]
+
+
 def replay(features: np.ndarray, targets: pd.DataFrame, n_seed: int, seed: int = 0,
            confidence: float = 0.95) -> ReplayResult:  # fmt: skip
     """Routing replayed on TARGETS (instructions x teachers, :func:`example_targets`) with FEATURES aligned to its
     rows: N_SEED instructions drawn (seeded) train the router and make the decision; the others are scored."""
     n, teachers = len(targets), list(targets.columns)
-    if not 2 * FOLDS <= n_seed < n:
-        raise ConfigError(f"--seed-instructions {n_seed}: needs at least {2 * FOLDS} (the seed is cross-fitted in "
-                          f"{FOLDS} folds) and fewer than the {n} instructions there are")  # fmt: skip
+    check_seed(n_seed, n)
     values = targets.to_numpy(float)
     features = np.asarray(features, float)
-    order = np.random.default_rng(seed).permutation(n)
-    seed_rows, held = order[:n_seed], order[n_seed:]
-    decision = decide(features[seed_rows], values[seed_rows], teachers, seed, confidence)
+    seeded, held = seed_rows(n, n_seed, seed)
+    decision = decide(features[seeded], values[seeded], teachers, seed, confidence)
     single = teachers.index(decision.single_teacher)
+    router = fit_router(features[seeded], values[seeded], teachers, seed)
     if decision.routed:
-        chosen = fit_router(features[seed_rows], values[seed_rows], teachers, seed).choose(features[held])
+        chosen = router.choose(features[held])
     else:
         chosen = np.full(len(held), single)
     routed = values[held, chosen]
@@ -215,5 +228,5 @@ def replay(features: np.ndarray, targets: pd.DataFrame, n_seed: int, seed: int =
     return ReplayResult(
         decision.single_teacher, float(values[held, single].mean()), float(routed.mean()),
         float(values[held].max(axis=1).mean()), spend(n, n_seed, len(teachers)), decision,
-        {t: int(counts.get(t, 0)) for t in teachers}, n_seed, len(held),
+        {t: int(counts.get(t, 0)) for t in teachers}, n_seed, len(held), router, seeded,
     )  # fmt: skip

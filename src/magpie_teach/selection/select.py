@@ -8,7 +8,10 @@ Strategies (one row per instruction in the output):
 * ``grape``: per instruction, the highest length-normalised log-probability under the student
   (``logprob_norm`` = -compat_loss; Zhang et al., "The Best Instruction-Tuning Data are Those That Fit");
 * ``mix``: per instruction, the highest (1 - a) * r_norm + a * logprob_norm, where r_norm is the
-  reward min-max normalised over the candidate responses (a = ``--alpha``, 0.4 by default; PerSyn).
+  reward min-max normalised over the candidate responses (a = ``--alpha``, 0.4 by default; PerSyn);
+* ``routed``: per instruction, the response of the teacher it was routed to (``--routing``: a `route` folder, a
+  routed `generate` folder or an assignment file; without it, scores that hold one teacher per instruction, a
+  routed `generate`'s, are taken as they are); several generations of that teacher: the highest reward.
 
 Filters, applied first, each counted and kept with its reason: failed responses (a ``status``
 column other than ``ok``), responses that stopped at `generate`'s ``max_new_tokens`` (``hit_max_new_tokens``,
@@ -27,13 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from magpie_teach import artefacts
 from magpie_teach.artefacts import SFT_DATA as DATA_FILE
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.settings import DEFAULT_BOOTSTRAP, CARChoice, ConfidenceSettings, RecordedCARSettings
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("teacher", "best-of-n", "grape", "mix")
+STRATEGIES = ("teacher", "best-of-n", "grape", "mix", "routed")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class SelectConfig(RecordedCARSettings):
         }
     )
     strategy: str = field(
-        default="teacher", metadata={"help": "teacher, best-of-n, grape or mix.", "choices": list(STRATEGIES)}
+        default="teacher", metadata={"help": "teacher, best-of-n, grape, mix or routed.", "choices": list(STRATEGIES)}
     )
     revision: str | None = field(default=None, metadata={"help": "Revision (branch, tag, commit) of a Hub --scores."})
     base_model: str | None = field(
@@ -66,6 +70,11 @@ class SelectConfig(RecordedCARSettings):
         default="car", metadata={"help": "With --strategy teacher: the metric that picks the best teacher."}
     )
     alpha: float = field(default=0.4, metadata={"help": "With --strategy mix: weight of the student log-likelihood."})
+    routing: str | None = field(
+        default=None,
+        metadata={"help": "With --strategy routed: a `route` output folder, a routed `generate` folder or an "
+                  "assignment file (id, teacher); default: the scores' own teacher of each instruction."},
+    )  # fmt: skip
     rerank_after_filters: bool = field(
         default=False,
         metadata={
@@ -113,6 +122,8 @@ class SelectConfig(RecordedCARSettings):
             raise ConfigError(
                 "--require-decided applies to --strategy teacher choosing by --metric car (no --teacher)"
             )
+        if self.routing is not None and self.strategy != "routed":
+            raise ConfigError("--routing applies to --strategy routed")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
         self.check_car()
@@ -178,11 +189,34 @@ def _decision(scores: pd.DataFrame, car: CARChoice, bootstrap: ConfidenceSetting
     return {**verdict.to_json(), "confidence": bootstrap.confidence, "replicates": replicates}
 
 
+def _routed(
+    kept: pd.DataFrame, scores: pd.DataFrame, config: SelectConfig, routing: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Per instruction, the kept rows of the teacher ROUTING (id, teacher) sends it to; without a routing, the scores
+    must hold one teacher per instruction (a routed `generate`'s); several generations: the highest reward."""
+    if routing is None:
+        teachers = scores.groupby("id")["teacher"].nunique()
+        if (teachers > 1).any():
+            raise ConfigError(f"instruction {teachers.index[teachers > 1][0]!r} has responses of several teachers: "
+                              "give --routing (a `route` folder, a routed `generate` folder or an assignment file)")  # fmt: skip
+        routing = scores.drop_duplicates("id")[["id", "teacher"]]
+    routed = routing.assign(id=routing["id"].astype(str)).set_index("id")["teacher"]
+    mine = kept["teacher"].to_numpy() == kept["id"].astype(str).map(routed).to_numpy()
+    chosen = kept[mine].assign(selection_metric="routed", selection_score=np.nan)
+    order = ["id", *(c for c in ("reward", "generation_index") if c in chosen.columns)]  # unscored: the first
+    ascending = [True] + [c != "reward" for c in order[1:]]
+    chosen = chosen.sort_values(order, ascending=ascending).drop_duplicates("id")
+    if chosen.empty:
+        raise DataError("no kept response is of the teacher its instruction was routed to: nothing to select")
+    return chosen
+
+
 def select_responses(
     scores: pd.DataFrame,
     config: SelectConfig,
     car: CARChoice | None = None,
     bootstrap: ConfidenceSettings | None = None,
+    routing: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Applies the filters then the strategy to one base model's scores; returns (selected, dropped).
 
@@ -221,6 +255,8 @@ def select_responses(
             order = ["id", "reward", "generation_index"] if "generation_index" in chosen.columns else ["id", "reward"]
             ascending = [True, False, True][: len(order)]
             chosen = chosen.sort_values(order, ascending=ascending).drop_duplicates("id", keep="first")
+    elif config.strategy == "routed":
+        chosen = _routed(kept, scores, config, routing)
     else:
         if config.strategy == "best-of-n":
             metric, score = "reward", kept["reward"]
@@ -256,23 +292,32 @@ def select(config: SelectConfig) -> SelectResult:
 
 def _select(config: SelectConfig) -> SelectResult:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
-    from magpie_teach import artefacts
     from magpie_teach.config import dump_config
 
-    source = artefacts.open_scores(config.scores, config.base_model, config.revision)
+    source = artefacts.open_routed_responses(config.scores) if config.strategy == "routed" else None
+    if source is not None:
+        unscored = [flag for flag, on in (("--min-reward", config.min_reward is not None),
+                                          ("--max-tokens", config.max_tokens is not None)) if on]  # fmt: skip
+        if unscored:
+            raise ConfigError(f"{config.scores}: a routed `generate` folder's responses are not scored (no two "
+                              f"teachers answered the same instruction, so `rank` cannot compare them), so "
+                              f"{', '.join(unscored)} cannot apply; drop the flag")  # fmt: skip
+    else:
+        source = artefacts.open_scores(config.scores, config.base_model, config.revision)
     scores = source.keys()  # the numbers of every scored row; the texts are read below for the chosen rows only
     recorded = artefacts.recorded_rank_config(config.scores, source.revision)
     car = config.car(*recorded)
     logger.info("select: %s", car.describe())
     names = [f.name for f in dataclasses.fields(ConfidenceSettings)]
     bootstrap = ConfidenceSettings(**{k: v for k, v in (recorded[0] or {}).items() if k in names})
-    chosen, dropped = select_responses(scores, config, car, bootstrap)
+    routing, routed_by = _routing(config, source)
+    chosen, dropped = select_responses(scores, config, car, bootstrap, routing)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
-    keep += [c for c in ("generation_index",) if c in chosen.columns]
+    keep = [c for c in keep if c in chosen.columns] + [c for c in ("generation_index",) if c in chosen.columns]
     dataset = chosen[keep].copy()
     summary = {
         "strategy": config.strategy,
-        "base_model": str(scores["base_model"].iloc[0]),
+        "base_model": str(scores["base_model"].iloc[0]) if "base_model" in scores.columns else None,
         "instructions_in": int(scores["id"].nunique()),
         "responses_in": len(scores),
         "rows_out": len(dataset),
@@ -283,6 +328,12 @@ def _select(config: SelectConfig) -> SelectResult:
     }
     if "decision" in chosen.attrs:
         summary["decision"] = chosen.attrs["decision"]
+    if config.strategy == "routed":
+        summary["base_model"] = summary["base_model"] or routed_by.get("base_model")
+        routed = routing if routing is not None else scores.drop_duplicates("id")[["id", "teacher"]]
+        unwritten = set(routed["id"].astype(str)) - set(dataset["id"].astype(str))
+        summary["routing"] = {**routed_by, "instructions_routed": len(routed),
+                              "routed_instructions_without_a_kept_response": len(unwritten)}  # fmt: skip
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "select")
     files.write(DATA_FILE, lambda tmp: _write_sft_data(tmp, source, chosen.set_index("_pos")[keep]))
@@ -294,7 +345,7 @@ def _select(config: SelectConfig) -> SelectResult:
     files.write(artefacts.SFT_README, lambda tmp: Path(tmp).write_text(readme))
     files.write(artefacts.SELECT_SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if len(dropped):
-        columns = ["id", "teacher", "reason", "reward", "compat_loss"]
+        columns = [c for c in ("id", "teacher", "reason", "reward", "compat_loss") if c in dropped.columns]
         files.write(artefacts.SELECT_DROPPED, lambda tmp: dropped[columns].to_parquet(tmp, index=False))
     # Hub scores are recorded by the commit read, so that rerunning this config reads the same bytes
     dump_config(
@@ -304,6 +355,28 @@ def _select(config: SelectConfig) -> SelectResult:
     files.written.add(artefacts.SELECT_CONFIG)
     files.finish()
     return SelectResult(dataset, dropped, summary, out)
+
+
+def _routing(config: SelectConfig, source: Any) -> tuple[pd.DataFrame | None, dict]:
+    """With --strategy routed and --routing: the teacher of each scored instruction, and where it came from."""
+    if config.strategy != "routed":
+        return None, {}
+    if config.routing is None:
+        if isinstance(source, artefacts.RoutedResponses):  # the routing the generate run recorded, and why
+            folder = Path(config.scores)
+            about = json.loads((folder / artefacts.GENERATE_SUMMARY).read_text()).get("routing") or {}
+            routing = pd.read_csv(folder / artefacts.ROUTING, dtype={"id": str, "teacher": str})
+            return routing, {**about, "source": str(folder / artefacts.ROUTING)}
+        return None, {"source": "the scores' own teacher of each instruction"}
+    from magpie_teach.scoring.routing import assignments, routing_source
+
+    settings = routing_source(config.routing)
+    if settings.router is not None:
+        settings.base_model = source.base_model or None  # a routed generate's responses name none
+    keys = source.keys()
+    first = keys.drop_duplicates("id")
+    instructions = pd.concat(list(source.rows(first["_pos"].to_numpy(), ["id", "instruction"])), ignore_index=True)
+    return assignments(settings, instructions, sorted(keys["teacher"].astype(str).unique()))
 
 
 def _write_sft_data(path: str, source: Any, chosen: pd.DataFrame) -> None:

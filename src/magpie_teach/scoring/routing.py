@@ -1,0 +1,191 @@
+"""Applying a router (the output folder of `magpie-teach route`, :mod:`magpie_teach.ranking.route`): its file read
+and written (``router.parquet``: per base model and teacher, that teacher's column of the ridge head of
+:mod:`magpie_teach.scoring.route`), and which teacher writes each instruction (:func:`assignments`), from a router
+(the base model's features computed through the score cache) or from an assignment file. `generate`'s ``routing:``
+block and `select --strategy routed` read it here.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from magpie_teach import artefacts
+from magpie_teach.errors import ConfigError, DataError
+from magpie_teach.settings import ClusterSettings, ModelRunSettings, ScoreCacheSettings
+
+# ---- the router artefact ---------------------------------------------------------------------------------------
+
+
+def router_rows(base_model: str, router: Any, decision: Any, seed_means: np.ndarray) -> pd.DataFrame:
+    """``router.parquet``'s rows of one base model: per teacher, its column of the head (features' weights, then
+    the intercept), the standardisation and the penalty (repeated on each row), whether it is the fall-back."""
+    return pd.DataFrame({
+        "base_model": base_model,
+        "teacher": router.teachers,
+        "weights": [router.weights[:, j].tolist() for j in range(len(router.teachers))],
+        "feature_mean": [router.mean.tolist()] * len(router.teachers),
+        "feature_scale": [router.scale.tolist()] * len(router.teachers),
+        "penalty": router.penalty,
+        "mean_target": seed_means,
+        "single_teacher": [t == decision.single_teacher for t in router.teachers],
+        "routed": decision.routed,
+    })  # fmt: skip
+
+
+@dataclass
+class RouterArtefact:
+    """A router folder read back: per base model its :class:`magpie_teach.scoring.route.Router`, whether it routes
+    (else every instruction goes to ``single[base]``), and the summary it was written with."""
+
+    source: str
+    routers: dict[str, Any]
+    routed: dict[str, bool]
+    single: dict[str, str]
+    summary: dict
+
+    def base_model(self, wanted: str | None) -> str:
+        """WANTED among the router's base models (None: its only one); ConfigError naming them otherwise."""
+        from magpie_teach.artefacts import short_name
+
+        names = list(self.routers)
+        if wanted is None:
+            if len(names) > 1:
+                raise ConfigError(f"{self.source} routes for several base models; choose one: {names}")
+            return names[0]
+        found = [n for n in names if n == wanted] or [n for n in names if short_name(n) == short_name(wanted)]
+        if len(found) != 1:
+            raise ConfigError(f"{self.source}: no router for base model {wanted!r}; it has {names}")
+        return found[0]
+
+
+def read_router(folder: str | Path) -> RouterArtefact:
+    """The router a `route` run wrote into FOLDER (a finished run's, see :func:`magpie_teach.artefacts.verify_run`)."""
+    from magpie_teach.scoring.route import Router
+
+    folder = Path(folder)
+    if not (folder / artefacts.ROUTER).exists():
+        raise DataError(f"{folder}: no {artefacts.ROUTER}; give the output folder of `magpie-teach route`")
+    artefacts.verify_run(folder, "routing")
+    table = pd.read_parquet(folder / artefacts.ROUTER)
+    summary = json.loads((folder / artefacts.ROUTE_SUMMARY).read_text())
+    routers, routed, single = {}, {}, {}
+    for base, rows in table.groupby("base_model", sort=False):
+        weights = np.array([np.asarray(w, float) for w in rows["weights"]]).T
+        routers[str(base)] = Router(rows["teacher"].astype(str).tolist(), np.asarray(rows["feature_mean"].iloc[0], float),
+                                    np.asarray(rows["feature_scale"].iloc[0], float), weights,
+                                    float(rows["penalty"].iloc[0]))  # fmt: skip
+        routed[str(base)] = bool(rows["routed"].iloc[0])
+        single[str(base)] = str(rows.loc[rows["single_teacher"], "teacher"].iloc[0])
+    return RouterArtefact(str(folder), routers, routed, single, summary)
+
+
+# ---- applying a router: which teacher writes each instruction ---------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class RoutingSettings(ModelRunSettings, ClusterSettings, ScoreCacheSettings):
+    """Where each instruction's teacher comes from: ``router`` (a `route` output folder: the base model's features
+    are computed through the score cache, with the router's recorded ``max_length``) or ``assignments`` (a file of
+    ``id`` and ``teacher``); ``base_model`` picks one of the router's base models when it holds several. The model
+    run's device and dtype and the score cache are the scoring run's settings."""
+
+    router: str | None = None
+    assignments: str | None = None
+    base_model: str | None = None
+
+    def check_routing(self, where: str = "routing.") -> None:
+        if (self.router is None) == (self.assignments is None):
+            raise ConfigError(f"{where}router or {where}assignments: give exactly one (a `route` output folder, or "
+                              "a file of id and teacher)")  # fmt: skip
+        self.check_run(where)
+        self.check_cluster(where)
+
+
+def read_assignment_file(path: str) -> pd.DataFrame:
+    """An assignment file (parquet, CSV or JSON lines) of ``id`` and ``teacher``: one teacher per instruction."""
+    file = Path(path)
+    try:
+        if file.suffix == ".parquet":
+            table = pd.read_parquet(file)
+        elif file.suffix == ".csv":
+            table = pd.read_csv(file, dtype={"id": str})
+        else:
+            table = pd.read_json(file, lines=True, dtype={"id": str})
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable assignment file ({err}); expected parquet, CSV or JSON lines with "
+                        "columns id and teacher") from None  # fmt: skip
+    missing = [c for c in ("id", "teacher") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; an assignment file has id and teacher")
+    repeated = table.loc[table["id"].duplicated(), "id"]
+    if len(repeated):
+        raise DataError(f"{path}: instruction {repeated.iloc[0]!r} is assigned more than once: every instruction "
+                        "is written once")  # fmt: skip
+    return table[["id", "teacher"]].astype({"id": str, "teacher": str})
+
+
+def assignments(settings: RoutingSettings, instructions: pd.DataFrame, teachers: list[str],
+                folder: Path | None = None) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+    """Which teacher writes each of INSTRUCTIONS (``id``, ``instruction``): a frame of ``id``, ``teacher`` and
+    ``how`` (``routed``: the router's choice; ``single``: the router fell back to the single best teacher;
+    ``file``: the assignment file's), in the instructions' order; and what the card says of it. A teacher that is
+    not among TEACHERS, or an instruction the file leaves out, is an error naming it."""
+    ids = instructions["id"].astype(str)
+    if settings.assignments is not None:
+        table = read_assignment_file(settings.assignments).set_index("id")
+        absent = ids[~ids.isin(table.index)]
+        if len(absent):
+            raise DataError(f"{settings.assignments}: no teacher for instruction {absent.iloc[0]!r} (and "
+                            f"{len(absent) - 1} more): every instruction needs one")  # fmt: skip
+        chosen = table.loc[ids, "teacher"].to_numpy()
+        how, about = np.full(len(ids), "file"), {"source": settings.assignments, "how": "assignment file"}
+    else:
+        router = read_router(settings.router)
+        base = router.base_model(settings.base_model)
+        recorded = router.summary.get("features") or {}
+        if router.routed[base]:
+            from magpie_teach.scoring.executor import ScoringSession, instruction_features
+            from magpie_teach.scoring.features import COLUMNS, RULE
+
+            if recorded.get("rule") not in (None, RULE):
+                raise DataError(f"{settings.router}: its features are {recorded['rule']!r}, this version computes "
+                                f"{RULE!r}; train the router again with this version")  # fmt: skip
+            run = dataclasses.replace(settings, max_length=int(recorded.get("max_length", settings.max_length)))
+            with ScoringSession(folder) as session:
+                features = instruction_features(run, base, instructions.assign(id=ids), None, session)
+            matrix = features.set_index("id").loc[ids, COLUMNS].to_numpy(float)
+            model = router.routers[base]
+            chosen = np.asarray(model.teachers)[model.choose(matrix)]
+            how = np.full(len(ids), "routed")
+        else:
+            chosen, how = np.full(len(ids), router.single[base]), np.full(len(ids), "single")
+        entry = next((e for e in router.summary.get("base_models", []) if e.get("base_model") == base), {})
+        about = {"source": str(settings.router), "base_model": base, "how": "router" if router.routed[base] else
+                 "single teacher (the router's fall-back)", "decision": entry.get("decision")}  # fmt: skip
+    frame = pd.DataFrame({"id": ids.to_numpy(), "teacher": chosen.astype(str), "how": how})
+    unknown = sorted(set(frame["teacher"]) - set(teachers))
+    if unknown:
+        raise ConfigError(f"{about['source']} sends instructions to {unknown}, which are not among the teachers "
+                          f"{teachers}")  # fmt: skip
+    about["rows_per_teacher"] = {t: int(n) for t, n in frame["teacher"].value_counts().sort_index().items()}
+    return frame, about
+
+
+def routing_source(path: str) -> RoutingSettings:
+    """PATH as a routing: a `route` output folder (its router), a routed `generate` folder (its routing.csv:
+    the teacher each instruction was sent to) or an assignment file."""
+    folder = Path(path)
+    if (folder / artefacts.ROUTER).exists():
+        return RoutingSettings(router=str(folder))
+    if (folder / artefacts.ROUTING).exists():
+        artefacts.verify_run(folder, "routing")
+        return RoutingSettings(assignments=str(folder / artefacts.ROUTING))
+    if folder.is_file():
+        return RoutingSettings(assignments=str(folder))
+    raise DataError(f"{path}: neither a `route` output folder ({artefacts.ROUTER}), a routed `generate` folder "
+                    f"({artefacts.ROUTING}) nor an assignment file")  # fmt: skip
