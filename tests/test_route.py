@@ -162,7 +162,9 @@ def test_no_gap_to_close_is_not_a_number():
     rest = (None, np.arange(20))
     result = ReplayResult("a", 0.5, 0.5, 0.5, 0.3, decision, {"a": 10}, 20, 10, *rest)
     assert np.isnan(result.gap_closed())
-    assert ReplayResult("a", 0.5, 0.6, 0.9, 0.3, decision, {"a": 10}, 20, 10, *rest).gap_closed() == pytest.approx(0.25)
+    assert ReplayResult("a", 0.5, 0.6, 0.9, 0.3, decision, {"a": 10}, 20, 10, *rest).gap_closed() == pytest.approx(
+        0.25
+    )
 
 
 def test_spend_and_a_seed_too_small_or_too_large():

@@ -153,6 +153,7 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
             })  # fmt: skip
         context["teachers"] = teachers
         context["teacher_counts"] = summary.get("teachers") or {}
+        context["routing"] = summary.get("routing")
         context["n_instructions"] = int(frame["id"].nunique()) if "id" in frame else len(frame)
         context.setdefault("pretty_name", "Multi-teacher responses")
         if magpie:
@@ -180,6 +181,7 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
             scores_source=config.get("scores"),
             rows_per_teacher=summary.get("rows_per_teacher") or {},
             dropped=summary.get("dropped_by_reason") or {},
+            routing=summary.get("routing"),
             pretty_name="SFT data selected by magpie-teach",
         )
         tags.append("sft")
@@ -204,6 +206,17 @@ def build_context(source: Path, kind: str, repo_id: str, tag: str) -> tuple[dict
             pretty_name="Students judged against a baseline",
         )
         tags.append("evaluation")
+    elif kind == "router":
+        entries = summary.get("base_models") or []
+        context.update(
+            source=summary.get("source") or {},
+            base_models=entries,
+            features=summary.get("features") or {},
+            target=summary.get("target"),
+            teachers=sorted({t for e in entries for t in e.get("teachers", [])}),
+            pretty_name="Per-instruction teacher router",
+        )
+        tags.append("routing")
     card_data = {
         "license": None,  # set by the caller
         "task_categories": ["text-generation"],

@@ -126,4 +126,6 @@ def _string_columns(frame: Any) -> Iterable[tuple[str, list[str]]]:
     """(column, its distinct strings) for every column of strings but the texts (:data:`TEXT_COLUMNS`)."""
     for column in frame.columns:
         if column not in TEXT_COLUMNS and frame[column].dtype.kind in "OT":  # object or pandas' str dtype
-            yield column, [v for v in frame[column].dropna().unique() if isinstance(v, str)]
+            strings = frame[column].dropna()
+            strings = strings[strings.map(lambda v: isinstance(v, str))]  # a list column (weights) holds none
+            yield column, list(strings.unique())

@@ -145,8 +145,8 @@ def _learn(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], l
     n = keys["id"].nunique()
     if n < 2 * FOLDS:
         raise DataError(f"{source.name}: {n} instructions were answered by every teacher ({left_out} were not): "
-                        f"routing learns from at least {2 * FOLDS}; score more, or keep fewer teachers "
-                        "(--teacher)")  # fmt: skip
+                        f"routing learns from at least {2 * FOLDS}; score more (a probe's teachers all answer its first "
+                        "round: raise probe.start), or keep fewer teachers (--teacher)")  # fmt: skip
     if left_out:
         logger.warning("%s: %d instructions not answered by every teacher are left out; the router learns from the "
                        "%d that were", source.name, left_out, n)  # fmt: skip
