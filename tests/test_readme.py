@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import REPO
 
 DOCS = ["README.md", "docs/walkthrough.md", *(f"docs/{page}.md" for page in ("generate", "rank", "concepts", "probe",
-          "report", "paradox", "select", "push", "train", "validate", "evaluate", "calibrate", "review", "scaling",
+          "report", "paradox", "select", "route", "push", "train", "validate", "evaluate", "calibrate", "review", "scaling",
           "python-api", "demo")), "DEVELOPMENT.md"]  # fmt: skip
 """The README and the docs pages, in the order a walkthrough reads them (each verb's inputs come before it)."""
 README = "\n".join((REPO / page).read_text() for page in DOCS)
@@ -66,7 +66,7 @@ def test_every_readme_command_parses(argv):
 
 def test_readme_has_commands_for_every_subcommand():
     seen = {argv[0] for argv in commands()}
-    assert {"generate", "rank", "report", "paradox", "select", "push", "hub", "train", "validate", "review"} <= seen
+    assert {"generate", "rank", "report", "paradox", "select", "route", "push", "hub", "train", "validate", "review"} <= seen
 
 
 def run(*argv, cwd=REPO):

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.e2e.test_probe import stored_rows
+
 TOPICS = ["sorting", "parsing dates", "reading files", "graphs", "caching", "regular expressions", "sockets", "json",
           "threads", "matrices"]  # fmt: skip
 ERAS = ["Roman empire", "Ming dynasty", "Industrial Revolution", "Renaissance", "Cold War", "Aztec empire",
@@ -147,6 +149,10 @@ def test_a_routed_generate_writes_each_instruction_once_by_the_router_s_choice_a
     assert summary["routing"]["rows_per_teacher"] == counts and summary["routing"]["how"] == "router"
     assert {t: s["rows"] for t, s in summary["teachers"].items() if s["rows"]} == counts
     assert all(s["missing"] == 0 for s in summary["teachers"].values())
+    # nothing else was generated: the store holds the routed rows alone, and each teacher was asked only for its own
+    stored, distinct = stored_rows(out / "store")
+    assert stored == len(distinct) == 60
+    assert {t: n for t, n in summary["remaining"].items() if n} == counts
     # the code instructions mostly go to the coder, the history ones to the historian
     code = responses["instruction"].str.startswith("Write")
     assert (responses.loc[code, "teacher"] == "coder").mean() > 0.8
@@ -211,7 +217,7 @@ def test_probe_then_route_then_routed_generate_then_select_falls_back_to_the_sin
     """The whole loop on the shipped tiny probe: its first round (12 instructions, every teacher) is the seed; the
     tiny teachers have no per-instruction structure for the router to find, so routing falls back, says so, and
     the routed generate sends every instruction to the single best teacher."""
-    from tests.e2e.test_probe import probe_config
+    from tests.e2e.test_probe import probe_config  # noqa: PLC0415
 
     path = probe_config(tmp_path, tiny_suite, sample_path)
     values = yaml.safe_load(path.read_text())

@@ -140,6 +140,16 @@ def test_the_readme_walkthrough(tmp_path, tiny_suite, sample_rows, local_hub, ar
     assert work_done and all(stage["scored"] == 0 for stage in work_done.values()), work_done
     assert (work / "runs" / "report-calibrated" / "figures" / "calibration.png").exists()
     assert (work / "runs" / "review" / "reviews.parquet").exists()
+    # route: the router learnt from rank's scores; the routed generate wrote each instruction once; select took it
+    (routes,) = json.loads((work / "runs" / "router" / "route_summary.json").read_text())["base_models"]
+    routed = pd.read_parquet(work / "outputs" / "generate-routed" / "responses.parquet")
+    assert routed["id"].is_unique and routed["id"].nunique() == sample_rows["instruction"].nunique()
+    if not routes["routed"]:
+        assert set(routed["teacher"]) == {routes["single_teacher"]}
+    sft = pd.read_parquet(work / "runs" / "sft-routed" / "data" / "train-00000-of-00001.parquet")
+    assert sorted(sft["id"]) == sorted(routed["id"])
+    replayed = json.loads((work / "runs" / "route-replay" / "route_summary.json").read_text())["base_models"]
+    assert replayed[0]["n_seed"] == 12 and replayed[0]["n_held_out"] == 12
     tags = json.loads(subprocess.run(
         [sys.executable, "-c", "import json; from huggingface_hub import HfApi; "
          "print(json.dumps([t.name for t in HfApi().list_repo_refs('my-org/scored', repo_type='dataset').tags]))"],
