@@ -105,14 +105,14 @@ bench: install
 # validation, chat masking, metrics and name matching, the bootstrap's statistics (confidence), selection and what
 # `push` rewrites of local paths (provenance) (about
 # 15 minutes on 2 cores, fresh); `make mutation-stats`: the other statistics (probe, calibration, win rates,
-# routing: about 5);
+# routing and applying a router: about 5);
 # `make mutation-all`: both. Functions that only read or write files carry `# pragma: no mutate block`. mutants/
 # keeps the verdicts: a later run re-tests only the functions that changed; `make mutation-clean` starts afresh.
 # MUTANTS='magpie_teach.data.*' narrows a run. Not part of `make test`; run the one whose modules an issue touches.
 MUTATION_CORE = magpie_teach.data.* magpie_teach.chat.* magpie_teach.scoring.metrics.* magpie_teach.scoring.names.* \
 	magpie_teach.scoring.confidence.* magpie_teach.selection.select.* magpie_teach.hub.provenance.*
 MUTATION_STATS = magpie_teach.scoring.probe.* magpie_teach.scoring.calibrate.* magpie_teach.scoring.winrates.* \
-	magpie_teach.scoring.route.*
+	magpie_teach.scoring.route.* magpie_teach.scoring.routing.*
 MUTANTS ?= $(MUTATION_CORE)
 mutation: install
 	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 MAGPIE_TEACH_MUTATION=1 MAGPIE_TEACH_TEST_MODELS=$(CURDIR)/.mutation-models $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true

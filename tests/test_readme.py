@@ -66,7 +66,19 @@ def test_every_readme_command_parses(argv):
 
 def test_readme_has_commands_for_every_subcommand():
     seen = {argv[0] for argv in commands()}
-    assert {"generate", "rank", "report", "paradox", "select", "route", "push", "hub", "train", "validate", "review"} <= seen
+    assert {
+        "generate",
+        "rank",
+        "report",
+        "paradox",
+        "select",
+        "route",
+        "push",
+        "hub",
+        "train",
+        "validate",
+        "review",
+    } <= seen
 
 
 def run(*argv, cwd=REPO):

@@ -513,3 +513,34 @@ def test_select_config_and_metric_errors_are_exact(tmp_path, scores_file):
     with pytest.raises(ConfigError) as err:
         _run(tmp_path, path, strategy="teacher", metric="ppl_ref")  # a known metric these scores have no column for
     assert str(err.value).startswith("--metric 'ppl_ref' is not in these scores (columns: ['teacher', 'base_model', ")
+
+
+def test_routed_takes_each_instruction_s_routed_teacher_and_reports_the_ones_it_cannot(tmp_path, scores_file):
+    path, frame = scores_file
+    routing = pd.DataFrame({"id": [f"q{i}" for i in range(6)], "teacher": ["alpha", "beta", "gamma"] * 2})
+    routing.to_csv(tmp_path / "assign.csv", index=False)
+    result = _run(tmp_path, path, strategy="routed", routing=str(tmp_path / "assign.csv"))
+    valid = _valid(frame)
+    expected = valid.merge(routing, on=["id", "teacher"])  # q0's alpha is truncated, q1's beta failed: neither has one
+    assert result.dataset.set_index("id")["teacher"].to_dict() == expected.set_index("id")["teacher"].to_dict()
+    assert not {"q0", "q1"} & set(result.dataset["id"]) and len(result.dataset) == 4
+    routed = result.summary["routing"]
+    assert routed["how"] == "assignment file" and routed["routed_instructions_without_a_kept_response"] == 2
+    assert routed["rows_per_teacher"] == {"alpha": 2, "beta": 2, "gamma": 2}
+    with pytest.raises(ConfigError, match="several teachers: give --routing"):
+        _run(tmp_path / "no-routing", path, strategy="routed")
+    with pytest.raises(ConfigError, match="--routing applies to --strategy routed"):
+        _run(tmp_path / "wrong", path, routing=str(tmp_path / "assign.csv"))
+    routing.assign(teacher="delta").to_csv(tmp_path / "unknown.csv", index=False)
+    with pytest.raises(ConfigError, match=r"sends instructions to \['delta'\]"):
+        _run(tmp_path / "unknown", path, strategy="routed", routing=str(tmp_path / "unknown.csv"))
+
+
+def test_routed_without_a_routing_takes_one_teacher_per_instruction_and_its_best_generation(tmp_path, scores_file):
+    path, frame = scores_file
+    one = frame[frame["teacher"] == frame["id"].map({f"q{i}": "alpha" if i % 2 else "gamma" for i in range(6)})]
+    two = pd.concat([one.assign(generation_index=0), one.assign(generation_index=1, reward=one["reward"] + 1)])
+    two.to_parquet(path)
+    result = _run(tmp_path, path, strategy="routed", keep_truncated=True)
+    assert len(result.dataset) == 6 and (result.dataset["generation_index"] == 1).all()
+    assert result.summary["routing"]["source"] == "the scores' own teacher of each instruction"

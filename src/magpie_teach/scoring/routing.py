@@ -64,6 +64,7 @@ class RouterArtefact:
 
 
 def read_router(folder: str | Path) -> RouterArtefact:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """The router a `route` run wrote into FOLDER (a finished run's, see :func:`magpie_teach.artefacts.verify_run`)."""
     from magpie_teach.scoring.route import Router
 
@@ -107,6 +108,7 @@ class RoutingSettings(ModelRunSettings, ClusterSettings, ScoreCacheSettings):
 
 
 def read_assignment_file(path: str) -> pd.DataFrame:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """An assignment file (parquet, CSV or JSON lines) of ``id`` and ``teacher``: one teacher per instruction."""
     file = Path(path)
     try:
@@ -177,6 +179,7 @@ def assignments(settings: RoutingSettings, instructions: pd.DataFrame, teachers:
 
 
 def routing_source(path: str) -> RoutingSettings:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """PATH as a routing: a `route` output folder (its router), a routed `generate` folder (its routing.csv:
     the teacher each instruction was sent to) or an assignment file."""
     folder = Path(path)

@@ -358,6 +358,7 @@ def _select(config: SelectConfig) -> SelectResult:
 
 
 def _routing(config: SelectConfig, source: Any) -> tuple[pd.DataFrame | None, dict]:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
     """With --strategy routed and --routing: the teacher of each scored instruction, and where it came from."""
     if config.strategy != "routed":
         return None, {}
