@@ -224,7 +224,7 @@ def test_probe_then_route_then_routed_generate_then_select_falls_back_to_the_sin
     values["probe"]["start"] = 12
     path.write_text(yaml.safe_dump(values))
     assert cli("probe", str(path)).returncode == 0
-    result = cli("route", "--scores", str(tmp_path / "probe" / "rank"), "--output", str(tmp_path / "router"))
+    result = cli("route", "--scores", str(tmp_path / "probe"), "--output", str(tmp_path / "router"))
     assert result.returncode == 0, result.stderr
     (entry,) = json.loads((tmp_path / "router" / "route_summary.json").read_text())["base_models"]
     ranking = pd.read_csv(tmp_path / "probe" / "rank" / "ranking.csv")

@@ -48,7 +48,7 @@ class RouteConfig(RecordedCARSettings, ScoringRunSettings):
                                       "flag": "--output"})  # fmt: skip
     scores: str | None = field(
         default=None,
-        metadata={"help": "A `rank` output folder (or a probe's OUTPUT/rank) whose instructions every teacher "
+        metadata={"help": "A `rank` output folder (or a probe's output folder) whose instructions every teacher "
                   "answered: the router learns from all of them."},
     )  # fmt: skip
     replay: str | None = field(
@@ -132,8 +132,10 @@ def _learn(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], l
     """``--scores``: the router of one base model, trained on every instruction all teachers answered."""
     from magpie_teach.scoring.route import FOLDS, decide, example_targets, fit_router
 
-    source = artefacts.open_scores(config.scores, config.base_models[0] if config.base_models else None,
-                                   config.revision)  # fmt: skip
+    scores = config.scores
+    if (Path(scores) / artefacts.PROBE_SUMMARY).exists():  # a probe's folder: its rank-layout folder of scores
+        scores = str(Path(scores) / artefacts.PROBE_RANK)
+    source = artefacts.open_scores(scores, config.base_models[0] if config.base_models else None, config.revision)
     keys = source.keys()
     if config.teachers:
         absent = sorted(set(config.teachers) - set(keys["teacher"]))
@@ -150,7 +152,7 @@ def _learn(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], l
     if left_out:
         logger.warning("%s: %d instructions not answered by every teacher are left out; the router learns from the "
                        "%d that were", source.name, left_out, n)  # fmt: skip
-    recorded, where = artefacts.recorded_rank_config(config.scores, source.revision)
+    recorded, where = artefacts.recorded_rank_config(scores, source.revision)
     car = config.car(recorded, where)
     shift = _shift(keys, car.reward_shift)
     targets = example_targets(keys, car.beta, shift)
