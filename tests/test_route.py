@@ -131,6 +131,10 @@ def test_with_a_best_teacher_per_category_routing_closes_most_of_the_gap_at_a_th
     assert replay(features, targets, n_seed=200, seed=1, confidence=0.5).decision.confidence == 0.5
     assert result.gap_closed() == pytest.approx((result.score_routed - result.score_single)
                                                 / (result.score_oracle - result.score_single))  # fmt: skip
+    # what the verb writes: the seed's positions and the router fitted on them, which routed the held-out ones
+    assert np.array_equal(result.seed_positions, seed_rows) and len(result.router.teachers) == targets.shape[1]
+    chosen = result.router.choose(features[held])
+    assert result.score_routed == pytest.approx(values[np.arange(len(held)), chosen].mean())
 
 
 def test_without_structure_routing_falls_back_and_is_never_worse_than_the_single_teacher():

@@ -544,3 +544,28 @@ def test_routed_without_a_routing_takes_one_teacher_per_instruction_and_its_best
     result = _run(tmp_path, path, strategy="routed", keep_truncated=True)
     assert len(result.dataset) == 6 and (result.dataset["generation_index"] == 1).all()
     assert result.summary["routing"]["source"] == "the scores' own teacher of each instruction"
+
+
+def test_routed_names_the_instruction_that_two_teachers_answered_and_marks_its_rows(tmp_path, scores_file):
+    path, frame = scores_file
+    one = frame[frame["teacher"] == "alpha"]
+    two = pd.concat([one, frame[(frame["id"] == "q5") & (frame["teacher"] == "beta")]])
+    two.to_parquet(path)
+    with pytest.raises(ConfigError, match="instruction 'q5' has responses of several teachers"):
+        _run(tmp_path / "two", path, strategy="routed")
+    tie = pd.concat([one.assign(generation_index=1), one.assign(generation_index=0)])  # equal rewards
+    tie.to_parquet(path)
+    result = _run(tmp_path / "tie", path, strategy="routed", keep_truncated=True)
+    assert (result.dataset["generation_index"] == 0).all()  # a tie goes to the first generation
+    assert (result.dataset["selection_metric"] == "routed").all() and result.dataset["selection_score"].isna().all()
+    one.assign(status="failed").to_parquet(path)
+    with pytest.raises(DataError, match="every response was filtered out"):
+        _run(tmp_path / "none", path, strategy="routed")
+
+
+def test_routed_with_no_kept_response_of_any_routed_teacher_says_so(tmp_path, scores_file):
+    path, frame = scores_file
+    frame.assign(truncated=frame["teacher"] == "beta").to_parquet(path)
+    pd.DataFrame({"id": [f"q{i}" for i in range(6)], "teacher": "beta"}).to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(DataError, match="^no kept response is of the teacher its instruction was routed to"):
+        _run(tmp_path, path, strategy="routed", routing=str(tmp_path / "a.csv"))

@@ -189,9 +189,7 @@ def _decision(scores: pd.DataFrame, car: CARChoice, bootstrap: ConfidenceSetting
     return {**verdict.to_json(), "confidence": bootstrap.confidence, "replicates": replicates}
 
 
-def _routed(
-    kept: pd.DataFrame, scores: pd.DataFrame, config: SelectConfig, routing: pd.DataFrame | None
-) -> pd.DataFrame:
+def _routed(kept: pd.DataFrame, scores: pd.DataFrame, routing: pd.DataFrame | None) -> pd.DataFrame:
     """Per instruction, the kept rows of the teacher ROUTING (id, teacher) sends it to; without a routing, the scores
     must hold one teacher per instruction (a routed `generate`'s); several generations: the highest reward."""
     if routing is None:
@@ -256,7 +254,7 @@ def select_responses(
             ascending = [True, False, True][: len(order)]
             chosen = chosen.sort_values(order, ascending=ascending).drop_duplicates("id", keep="first")
     elif config.strategy == "routed":
-        chosen = _routed(kept, scores, config, routing)
+        chosen = _routed(kept, scores, routing)
     else:
         if config.strategy == "best-of-n":
             metric, score = "reward", kept["reward"]
