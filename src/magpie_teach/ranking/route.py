@@ -31,7 +31,13 @@ import pandas as pd
 from magpie_teach import artefacts
 from magpie_teach.errors import ConfigError, DataError
 from magpie_teach.scoring.routing import router_rows
-from magpie_teach.settings import RecordedCARSettings, ScoringRunSettings
+from magpie_teach.settings import (
+    DEFAULT_BETA,
+    DEFAULT_REWARD_SHIFT,
+    CARChoice,
+    RecordedCARSettings,
+    ScoringRunSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +191,8 @@ def _replay(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], 
     if "status" in rows.columns:
         rows = rows[rows["status"] == "ok"]
     scores = score_rows(config, rows.reset_index(drop=True), work, session)
-    recorded = {"beta": config.beta} if config.beta is not None else None
-    car = config.car(recorded, "--beta")
+    car = CARChoice(DEFAULT_BETA if config.beta is None else config.beta,
+                    DEFAULT_REWARD_SHIFT if config.reward_shift is None else config.reward_shift, "command line")  # fmt: skip
     entries, routers, targets_out = [], [], []
     for base in config.base_models:
         mine, left_out = full_grid(scores[scores["base_model"] == base])
