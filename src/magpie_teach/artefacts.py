@@ -171,6 +171,17 @@ def content_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def public_name(value: str) -> str:
+    """The published name of local path VALUE (:mod:`magpie_teach.hub.provenance`): a model folder (with a
+    ``config.json``) or a file ``NAME@sha256:DIGEST`` (the first 12 hex digits of :func:`content_digest`), any other
+    folder its name."""
+    path = Path(value).expanduser()
+    name = path.resolve().name
+    if path.is_file() or (path / "config.json").is_file():
+        return f"{name}@sha256:{content_digest(path)[:12]}"
+    return name
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

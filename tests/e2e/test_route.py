@@ -192,6 +192,49 @@ def test_a_router_folder_publishes_with_a_card_of_its_decisions(replayed):
     assert len(published) == 3 and len(published["weights"].iloc[0]) == 65
 
 
+def test_a_router_pushed_to_the_hub_routes_select_with_the_local_copy_of_its_base_model(replayed, tiny_suite,
+                                                                                          local_hub):  # fmt: skip
+    """The router was learnt on a local model, so the Hub knows its base model as NAME@sha256:DIGEST: `select
+    --routing ORG/NAME` finds it from the scores' own base model (the local copy, its files checked against the
+    digest) and picks each instruction's routed response, as the weights read back from the Hub say."""
+    from magpie_teach.ranking.rank import RankConfig, rank
+
+    folder, pool, _ = replayed
+    pushed = cli("push", str(folder / "router"), "--repo-id", "lab/router", env=local_hub.env())
+    assert pushed.returncode == 0, pushed.stderr
+    rank(RankConfig(data=str(folder / "pool.jsonl"), output_dir=str(folder / "rank-hub"), reward_column="reward",
+                    base_models=[tiny_suite.base_small], bootstrap=0))  # fmt: skip
+    result = cli("select", "--scores", str(folder / "rank-hub"), "--strategy", "routed", "--routing", "lab/router",
+                 "--routing-revision", "v1.0.0", "--keep-truncated", "--output", str(folder / "sft-hub"),
+                 env=local_hub.env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((folder / "sft-hub" / "selection_summary.json").read_text())
+    assert summary["routing"]["source"].startswith("lab/router@") and "@sha256:" in summary["routing"]["base_model"]
+    router = pd.read_parquet(folder / "router" / "router.parquet")
+    texts = list(dict.fromkeys(pool["instruction"]))
+    by_hand = dict(zip(texts, choices_by_hand(router, features_by_hand(tiny_suite.base_small, texts))))
+    ids = pool.drop_duplicates("id").set_index("id")["instruction"]
+    sft = pd.read_parquet(folder / "sft-hub" / "data" / "train-00000-of-00001.parquet")
+    assert len(sft) == 60 and (sft["teacher"] == sft["id"].map(ids).map(by_hand)).all()
+    missing = cli("select", "--scores", str(folder / "rank-hub"), "--strategy", "routed", "--routing", "lab/nothing",
+                  "--output", str(folder / "sft-none"), env=local_hub.env())  # fmt: skip
+    assert missing.returncode != 0 and "lab/nothing: no such data set on the Hub" in missing.stderr
+
+
+def test_a_published_base_model_name_needs_the_local_copy_with_the_same_files(tiny_suite):
+    from magpie_teach.artefacts import public_name
+    from magpie_teach.errors import ConfigError, DataError
+    from magpie_teach.scoring.routing import feature_model
+
+    name = public_name(tiny_suite.base_small)
+    assert feature_model(name, tiny_suite.base_small) == tiny_suite.base_small
+    assert feature_model("Qwen/Qwen2.5-3B", None) == "Qwen/Qwen2.5-3B"
+    with pytest.raises(ConfigError, match="give the path of your copy"):
+        feature_model(name, None)
+    with pytest.raises(DataError, match="are not those of the model the router learnt on"):
+        feature_model(name.split("@")[0] + "@sha256:000000000000", tiny_suite.base_small)
+
+
 def test_routing_errors_are_one_line(replayed, tmp_path, tiny_suite):
     folder, _, _ = replayed
     ids = tmp_path / "assign.csv"

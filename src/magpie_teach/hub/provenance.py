@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from magpie_teach.artefacts import content_digest
+from magpie_teach.artefacts import public_name
 
 MODEL_COLUMNS = ("base_model", "teacher", "model", "settings")
 """Data columns known to hold model names or settings (``settings`` as JSON). Every other column of strings is
@@ -41,15 +41,6 @@ def is_local_path(value: str) -> bool:
         return Path(value).expanduser().exists()
     except OSError:
         return False
-
-
-def public_name(value: str) -> str:
-    """The published name of local path VALUE (see the module docstring)."""
-    path = Path(value).expanduser()
-    name = path.resolve().name
-    if path.is_file() or (path / "config.json").is_file():
-        return f"{name}@sha256:{content_digest(path)[:12]}"
-    return name
 
 
 def collect_strings(value: Any) -> Iterable[str]:

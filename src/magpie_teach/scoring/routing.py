@@ -49,7 +49,8 @@ class RouterArtefact:
     summary: dict
 
     def base_model(self, wanted: str | None) -> str:
-        """WANTED among the router's base models (None: its only one); ConfigError naming them otherwise."""
+        """WANTED among the router's base models (None: its only one), by its name, its last path component, or, for
+        a router published from a local model (``NAME@sha256:DIGEST``), the NAME; ConfigError naming them otherwise."""
         from magpie_teach.artefacts import short_name
 
         names = list(self.routers)
@@ -57,23 +58,71 @@ class RouterArtefact:
             if len(names) > 1:
                 raise ConfigError(f"{self.source} routes for several base models; choose one: {names}")
             return names[0]
+
+        def stem(name: str) -> str:
+            return short_name(name).split("@sha256:")[0]
+
         found = [n for n in names if n == wanted] or [n for n in names if short_name(n) == short_name(wanted)]
+        found = found or [n for n in names if stem(n) == stem(wanted)]
         if len(found) != 1:
             raise ConfigError(f"{self.source}: no router for base model {wanted!r}; it has {names}")
         return found[0]
 
 
-def read_router(folder: str | Path) -> RouterArtefact:
+def feature_model(name: str, wanted: str | None) -> str:
+    """The model that computes the features of a router learnt on base model NAME: NAME itself, or for a router
+    published from a local model (``NAME@sha256:DIGEST``) WANTED, the local copy, whose files must be the ones the
+    router learnt on (the same digest)."""
+    if "@sha256:" not in name:
+        return wanted if wanted and Path(wanted).expanduser().exists() else name
+    if not wanted or not Path(wanted).expanduser().exists():
+        raise ConfigError(f"the router learnt on {name}, a local model's published name: give the path of your copy "
+                          "of it as the routing's base_model")  # fmt: skip
+    mine = artefacts.public_name(wanted)
+    if mine != name:
+        raise DataError(f"{wanted}: its files ({mine}) are not those of the model the router learnt on ({name})")
+    return wanted
+
+
+def _router_files(source: str, revision: str | None) -> tuple[Path, Path, str]:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
-    """The router a `route` run wrote into FOLDER (a finished run's, see :func:`magpie_teach.artefacts.verify_run`)."""
+    """(router.parquet, route_summary.json, the name to cite) of a `route` folder, or of a router pushed to the Hub
+    (ORG/NAME at REVISION, read at the commit it points to)."""
+    folder = Path(source).expanduser()
+    if folder.exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
+        if not (folder / artefacts.ROUTER).exists():
+            raise DataError(f"{source}: no {artefacts.ROUTER}; give the output folder of `magpie-teach route` (or a "
+                            "router pushed to the Hub, ORG/NAME)")  # fmt: skip
+        artefacts.verify_run(folder, "routing")
+        return folder / artefacts.ROUTER, folder / artefacts.ROUTE_SUMMARY, str(folder)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from magpie_teach.errors import network_errors
+    from magpie_teach.tables import hub_commit
+
+    commit = hub_commit(source, revision)
+    try:
+        summary = hf_hub_download(source, f"magpie_teach/{artefacts.ROUTE_SUMMARY}", repo_type="dataset",
+                                  revision=commit)  # fmt: skip
+        data = hf_hub_download(source, artefacts.SFT_DATA, repo_type="dataset", revision=commit)
+    except EntryNotFoundError:
+        raise DataError(f"{source}@{commit}: not a router pushed by magpie-teach (no magpie_teach/"
+                        f"{artefacts.ROUTE_SUMMARY})") from None  # fmt: skip
+    except network_errors() as err:
+        raise DataError(f"{source}@{commit}: could not be read from the Hub: {str(err).splitlines()[0]}") from None
+    return Path(data), Path(summary), f"{source}@{commit}"
+
+
+def read_router(source: str | Path, revision: str | None = None) -> RouterArtefact:
+    # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
+    """The router a `route` run wrote into the folder SOURCE (a finished run's, see
+    :func:`magpie_teach.artefacts.verify_run`), or pushed to the Hub as ORG/NAME (at REVISION)."""
     from magpie_teach.scoring.route import Router
 
-    folder = Path(folder)
-    if not (folder / artefacts.ROUTER).exists():
-        raise DataError(f"{folder}: no {artefacts.ROUTER}; give the output folder of `magpie-teach route`")
-    artefacts.verify_run(folder, "routing")
-    table = pd.read_parquet(folder / artefacts.ROUTER)
-    summary = json.loads((folder / artefacts.ROUTE_SUMMARY).read_text())
+    data, summary_file, name = _router_files(str(source), revision)
+    table = pd.read_parquet(data)
+    summary = json.loads(summary_file.read_text())
     routers, routed, single = {}, {}, {}
     for base, rows in table.groupby("base_model", sort=False):
         weights = np.array([np.asarray(w, float) for w in rows["weights"]]).T
@@ -82,7 +131,7 @@ def read_router(folder: str | Path) -> RouterArtefact:
                                     float(rows["penalty"].iloc[0]))  # fmt: skip
         routed[str(base)] = bool(rows["routed"].iloc[0])
         single[str(base)] = str(rows.loc[rows["single_teacher"], "teacher"].iloc[0])
-    return RouterArtefact(str(folder), routers, routed, single, summary)
+    return RouterArtefact(name, routers, routed, single, summary)
 
 
 # ---- applying a router: which teacher writes each instruction ---------------------------------------------------
@@ -91,13 +140,16 @@ def read_router(folder: str | Path) -> RouterArtefact:
 @dataclass(kw_only=True)
 class RoutingSettings(ModelRunSettings, ClusterSettings, ScoreCacheSettings):
     """Where each instruction's teacher comes from: ``router`` (a `route` output folder: the base model's features
-    are computed through the score cache, with the router's recorded ``max_length``) or ``assignments`` (a file of
-    ``id`` and ``teacher``); ``base_model`` picks one of the router's base models when it holds several. The model
-    run's device and dtype and the score cache are the scoring run's settings."""
+        are computed through the score cache, with the router's recorded ``max_length``) or ``assignments`` (a file of
+        ``id`` and ``teacher``); ``base_model`` picks one of the router's base models when it holds several (for a router
+    pushed from a local model, ``NAME@sha256:DIGEST``, the path of your copy of it); ``revision`` reads a router pushed
+    to the Hub (ORG/NAME) at that branch, tag or commit. The model
+        run's device and dtype and the score cache are the scoring run's settings."""
 
     router: str | None = None
     assignments: str | None = None
     base_model: str | None = None
+    revision: str | None = None  # of a router pushed to the Hub (ORG/NAME)
 
     def check_routing(self, where: str = "routing.") -> None:
         if (self.router is None) == (self.assignments is None):
@@ -147,7 +199,7 @@ def assignments(settings: RoutingSettings, instructions: pd.DataFrame, teachers:
         chosen = table.loc[ids, "teacher"].to_numpy()
         how, about = np.full(len(ids), "file"), {"source": settings.assignments, "how": "assignment file"}
     else:
-        router = read_router(settings.router)
+        router = read_router(settings.router, settings.revision)
         base = router.base_model(settings.base_model)
         recorded = router.summary.get("features") or {}
         if router.routed[base]:
@@ -159,15 +211,16 @@ def assignments(settings: RoutingSettings, instructions: pd.DataFrame, teachers:
                                 f"{RULE!r}; train the router again with this version")  # fmt: skip
             run = dataclasses.replace(settings, max_length=int(recorded.get("max_length", settings.max_length)))
             with ScoringSession(folder) as session:
-                features = instruction_features(run, base, instructions.assign(id=ids), None, session)
+                model = feature_model(base, settings.base_model)
+                features = instruction_features(run, model, instructions.assign(id=ids), None, session)
             matrix = features.set_index("id").loc[ids, COLUMNS].to_numpy(float)
-            model = router.routers[base]
-            chosen = np.asarray(model.teachers)[model.choose(matrix)]
+            head = router.routers[base]
+            chosen = np.asarray(head.teachers)[head.choose(matrix)]
             how = np.full(len(ids), "routed")
         else:
             chosen, how = np.full(len(ids), router.single[base]), np.full(len(ids), "single")
         entry = next((e for e in router.summary.get("base_models", []) if e.get("base_model") == base), {})
-        about = {"source": str(settings.router), "base_model": base, "how": "router" if router.routed[base] else
+        about = {"source": router.source, "base_model": base, "how": "router" if router.routed[base] else
                  "single teacher (the router's fall-back)", "decision": entry.get("decision")}  # fmt: skip
     frame = pd.DataFrame({"id": ids.to_numpy(), "teacher": chosen.astype(str), "how": how})
     unknown = sorted(set(frame["teacher"]) - set(teachers))
@@ -178,13 +231,14 @@ def assignments(settings: RoutingSettings, instructions: pd.DataFrame, teachers:
     return frame, about
 
 
-def routing_source(path: str) -> RoutingSettings:
+def routing_source(path: str, revision: str | None = None) -> RoutingSettings:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
-    """PATH as a routing: a `route` output folder (its router), a routed `generate` folder (its routing.csv:
-    the teacher each instruction was sent to) or an assignment file."""
+    """PATH as a routing: a `route` output folder or a router pushed to the Hub (ORG/NAME, at REVISION), a routed
+    `generate` folder (its routing.csv: the teacher each instruction was sent to) or an assignment file."""
     folder = Path(path)
-    if (folder / artefacts.ROUTER).exists():
-        return RoutingSettings(router=str(folder))
+    if (folder / artefacts.ROUTER).exists() or (not folder.exists() and path.count("/") == 1
+                                                  and not path.startswith((".", "/", "~"))):  # fmt: skip
+        return RoutingSettings(router=str(path), revision=revision)
     if (folder / artefacts.ROUTING).exists():
         artefacts.verify_run(folder, "routing")
         return RoutingSettings(assignments=str(folder / artefacts.ROUTING))

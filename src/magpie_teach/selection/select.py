@@ -72,9 +72,13 @@ class SelectConfig(RecordedCARSettings):
     alpha: float = field(default=0.4, metadata={"help": "With --strategy mix: weight of the student log-likelihood."})
     routing: str | None = field(
         default=None,
-        metadata={"help": "With --strategy routed: a `route` output folder, a routed `generate` folder or an "
-                  "assignment file (id, teacher); default: the scores' own teacher of each instruction."},
+        metadata={"help": "With --strategy routed: a `route` output folder or a router pushed to the Hub "
+                  "(ORG/NAME), a routed `generate` folder or an assignment file (id, teacher); default: the scores' "
+                  "own teacher of each instruction."},
     )  # fmt: skip
+    routing_revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag, commit) of a --routing router on the Hub."}
+    )
     rerank_after_filters: bool = field(
         default=False,
         metadata={
@@ -369,7 +373,7 @@ def _routing(config: SelectConfig, source: Any) -> tuple[pd.DataFrame | None, di
         return None, {"source": "the scores' own teacher of each instruction"}
     from magpie_teach.scoring.routing import assignments, routing_source
 
-    settings = routing_source(config.routing)
+    settings = routing_source(config.routing, config.routing_revision)
     if settings.router is not None:
         settings.base_model = source.base_model or None  # a routed generate's responses name none
     keys = source.keys()
