@@ -444,17 +444,28 @@ class ScoresSource:
         return self.table.revision
 
     def _batches(self, columns: list[str]) -> Iterator[Any]:
+        """The rows of this base model (every row when ``base_model`` is empty: a table of one model's rows, without
+        the column), with ``_pos``."""
         import numpy as np
 
         offset = 0
         for frame in self.table.frames([*columns, "base_model"]):
-            mine = (frame["base_model"] == self.base_model).to_numpy()
+            mine = (
+                (frame["base_model"] == self.base_model).to_numpy() if self.base_model else np.ones(len(frame), bool)
+            )
             part = frame[mine].reset_index(drop=True)
-            if "base_model" not in columns:
+            if "base_model" not in columns and "base_model" in part.columns:
                 part = part.drop(columns="base_model")
             part["_pos"] = offset + np.flatnonzero(mine)
             offset += len(frame)
             yield part
+
+    def instructions(self, keys: Any) -> Any:
+        """One row per instruction of KEYS (rows of :meth:`keys`): its ``id`` and ``instruction`` text."""
+        import pandas as pd
+
+        first = keys.drop_duplicates("id")
+        return pd.concat(list(self.rows(first["_pos"].to_numpy(), ["id", "instruction"])), ignore_index=True)
 
     def keys(self) -> Any:
         """Every column but :data:`TEXT_COLUMNS`, for this base model's rows, with ``_pos`` (the row's place in the
@@ -490,18 +501,8 @@ class ScoresSource:
 
 class RoutedResponses(ScoresSource):
     """A routed `generate` folder's responses (one teacher per instruction, its ``routing.csv`` beside them) read
-    as :class:`ScoresSource` reads scores: `select --strategy routed` takes them without a `rank` (which compares
-    teachers on the same instructions, and these have none in common)."""
-
-    def _batches(self, columns: list[str]) -> Iterator[Any]:
-        import numpy as np
-
-        offset = 0
-        for frame in self.table.frames([c for c in columns if c != "base_model"]):
-            part = frame.reset_index(drop=True)
-            part["_pos"] = offset + np.arange(len(part))
-            offset += len(part)
-            yield part
+    as :class:`ScoresSource` reads scores (no base model: every row): `select --strategy routed` takes them without
+    a `rank` (which compares teachers on the same instructions, and these have none in common)."""
 
 
 def open_routed_responses(folder: str | Path) -> RoutedResponses | None:

@@ -16,6 +16,8 @@ Configs inherit them (as TRL's ``SFTConfig(_BaseConfig)`` does):
 * :class:`JudgeSettings`: the judge and the baseline of ``evaluate`` and ``validate --judge``;
 * :class:`ProbeSettings`: the ``probe:`` block of a `generate` YAML and `probe --replay`'s flags (the rounds of
   :mod:`magpie_teach.scoring.probe`).
+* :class:`ReplaySettings`: the responses `probe --replay` and `route --replay` replay (where, which revision,
+  split and teachers, and whether invalid instructions are dropped).
 
 Standard library only: ``magpie-teach --help`` imports these.
 """
@@ -355,6 +357,24 @@ class JudgeSettings:
 
 
 PROBE_METRICS = ("car", "reward", "compat_loss")
+
+
+@dataclass(kw_only=True)
+class ReplaySettings:
+    """Responses already generated, replayed (every teacher on every instruction)."""
+
+    replay: str | None = field(
+        default=None,
+        metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
+    teachers: list[str] = field(
+        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
+    )
+    drop_invalid: bool = field(
+        default=False, metadata={"help": "Drop instructions with invalid rows instead of failing (as rank does)."}
+    )
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.routing import RoutingSettings
-from magpie_teach.settings import CARSettings, ConfidenceSettings, ProbeSettings, ScoringRunSettings
+from magpie_teach.settings import CARSettings, ConfidenceSettings, ProbeSettings, ReplaySettings, ScoringRunSettings
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -270,23 +270,11 @@ def load_generate_config(path: str) -> GenerateConfig:
 
 
 @dataclass
-class ReplayConfig(ProbeSettings, CARSettings, ScoringRunSettings):
-    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's and the scoring run's (the
-    models, the model run, the cluster, the score cache) are inherited."""
+class ReplayConfig(ProbeSettings, CARSettings, ScoringRunSettings, ReplaySettings):
+    """`probe --replay`'s settings; the probe's (``start``, ``growth``, ...), CAR's, the scoring run's (the
+    models, the model run, the cluster, the score cache) and the replayed responses' are inherited."""
 
-    replay: str | None = field(
-        default=None,
-        metadata={"help": "Replay: responses already generated (a file, saved folder or Hub id; long or Zoo layout)."},
-    )
     output_dir: str | None = field(default=None, metadata={"help": "Output folder.", "flag": "--output"})
-    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
-    teachers: list[str] = field(
-        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
-    )
-    drop_invalid: bool = field(
-        default=False, metadata={"help": "Drop instructions with invalid rows instead of failing (as rank does)."}
-    )
 
     def __post_init__(self) -> None:
         if not self.replay or not self.output_dir:

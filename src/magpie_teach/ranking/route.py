@@ -36,6 +36,7 @@ from magpie_teach.settings import (
     DEFAULT_REWARD_SHIFT,
     CARChoice,
     RecordedCARSettings,
+    ReplaySettings,
     ScoringRunSettings,
 )
 
@@ -45,10 +46,10 @@ DEFAULT_SEED_INSTRUCTIONS = 100
 
 
 @dataclass
-class RouteConfig(RecordedCARSettings, ScoringRunSettings):
-    """`route`'s settings: the scores or the replayed data, the seed, the fall-back's confidence; the models, the
-    model run, the cluster and the score cache are the scoring run's (with ``--scores``, the base model is one of
-    the scores' and no reward model runs)."""
+class RouteConfig(RecordedCARSettings, ScoringRunSettings, ReplaySettings):
+    """`route`'s settings: the scores or the replayed data (``--replay``: train on ``--seed-instructions`` of them,
+    measure on the rest), the seed, the fall-back's confidence; the models, the model run, the cluster and the score
+    cache are the scoring run's (with ``--scores``, the base model is one of the scores' and no reward model runs)."""
 
     output_dir: str = field(metadata={"help": "Folder for the router (router.parquet, route_summary.json, ...).",
                                       "flag": "--output"})  # fmt: skip
@@ -57,19 +58,6 @@ class RouteConfig(RecordedCARSettings, ScoringRunSettings):
         metadata={"help": "A `rank` output folder (or a probe's output folder) whose instructions every teacher "
                   "answered: the router learns from all of them."},
     )  # fmt: skip
-    replay: str | None = field(
-        default=None,
-        metadata={"help": "Responses where every teacher answered every instruction (file, saved folder or Hub id; "
-                  "long or Zoo layout): train on --seed-instructions of them, measure on the rest."},
-    )  # fmt: skip
-    revision: str | None = field(default=None, metadata={"help": "Revision of a Hub data set."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub data set or saved DatasetDict."})
-    teachers: list[str] = field(
-        default_factory=list, metadata={"help": "Only these teachers; repeat (default: all).", "flag": "--teacher"}
-    )
-    drop_invalid: bool = field(
-        default=False, metadata={"help": "--replay: drop instructions with invalid rows instead of failing."}
-    )
     seed_instructions: int = field(
         default=DEFAULT_SEED_INSTRUCTIONS,
         metadata={"help": "--replay: instructions every teacher answers, that train the router (the rest are held "
@@ -162,9 +150,7 @@ def _learn(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], l
     car = config.car(recorded, where)
     shift = _shift(keys, car.reward_shift)
     targets = example_targets(keys, car.beta, shift)
-    first = keys.drop_duplicates("id")
-    texts = pd.concat(list(source.rows(first["_pos"].to_numpy(), ["id", "instruction"])), ignore_index=True)
-    features = _features(config, source.base_model, texts, work, session).loc[targets.index]
+    features = _features(config, source.base_model, source.instructions(keys), work, session).loc[targets.index]
     teachers = list(targets.columns)
     values = targets.to_numpy(float)
     decision = decide(features.to_numpy(), values, teachers, config.seed, config.confidence)
@@ -187,18 +173,13 @@ def _replay(config: RouteConfig, session: Any, work: dict) -> tuple[list[dict], 
     loaded = load_responses(config.replay, revision=config.revision, split=config.split,
                             reward_column=config.reward_column, drop_invalid=config.drop_invalid,
                             teachers=config.teachers or None)  # fmt: skip
-    rows = loaded.rows
-    if "status" in rows.columns:
-        rows = rows[rows["status"] == "ok"]
-    scores = score_rows(config, rows.reset_index(drop=True), work, session)
+    # validated: no failed row and every teacher on every instruction (else an error, or --drop-invalid dropped it)
+    scores = score_rows(config, loaded.rows.reset_index(drop=True), work, session)
     car = CARChoice(DEFAULT_BETA if config.beta is None else config.beta,
                     DEFAULT_REWARD_SHIFT if config.reward_shift is None else config.reward_shift, "command line")  # fmt: skip
     entries, routers, targets_out = [], [], []
     for base in config.base_models:
-        mine, left_out = full_grid(scores[scores["base_model"] == base])
-        if left_out:
-            raise DataError(f"{config.replay}: {left_out} instructions lack a response of some teacher: a replay "
-                            "needs every teacher on every instruction (--drop-invalid drops invalid ones)")  # fmt: skip
+        mine = scores[scores["base_model"] == base]
         ids = np.sort(mine["id"].unique())  # the targets' rows, in order
         check_seed(config.seed_instructions, len(ids))
         seeded, _ = seed_rows(len(ids), config.seed_instructions, config.seed)

@@ -236,13 +236,12 @@ def routing_source(path: str, revision: str | None = None) -> RoutingSettings:
     """PATH as a routing: a `route` output folder or a router pushed to the Hub (ORG/NAME, at REVISION), a routed
     `generate` folder (its routing.csv: the teacher each instruction was sent to) or an assignment file."""
     folder = Path(path)
-    if (folder / artefacts.ROUTER).exists() or (not folder.exists() and path.count("/") == 1
-                                                  and not path.startswith((".", "/", "~"))):  # fmt: skip
-        return RoutingSettings(router=str(path), revision=revision)
     if (folder / artefacts.ROUTING).exists():
         artefacts.verify_run(folder, "routing")
         return RoutingSettings(assignments=str(folder / artefacts.ROUTING))
     if folder.is_file():
         return RoutingSettings(assignments=str(folder))
-    raise DataError(f"{path}: neither a `route` output folder ({artefacts.ROUTER}), a routed `generate` folder "
-                    f"({artefacts.ROUTING}) nor an assignment file")  # fmt: skip
+    if folder.exists() and not (folder / artefacts.ROUTER).exists():
+        raise DataError(f"{path}: neither a `route` output folder ({artefacts.ROUTER}), a routed `generate` folder "
+                        f"({artefacts.ROUTING}) nor an assignment file")  # fmt: skip
+    return RoutingSettings(router=str(path), revision=revision)  # a `route` folder, or a router pushed to the Hub

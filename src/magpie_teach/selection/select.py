@@ -312,7 +312,7 @@ def _select(config: SelectConfig) -> SelectResult:
     logger.info("select: %s", car.describe())
     names = [f.name for f in dataclasses.fields(ConfidenceSettings)]
     bootstrap = ConfidenceSettings(**{k: v for k, v in (recorded[0] or {}).items() if k in names})
-    routing, routed_by = _routing(config, source)
+    routing, routed_by = _routing(config, source, scores)
     chosen, dropped = select_responses(scores, config, car, bootstrap, routing)
     keep = ["id", "teacher", "base_model", "selection_metric", "selection_score", "reward", "compat_loss"]
     keep = [c for c in keep if c in chosen.columns] + [c for c in ("generation_index",) if c in chosen.columns]
@@ -332,10 +332,9 @@ def _select(config: SelectConfig) -> SelectResult:
         summary["decision"] = chosen.attrs["decision"]
     if config.strategy == "routed":
         summary["base_model"] = summary["base_model"] or routed_by.get("base_model")
-        routed = routing if routing is not None else scores.drop_duplicates("id")[["id", "teacher"]]
-        unwritten = set(routed["id"].astype(str)) - set(dataset["id"].astype(str))
-        summary["routing"] = {**routed_by, "instructions_routed": len(routed),
-                              "routed_instructions_without_a_kept_response": len(unwritten)}  # fmt: skip
+        routed = int(scores["id"].nunique())  # every scored instruction is routed once; the data has one row per id
+        summary["routing"] = {**routed_by, "instructions_routed": routed,
+                              "routed_instructions_without_a_kept_response": routed - len(dataset)}  # fmt: skip
     out = Path(config.output_dir)
     files = artefacts.RunOutputs(out, "select")
     files.write(DATA_FILE, lambda tmp: _write_sft_data(tmp, source, chosen.set_index("_pos")[keep]))
@@ -359,27 +358,28 @@ def _select(config: SelectConfig) -> SelectResult:
     return SelectResult(dataset, dropped, summary, out)
 
 
-def _routing(config: SelectConfig, source: Any) -> tuple[pd.DataFrame | None, dict]:
+def _routing(config: SelectConfig, source: Any, keys: pd.DataFrame) -> tuple[pd.DataFrame | None, dict]:
     # pragma: no mutate block (reading and writing files: `make mutation` tests the pure functions it calls)
-    """With --strategy routed and --routing: the teacher of each scored instruction, and where it came from."""
+    """With --strategy routed and --routing: the teacher of each scored instruction (KEYS: the scores' rows, from
+    ``source.keys()``), and where it came from."""
     if config.strategy != "routed":
         return None, {}
+    from magpie_teach.scoring.routing import assignments, read_assignment_file, routing_source
+
     if config.routing is None:
         if isinstance(source, artefacts.RoutedResponses):  # the routing the generate run recorded, and why
             folder = Path(config.scores)
             about = json.loads((folder / artefacts.GENERATE_SUMMARY).read_text()).get("routing") or {}
-            routing = pd.read_csv(folder / artefacts.ROUTING, dtype={"id": str, "teacher": str})
-            return routing, {**about, "source": str(folder / artefacts.ROUTING)}
+            return read_assignment_file(str(folder / artefacts.ROUTING)), {
+                **about,
+                "source": str(folder / artefacts.ROUTING),
+            }
         return None, {"source": "the scores' own teacher of each instruction"}
-    from magpie_teach.scoring.routing import assignments, routing_source
 
     settings = routing_source(config.routing, config.routing_revision)
     if settings.router is not None:
         settings.base_model = source.base_model or None  # a routed generate's responses name none
-    keys = source.keys()
-    first = keys.drop_duplicates("id")
-    instructions = pd.concat(list(source.rows(first["_pos"].to_numpy(), ["id", "instruction"])), ignore_index=True)
-    return assignments(settings, instructions, sorted(keys["teacher"].astype(str).unique()))
+    return assignments(settings, source.instructions(keys), sorted(keys["teacher"].astype(str).unique()))
 
 
 def _write_sft_data(path: str, source: Any, chosen: pd.DataFrame) -> None:
