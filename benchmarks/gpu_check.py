@@ -195,6 +195,75 @@ def too_big():
     )
 
 
+def _split(model, second: str) -> None:
+    """Places MODEL's first half of layers (and its embeddings) on GPU, the rest (its last norm and head included) on
+    SECOND, with accelerate's hooks as ``device_map`` would over two GPUs: the backbone's output then comes back on
+    SECOND, not where the ids went in."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+
+    layers = model.config.num_hidden_layers
+    where = {"model.embed_tokens": GPU, "model.rotary_emb": GPU, "model.norm": second, "lm_head": second}
+    where |= {f"model.layers.{i}": GPU if i < layers // 2 else second for i in range(layers)}
+    attach_align_device_hook_on_blocks(model, execution_device=where, offload=dict.fromkeys(where, False))
+
+
+@check("9b a model split over devices (cuda:0 and the CPU here, as over two GPUs) scores as on one", needs_gpu=False)
+def split_model(suite):
+    import pandas as pd
+
+    from magpie_teach.artefacts import sample_responses_path
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.compatibility import score_compatibility
+    from magpie_teach.scoring.features import score_instruction_features
+
+    frame = pd.read_json(sample_responses_path(), lines=True)[["instruction", "response"]]
+    x, y = frame["instruction"].tolist(), frame["response"].tolist()
+    tokenizer = load_tokenizer(suite.base_small)
+    whole = load_model(suite.base_small, "causal-lm", dtype="float32", device="cpu")
+    split = load_model(suite.base_small, "causal-lm", dtype="float32", device="cpu")
+    _split(split, "cpu")
+    devices = sorted({str(p.device) for p in split.parameters()})
+    losses = [score_compatibility(m, tokenizer, x, y, show_progress=False) for m in (whole, split)]
+    features = [
+        score_instruction_features(m, tokenizer, x, show_progress=False).filter(like="f") for m in (whole, split)
+    ]
+    gap = float(np.abs(losses[0]["compat_loss"] - losses[1]["compat_loss"]).max())
+    gap_features = float(np.abs(features[0].to_numpy() - features[1].to_numpy()).max())
+    ok = gap < 1e-4 and gap_features < 1e-4 and (GPU == "cpu" or len(devices) == 2)
+    return ("PASS" if ok else "FAIL"), (f"weights on {devices}; max |split - whole|: compat loss {gap:.2e}, "
+                                        f"features {gap_features:.2e}")  # fmt: skip
+
+
+@check("10 a released scoring session gives its GPU memory back (to the next round's teachers)", needs_gpu=False)
+def session_memory(root: Path):
+    if GPU != "cuda":
+        return "SKIP", "needs a GPU's memory to watch"
+    import pandas as pd
+    from bench_compatibility import build_model
+
+    from magpie_teach.chat import prepare_tokenizer
+    from magpie_teach.ranking.rank import RankConfig
+    from magpie_teach.scoring.executor import ScoringSession, instruction_features
+    from magpie_teach.tiny import build_tiny_tokenizer
+
+    tokenizer = prepare_tokenizer(build_tiny_tokenizer())
+    folder = root / "mid-model"
+    build_model(tokenizer, 1024, 4, 32768).save_pretrained(folder)  # ~0.1B parameters
+    tokenizer.save_pretrained(folder)
+    config = RankConfig(data="x", output_dir=str(root / "session"), base_models=[str(folder)], reward_column="r",
+                        cache=False, device=GPU, dtype="bfloat16")  # fmt: skip
+    rows = pd.DataFrame({"id": [str(i) for i in range(64)], "instruction": [f"Question {i}?" for i in range(64)]})
+    before = torch.cuda.memory_reserved()
+    session = ScoringSession(root / "session")
+    instruction_features(config, str(folder), rows, None, session)
+    held = torch.cuda.memory_reserved()
+    session.release()
+    after = torch.cuda.memory_reserved()
+    ok = held - before > 100e6 and after - before < 32e6
+    return ("PASS" if ok else "FAIL"), (f"reserved before {before / 1e6:.0f} MB, while scoring {held / 1e6:.0f} MB, "
+                                        f"after release {after / 1e6:.0f} MB")  # fmt: skip
+
+
 @check("7 vLLM teacher on the GPU: one BOS, finish reasons")
 def vllm_teacher(suite):
     try:
@@ -272,6 +341,8 @@ def main() -> int:
         gpu_equals_cpu(suite)
         oom_halving()
         too_big()
+        split_model(suite)
+        session_memory(root)
         pipeline_after_cuda(suite, root)
         vllm_teacher(suite)
         if not args.skip_throughput:

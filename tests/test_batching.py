@@ -68,3 +68,22 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_scored_in_halves_with_the_same_n
     _out_of_memory_above(rm, 0, [])  # not even one row fits
     with pytest.raises(ConfigError, match=r"reward: one conversation of \d+ tokens does not fit in the GPU's memory"):
         score_reward(rm, rm_tokenizer, x[:1], y[:1], show_progress=False)
+
+
+def test_a_features_batch_that_runs_out_of_gpu_memory_is_pooled_in_halves_with_the_same_numbers(tiny_suite,
+                                                                                                 sample_rows):  # fmt: skip
+    """The router's features when every batch over two rows fails out of memory: the same as without the fault."""
+    from magpie_teach.modeling import load_model, load_tokenizer
+    from magpie_teach.scoring.features import score_instruction_features
+
+    texts = list(dict.fromkeys(sample_rows["instruction"]))[:12]
+    lm, tokenizer = load_model(tiny_suite.base_small, device="cpu"), load_tokenizer(tiny_suite.base_small)
+    features = score_instruction_features(lm, tokenizer, texts, batch_tokens=4096, show_progress=False)
+    seen: list = []
+    hook = _out_of_memory_above(lm.base_model, 2, seen)
+    halved = score_instruction_features(lm, tokenizer, texts, batch_tokens=4096, show_progress=False)
+    hook.remove()
+    assert max(seen) > 2 and min(seen) <= 2
+    np.testing.assert_allclose(halved.filter(like="f").to_numpy(float), features.filter(like="f").to_numpy(float),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert halved["n_tokens"].tolist() == features["n_tokens"].tolist()

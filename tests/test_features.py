@@ -84,3 +84,28 @@ def test_features_are_stored_window_by_window_and_equal_one_pass(tiny_suite, sam
     whole = score_instruction_features(model, tokenizer, texts, show_progress=False)
     np.testing.assert_allclose(windowed.iloc[:, :64].to_numpy(float), whole.iloc[:, :64].to_numpy(float), rtol=1e-4,
                                atol=1e-5)  # fmt: skip
+
+
+def test_a_released_session_model_is_gone_before_the_gpu_cache_is_emptied(tiny_suite, sample_rows, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """probe scores each round in its own process, then starts the next round's teachers (vLLM engines, other
+    processes): the scoring model's GPU memory must go back to the driver, which emptying torch's cache does only for
+    blocks already freed. On the CPU the cache is watched instead of emptied."""
+    import weakref
+
+    from magpie_teach.ranking.rank import RankConfig
+    from magpie_teach.scoring.executor import ScoringSession, instruction_features
+
+    config = RankConfig(data="x", output_dir=str(tmp_path / "o"), base_models=[tiny_suite.base_small],
+                        reward_column="r", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    rows = sample_rows.assign(id=sample_rows["instruction"])[["id", "instruction"]].drop_duplicates("id").head(3)
+    session = ScoringSession(tmp_path / "o")
+    instruction_features(config, tiny_suite.base_small, rows, None, session)
+    model = weakref.ref(session.scorer[1])
+    alive_when_emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive_when_emptied.append(model() is not None))
+    session.release()
+    assert alive_when_emptied == [False] and session.scorer is None
+    session.release()  # nothing loaded: nothing to empty
+    assert alive_when_emptied == [False]

@@ -93,7 +93,7 @@ class TokenNLLScorer:
         with torch.inference_mode():
             reference = self.model(input_ids=ids).logits.float()
             hidden = self.model.base_model(input_ids=ids).last_hidden_state
-            ours = self._head_logits(hidden)
+            ours = self._head_logits(hidden).to(reference.device)  # a model split over GPUs: the head's is the last
         tolerance = 1e-3 if reference.dtype == torch.float32 and hidden.dtype == torch.float32 else 5e-2
         return bool(torch.allclose(ours, reference, atol=tolerance, rtol=tolerance))
 
@@ -114,7 +114,7 @@ class TokenNLLScorer:
         rows = torch.arange(len(examples), device=self.device).unsqueeze(1).expand_as(target_mask)[target_mask]
         if self._fast:
             hidden = self.model.base_model(input_ids=input_ids).last_hidden_state  # causal: see the module docstring
-            hidden = hidden[:, :-1][target_mask]
+            hidden = hidden[:, :-1][target_mask.to(hidden.device)]
             logits_at = self._head_logits
         else:
             hidden = self.model(input_ids=input_ids).logits[:, :-1][target_mask]
@@ -122,9 +122,12 @@ class TokenNLLScorer:
         nll = torch.empty(len(targets), dtype=torch.float32, device=self.device)
         for start in range(0, len(targets), self.logits_chunk):
             stop = start + self.logits_chunk
+            # a model split over GPUs (device_map) computes the backbone's output and the logits on its last GPU, not
+            # on the first, where the ids are: the chunk's targets go to the logits, its losses come back
+            logits = logits_at(hidden[start:stop])
             nll[start:stop] = torch.nn.functional.cross_entropy(
-                logits_at(hidden[start:stop]), targets[start:stop], reduction="none"
-            )
+                logits, targets[start:stop].to(logits.device), reduction="none"
+            ).to(nll.device)
         sums = torch.zeros(len(examples), dtype=torch.float64, device=self.device)
         sums.index_add_(0, rows, nll.double())
         counts = torch.from_numpy(labels[:, 1:].sum(axis=1))

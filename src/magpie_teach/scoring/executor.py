@@ -63,18 +63,14 @@ def scoring_device(config: ScoringRunSettings) -> str:
     return resolve_device(config.device)
 
 
-def _free(*objects: Any) -> None:
-    del objects
-    gc.collect()
-    try:
-        import torch
-
-        from magpie_teach.modeling import cuda_visible
-
-        if cuda_visible():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+def _free() -> None:
+    """Hands the GPU memory of what is no longer referenced back to the driver: torch's allocator keeps freed blocks
+    for this process, where the next round's teachers and vLLM's engines, other processes, cannot use them. Called
+    once the last reference is gone (a model still referenced frees nothing)."""
+    gc.collect()  # models hold reference cycles: their tensors are freed here, not when the last name goes
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def contexts_of(rows: pd.DataFrame) -> list | None:
@@ -129,9 +125,10 @@ class ScoringSession:
         return self.caches[(model, *kinds)]
 
     def release(self) -> None:
+        """Drops the loaded model and returns its GPU memory to the driver (see :func:`_free`)."""
         if self.scorer is not None:
-            _free(self.scorer)
-            self.scorer = None
+            self.scorer = None  # the last reference: the model must be gone before the cache is emptied
+            _free()
 
     def forget(self, model: str) -> None:
         """Drops ``model``'s tokenizer and score caches (whose entries a lookup reads into memory): a pass that is

@@ -61,32 +61,17 @@ def score_instruction_features(
     import torch
 
     from magpie_teach.progress import Progress
-    from magpie_teach.scoring.batching import plan_batches, windows
+    from magpie_teach.scoring.batching import windows
 
     device = next(model.parameters()).device
     matrix = torch.from_numpy(projection(model.config.hidden_size)).to(device)
-    pad = _pad_id(tokenizer)
     progress = Progress(len(instructions), desc, show=show_progress)
     frames, start = [], 0
     for chunk in windows(instructions, window):
         encoded = [prompt_ids(tokenizer, text, max_length) for text in chunk]
-        lengths = [len(ids) for ids, _ in encoded]
-        out = np.zeros((len(encoded), DIMENSIONS), dtype=np.float32)
-        with torch.inference_mode():
-            for batch in plan_batches(lengths, batch_tokens):
-                width = max(lengths[i] for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[i]] = torch.tensor(encoded[i][0])
-                    mask[row, : lengths[i]] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-                pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
-                out[batch] = (pooled @ matrix).cpu().numpy()
-                progress.update(len(batch))
-        frame = pd.DataFrame(out, columns=COLUMNS)
-        frame["n_tokens"] = np.asarray(lengths, dtype=np.int64)
+        frame = pd.DataFrame(_pooled(model, _pad_id(tokenizer), matrix, [ids for ids, _ in encoded], batch_tokens,
+                                     progress, desc), columns=COLUMNS)  # fmt: skip
+        frame["n_tokens"] = np.asarray([len(ids) for ids, _ in encoded], dtype=np.int64)
         frame["truncated"] = np.array([cut for _, cut in encoded], dtype=bool)
         if on_window is not None:
             on_window(start, frame)
@@ -97,3 +82,35 @@ def score_instruction_features(
         return pd.DataFrame({**{c: np.empty(0, np.float32) for c in COLUMNS}, "n_tokens": np.empty(0, np.int64),
                              "truncated": np.empty(0, bool)})  # fmt: skip
     return pd.concat(frames, ignore_index=True)
+
+
+def _pooled(model: Any, pad: int, matrix: Any, encoded: list[list[int]], batch_tokens: int, progress: Any,
+            desc: str) -> np.ndarray:  # fmt: skip
+    """The projected mean of the last hidden states over each prompt of ENCODED, batched by length; a batch that
+    runs out of GPU memory is run again in halves."""
+    import torch
+
+    from magpie_teach.scoring.batching import plan_batches, run_halving
+
+    device = matrix.device
+    lengths = [len(ids) for ids in encoded]
+    out = np.zeros((len(encoded), DIMENSIONS), dtype=np.float32)
+
+    def run(batch: list[int]) -> None:
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[i]] = torch.tensor(encoded[i])
+            mask[row, : lengths[i]] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        # .to(device): a model split over GPUs (device_map) ends its backbone on its last GPU
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.to(device, torch.float32)
+        pooled = (hidden * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+        out[batch] = (pooled @ matrix).cpu().numpy()
+        progress.update(len(batch))
+
+    with torch.inference_mode():
+        for batch in plan_batches(lengths, batch_tokens):
+            run_halving(batch, run, lambda rows: len(rows) * max(lengths[i] for i in rows), desc)
+    return out
