@@ -83,3 +83,58 @@ def test_the_generate_config_plans_gpu_teachers_only(monkeypatch, tmp_path):
     assert run.gpu_plan(config, teachers) == {"v": ["0,1", "2,3"], "t": ["4"]}
     config.ray = RayConfig()
     assert run.gpu_plan(config, teachers) == {}  # Ray places the actors
+
+
+def _teachers():
+    from magpie_teach.generation.config import TeacherConfig
+
+    return [
+        TeacherConfig(name="v", model="m", backend="vllm", tensor_parallel_size=4, replicas=2),
+        TeacherConfig(name="t", model="m", replicas=3),
+        TeacherConfig(name="api", model="m", backend="openai", base_url="http://127.0.0.1:1/v1"),
+        TeacherConfig(name="cpu", model="m", device="cpu"),
+    ]
+
+
+def test_on_a_ray_cluster_auto_is_decided_by_the_clusters_gpus_not_the_drivers():
+    from magpie_teach.generation.placement import devices_on_cluster
+
+    assert devices_on_cluster(_teachers(), [8.0, 4.0]) == {"v": "cuda", "t": "cuda", "cpu": "cpu"}
+    cpu_only = [t for t in _teachers() if t.backend != "vllm"]
+    assert devices_on_cluster(cpu_only, [0.0, 0.0]) == {"t": "cpu", "cpu": "cpu"}
+
+
+def test_on_a_ray_cluster_gpus_it_cannot_give_are_one_error_naming_the_teachers():
+    from magpie_teach.generation.config import TeacherConfig
+    from magpie_teach.generation.placement import devices_on_cluster
+
+    with pytest.raises(ConfigError, match=r"need 11 GPUs at once \(v: 2 x 4, t: 3 x 1: .*cluster has 10"):
+        devices_on_cluster(_teachers(), [8.0, 2.0])
+    with pytest.raises(ConfigError, match=r"a replica of v needs 4 GPUs on one node, but the largest node .* has 3"):
+        devices_on_cluster(_teachers(), [3.0, 3.0, 3.0, 3.0])
+    with pytest.raises(ConfigError, match=r"teachers\[0\].device: cuda, but the Ray cluster has no GPU"):
+        devices_on_cluster([TeacherConfig(name="g", model="m", device="cuda")], [0.0])
+    with pytest.raises(ConfigError, match=r"teachers\[1\].device: 'cuda:1': on a Ray cluster Ray chooses"):
+        devices_on_cluster([TeacherConfig(name="c", model="m"), TeacherConfig(name="g", model="m", device="cuda:1")],
+                           [8.0])  # fmt: skip
+
+
+def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtype(monkeypatch, tmp_path):
+    """Built against a cluster of GPUs from a driver without one: the transformers teacher's actors ask for one GPU
+    each, the vLLM engine's for its tensor_parallel_size, both in bfloat16 (auto on a GPU)."""
+    from magpie_teach.generation import placement, run
+    from magpie_teach.generation.config import GenerateConfig, InstructionsConfig, RayConfig, TeacherConfig
+
+    teachers = [TeacherConfig(name="v", model="m", backend="vllm", tensor_parallel_size=2, replicas=2),
+                TeacherConfig(name="t", model="m"), TeacherConfig(name="c", model="m", device="cpu")]  # fmt: skip
+    config = GenerateConfig(output_dir=str(tmp_path), instructions=InstructionsConfig(path="x.jsonl"),
+                            teachers=teachers, ray=RayConfig())  # fmt: skip
+    instructions = __import__("pandas").DataFrame({"id": ["a", "b"], "instruction": ["x?", "y?"]})
+    work = run.GeneratePlan(instructions, {}, {t.name: 2 for t in teachers}, {t.name: instructions for t in teachers})
+    monkeypatch.setattr(placement, "cluster_gpus", lambda: [4.0, 4.0])
+    pipeline, _ = run.build_pipeline(config, work)
+    steps = {name: pipeline.dag.get_step(name)["step"] for name in pipeline.dag if name.startswith("generate_")}
+    got = {name: (s.resources.replicas, s.resources.gpus, getattr(s.llm, "device", None),
+                  str(getattr(s.llm, "torch_dtype", getattr(s.llm, "dtype", None)))) for name, s in steps.items()}  # fmt: skip
+    assert got == {"generate_0": (2, 2, None, "bfloat16"), "generate_1": (1, 1, "cuda", "bfloat16"),
+                   "generate_2": (1, None, "cpu", "float32")}  # fmt: skip

@@ -318,3 +318,24 @@ def test_the_drivers_hub_token_and_endpoint_reach_the_workers_and_are_not_printe
     assert result.returncode == 0, result.stderr[-3000:]
     assert "token ok endpoint http://127.0.0.1:9" in result.stdout, result.stdout + result.stderr[-2000:]
     assert token not in result.stdout + result.stderr
+
+
+def test_a_gpu_teacher_on_a_cluster_without_gpus_is_one_line_before_any_model_loads(tiny_suite, sample_path,
+                                                                                    tmp_path, cluster):  # fmt: skip
+    """On Ray the cluster's GPUs decide a teacher's device, not the driver's: this CPU head has none, so a teacher
+    that asks for cuda could never start (its actor would wait for ever for a GPU). The run says so, naming it."""
+    import yaml
+
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "instructions": {"path": sample_path},
+        "teachers": [{"name": "cpu", "model": tiny_suite.base_small, "device": "cpu"},
+                     {"name": "gpu", "model": tiny_suite.base_small, "device": "cuda"}],
+        "ray": {"address": cluster},
+    }))  # fmt: skip
+    run = _cli("generate", str(config))
+    _, stderr = run.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and "Traceback" not in stderr, stderr
+    assert "teachers[1].device: cuda, but the Ray cluster has no GPU (its 1 node(s) offer none)" in lines[-1]
+    assert not (tmp_path / "out" / "responses.parquet").exists()

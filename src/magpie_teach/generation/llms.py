@@ -236,15 +236,17 @@ class OpenAITeacher(_EngineTeacher):
 
 
 def build_teacher_llm(
-    teacher: Any, threads: int | None = None, gpus_by_replica: list[str] | None = None
+    teacher: Any, threads: int | None = None, gpus_by_replica: list[str] | None = None, device: str | None = None
 ) -> tuple[LLM, int | None]:
-    """The distilabel LLM for one teacher config (``backend``: transformers, vllm or openai), and the GPUs its step
-    needs (for distilabel's ``StepResources``: what Ray is asked for; None when it uses no GPU). THREADS caps
-    torch's threads for a transformers teacher on the CPU, where several teachers share the cores; GPUS_BY_REPLICA
-    is the local pipeline's plan for it (:func:`magpie_teach.generation.placement.plan_gpus`)."""
+    """The distilabel LLM for one teacher config (``backend``: transformers, vllm or openai), and the GPUs each
+    replica of its step needs (for distilabel's ``StepResources``: what Ray is asked for; None when it uses no GPU).
+    THREADS caps torch's threads for a transformers teacher on the CPU, where several teachers share the cores;
+    GPUS_BY_REPLICA is the local pipeline's plan for it (:func:`magpie_teach.generation.placement.plan_gpus`);
+    DEVICE, the device already decided (on Ray, by the cluster: :func:`~magpie_teach.generation.placement.
+    devices_on_cluster`), else the teacher's ``device`` as this process sees it."""
     from magpie_teach.modeling import dtype_for, resolve_device
 
-    device = resolve_device(teacher.device)
+    device = device or resolve_device(teacher.device)
     dtype = dtype_for(teacher.dtype, device)
     if teacher.backend == "vllm":
         llm = VLLMTeacher(model=teacher.model, dtype=dtype, tensor_parallel_size=teacher.tensor_parallel_size,
@@ -255,5 +257,6 @@ def build_teacher_llm(
         return OpenAITeacher(model=teacher.model, base_url=teacher.base_url, api_key_env=teacher.api_key_env,
                              timeout=teacher.timeout, max_retries=teacher.max_retries,
                              concurrency=teacher.concurrency, seed=teacher.sampling.seed), None  # fmt: skip
-    return BatchedTransformersLLM(model=teacher.model, device=device, torch_dtype=dtype, gpus_by_replica=gpus_by_replica,
-                                  threads=threads if device == "cpu" else None, seed=teacher.sampling.seed), None  # fmt: skip
+    llm = BatchedTransformersLLM(model=teacher.model, device=device, torch_dtype=dtype, gpus_by_replica=gpus_by_replica,
+                                 threads=threads if device == "cpu" else None, seed=teacher.sampling.seed)  # fmt: skip
+    return llm, 1 if device.startswith("cuda") else None

@@ -6,7 +6,7 @@ leaves behind (the next run then finds those GPUs taken); the project's vLLM tea
 a plan every engine starts on GPU 0 (two tensor-parallel-4 replicas both on GPUs 0-3). Here the main process plans
 the whole pipeline before it starts, from the GPUs it can see, and each replica's process sets
 ``CUDA_VISIBLE_DEVICES`` to its share before it loads anything. On Ray, Ray places the actors (distilabel asks it
-for each step's GPUs) and no plan is made.
+for each step's GPUs, :func:`devices_on_cluster`) and no plan is made.
 """
 
 import logging
@@ -92,3 +92,47 @@ def take_gpus(by_replica: list[str] | None, identifier: str | None) -> None:
     devices = by_replica[replica % len(by_replica)]
     os.environ["CUDA_VISIBLE_DEVICES"] = devices
     logger.info("%s: on GPU(s) %s", identifier or "replica 0", devices)
+
+
+def cluster_gpus() -> list[float]:
+    """The GPUs of each alive node of the Ray cluster this driver is connected to."""
+    import ray
+
+    return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def devices_on_cluster(teachers: list, nodes: list[float]) -> dict[str, str]:
+    """Each teacher's device on a Ray cluster whose alive nodes have NODES GPUs, decided by the cluster and not by
+    this driver (often a head or a laptop without GPUs): ``auto`` is ``cuda`` when a node has a GPU (its actors then
+    ask Ray for one per replica, a vLLM engine for ``tensor_parallel_size``), else ``cpu``. A ConfigError naming the
+    teacher for ``cuda`` on a cluster without GPUs, for ``cuda:N`` (Ray chooses the GPUs), and when the GPU teachers
+    ask more GPUs than the cluster has, or one replica more than its largest node (Ray would wait for ever for
+    actors it cannot place, their logs hidden)."""
+    devices, demands = {}, []
+    for i, teacher in enumerate(teachers):
+        if teacher.backend == "openai":
+            continue
+        device = teacher.device
+        if device.startswith("cuda:"):
+            raise ConfigError(f"teachers[{i}].device: {device!r}: on a Ray cluster Ray chooses each actor's GPUs; "
+                              "use cuda or auto")  # fmt: skip
+        if device == "auto":
+            device = "cuda" if any(nodes) else "cpu"
+        if device == "cuda" and not any(nodes):
+            raise ConfigError(f"teachers[{i}].device: cuda, but the Ray cluster has no GPU (its {len(nodes)} "
+                              "node(s) offer none); use auto or cpu, or add GPU nodes")  # fmt: skip
+        devices[teacher.name] = device
+        if device == "cuda":
+            gpus = teacher.tensor_parallel_size if teacher.backend == "vllm" else 1
+            demands.append(GpuDemand(teacher.name, gpus, teacher.replicas, True))
+    asked = sum(d.gpus * d.replicas for d in demands)
+    if asked > sum(nodes):
+        wants = ", ".join(f"{d.teacher}: {d.replicas} x {d.gpus}" for d in demands)
+        raise ConfigError(f"the GPU teachers need {asked:g} GPUs at once ({wants}: replicas x GPUs each) but the Ray "
+                          f"cluster has {sum(nodes):g}: its actors could never all start; lower replicas or "
+                          "tensor_parallel_size")  # fmt: skip
+    for demand in demands:
+        if demand.gpus > max(nodes, default=0):
+            raise ConfigError(f"a replica of {demand.teacher} needs {demand.gpus} GPUs on one node, but the largest "
+                              f"node of the Ray cluster has {max(nodes):g}; lower tensor_parallel_size")  # fmt: skip
+    return devices

@@ -231,6 +231,11 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     busy = [t for t in config.teachers if not work.todo[t.name].empty]
     threads = max(1, (os.cpu_count() or 1) // max(len(busy), 1))  # teachers run in parallel processes
     placed = gpu_plan(config, busy)
+    devices: dict[str, str] = {}
+    if config.ray is not None:  # the cluster's GPUs decide, not this driver's (connected by run_pipeline)
+        from magpie_teach.generation.placement import cluster_gpus, devices_on_cluster
+
+        devices = devices_on_cluster(busy, cluster_gpus())
     parameters: dict = {}
     with Pipeline(name="magpie-teach-generate", cache_dir=scratch_cache(config.output_dir, "generate")) as pipeline:
         for i, teacher in enumerate(config.teachers):
@@ -243,7 +248,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 for record in records:
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
-            llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name))
+            llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name), devices.get(teacher.name))
             generate = (TeacherChat if multi_turn else TeacherGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
@@ -277,11 +282,12 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
     (what finished is stored either way). `generate` and each round of `probe` run their teachers here."""
     if not any(work.remaining.values()):
         return None
-    pipeline, parameters = build_pipeline(config, work)
     if config.ray is not None:
         from magpie_teach.scoring.on_ray import init_ray
 
         init_ray(config.ray.address, **config.ray.init_kwargs)  # with the driver's Hub token for every node
+    pipeline, parameters = build_pipeline(config, work)
+    if config.ray is not None:
         pipeline = pipeline.ray(ray_init_kwargs=config.ray.init_kwargs)  # no address: it uses this connection
     else:
         import_before_fork()
