@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -788,6 +789,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.captureWarnings(True)  # the library's warnings.warn calls show as one log line each
+    # distilabel 1.5.3 (its last release) declares a field that pydantic warns about whenever distilabel is imported:
+    # nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"The 'default' attribute with value None was provided to the `Field",
+                            category=UserWarning)  # fmt: skip
     # distilabel logs several lines per batch at INFO, rendered in the main process while the steps compute:
     # the same policy as ours (warnings, INFO with -v) unless the environment says otherwise
     os.environ.setdefault("DISTILABEL_LOG_LEVEL", "INFO" if args.verbose else "WARNING")

@@ -285,7 +285,9 @@ def run_pipeline(config: GenerateConfig, work: GeneratePlan) -> str | None:
     if config.ray is not None:
         from magpie_teach.scoring.on_ray import init_ray
 
-        init_ray(config.ray.address, **config.ray.init_kwargs)  # with the driver's Hub token for every node
+        # with the driver's Hub token for every node; Ray's own connection lines at this run's log level (-v)
+        init_ray(config.ray.address, **{"logging_level": logging.getLogger().getEffectiveLevel(),
+                                        **config.ray.init_kwargs})  # fmt: skip
     pipeline, parameters = build_pipeline(config, work)
     if config.ray is not None:
         pipeline = pipeline.ray(ray_init_kwargs=config.ray.init_kwargs)  # no address: it uses this connection
