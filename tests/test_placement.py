@@ -122,7 +122,7 @@ def test_on_a_ray_cluster_gpus_it_cannot_give_are_one_error_naming_the_teachers(
 def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtype(monkeypatch, tmp_path):
     """Built against a cluster of GPUs from a driver without one: the transformers teacher's actors ask for one GPU
     each, the vLLM engine's for its tensor_parallel_size, both in bfloat16 (auto on a GPU)."""
-    from magpie_teach.generation import placement, run
+    from magpie_teach.generation import run
     from magpie_teach.generation.config import GenerateConfig, InstructionsConfig, RayConfig, TeacherConfig
 
     teachers = [TeacherConfig(name="v", model="m", backend="vllm", tensor_parallel_size=2, replicas=2),
@@ -131,10 +131,25 @@ def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtyp
                             teachers=teachers, ray=RayConfig())  # fmt: skip
     instructions = __import__("pandas").DataFrame({"id": ["a", "b"], "instruction": ["x?", "y?"]})
     work = run.GeneratePlan(instructions, {}, {t.name: 2 for t in teachers}, {t.name: instructions for t in teachers})
-    monkeypatch.setattr(placement, "cluster_gpus", lambda: [4.0, 4.0])
+    monkeypatch.setattr("magpie_teach.scoring.on_ray.cluster_gpus", lambda: [4.0, 4.0])
     pipeline, _ = run.build_pipeline(config, work)
     steps = {name: pipeline.dag.get_step(name)["step"] for name in pipeline.dag if name.startswith("generate_")}
     got = {name: (s.resources.replicas, s.resources.gpus, getattr(s.llm, "device", None),
                   str(getattr(s.llm, "torch_dtype", getattr(s.llm, "dtype", None)))) for name, s in steps.items()}  # fmt: skip
     assert got == {"generate_0": (2, 2, None, "bfloat16"), "generate_1": (1, 1, "cuda", "bfloat16"),
                    "generate_2": (1, None, "cpu", "float32")}  # fmt: skip
+
+
+def test_ray_scoring_actors_the_cluster_cannot_place_are_an_error_and_idle_gpus_a_warning(caplog):
+    from magpie_teach.scoring.on_ray import check_gpus
+
+    check_gpus([4.0, 4.0], 1, 8, "h:1")  # fits exactly
+    check_gpus([0.0], 0, 8, "h:1")  # a CPU cluster, a CPU run: nothing to say
+    with pytest.raises(ConfigError, match=r"asks 9 GPU\(s\), but the Ray cluster at h:1 has 8: .*num-workers to 8"):
+        check_gpus([4.0, 4.0], 1, 9, "h:1")
+    with pytest.raises(ConfigError, match=r"--gpus-per-worker 2: no node .* has that many GPUs \(the largest has 1\)"):
+        check_gpus([1.0] * 8, 2, 2, "h:1")  # 8 GPUs in all, but never 2 on one node
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="magpie_teach.scoring.on_ray"):
+        check_gpus([8.0], 0, 4, "h:1")
+    assert "has 8 GPU(s) but --gpus-per-worker 0 scores on its CPUs" in caplog.text

@@ -94,13 +94,6 @@ def take_gpus(by_replica: list[str] | None, identifier: str | None) -> None:
     logger.info("%s: on GPU(s) %s", identifier or "replica 0", devices)
 
 
-def cluster_gpus() -> list[float]:
-    """The GPUs of each alive node of the Ray cluster this driver is connected to."""
-    import ray
-
-    return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive")]
-
-
 def devices_on_cluster(teachers: list, nodes: list[float]) -> dict[str, str]:
     """Each teacher's device on a Ray cluster whose alive nodes have NODES GPUs, decided by the cluster and not by
     this driver (often a head or a laptop without GPUs): ``auto`` is ``cuda`` when a node has a GPU (its actors then

@@ -233,7 +233,8 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
     placed = gpu_plan(config, busy)
     devices: dict[str, str] = {}
     if config.ray is not None:  # the cluster's GPUs decide, not this driver's (connected by run_pipeline)
-        from magpie_teach.generation.placement import cluster_gpus, devices_on_cluster
+        from magpie_teach.generation.placement import devices_on_cluster
+        from magpie_teach.scoring.on_ray import cluster_gpus
 
         devices = devices_on_cluster(busy, cluster_gpus())
     parameters: dict = {}

@@ -67,20 +67,41 @@ def check_cluster(address: str, output_dir: str | os.PathLike, gpus_per_worker: 
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"--ray-address {address}: could not join the Ray cluster ({first})") from None
-    if gpus_per_worker > 0:
-        import ray
-
-        there, asked = float(ray.cluster_resources().get("GPU", 0)), num_workers * gpus_per_worker
-        if there < asked:
-            fits = int(there // gpus_per_worker)
-            advice = f"lower --num-workers to {fits}" if fits else "use --gpus-per-worker 0 to score on CPUs"
-            raise ConfigError(
-                f"--gpus-per-worker {gpus_per_worker:g} x --num-workers {num_workers} asks {asked:g} GPU(s), but the "
-                f"Ray cluster at {address} has {there:g}: its actors could never start; {advice}, or add GPU nodes "
-                "(an autoscaling cluster: start them first)"
-            )
+    check_gpus(cluster_gpus(), gpus_per_worker, num_workers, address)
     check_visible(Path(output_dir))
     return address
+
+
+def cluster_gpus() -> list[float]:
+    """The GPUs of each alive node of the Ray cluster this driver is connected to."""
+    import ray
+
+    return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_gpus(nodes: list[float], gpus_per_worker: float, num_workers: int, address: str) -> None:
+    """A ConfigError when NUM_WORKERS actors of GPUS_PER_WORKER GPUs each cannot all be placed on a cluster whose
+    alive nodes have NODES GPUs (in all, or one actor on its largest node): Ray Data would wait for ever for them,
+    their logs hidden. A warning when the cluster has GPUs that a CPU run (``--gpus-per-worker 0``) leaves idle."""
+    there, asked = sum(nodes), num_workers * gpus_per_worker
+    if gpus_per_worker == 0:
+        if there:
+            logger.warning("the Ray cluster at %s has %g GPU(s) but --gpus-per-worker 0 scores on its CPUs, many times "
+                           "slower: --gpus-per-worker 1 puts each actor on a GPU", address, there)  # fmt: skip
+        return
+    if there < asked:
+        fits = int(there // gpus_per_worker)
+        advice = f"lower --num-workers to {fits}" if fits else "use --gpus-per-worker 0 to score on CPUs"
+        raise ConfigError(
+            f"--gpus-per-worker {gpus_per_worker:g} x --num-workers {num_workers} asks {asked:g} GPU(s), but the "
+            f"Ray cluster at {address} has {there:g}: its actors could never start; {advice}, or add GPU nodes "
+            "(an autoscaling cluster: start them first)"
+        )
+    if gpus_per_worker > max(nodes, default=0):
+        raise ConfigError(
+            f"--gpus-per-worker {gpus_per_worker:g}: no node of the Ray cluster at {address} has that many GPUs (the "
+            f"largest has {max(nodes, default=0):g}), and one actor runs on one node: lower --gpus-per-worker"
+        )
 
 
 def _reachable(address: str, timeout: float) -> None:
