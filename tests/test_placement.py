@@ -153,3 +153,16 @@ def test_ray_scoring_actors_the_cluster_cannot_place_are_an_error_and_idle_gpus_
     with caplog.at_level("WARNING", logger="magpie_teach.scoring.on_ray"):
         check_gpus([8.0], 0, 4, "h:1")
     assert "has 8 GPU(s) but --gpus-per-worker 0 scores on its CPUs" in caplog.text
+
+
+def test_magpies_model_runs_in_the_devices_dtype_not_the_checkpoints(monkeypatch):
+    """distilabel's own ``auto`` is the checkpoint's dtype: a bfloat16 checkpoint would generate in bfloat16 on a CPU
+    (slow there) and a float32 one in float32 on a GPU (several times slower, twice the memory)."""
+    from magpie_teach.generation import run
+    from magpie_teach.generation.config import MagpieConfig
+
+    assert run.magpie_llm(MagpieConfig(model="m", device="cpu")).torch_dtype == "float32"
+    assert run.magpie_llm(MagpieConfig(model="m", device="cpu", dtype="bfloat16")).torch_dtype == "bfloat16"
+    monkeypatch.setattr("magpie_teach.modeling.cuda_visible", lambda: True)
+    llm = run.magpie_llm(MagpieConfig(model="m"))
+    assert (llm.device, llm.torch_dtype) == ("cuda", "bfloat16")

@@ -111,7 +111,9 @@ def test_dry_run_and_config_errors(tmp_path, tiny_suite, sample_path):
     values = yaml.safe_load(text.replace("max_new_tokenz", "max_new_tokens"))
     for change, message in (({"teachers": []}, "at least one teacher"),
                             ({"teachers": values["teachers"][:1] * 2}, "names must be unique, ['small'] repeat"),
-                            ({"teachers": [{**values["teachers"][0], "backend": "tgi"}]}, "teachers[0].backend: 'tgi' is not available")):  # fmt: skip
+                            ({"teachers": [{**values["teachers"][0], "backend": "tgi"}]}, "teachers[0].backend: 'tgi' is not available"),
+                            ({"teachers": [{**values["teachers"][0], "dtype": "bf16"}]}, "teachers[0].dtype: 'bf16' is not one of float32, bfloat16, float16, auto"),
+                            ({"instructions": {"magpie": {"model": "m", "dtype": "fp8"}}}, "instructions.magpie.dtype: 'fp8' is not one of")):  # fmt: skip
         config.write_text(yaml.safe_dump({**values, **change}))
         result = subprocess.run(
             [sys.executable, "-m", "magpie_teach.cli", "generate", str(config)], capture_output=True, text=True

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from magpie_teach.errors import ConfigError
 from magpie_teach.scoring.routing import RoutingSettings
-from magpie_teach.settings import CARSettings, ConfidenceSettings, ProbeSettings, ReplaySettings, ScoringRunSettings
+from magpie_teach.settings import (
+    DTYPES,
+    CARSettings,
+    ConfidenceSettings,
+    ProbeSettings,
+    ReplaySettings,
+    ScoringRunSettings,
+)
 
 BACKENDS = ("transformers", "vllm", "openai")
 """Backends a teacher can use: transformers (CPU or GPU, in the step's process), vllm (an engine in the
@@ -98,6 +105,7 @@ class MagpieConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     device: str = "auto"
+    dtype: str = "auto"  # bfloat16 on a GPU, float32 on the CPU (modeling.dtype_for), as for the teachers
     # steering: one system prompt, or categories {name: {prompt, weight}} drawn per row by weight
     system_prompt: str | None = None
     categories: dict[str, MagpieCategory] = field(default_factory=dict)
@@ -117,6 +125,8 @@ class MagpieConfig:
         return self.system_prompt
 
     def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"instructions.magpie.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.system_prompt and self.categories:
             raise ConfigError("instructions.magpie: give system_prompt or categories, not both")
         for name, category in self.categories.items():
@@ -196,6 +206,8 @@ class GenerateConfig:
                 raise ConfigError(
                     f"teachers[{i}].backend: {teacher.backend!r} is not available in this version (available: {', '.join(BACKENDS)})"
                 )
+            if teacher.dtype not in DTYPES:
+                raise ConfigError(f"teachers[{i}].dtype: {teacher.dtype!r} is not one of {', '.join(DTYPES)}")
             if teacher.num_generations < 1:
                 raise ConfigError(f"teachers[{i}].num_generations: must be >= 1")
             if not 0 < teacher.sampling.top_p <= 1 or teacher.sampling.temperature < 0:

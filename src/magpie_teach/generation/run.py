@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -51,6 +51,28 @@ def response_store(config: GenerateConfig) -> "BatchStore":
     return BatchStore(Path(config.output_dir) / "store")
 
 
+def magpie_llm(spec: Any) -> Any:
+    """The distilabel LLM that writes Magpie instructions (SPEC: ``instructions.magpie``), on its device in its dtype
+    (``auto``: bfloat16 on a GPU, float32 on the CPU, not distilabel's ``auto``, the checkpoint's own)."""
+    from magpie_teach.generation.llms import BatchedTransformersLLM
+    from magpie_teach.modeling import dtype_for, resolve_device
+
+    device = resolve_device(spec.device)
+    return BatchedTransformersLLM(
+        model=spec.model,
+        device=device,
+        torch_dtype=dtype_for(spec.dtype, device),
+        magpie_pre_query_template=spec.pre_query(),
+        generation_kwargs={
+            "max_new_tokens": spec.max_new_tokens,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "do_sample": True,
+            "repetition_penalty": 1.0,  # distilabel's default is 1.1: only what the config says is applied
+        },
+    )
+
+
 def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     """Magpie instructions (distilabel ``MagpieGenerator``), generated once and kept in OUTPUT/instructions.parquet.
 
@@ -62,26 +84,13 @@ def magpie_instructions(config: GenerateConfig) -> pd.DataFrame:
     from distilabel.pipeline import Pipeline
 
     from magpie_teach.artefacts import write_atomic
-    from magpie_teach.generation.llms import BatchedTransformersLLM
-    from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import MagpieInstructions
 
     path = Path(config.output_dir) / artefacts.INSTRUCTIONS
     if path.exists():
         return pd.read_parquet(path)
     spec = config.instructions.magpie
-    llm = BatchedTransformersLLM(
-        model=spec.model,
-        device=resolve_device(spec.device),
-        magpie_pre_query_template=spec.pre_query(),
-        generation_kwargs={
-            "max_new_tokens": spec.max_new_tokens,
-            "temperature": spec.temperature,
-            "top_p": spec.top_p,
-            "do_sample": True,
-            "repetition_penalty": 1.0,  # distilabel's default is 1.1: only what the config says is applied
-        },
-    )
+    llm = magpie_llm(spec)
     multi = spec.n_turns > 1
     with Pipeline(
         name="magpie-teach-instructions", cache_dir=scratch_cache(config.output_dir, "instructions")
