@@ -155,3 +155,28 @@ def test_a_model_loaded_on_the_cpu_is_placed_as_before(tiny_suite):
 
     model = load_model(tiny_suite.base_small, "causal-lm", device="cpu")
     assert model.device.type == "cpu" and not model.training and getattr(model, "hf_device_map", None) is None
+
+
+def test_a_model_loaded_without_a_dtype_asks_for_bfloat16_on_a_gpu_and_float32_on_the_cpu(tiny_suite, monkeypatch):
+    """`validate` loads its reward model without naming a dtype: on a GPU that must not be float32 (an 8B reward
+    model in float32 is 32 GB and several times slower). What transformers is asked for is watched; on a GPU the
+    load stops there (this machine has none)."""
+    import torch
+
+    from magpie_teach import modeling
+
+    asked, real = [], modeling.from_pretrained
+
+    def watched(load, name, what, **kwargs):
+        if "dtype" not in kwargs:  # the config, read to choose the attention
+            return real(load, name, what, **kwargs)
+        asked.append(kwargs["dtype"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(modeling, "from_pretrained", watched)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setattr(modeling, "cuda_visible", lambda device=device: device == "cuda")
+        monkeypatch.setattr(modeling, "gpu_memory", lambda: {0: 10**9})
+        with pytest.raises(RuntimeError, match="stop here"):
+            modeling.load_model(tiny_suite.reward, "reward", device=device)
+    assert asked == [torch.float32, torch.bfloat16]

@@ -236,12 +236,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
 def load_model(
     name_or_path: str,
     kind: str = "causal-lm",
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     revision: str | None = None,
 ) -> Any:
     """Loads an ``AutoModelForCausalLM`` (``kind="causal-lm"``) or ``AutoModelForSequenceClassification``
-    (``kind="reward"``) in eval mode on ``device``."""
+    (``kind="reward"``) in eval mode on ``device``, in ``dtype`` (``auto``: :func:`dtype_for`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = {"causal-lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]

@@ -206,7 +206,7 @@ def _validate(config: ValidateConfig) -> ValidateResult:
             _judge(config, pd.DataFrame({"id": heldout, "instruction": prompts}), rows, files)
         else:
             tokenizer = load_tokenizer(config.reward_model)
-            model = load_model(config.reward_model, "reward", device=config.device)
+            model = load_model(config.reward_model, "reward", "auto", config.device)  # bfloat16 on a GPU
             for row in rows:
                 answers = [a if a.strip() else "(empty)" for a in row.pop("answers")]
                 rewards, _ = score_reward(model, tokenizer, prompts, answers, show_progress=False)
