@@ -103,14 +103,15 @@ bench: install
 # Mutation testing of the pure modules ([tool.mutmut] in pyproject.toml): mutmut changes one thing at a time,
 # runs the fast tests that call the changed function, and prints the mutants no test caught. `make mutation`: data
 # validation, chat masking, metrics and name matching, the bootstrap's statistics (confidence), selection and what
-# `push` rewrites of local paths (provenance) (about
+# `push` rewrites of local paths (provenance), where each teacher replica runs (placement) (about
 # 15 minutes on 2 cores, fresh); `make mutation-stats`: the other statistics (probe, calibration, win rates,
 # routing and applying a router: about 5);
 # `make mutation-all`: both. Functions that only read or write files carry `# pragma: no mutate block`. mutants/
 # keeps the verdicts: a later run re-tests only the functions that changed; `make mutation-clean` starts afresh.
 # MUTANTS='magpie_teach.data.*' narrows a run. Not part of `make test`; run the one whose modules an issue touches.
 MUTATION_CORE = magpie_teach.data.* magpie_teach.chat.* magpie_teach.scoring.metrics.* magpie_teach.scoring.names.* \
-	magpie_teach.scoring.confidence.* magpie_teach.selection.select.* magpie_teach.hub.provenance.*
+	magpie_teach.scoring.confidence.* magpie_teach.selection.select.* magpie_teach.hub.provenance.* \
+	magpie_teach.generation.placement.*
 MUTATION_STATS = magpie_teach.scoring.probe.* magpie_teach.scoring.calibrate.* magpie_teach.scoring.winrates.* \
 	magpie_teach.scoring.route.* magpie_teach.scoring.routing.*
 MUTANTS ?= $(MUTATION_CORE)

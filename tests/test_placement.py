@@ -20,21 +20,24 @@ def test_the_documented_tensor_parallel_4_times_2_replicas_on_8_gpus():
 
 
 def test_vllm_teachers_asking_more_gpus_than_there_are_fail_naming_each():
-    with pytest.raises(ConfigError, match=r"need 10 GPUs .*a: 2 x 4, b: 1 x 2.* has 8 visible"):
+    with pytest.raises(ConfigError, match=r"need 10 GPUs .*a: 2 x 4, b: 1 x 2.* has 8 visible; lower replicas or "
+                                          r"tensor_parallel_size, or run on a Ray cluster \(ray:\)$"):  # fmt: skip
         plan_gpus([GpuDemand("a", 4, 2, True), GpuDemand("b", 2, 1, True)], EIGHT)
 
 
-def test_transformers_teachers_take_the_gpus_vllm_left_in_turn():
-    plan = plan_gpus([GpuDemand("v", 2, 1, True), GpuDemand("t1", 1, 2, False), GpuDemand("t2", 1, 2, False)],
-                     ["0", "1", "2", "3", "4"])  # fmt: skip
+def test_transformers_teachers_take_the_gpus_vllm_left_in_turn(caplog):
+    with caplog.at_level("WARNING", logger="magpie_teach.generation.placement"):
+        plan = plan_gpus([GpuDemand("v", 2, 1, True), GpuDemand("t1", 1, 2, False), GpuDemand("t2", 1, 2, False)],
+                         ["0", "1", "2", "3", "4"])  # fmt: skip
     assert plan == {"v": ["0,1"], "t1": ["2", "3"], "t2": ["4", "2"]}
+    assert not caplog.records  # GPUs were left for them: nothing to warn about
 
 
 def test_transformers_teachers_share_every_gpu_when_vllm_took_them_all(caplog):
     with caplog.at_level("WARNING", logger="magpie_teach.generation.placement"):
         plan = plan_gpus([GpuDemand("v", 2, 1, True), GpuDemand("t", 1, 3, False)], ["0", "1"])
     assert plan == {"v": ["0,1"], "t": ["0", "1", "0"]}
-    assert "share them" in caplog.text
+    assert caplog.messages == ["the vLLM teachers take every GPU: the transformers teachers share them (0, 1)"]
 
 
 def test_the_parents_own_cuda_visible_devices_are_the_ones_planned(monkeypatch):
@@ -52,10 +55,15 @@ def test_the_parents_own_cuda_visible_devices_are_the_ones_planned(monkeypatch):
     assert visible_gpus() == []
 
 
-def test_a_replica_keeps_only_its_gpus_visible(monkeypatch):
+def test_a_replica_keeps_only_its_gpus_visible_and_says_which(monkeypatch, caplog):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     assert replica_of("generate_1-replica-1") == 1 and replica_of("my-replica-step-replica-12") == 12
     assert replica_of(None) == 0
+    with caplog.at_level("INFO", logger="magpie_teach.generation.placement"):
+        take_gpus(["0,1,2,3", "4,5,6,7"], "generate_1-replica-1")
+        take_gpus(["2"], None)
+    assert caplog.messages == ["generate_1-replica-1: on GPU(s) 4,5,6,7", "replica 0: on GPU(s) 2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
     take_gpus(["0,1,2,3", "4,5,6,7"], "generate_1-replica-1")
     assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
     take_gpus(None, "generate_1-replica-0")  # no plan (CPU, Ray): left as it is
@@ -90,7 +98,7 @@ def _teachers():
 
     return [
         TeacherConfig(name="v", model="m", backend="vllm", tensor_parallel_size=4, replicas=2),
-        TeacherConfig(name="t", model="m", replicas=3),
+        TeacherConfig(name="t", model="m", replicas=3, tensor_parallel_size=2),  # vLLM's key: one GPU all the same
         TeacherConfig(name="api", model="m", backend="openai", base_url="http://127.0.0.1:1/v1"),
         TeacherConfig(name="cpu", model="m", device="cpu"),
     ]
@@ -100,6 +108,7 @@ def test_on_a_ray_cluster_auto_is_decided_by_the_clusters_gpus_not_the_drivers()
     from magpie_teach.generation.placement import devices_on_cluster
 
     assert devices_on_cluster(_teachers(), [8.0, 4.0]) == {"v": "cuda", "t": "cuda", "cpu": "cpu"}
+    assert devices_on_cluster(_teachers(), [4.0, 4.0, 3.0])["v"] == "cuda"  # 11 GPUs, an engine's 4 on one node
     cpu_only = [t for t in _teachers() if t.backend != "vllm"]
     assert devices_on_cluster(cpu_only, [0.0, 0.0]) == {"t": "cpu", "cpu": "cpu"}
 
@@ -108,13 +117,17 @@ def test_on_a_ray_cluster_gpus_it_cannot_give_are_one_error_naming_the_teachers(
     from magpie_teach.generation.config import TeacherConfig
     from magpie_teach.generation.placement import devices_on_cluster
 
-    with pytest.raises(ConfigError, match=r"need 11 GPUs at once \(v: 2 x 4, t: 3 x 1: .*cluster has 10"):
+    with pytest.raises(ConfigError, match=r"need 11 GPUs at once \(v: 2 x 4, t: 3 x 1: .*cluster has 10: its actors "
+                                          r"could never all start; lower replicas or tensor_parallel_size$"):  # fmt: skip
         devices_on_cluster(_teachers(), [8.0, 2.0])
-    with pytest.raises(ConfigError, match=r"a replica of v needs 4 GPUs on one node, but the largest node .* has 3"):
+    with pytest.raises(ConfigError, match=r"a replica of v needs 4 GPUs on one node, but the largest node .* has 3; "
+                                          r"lower tensor_parallel_size$"):  # fmt: skip
         devices_on_cluster(_teachers(), [3.0, 3.0, 3.0, 3.0])
-    with pytest.raises(ConfigError, match=r"teachers\[0\].device: cuda, but the Ray cluster has no GPU"):
+    with pytest.raises(ConfigError, match=r"teachers\[0\].device: cuda, but the Ray cluster has no GPU \(its 1 "
+                                          r"node\(s\) offer none\); use auto or cpu, or add GPU nodes$"):  # fmt: skip
         devices_on_cluster([TeacherConfig(name="g", model="m", device="cuda")], [0.0])
-    with pytest.raises(ConfigError, match=r"teachers\[1\].device: 'cuda:1': on a Ray cluster Ray chooses"):
+    with pytest.raises(ConfigError, match=r"teachers\[1\].device: 'cuda:1': on a Ray cluster Ray chooses each "
+                                          r"actor's GPUs; use cuda or auto$"):  # fmt: skip
         devices_on_cluster([TeacherConfig(name="c", model="m"), TeacherConfig(name="g", model="m", device="cuda:1")],
                            [8.0])  # fmt: skip
 

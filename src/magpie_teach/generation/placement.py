@@ -101,7 +101,7 @@ def devices_on_cluster(teachers: list, nodes: list[float]) -> dict[str, str]:
     teacher for ``cuda`` on a cluster without GPUs, for ``cuda:N`` (Ray chooses the GPUs), and when the GPU teachers
     ask more GPUs than the cluster has, or one replica more than its largest node (Ray would wait for ever for
     actors it cannot place, their logs hidden)."""
-    devices, demands = {}, []
+    devices, demands = {}, []  # (teacher, GPUs of one replica, replicas)
     for i, teacher in enumerate(teachers):
         if teacher.backend == "openai":
             continue
@@ -117,15 +117,15 @@ def devices_on_cluster(teachers: list, nodes: list[float]) -> dict[str, str]:
         devices[teacher.name] = device
         if device == "cuda":
             gpus = teacher.tensor_parallel_size if teacher.backend == "vllm" else 1
-            demands.append(GpuDemand(teacher.name, gpus, teacher.replicas, True))
-    asked = sum(d.gpus * d.replicas for d in demands)
+            demands.append((teacher.name, gpus, teacher.replicas))
+    asked = sum(gpus * replicas for _, gpus, replicas in demands)
     if asked > sum(nodes):
-        wants = ", ".join(f"{d.teacher}: {d.replicas} x {d.gpus}" for d in demands)
+        wants = ", ".join(f"{name}: {replicas} x {gpus}" for name, gpus, replicas in demands)
         raise ConfigError(f"the GPU teachers need {asked:g} GPUs at once ({wants}: replicas x GPUs each) but the Ray "
                           f"cluster has {sum(nodes):g}: its actors could never all start; lower replicas or "
                           "tensor_parallel_size")  # fmt: skip
-    for demand in demands:
-        if demand.gpus > max(nodes, default=0):
-            raise ConfigError(f"a replica of {demand.teacher} needs {demand.gpus} GPUs on one node, but the largest "
-                              f"node of the Ray cluster has {max(nodes):g}; lower tensor_parallel_size")  # fmt: skip
+    for name, gpus, _ in demands:  # a demand here means a node with GPUs
+        if gpus > max(nodes):
+            raise ConfigError(f"a replica of {name} needs {gpus} GPUs on one node, but the largest node of the Ray "
+                              f"cluster has {max(nodes):g}; lower tensor_parallel_size")  # fmt: skip
     return devices
