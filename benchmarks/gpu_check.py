@@ -253,6 +253,10 @@ def session_memory(root: Path):
     config = RankConfig(data="x", output_dir=str(root / "session"), base_models=[str(folder)], reward_column="r",
                         cache=False, device=GPU, dtype="bfloat16")  # fmt: skip
     rows = pd.DataFrame({"id": [str(i) for i in range(64)], "instruction": [f"Question {i}?" for i in range(64)]})
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()  # what the checks before this one left in torch's cache is not this session's
     before = torch.cuda.memory_reserved()
     session = ScoringSession(root / "session")
     instruction_features(config, str(folder), rows, None, session)
