@@ -76,7 +76,7 @@ quality: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# All tests but the GPU ones and the one against the real Hub, which are deselected (not skipped).
+# All tests but the ones against the real Hub, which are deselected (not skipped); the GPU checks are `make test-gpu`.
 # Two pytest-xdist workers (a test file stays on one worker, so its module fixtures are built once), files in the
 # order tests/conftest.py gives them (the longest first; xdist would otherwise start with the files that hold the most
 # tests and leave the minutes-long ones to the end), then the README-coverage test, which reads what both workers ran.
