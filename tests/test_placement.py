@@ -132,7 +132,7 @@ def test_on_a_ray_cluster_gpus_it_cannot_give_are_one_error_naming_the_teachers(
                            [8.0])  # fmt: skip
 
 
-def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtype(monkeypatch, tmp_path):
+def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtype(monkeypatch, tmp_path, capsys):
     """Built against a cluster of GPUs from a driver without one: the transformers teacher's actors ask for one GPU
     each, the vLLM engine's for its tensor_parallel_size, both in bfloat16 (auto on a GPU)."""
     from magpie_teach.generation import run
@@ -151,6 +151,32 @@ def test_a_ray_pipeline_asks_ray_for_each_gpu_teachers_gpus_in_the_clusters_dtyp
                   str(getattr(s.llm, "torch_dtype", getattr(s.llm, "dtype", None)))) for name, s in steps.items()}  # fmt: skip
     assert got == {"generate_0": (2, 2, None, "bfloat16"), "generate_1": (1, 1, "cuda", "bfloat16"),
                    "generate_2": (1, None, "cpu", "float32")}  # fmt: skip
+    said = capsys.readouterr().err.splitlines()  # where each teacher runs, said before it loads
+    assert said == ["teacher v (m, vllm, bfloat16): on the Ray cluster, 2 GPU(s) per replica, 2 replicas",
+                    "teacher t (m, transformers, bfloat16): on the Ray cluster, 1 GPU(s) per replica",
+                    "teacher c (m, transformers, float32): on the Ray cluster's CPUs"]  # fmt: skip
+
+
+def test_each_teacher_says_where_it_runs_and_in_which_dtype_before_it_loads(monkeypatch, tmp_path, capsys):
+    from magpie_teach.generation import placement, run
+    from magpie_teach.generation.config import GenerateConfig, InstructionsConfig, TeacherConfig
+
+    teachers = [TeacherConfig(name="v", model="m", backend="vllm", tensor_parallel_size=2, replicas=2),
+                TeacherConfig(name="t", model="m"), TeacherConfig(name="c", model="m", device="cpu", replicas=2),
+                TeacherConfig(name="api", model="gpt", backend="openai", base_url="http://127.0.0.1:1/v1")]  # fmt: skip
+    config = GenerateConfig(output_dir=str(tmp_path), instructions=InstructionsConfig(path="x.jsonl"),
+                            teachers=teachers)  # fmt: skip
+    instructions = __import__("pandas").DataFrame({"id": ["a"], "instruction": ["x?"]})
+    work = run.GeneratePlan(instructions, {}, {t.name: 1 for t in teachers}, {t.name: instructions for t in teachers})
+    monkeypatch.setattr("magpie_teach.modeling.cuda_visible", lambda: True)
+    monkeypatch.setattr(placement, "visible_gpus", lambda: ["0", "1", "2", "3", "4"])
+    run.build_pipeline(config, work)
+    assert capsys.readouterr().err.splitlines() == [
+        "teacher v (m, vllm, bfloat16): replica 0 on GPU(s) 0,1, replica 1 on GPU(s) 2,3",
+        "teacher t (m, transformers, bfloat16): replica 0 on GPU(s) 4",
+        "teacher c (m, transformers, float32): on cpu, 2 replicas",
+        "teacher api (gpt, openai): at http://127.0.0.1:1/v1",
+    ]
 
 
 def test_ray_scoring_actors_the_cluster_cannot_place_are_an_error_and_idle_gpus_a_warning(caplog):

@@ -11,6 +11,7 @@ with exact repeats removed and an optional seeded sample, both counted.
 import dataclasses
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,22 @@ def gpu_plan(config: GenerateConfig, teachers: list) -> dict[str, list[str]]:
     return plan_gpus(demands, visible_gpus()) if demands else {}
 
 
+def where_teacher_runs(teacher: Any, llm: Any, placed: list[str] | None, gpus: int | None, on_ray: bool) -> str:
+    """One line per teacher, said before it loads: its model, backend and dtype, and where it runs (each replica's
+    GPUs as planned here; on Ray, the GPUs each replica's actor asks for)."""
+    if teacher.backend == "openai":
+        return f"teacher {teacher.name} ({teacher.model}, openai): at {teacher.base_url}"
+    dtype = getattr(llm, "torch_dtype", None) or getattr(llm, "dtype", None)
+    if on_ray:
+        where = f"on the Ray cluster, {gpus} GPU(s) per replica" if gpus else "on the Ray cluster's CPUs"
+    elif placed:
+        where = ", ".join(f"replica {i} on GPU(s) {g}" for i, g in enumerate(placed))
+    else:
+        where = f"on {getattr(llm, 'device', None) or ('cuda' if gpus else 'cpu')}"
+    replicas = f", {teacher.replicas} replicas" if teacher.replicas > 1 and not placed else ""
+    return f"teacher {teacher.name} ({teacher.model}, {teacher.backend}, {dtype}): {where}{replicas}"
+
+
 def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, dict]:
     """One distilabel branch per teacher with work left: load -> TeacherGeneration (distilabel's TextGeneration) ->
     ResponseFormat (stores batches)."""
@@ -259,6 +276,8 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
             llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name), devices.get(teacher.name))
+            print(where_teacher_runs(teacher, llm, placed.get(teacher.name), gpus, config.ray is not None),
+                  file=sys.stderr, flush=True)  # fmt: skip
             generate = (TeacherChat if multi_turn else TeacherGeneration)(
                 name=f"generate_{i}",
                 llm=llm,
