@@ -58,12 +58,8 @@ ROUTING = "routing.csv"  # generate with routing: which teacher writes each inst
 
 # every file a run of each verb may write into its output folder (what another run of it may have left)
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    "generate": (
-        RESPONSES,
-        GENERATE_CONFIG,
-        GENERATE_SUMMARY,
-        ROUTING,
-    ),  # instructions.parquet is a cache a rerun reads
+    # instructions.parquet is a cache a rerun reads
+    "generate": (RESPONSES, GENERATE_CONFIG, GENERATE_SUMMARY, ROUTING),
     "rank": (SCORES, RANKING, CORRELATIONS, RANK_DROPPED, RANK_SUMMARY, RANK_CONFIG),
     "select": (SFT_DATA, SFT_README, SELECT_SUMMARY, SELECT_DROPPED, SELECT_CONFIG),
     "probe": (PROBE_SUMMARY, PROBE_ROUNDS),

@@ -225,19 +225,21 @@ def gpu_plan(config: GenerateConfig, teachers: list) -> dict[str, list[str]]:
     return plan_gpus(demands, visible_gpus()) if demands else {}
 
 
-def where_teacher_runs(teacher: Any, llm: Any, placed: list[str] | None, gpus: int | None, on_ray: bool) -> str:
-    """One line per teacher, said before it loads: its model, backend and dtype, and where it runs (each replica's
-    GPUs as planned here; on Ray, the GPUs each replica's actor asks for)."""
+def where_teacher_runs(teacher: Any, device: str, placed: list[str] | None, gpus: int | None, on_ray: bool) -> str:
+    """One line per teacher, said before it loads: its model, backend and dtype, and where it runs on DEVICE (each
+    replica's GPUs as planned here; on Ray, the GPUs each replica's actor asks for)."""
+    from magpie_teach.modeling import dtype_for
+
     if teacher.backend == "openai":
         return f"teacher {teacher.name} ({teacher.model}, openai): at {teacher.base_url}"
-    dtype = getattr(llm, "torch_dtype", None) or getattr(llm, "dtype", None)
     if on_ray:
         where = f"on the Ray cluster, {gpus} GPU(s) per replica" if gpus else "on the Ray cluster's CPUs"
     elif placed:
         where = ", ".join(f"replica {i} on GPU(s) {g}" for i, g in enumerate(placed))
     else:
-        where = f"on {getattr(llm, 'device', None) or ('cuda' if gpus else 'cpu')}"
+        where = f"on {device}"
     replicas = f", {teacher.replicas} replicas" if teacher.replicas > 1 and not placed else ""
+    dtype = dtype_for(teacher.dtype, device)
     return f"teacher {teacher.name} ({teacher.model}, {teacher.backend}, {dtype}): {where}{replicas}"
 
 
@@ -251,6 +253,7 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
 
     from magpie_teach.chat import build_messages
     from magpie_teach.generation.llms import build_teacher_llm
+    from magpie_teach.modeling import resolve_device
     from magpie_teach.steps.generation import ResponseFormat, TeacherChat, TeacherGeneration
 
     store = response_store(config)
@@ -275,8 +278,9 @@ def build_pipeline(config: GenerateConfig, work: GeneratePlan) -> tuple[object, 
                 for record in records:
                     record["messages"] = build_messages(record["instruction"], context=record["context"])
             load = LoadDataFromDicts(name=f"load_{i}", data=records, batch_size=config.batch_size)
-            llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name), devices.get(teacher.name))
-            print(where_teacher_runs(teacher, llm, placed.get(teacher.name), gpus, config.ray is not None),
+            device = devices.get(teacher.name) or resolve_device(teacher.device)
+            llm, gpus = build_teacher_llm(teacher, threads, placed.get(teacher.name), device)
+            print(where_teacher_runs(teacher, device, placed.get(teacher.name), gpus, config.ray is not None),
                   file=sys.stderr, flush=True)  # fmt: skip
             generate = (TeacherChat if multi_turn else TeacherGeneration)(
                 name=f"generate_{i}",

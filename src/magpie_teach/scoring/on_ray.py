@@ -97,10 +97,10 @@ def check_gpus(nodes: list[float], gpus_per_worker: float, num_workers: int, add
             f"Ray cluster at {address} has {there:g}: its actors could never start; {advice}, or add GPU nodes "
             "(an autoscaling cluster: start them first)"
         )
-    if gpus_per_worker > max(nodes, default=0):
+    if gpus_per_worker > max(nodes):  # nodes with GPUs: the check above passed
         raise ConfigError(
             f"--gpus-per-worker {gpus_per_worker:g}: no node of the Ray cluster at {address} has that many GPUs (the "
-            f"largest has {max(nodes, default=0):g}), and one actor runs on one node: lower --gpus-per-worker"
+            f"largest has {max(nodes):g}), and one actor runs on one node: lower --gpus-per-worker"
         )
 
 

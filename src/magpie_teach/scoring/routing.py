@@ -140,11 +140,11 @@ def read_router(source: str | Path, revision: str | None = None) -> RouterArtefa
 @dataclass(kw_only=True)
 class RoutingSettings(ModelRunSettings, ClusterSettings, ScoreCacheSettings):
     """Where each instruction's teacher comes from: ``router`` (a `route` output folder: the base model's features
-        are computed through the score cache, with the router's recorded ``max_length``) or ``assignments`` (a file of
-        ``id`` and ``teacher``); ``base_model`` picks one of the router's base models when it holds several (for a router
+    are computed through the score cache, with the router's recorded ``max_length``) or ``assignments`` (a file of
+    ``id`` and ``teacher``); ``base_model`` picks one of the router's base models when it holds several (for a router
     pushed from a local model, ``NAME@sha256:DIGEST``, the path of your copy of it); ``revision`` reads a router pushed
-    to the Hub (ORG/NAME) at that branch, tag or commit. The model
-        run's device and dtype and the score cache are the scoring run's settings."""
+    to the Hub (ORG/NAME) at that branch, tag or commit. The model run's device and dtype and the score cache are the
+    scoring run's settings."""
 
     router: str | None = None
     assignments: str | None = None
